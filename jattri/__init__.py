@@ -1,0 +1,17 @@
+"""jattri: training data attribution in JAX.
+
+Score convention (every method): ``scores[i, t] > 0`` means training on example i
+lowers the target (a loss: lower is better) on test example t, i.e. i helps t.
+Scores are ``(n_train, n_test)``.
+"""
+from jattri import func, metrics
+from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
+                            influence_explicit, trak)
+from jattri.task import Member, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attributor", "Member", "Task", "func", "metrics",
+    "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
+]

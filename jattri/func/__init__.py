@@ -1,0 +1,6 @@
+"""Low-level primitives: pure functions over pytrees."""
+from jattri.func.grads import per_example_grads
+from jattri.func.hessian import hvp, ihvp_cg, ihvp_explicit
+from jattri.func.projection import gaussian_projection
+
+__all__ = ["per_example_grads", "hvp", "ihvp_explicit", "ihvp_cg", "gaussian_projection"]

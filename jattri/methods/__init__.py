@@ -1,0 +1,8 @@
+"""Attribution methods built from ``jattri.func``; each is a factory returning an
+``Attributor(cache, attribute, self_attribute)``."""
+from jattri.methods._common import Attributor
+from jattri.methods.gradsim import grad_cos, grad_dot
+from jattri.methods.influence import influence_cg, influence_explicit
+from jattri.methods.trak import trak
+
+__all__ = ["Attributor", "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak"]
