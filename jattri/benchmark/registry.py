@@ -20,10 +20,16 @@ class MethodSpec:
     description: str = ""
 
 
+def _damping(bench, default: float = 1e-3) -> float:
+    """IF damping = the L2 coefficient the setting was trained with (its Hessian term)."""
+    return float(bench.info.get("weight_decay", default)) or default
+
+
 METHODS = {
-    "influence_explicit": MethodSpec(lambda task, b: jattri.influence_explicit(task, damping=1e-3),
-                                     max_params=5_000, description="IF, dense Hessian"),
-    "influence_cg": MethodSpec(lambda task, b: jattri.influence_cg(task, damping=1e-3),
+    "influence_explicit": MethodSpec(
+        lambda task, b: jattri.influence_explicit(task, damping=_damping(b)),
+        max_params=5_000, description="IF, dense Hessian"),
+    "influence_cg": MethodSpec(lambda task, b: jattri.influence_cg(task, damping=_damping(b)),
                                max_params=5_000, description="IF, conjugate gradients"),
     "grad_dot": MethodSpec(lambda task, b: jattri.grad_dot(task)),
     "grad_cos": MethodSpec(lambda task, b: jattri.grad_cos(task)),

@@ -36,8 +36,14 @@ class TrakState(NamedTuple):
 
 
 def margin_from_loss(loss: jax.Array) -> jax.Array:
-    """log p − log(1 − p) with p = exp(−loss)."""
-    return -loss - jnp.log(-jnp.expm1(-loss))
+    """log p − log(1 − p) with p = exp(−loss).
+
+    A loss that rounds to 0 (p = 1 in floating point) has no finite margin; such an
+    example gets margin 0 with zero gradient (its Q = 1 − p is 0 too) instead of NaN.
+    """
+    ok = loss > 1e3 * jnp.finfo(jnp.result_type(loss, jnp.float32)).tiny
+    safe = jnp.where(ok, loss, 1.0)
+    return jnp.where(ok, -safe - jnp.log(-jnp.expm1(-safe)), 0.0)
 
 
 def _member_margin(fn: Callable, unravel: Callable, prob_fn: Optional[Callable]):

@@ -1,0 +1,126 @@
+"""``python -m jattri.bench``: run attribution methods on benchmark settings, report LDS.
+
+Default: every registered method on ``digits_lr`` and ``digits_mlp``. Ground truth is
+computed on first use and cached (``jattri.benchmark.cache_dir()``).
+
+Examples::
+
+    python -m jattri.bench
+    python -m jattri.bench --setting digits_lr --methods influence_explicit,trak_1
+    python -m jattri.bench --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from typing import List, Optional
+
+import jax
+import numpy as np
+
+import jattri
+from jattri import benchmark
+from jattri.benchmark.registry import METHODS
+
+DEFAULT_SETTINGS = ("digits_lr", "digits_mlp")
+
+
+def _log(msg: str) -> None:
+    print(f"[jattri.bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _num_params(params) -> int:
+    return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+
+
+def run_method(bench, name: str) -> dict:
+    """Run one registered method on a loaded Benchmark; returns a result row."""
+    spec = METHODS[name]
+    row = {"setting": bench.name, "method": name, "lds": None, "cache_s": None,
+           "attribute_s": None, "total_s": None, "note": ""}
+    d = _num_params(bench.models_full[0])
+    if spec.max_params is not None and d > spec.max_params:
+        row["note"] = f"skipped: {d} params > max_params {spec.max_params}"
+        return row
+    if len(bench.models_full) < spec.num_checkpoints:
+        row["note"] = f"skipped: needs {spec.num_checkpoints} checkpoints"
+        return row
+    task = jattri.Task(bench.loss_fn, bench.models_full[:spec.num_checkpoints], bench.target_fn)
+    attr = spec.build(task, bench)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(attr.cache(bench.train))
+    t1 = time.perf_counter()
+    scores = np.asarray(jax.block_until_ready(attr.attribute(state, bench.test)))
+    t2 = time.perf_counter()
+    per_test = jattri.metrics.lds(scores, *bench.lds)
+    row.update(lds=float(np.nanmean(per_test)), cache_s=t1 - t0, attribute_s=t2 - t1,
+               total_s=t2 - t0)
+    if np.isnan(per_test).any():
+        row["note"] = f"{int(np.isnan(per_test).sum())} test examples with NaN LDS"
+    return row
+
+
+def format_table(rows: List[dict]) -> str:
+    head = f"{'setting':<12} {'method':<22} {'LDS':>7} {'cache s':>8} {'attr s':>8} {'total s':>8}  note"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
+    for r in rows:
+        lines.append(f"{r['setting']:<12} {r['method']:<22} {fmt(r['lds'], 3):>7} "
+                     f"{fmt(r['cache_s'], 2):>8} {fmt(r['attribute_s'], 2):>8} "
+                     f"{fmt(r['total_s'], 2):>8}  {r['note']}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import os
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+            f"jax {jax.__version__} on {jax.default_backend()}")
+
+
+def _split(arg: Optional[str], choices, what: str) -> list:
+    if arg is None:
+        return list(choices)
+    items = [a.strip() for a in arg.split(",") if a.strip()]
+    unknown = [a for a in items if a not in choices]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return items
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jattri.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", help=f"comma-separated (default: {','.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--methods", help=f"comma-separated (default: all: {','.join(METHODS)})")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--cache", metavar="DIR", help="ground-truth cache directory")
+    parser.add_argument("--refresh", action="store_true", help="recompute ground truth")
+    args = parser.parse_args(argv)
+
+    settings = _split(args.setting, benchmark.EMBEDDED, "setting") if args.setting else list(DEFAULT_SETTINGS)
+    methods = _split(args.methods, tuple(METHODS), "method")
+    rows = []
+    t_start = time.perf_counter()
+    for setting in settings:
+        _log(f"loading {setting}")
+        bench = benchmark.load(setting, cache=args.cache, refresh=args.refresh, progress=_log)
+        for k, name in enumerate(methods):
+            _log(f"{setting}: [{k + 1}/{len(methods)}] {name} ...")
+            row = run_method(bench, name)
+            _log(f"{setting}: {name}: LDS={row['lds']} {row['note']}")
+            rows.append(row)
+    table = format_table(rows)
+    print(table)
+    total = time.perf_counter() - t_start
+    print(f"\nmachine: {machine()}\nwall time: {total:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "machine": machine(), "wall_s": total}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Benchmark settings with retraining ground truth (LDS, LOO).
+
+``jattri.benchmark.load(name)`` returns a :class:`Benchmark` for an embedded setting
+(``digits_lr``, ``digits_mlp``): trained checkpoints, data and LDS ground truth, the
+latter computed once by vmapped retraining and cached on disk (see ``cache_dir``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jattri.benchmark import digits
+from jattri.benchmark._cache import cache_dir, cached
+from jattri.benchmark._types import Benchmark
+
+EMBEDDED = tuple(digits.SETTINGS)
+
+
+def _stderr(msg: str) -> None:
+    print(f"[jattri.benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+def load(name: str, *, cache: Optional[str] = None, refresh: bool = False,
+         progress: Optional[Callable[[str], None]] = _stderr) -> Benchmark:
+    """Load an embedded setting, computing and caching its ground truth on first use.
+
+    Args:
+      name: one of ``EMBEDDED`` (``"digits_lr"``, ``"digits_mlp"``).
+      cache: cache directory (default ``cache_dir()``). refresh: recompute.
+      progress: callable receiving progress messages (``None``: silent).
+    """
+    if name not in digits.SETTINGS:
+        raise ValueError(f"unknown benchmark setting {name!r}; embedded settings: "
+                         f"{', '.join(EMBEDDED)} (published dattri settings: "
+                         "jattri.benchmark.load_dattri)")
+    cfg = digits.SETTINGS[name]
+    say = progress or (lambda m: None)
+
+    def compute():
+        say(f"{name}: computing ground truth (first run; cached afterwards)")
+        return digits.compute(cfg, progress=say)
+
+    arrays, path, hit = cached(name, dataclasses.asdict(cfg), compute,
+                               directory=None if cache is None else Path(cache),
+                               refresh=refresh)
+    if hit:
+        say(f"{name}: ground truth from cache {path}")
+    init_fn, apply_fn, loss_fn = digits.model_fns(cfg)
+    unravel = ravel_pytree(init_fn(jax.random.PRNGKey(0)))[1]
+    to_params = lambda flat: [unravel(jax.numpy.asarray(v)) for v in flat]
+    train, test = digits.digits_split(cfg.n_train, cfg.n_test)
+    return Benchmark(
+        name=name, loss_fn=loss_fn, target_fn=loss_fn, apply_fn=apply_fn,
+        models_full=to_params(arrays["full"]), models_half=to_params(arrays["half"]),
+        train=train, test=test,
+        lds=(np.asarray(arrays["subsets"]), np.asarray(arrays["targets"])), loo=None,
+        info={**dataclasses.asdict(cfg), "cache_path": str(path),
+              "train_seconds": float(arrays["train_seconds"])})
+
+
+__all__ = ["Benchmark", "EMBEDDED", "cache_dir", "load"]
