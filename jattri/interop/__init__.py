@@ -3,7 +3,8 @@
 ``load_pt(path)`` reads a ``torch.save`` file into numpy arrays through an allow-list
 unpickler (no code from the file runs; other globals raise ``UnsafePickleError``).
 """
+from jattri.interop.convert import convert
 from jattri.interop.pt import load_pt
 from jattri.interop.unpickle import CorruptFileError, UnsafePickleError
 
-__all__ = ["CorruptFileError", "UnsafePickleError", "load_pt"]
+__all__ = ["CorruptFileError", "UnsafePickleError", "convert", "load_pt"]
