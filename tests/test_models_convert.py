@@ -98,6 +98,16 @@ def test_gpt_head_may_be_absent_but_must_be_tied():
         convert(untied, arch, **config)
 
 
+def test_gpt2_headless_hub_layout():
+    # The hub's GPT2Model file: no "transformer." level, no lm_head, causal-mask buffers.
+    state_dict, arch, config, x, expected = load_case("gpt2")
+    hub = {k[len("transformer."):]: v for k, v in state_dict.items()
+           if k.startswith("transformer.")}
+    hub["h.0.attn.bias"] = np.tril(np.ones((1, 1, 16, 16), bool))
+    hub["h.0.attn.masked_bias"] = np.float32(-1e4)
+    np.testing.assert_allclose(flax_logits(hub, arch, config, x), expected, rtol=RTOL, atol=ATOL)
+
+
 def test_convert_lists_missing_unexpected_and_misshapen_keys():
     state_dict, arch, config, _, _ = load_case("resnet9")
     broken = dict(state_dict)

@@ -21,12 +21,18 @@ Buffers that carry no learned state are skipped (``num_batches_tracked``, nanoGP
 HF's causal-mask ``attn.bias``/``attn.masked_bias``, the Music Transformer's sinusoidal
 ``positional_encoding.pe``); an output head tied to the token embedding (``lm_head.weight``)
 may be present or not, and must equal ``transformer.wte.weight`` if it is. Keys prefixed
-``_orig_mod.`` (``torch.compile``) or ``module.`` (DDP) are accepted, and a nanoGPT
-training checkpoint ``{"model": state_dict, ...}`` is unwrapped.
+``_orig_mod.`` (``torch.compile``) or ``module.`` (DDP) are accepted, a nanoGPT
+training checkpoint ``{"model": state_dict, ...}`` is unwrapped, and GPT keys without the
+``transformer.`` level (HF's headless ``GPT2Model``) are accepted.
 
 Anything else that does not match — a missing key, an unexpected key, a shape that
 differs from what ``config`` implies — raises one ``ValueError`` listing all of them.
 Numbers of heads have no shape, so a wrong ``n_head``/``num_heads`` cannot be detected.
+
+    state_dict = jattri.interop.load_pt("cifar2/models_full/0/model_weights_0.pt")
+    variables = jattri.interop.convert(state_dict, "resnet9")
+    model = jattri.models.build("resnet9")
+    logits = model.module.apply(variables, images)      # images (n, 3, 32, 32)
 """
 from __future__ import annotations
 
@@ -48,10 +54,12 @@ class _Layout(NamedTuple):
     ignored: tuple = ()              # regexes of PyTorch keys that hold no parameters
     tied: tuple = ()                 # (optional key, key it must equal)
     linear_in_out: bool = False      # Linear weights stored (in, out) (HF Conv1D)
+    base_prefix: str = ""            # added when a headless base model's keys lack it
 
 
 _GPT_RENAME = ((r"^h_(\d+)\.", r"h.\1."), (r"^", "transformer."))
 _GPT_TIED = (("lm_head.weight", "transformer.wte.weight"),)
+_GPT_BASE = "transformer."
 
 _LAYOUTS = {
     "mnist_lr": _Layout(),
@@ -61,10 +69,10 @@ _LAYOUTS = {
                 (r"\.shortcut_bn\.", ".shortcut.1.")),
         ignored=(r"(^|\.)num_batches_tracked$",)),
     "nanogpt": _Layout(rename=_GPT_RENAME, ignored=(r"^transformer\.h\.\d+\.attn\.bias$",),
-                       tied=_GPT_TIED),
+                       tied=_GPT_TIED, base_prefix=_GPT_BASE),
     "gpt2": _Layout(rename=_GPT_RENAME,
                     ignored=(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$",),
-                    tied=_GPT_TIED, linear_in_out=True),
+                    tied=_GPT_TIED, linear_in_out=True, base_prefix=_GPT_BASE),
     "music_transformer": _Layout(
         rename=((r"^layers_(\d+)\.", r"transformer.encoder.layers.\1."),
                 (r"^encoder_norm\.", "transformer.encoder.norm."),
@@ -111,20 +119,25 @@ def _torch_shape(flax_shape: tuple, path: tuple, layout: _Layout) -> tuple:
     return tuple(flax_shape)
 
 
-def _unwrap(state_dict: Mapping) -> dict:
+def _unwrap(state_dict: Mapping, layout: _Layout) -> dict:
     """Flat ``{key: array}`` from a state_dict or a checkpoint dict holding one."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to arrays, got "
                         f"{type(state_dict).__name__}")
     for wrapper in ("model", "state_dict"):
         if isinstance(state_dict.get(wrapper), Mapping):
-            return _unwrap(state_dict[wrapper])
+            return _unwrap(state_dict[wrapper], layout)
     flat = {}
     for key, value in state_dict.items():
+        key = str(key)
         for prefix in _PREFIXES:
-            if isinstance(key, str) and key.startswith(prefix):
+            if key.startswith(prefix):
                 key = key[len(prefix):]
         flat[key] = value
+    base = layout.base_prefix
+    if base and not any(k.startswith(base) for k in flat):
+        # HF's GPT2Model (e.g. the hub's pytorch_model.bin) has no "transformer." level.
+        flat = {k if k.startswith("lm_head.") else base + k: v for k, v in flat.items()}
     return flat
 
 
@@ -154,7 +167,7 @@ def convert(state_dict: Mapping[str, Any], arch: str, **config) -> dict:
     model = build(arch, **config)
     layout = _LAYOUTS[arch]
     abstract = jax.eval_shape(model.init, jax.random.key(0))
-    source = _unwrap(state_dict)
+    source = _unwrap(state_dict, layout)
 
     flat, missing, mismatched, used = {}, [], [], set()
     for path, leaf in traverse_util.flatten_dict(abstract).items():
@@ -181,7 +194,7 @@ def convert(state_dict: Mapping[str, Any], arch: str, **config) -> dict:
                                                        np.asarray(source[base])):
                 untied.append(f"{key} differs from {base}, but the model ties them")
     unexpected = [k for k in source if k not in used
-                  and not any(re.search(p, str(k)) for p in layout.ignored)]
+                  and not any(re.search(p, k) for p in layout.ignored)]
 
     if missing or unexpected or mismatched or untied:
         lines = [f"state_dict does not match arch={arch!r} with config {config or '(defaults)'}:"]
