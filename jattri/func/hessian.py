@@ -105,7 +105,9 @@ def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
     """(H + λI)⁻¹ v by conjugate gradients on HVPs (``jax.scipy.sparse.linalg.cg``).
 
     H + λI must be positive definite (CG's requirement); for non-convex losses use a
-    damping larger than minus the smallest Hessian eigenvalue.
+    damping larger than minus the smallest Hessian eigenvalue. A singular system whose
+    solve breaks down raises ``ValueError`` rather than returning NaN (for v in the
+    range of a singular PSD H, CG from 0 returns the minimum-norm solution).
 
     Args:
       f: scalar function of params. v: pytree like params, optionally batched.
@@ -115,5 +117,282 @@ def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
     """
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
     matvec = lambda x: hvp(flat_f, theta, x) + damping * x
-    out = cg_solve(matvec, flat_v, maxiter=maxiter, tol=tol)
+    out = check_finite_solve(cg_solve(matvec, flat_v, maxiter=maxiter, tol=tol), "CG")
+    return _unflat(out, unravel, batched)
+
+
+def check_finite_solve(out: jax.Array, what: str) -> jax.Array:
+    """Raise ``ValueError`` (instead of returning NaN) when a concrete solve failed."""
+    if not isinstance(out, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(out))):
+        raise ValueError(f"{what} returned non-finite values: H + damping*I is singular or "
+                         "indefinite for these vectors; increase `damping`")
+    return out
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+# --------------------------------------------------------------------------- LiSSA
+
+def top_eigenvalue(matvec: Callable, dim: int, *, key: jax.Array, iters: int = 30,
+                   dtype=jnp.float32) -> jax.Array:
+    """Largest-magnitude eigenvalue of a symmetric operator by power iteration.
+
+    Returns the Rayleigh quotient after ``iters`` steps (a lower bound on |λ_max| for
+    a PSD operator; use a safety factor).
+    """
+    x = jax.random.normal(key, (dim,), dtype)
+    x = x / jnp.linalg.norm(x)
+
+    def step(x, _):
+        y = matvec(x)
+        return y / jnp.maximum(jnp.linalg.norm(y), jnp.finfo(dtype).tiny), None
+
+    x, _ = jax.lax.scan(step, x, None, length=iters)
+    return jnp.vdot(x, matvec(x))
+
+
+def _lissa_flat(flat_f_batch, theta, v, data, key, damping, scale, depth, repeats,
+                batch_size, n):
+    """Average over ``repeats`` of the Neumann recursion; ``v`` is ``(k, d)``."""
+    hvp_batch = lambda batch, x: hvp(lambda t: flat_f_batch(t, batch), theta, x)
+    many_hvp = jax.vmap(hvp_batch, (None, 0))
+
+    def one_repeat(rkey):
+        def step(h, skey):
+            if batch_size >= n:
+                batch = data
+            else:
+                idx = jax.random.choice(skey, n, (batch_size,), replace=False)
+                batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+            # h <- v + h - (H_S + λI) h / scale: the fixed point is scale (H + λI)⁻¹ v.
+            h = v + h - (many_hvp(batch, h) + damping * h) / scale
+            return h, None
+
+        h, _ = jax.lax.scan(step, v, jax.random.split(rkey, depth))
+        return h / scale
+
+    out = jax.lax.map(one_repeat, jax.random.split(key, repeats))
+    return jnp.mean(out, axis=0)
+
+
+_lissa_jit = jax.jit(_lissa_flat, static_argnums=(0, 7, 8, 9, 10))
+
+
+def lissa_scale(flat_f: Callable, theta: jax.Array, damping: float, key: jax.Array,
+                factor: float = 1.5) -> float:
+    """Default LiSSA scale: ``factor · (λ̂_max(H) + damping)``, λ̂_max by power iteration."""
+    top = jax.jit(lambda t, k: top_eigenvalue(lambda x: hvp(flat_f, t, x), t.shape[0],
+                                              key=k, dtype=t.dtype))(theta, key)
+    return float(factor * (jnp.abs(top) + damping))
+
+
+def lissa_flat(flat_f_batch: Callable, theta: jax.Array, v: jax.Array, data: PyTree, *,
+               key: jax.Array, damping: float, scale: Optional[float], depth: int,
+               repeats: int, batch_size: Optional[int]) -> jax.Array:
+    """LiSSA on flat parameters; ``flat_f_batch(theta, batch)``, ``v`` ``(d,)`` or ``(k, d)``.
+
+    Checks the arguments, picks the default scale, runs the jitted recursion and
+    raises ``ValueError`` when it diverged (see ``ihvp_lissa``).
+    """
+    from jattri import _checks
+    n = _checks.num_examples(data)
+    if not damping >= 0:
+        raise ValueError(f"`damping` must be >= 0, got {damping}")
+    if int(depth) < 1 or int(repeats) < 1:
+        raise ValueError(f"`depth` and `repeats` must be >= 1, got {depth}, {repeats}")
+    batch_size = n if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
+    batch_size = min(batch_size, n)
+    key_scale, key_run = jax.random.split(key)
+    if scale is None:
+        scale = lissa_scale(lambda t: flat_f_batch(t, data), theta, damping, key_scale)
+    if not scale > 0:
+        raise ValueError(f"`scale` must be > 0, got {scale}")
+    squeeze = v.ndim == 1
+    vv = jnp.atleast_2d(v)
+    out = _lissa_jit(flat_f_batch, theta, vv, data, key_run, float(damping), float(scale),
+                     int(depth), int(repeats), batch_size, n)
+    if _is_concrete(out):
+        # With scale > λ_max(H_S) + λ every factor of the series is a contraction,
+        # so ‖h‖ ≤ (depth + 1)‖v‖; anything above that is divergence, not data.
+        bound = (depth + 1) * jnp.linalg.norm(vv, axis=-1) / scale
+        norms = jnp.linalg.norm(out, axis=-1)
+        if not bool(jnp.all(jnp.isfinite(out))) or bool(jnp.any(norms > 1.01 * bound + 1e-30)):
+            raise ValueError(
+                f"LiSSA diverged: `scale`={scale:.4g} must exceed the largest eigenvalue "
+                "of the minibatch Hessian plus damping (increase `scale` or "
+                "`batch_size`), and H + damping*I must be positive definite")
+    return out[0] if squeeze else out
+
+
+def ihvp_lissa(f_batch: Callable, params: PyTree, v: PyTree, *, data: PyTree,
+               key: jax.Array, damping: float = 0.0, scale: Optional[float] = None,
+               depth: int = 1000, repeats: int = 1,
+               batch_size: Optional[int] = None) -> PyTree:
+    """(H + λI)⁻¹ v by LiSSA's stochastic Neumann series (Agarwal et al., 2017,
+    "Second-Order Stochastic Optimization for Machine Learning in Linear Time";
+    Koh & Liang, 2017).
+
+    With H the Hessian of the mean loss over ``data`` and H_S that of a minibatch S
+    drawn (without replacement) for each step,
+
+        h₀ = v,   h_{j+1} = v + h_j − (H_S h_j + λ h_j) / scale,   result = h_depth / scale,
+
+    averaged over ``repeats`` independent runs. Its fixed point is exactly
+    (H + λI)⁻¹ v; the error decays like (1 − (μ_min + λ)/scale)^depth. ``damping`` is
+    the Tikhonov λ of every other IHVP in jattri (not the "(1 − d)" of the reference
+    recursion, which is ``d = λ/scale`` here). The same minibatches are used for every
+    vector in a batch, so the result is one linear map applied to all of them.
+
+    Degenerate cases: a divergent run (scale too small, or H + λI indefinite) raises
+    ``ValueError``. On a singular H with λ = 0 the series does not converge along the
+    null space (those components grow linearly with ``depth``): use λ > 0.
+
+    Args:
+      f_batch: ``f_batch(params, batch) -> scalar`` mean loss of a batch (a pytree
+        slice of ``data`` with a leading axis).
+      params: pytree. v: pytree like params, optionally with a leading batch axis.
+      data: pytree of arrays with a leading example axis n.
+      key: PRNG key for the minibatches (and the scale estimate).
+      damping: λ ≥ 0. scale: > λ_max(H_S) + λ; default ``1.5 (λ̂_max(H) + λ)`` with
+        λ̂_max from 30 power iterations on the full-data Hessian.
+      depth: recursion steps. repeats: independent runs averaged.
+      batch_size: |S|; ``None`` = the whole data set (a deterministic Neumann series).
+    Returns:
+      pytree like ``v``.
+    """
+    theta, _, flat_v, unravel, batched = _flat(lambda p: 0.0, params, v)
+    flat_f_batch = lambda t, b: f_batch(unravel(t), b)
+    out = lissa_flat(flat_f_batch, theta, flat_v, data, key=key, damping=damping,
+                     scale=scale, depth=depth, repeats=repeats, batch_size=batch_size)
+    return _unflat(out, unravel, batched)
+
+
+# ------------------------------------------------------------------------- Arnoldi
+
+def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
+    """Arnoldi with full (twice-repeated) reorthogonalisation.
+
+    Returns the orthonormal basis ``Q`` ``(num_iters, dim)`` and the projected matrix
+    ``T = Q A Qᵀ`` ``(num_iters, num_iters)``. On breakdown (the Krylov space is
+    invariant) a fresh random vector orthogonal to the basis continues the run, with a
+    zero sub-diagonal entry, so the decomposition stays exact.
+    """
+    eps = jnp.finfo(dtype).eps
+    q0 = jax.random.normal(key, (dim,), dtype)
+    basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
+    hess = jnp.zeros((num_iters + 1, num_iters), dtype)
+    keys = jax.random.split(jax.random.fold_in(key, 1), num_iters)
+
+    def orthogonalize(w, basis, active):
+        for _ in range(2):  # twice is enough (Giraud et al., 2005)
+            coef = (basis @ w) * active
+            w = w - coef @ basis
+        return w
+
+    def step(carry, j):
+        basis, hess = carry
+        active = (jnp.arange(num_iters + 1) <= j).astype(dtype)
+        w0 = matvec(basis[j])
+        coef = (basis @ w0) * active
+        w = w0 - coef @ basis
+        coef2 = (basis @ w) * active
+        w = w - coef2 @ basis
+        coef = coef + coef2
+        beta = jnp.linalg.norm(w)
+        broke = beta <= 100 * eps * jnp.maximum(jnp.linalg.norm(w0), jnp.finfo(dtype).tiny)
+        fresh = orthogonalize(jax.random.normal(keys[j], (dim,), dtype), basis, active)
+        nxt = jnp.where(broke, fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(dtype).tiny),
+                        w / jnp.where(broke, 1.0, beta))
+        coef = coef.at[j + 1].set(jnp.where(broke, 0.0, beta))
+        return (basis.at[j + 1].set(nxt), hess.at[:, j].set(coef)), None
+
+    (basis, hess), _ = jax.lax.scan(step, (basis, hess), jnp.arange(num_iters))
+    return basis[:num_iters], hess[:num_iters]
+
+
+def arnoldi_eigenpairs(matvec: Callable, dim: int, *, rank: int, num_iters: Optional[int] = None,
+                       key: Optional[jax.Array] = None, dtype=jnp.float32):
+    """Top-``rank`` eigenpairs of a symmetric operator by Arnoldi (Schioppa et al., 2022,
+    "Scaling Up Influence Functions"): ``num_iters`` Krylov steps with full
+    reorthogonalisation, then the eigendecomposition of the projected matrix is
+    distilled to its ``rank`` largest eigenvalues.
+
+    ``rank`` (and ``num_iters``) larger than ``dim`` are clipped to ``dim`` with a
+    ``warnings.warn``. With ``num_iters = rank = dim`` the result is the full
+    eigendecomposition.
+
+    Args:
+      matvec: ``x (dim,) -> A x``, A symmetric. dim: size. rank: eigenpairs kept.
+      num_iters: Krylov steps (≥ rank); default ``min(dim, max(2·rank, rank + 20))``.
+      key: PRNG key of the start vector (default ``PRNGKey(0)``). dtype: float dtype.
+    Returns:
+      ``(eigvals (rank,), eigvecs (dim, rank))``, eigenvalues in decreasing order,
+      eigenvectors as orthonormal COLUMNS.
+    """
+    import warnings
+    dim, rank = int(dim), int(rank)
+    if rank < 1:
+        raise ValueError(f"`rank` must be >= 1, got {rank}")
+    if rank > dim:
+        warnings.warn(f"Arnoldi `rank`={rank} exceeds the number of parameters {dim}; "
+                      f"clipped to {dim}", stacklevel=2)
+        rank = dim
+    if num_iters is None:
+        num_iters = max(2 * rank, rank + 20)
+    num_iters = min(int(num_iters), dim)
+    if num_iters < rank:
+        raise ValueError(f"`num_iters`={num_iters} must be >= `rank`={rank}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    basis, proj = _arnoldi_iterations(matvec, dim, num_iters, key, dtype)
+    proj = 0.5 * (proj + proj.T)  # A is symmetric; T is tridiagonal up to round-off
+    w, u = jnp.linalg.eigh(proj)
+    w, u = w[::-1][:rank], u[:, ::-1][:, :rank]
+    return w, basis.T @ u
+
+
+def arnoldi_inverse_weights(eigvals: jax.Array, damping: float, tol: float) -> jax.Array:
+    """1/(μ + λ) for kept eigenvalues, 0 for dropped ones.
+
+    A damped eigenvalue μ + λ is dropped when it is ≤ tol · max(μ + λ) or ≤ 0
+    (non-positive curvature has no meaningful inverse): the result is the
+    pseudo-inverse of H + λI restricted to the kept eigenvectors, never inf/NaN. Where
+    H + λI is positive definite (the only case ``ihvp_explicit`` accepts) nothing above
+    the tolerance is dropped, so both agree.
+    """
+    damped = eigvals + damping
+    keep = (damped > tol * jnp.maximum(jnp.max(damped), 0.0)) & (damped > 0)
+    return jnp.where(keep, 1.0 / jnp.where(keep, damped, 1.0), 0.0)
+
+
+def ihvp_arnoldi(f: Callable, params: PyTree, v: PyTree, *, rank: int,
+                 num_iters: Optional[int] = None, damping: float = 0.0, tol: float = 1e-6,
+                 key: Optional[jax.Array] = None) -> PyTree:
+    """(H + λI)⁺ v ≈ V diag(1/(μ + λ)) Vᵀ v on the top-``rank`` eigenpairs (μ, V) of H
+    found by Arnoldi on HVPs (``arnoldi_eigenpairs``).
+
+    Damped eigenvalues μ + λ ≤ ``tol``·max(μ + λ), and non-positive ones, are dropped
+    (their directions contribute 0): on a singular H with λ = 0 this is the
+    pseudo-inverse, never NaN. A ``rank``
+    above the number of parameters is clipped with a warning. With full rank (and no
+    dropped eigenvalue) it equals ``ihvp_explicit``.
+
+    Args:
+      f: scalar function of params. v: pytree like params, optionally batched.
+      rank: eigenpairs kept. num_iters: Krylov steps. damping: λ ≥ 0.
+      tol: relative eigenvalue cut-off. key: start-vector key.
+    Returns:
+      pytree like ``v``.
+    """
+    if not damping >= 0:
+        raise ValueError(f"`damping` must be >= 0, got {damping}")
+    theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
+    eigvals, eigvecs = arnoldi_eigenpairs(lambda x: hvp(flat_f, theta, x), theta.shape[0],
+                                          rank=rank, num_iters=num_iters, key=key,
+                                          dtype=theta.dtype)
+    weights = arnoldi_inverse_weights(eigvals, damping, tol)
+    out = ((flat_v @ eigvecs) * weights) @ eigvecs.T
     return _unflat(out, unravel, batched)
