@@ -218,12 +218,14 @@ def _default_data_roots(root: Path) -> list:
     return [root / "data", root / "dataset", root.parent.parent / "dataset", root]
 
 
-def _read_data(setting: DattriSetting, name: str, root: Path, data_root):
+def _read_data(setting: DattriSetting, name: str, root: Path, data_root, config: dict):
     if setting.data is None:
         raise ValueError(f"{name}: jattri has no reader for this data; "
                          f"{_DATA_HELP.get(name, 'pass train= and test=')}")
+    block = int(config.get("block_size", 256))  # dattri: blocks of the model's context
     reader = {"mnist": datasets.load_mnist, "cifar2": datasets.load_cifar2,
-              "shakespeare": lambda r: datasets.load_shakespeare_char(r)[:2]}[setting.data]
+              "shakespeare": lambda r: datasets.load_shakespeare_char(r, block)[:2]
+              }[setting.data]
     candidates = [Path(data_root)] if data_root is not None else _default_data_roots(root)
     errors = []
     for cand in candidates:
@@ -287,6 +289,17 @@ def load_dattri(root: PathLike, name: str, *, data_root: Optional[PathLike] = No
     config = _model_config(setting, first, dict(model_config or {}))
     model = build(setting.arch, **config)
 
+    # Data and ground truth first: they fail fast, before converting every checkpoint.
+    if (train is None) != (test is None):
+        raise ValueError("pass both `train` and `test`, or neither")
+    if train is None:
+        train, test = _read_data(setting, name, root, data_root, config)
+    train, test = _first(train, setting.n_train), _first(test, setting.n_test)
+    n_train = int(np.shape(jax.tree_util.tree_leaves(train)[0])[0])
+    n_test = int(np.shape(jax.tree_util.tree_leaves(test)[0])[0])
+    lds = load_lds(root, n_train, n_test)
+    loo = load_loo(root, n_train, n_test)
+
     def to_params(ckpt):
         variables = convert(ckpt, setting.arch, **config)
         return dict(variables) if "batch_stats" in variables else variables["params"]
@@ -294,17 +307,6 @@ def load_dattri(root: PathLike, name: str, *, data_root: Optional[PathLike] = No
     models_full = [to_params(first)] + [to_params(load_pt(p)) for p in full_paths[1:]]
     models_half = [to_params(load_pt(p)) for p in half_paths]
     has_bs = isinstance(models_full[0], dict) and "batch_stats" in models_full[0]
-
-    if (train is None) != (test is None):
-        raise ValueError("pass both `train` and `test`, or neither")
-    if train is None:
-        train, test = _read_data(setting, name, root, data_root)
-    train, test = _first(train, setting.n_train), _first(test, setting.n_test)
-    n_train = int(np.shape(jax.tree_util.tree_leaves(train)[0])[0])
-    n_test = int(np.shape(jax.tree_util.tree_leaves(test)[0])[0])
-
-    lds = load_lds(root, n_train, n_test)
-    loo = load_loo(root, n_train, n_test)
     pad = config.get("vocab_size", 390) - 1  # Music Transformer: TOKEN_PAD = VOCAB_SIZE - 1
     apply_fn, loss_fn = _loss_fns(setting, model.module, has_bs, pad)
     return Benchmark(

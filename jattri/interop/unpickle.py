@@ -142,6 +142,8 @@ class _Unpickler(pickle.Unpickler):
         self._persistent = persistent
 
     def find_class(self, module, name):
+        # Python-2 pickles (protocol <= 2) spell the builtins module "__builtin__".
+        module = "builtins" if module == "__builtin__" else module
         key = f"{module}.{name}"
         if key not in self._allowed:
             raise UnsafePickleError(
