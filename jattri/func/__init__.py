@@ -2,5 +2,9 @@
 from jattri.func.grads import per_example_grads
 from jattri.func.hessian import hvp, ihvp_cg, ihvp_explicit
 from jattri.func.projection import gaussian_projection
+from jattri.func.projection import (kronecker_projection, rademacher_projection,
+                                    random_projection, sjlt_projection)
 
-__all__ = ["per_example_grads", "hvp", "ihvp_explicit", "ihvp_cg", "gaussian_projection"]
+__all__ = ["per_example_grads", "hvp", "ihvp_explicit", "ihvp_cg", "gaussian_projection",
+           "rademacher_projection", "sjlt_projection", "random_projection",
+           "kronecker_projection"]

@@ -1,19 +1,78 @@
 """Johnson–Lindenstrauss random projections, generated from a key chunk by chunk.
 
 Every projector here maps ``x: (n, d) -> x P: (n, k)`` and is scaled so that inner
-products are preserved in expectation, ``E[<xP, yP>] = <x, y>``. Row ``r`` of ``P``
-is drawn from ``fold_in(key, r)``, so the matrix depends on the key only: applying it
-in chunks of any size gives the same result, and no dense ``d × k`` matrix is ever
-held whole (peak memory ``chunk_size × k``).
+products are preserved in expectation, ``E[<xP, yP>] = <x, y>`` (the same convention
+for every projector type). Row ``r`` of ``P`` is drawn from ``fold_in(key, r)``, so the
+matrix depends on the key only: applying it in chunks of any size gives the same
+result, and no dense ``d × k`` matrix is ever held whole (peak memory
+``chunk_size × k``; the sparse projector never builds even a chunk of P).
+
+* ``gaussian_projection``: P_rj ~ N(0, 1/k).
+* ``rademacher_projection``: P_rj = ±1/√k.
+* ``sjlt_projection``: sparse JL (a count sketch): coordinate r goes to one bucket
+  h(r) with sign σ(r); x P is a signed scatter-add (segment sum), O(n d) work.
+* ``kronecker_projection``: P_in ⊗ P_out for a layer gradient a ⊗ s, applied as
+  (a P_in) ⊗ (s P_out) without forming a ⊗ s (LoGra).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 DEFAULT_CHUNK = 4096
+PROJECTIONS = ("gaussian", "rademacher", "sjlt")
+
+
+def _float():
+    """The default float dtype now (float64 under x64), read at trace time."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _check_sizes(d, k):
+    d, k = int(d), int(k)
+    if d <= 0 or k <= 0:
+        raise ValueError(f"projection sizes must be positive, got d={d}, k={k}")
+    return d, k
+
+
+def _scan_chunks(block_fn: Callable, x: jax.Array, d: int, k: int, chunk: int) -> jax.Array:
+    """``Σ_c block_fn(rows_c, x[:, rows_c])`` over chunks of input coordinates.
+
+    ``block_fn(rows (chunk,), x_chunk (n, chunk)) -> (n, k)`` is the contribution of
+    the rows ``rows`` of P; padded rows (``>= d``) see zero inputs.
+    """
+    n_chunks = -(-d // chunk)
+    pad = n_chunks * chunk - d
+    xb = jnp.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], n_chunks, chunk)
+
+    def step(acc, c):
+        rows = c * chunk + jnp.arange(chunk)
+        xc = jax.lax.dynamic_index_in_dim(xb, c, axis=1, keepdims=False)
+        return acc + block_fn(rows, xc), None
+
+    acc0 = jnp.zeros((x.shape[0], k), x.dtype)
+    return jax.lax.scan(step, acc0, jnp.arange(n_chunks))[0]
+
+
+def _as_applier(project: Callable, d: int) -> Callable:
+    """Wrap ``project((n, d)) -> (n, k)`` to also take one ``(d,)`` vector; check shapes."""
+
+    def apply(x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        if x.ndim not in (1, 2) or x.shape[-1] != d:
+            raise ValueError(f"projection input must have shape (n, {d}) or ({d},), got "
+                             f"shape {x.shape}")
+        out = project(jnp.atleast_2d(x))
+        return out[0] if x.ndim == 1 else out
+
+    return apply
+
+
+def _chunk(d: int, chunk_size: Optional[int]) -> int:
+    return d if chunk_size is None else max(1, min(int(chunk_size), d))
 
 
 def keyed_projection(row_fn: Callable[[jax.Array], jax.Array], key: jax.Array, d: int,
@@ -22,34 +81,49 @@ def keyed_projection(row_fn: Callable[[jax.Array], jax.Array], key: jax.Array, d
 
     ``chunk_size`` rows of P are generated at a time (``None``: all ``d`` at once).
     """
-    d, k = int(d), int(k)
-    if d <= 0 or k <= 0:
-        raise ValueError(f"projection sizes must be positive, got d={d}, k={k}")
-    chunk = d if chunk_size is None else max(1, min(int(chunk_size), d))
-    n_chunks = -(-d // chunk)
+    d, k = _check_sizes(d, k)
     rows_of = jax.vmap(lambda r: row_fn(jax.random.fold_in(key, r)))
 
-    def apply(x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
-        squeeze = x.ndim == 1
-        x = jnp.atleast_2d(x)
-        if x.shape[-1] != d:
-            raise ValueError(f"projection input must have last axis {d}, got shape {x.shape}")
-        pad = n_chunks * chunk - d
-        xb = jnp.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], n_chunks, chunk)
+    def block(rows, xc):
+        p = rows_of(rows).astype(xc.dtype)  # (chunk, k)
+        return xc @ jnp.where((rows < d)[:, None], p, 0)
 
-        def step(acc, c):
-            rows = c * chunk + jnp.arange(chunk)
-            block = rows_of(rows).astype(x.dtype)  # (chunk, k)
-            block = jnp.where((rows < d)[:, None], block, 0)
-            xc = jax.lax.dynamic_index_in_dim(xb, c, axis=1, keepdims=False)
-            return acc + xc @ block, None
+    return _as_applier(lambda x: _scan_chunks(block, x, d, k, _chunk(d, chunk_size)), d)
 
-        acc0 = jnp.zeros((x.shape[0], k), x.dtype)
-        out, _ = jax.lax.scan(step, acc0, jnp.arange(n_chunks))
-        return out[0] if squeeze else out
 
-    return apply
+# Blocks of the named projectors: (key, rows, x_chunk, k) -> contribution (n, k).
+def _gaussian_block(key, rows, xc, k):
+    p = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,)))(rows)
+    return xc @ (p / jnp.sqrt(k)).astype(xc.dtype)  # padded rows meet x = 0
+
+
+def _rademacher_block(key, rows, xc, k):
+    p = jax.vmap(lambda r: jax.random.rademacher(jax.random.fold_in(key, r), (k,),
+                                                 dtype=_float()))(rows)
+    return xc @ (p / jnp.sqrt(k)).astype(xc.dtype)
+
+
+def _sjlt_block(key, rows, xc, k):
+    bucket, sign = sjlt_hash(key, rows, k)
+    signed = xc * sign.astype(xc.dtype)
+    return jax.ops.segment_sum(signed.T, bucket, num_segments=k).T
+
+
+_BLOCKS = {"gaussian": _gaussian_block, "rademacher": _rademacher_block, "sjlt": _sjlt_block}
+
+
+@partial(jax.jit, static_argnames=("kind", "d", "k", "chunk"))
+def _project(x, key, *, kind, d, k, chunk):
+    block = _BLOCKS[kind]
+    return _scan_chunks(lambda rows, xc: block(key, rows, xc, k), x, d, k, chunk)
+
+
+def _named_projection(kind, key, d, k, chunk_size):
+    # The key is a traced argument of one jitted program per (kind, d, k, chunk):
+    # projectors that differ only in their key share the compilation.
+    d, k = _check_sizes(d, k)
+    chunk = _chunk(d, chunk_size)
+    return _as_applier(lambda x: _project(x, key, kind=kind, d=d, k=k, chunk=chunk), d)
 
 
 def gaussian_projection(key: jax.Array, d: int, k: int, *,
@@ -62,6 +136,95 @@ def gaussian_projection(key: jax.Array, d: int, k: int, *,
     Returns:
       ``apply(x)`` mapping ``(n, d)`` (or ``(d,)``) to ``(n, k)`` (or ``(k,)``).
     """
-    scale = 1.0 / jnp.sqrt(k)
-    return keyed_projection(lambda kr: scale * jax.random.normal(kr, (k,)), key, d, k,
-                            chunk_size=chunk_size)
+    return _named_projection("gaussian", key, d, k, chunk_size)
+
+
+def rademacher_projection(key: jax.Array, d: int, k: int, *,
+                          chunk_size: Optional[int] = DEFAULT_CHUNK) -> Callable:
+    """Rademacher JL projector (Achlioptas, 2003): P_rj = ±1/√k with equal probability,
+    so ``E[<xP, yP>] = <x, y>``. Same arguments and result as ``gaussian_projection``.
+    """
+    return _named_projection("rademacher", key, d, k, chunk_size)
+
+
+def sjlt_hash(key: jax.Array, rows: jax.Array, k: int):
+    """Bucket ``h(r) ∈ [0, k)`` and sign ``σ(r) = ±1`` of input coordinates ``rows``.
+
+    Both come from 32 random bits of ``fold_in(key, r)`` (bit 0: sign, the rest:
+    bucket; the modulo bias is below k / 2³¹).
+    """
+    bits = jax.vmap(lambda r: jax.random.bits(jax.random.fold_in(key, r), (),
+                                              jnp.uint32))(rows)
+    bucket = ((bits >> 1) % jnp.uint32(k)).astype(jnp.int32)
+    sign = 1 - 2 * (bits & 1).astype(jnp.int32)
+    return bucket, sign
+
+
+def sjlt_projection(key: jax.Array, d: int, k: int, *,
+                    chunk_size: Optional[int] = DEFAULT_CHUNK) -> Callable:
+    """Sparse JL transform with one nonzero per input coordinate (a count sketch;
+    Kane & Nelson, 2014, "Sparser Johnson-Lindenstrauss Transforms").
+
+    (x P)_j = Σ_{r : h(r) = j} σ(r) x_r, computed as a segment sum (scatter-add), never
+    as a matmul. Each row of P has one ±1 entry, so ``E[<xP, yP>] = <x, y>`` with no
+    rescaling (the hash collisions cancel in expectation through the random signs).
+    Same arguments and result as ``gaussian_projection``; ``chunk_size`` is the number
+    of input coordinates hashed at a time.
+    """
+    return _named_projection("sjlt", key, d, k, chunk_size)
+
+
+_BY_NAME = {"gaussian": gaussian_projection, "rademacher": rademacher_projection,
+            "sjlt": sjlt_projection}
+
+
+def random_projection(kind: str, key: jax.Array, d: int, k: int, *,
+                      chunk_size: Optional[int] = DEFAULT_CHUNK) -> Callable:
+    """The projector named ``kind`` (``"gaussian"``, ``"rademacher"`` or ``"sjlt"``)."""
+    if kind not in _BY_NAME:
+        raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {kind!r}")
+    return _BY_NAME[kind](key, d, k, chunk_size=chunk_size)
+
+
+def kronecker_projection(key: jax.Array, d_in: int, d_out: int,
+                         k_in: Optional[int], k_out: Optional[int], *,
+                         kind: str = "gaussian",
+                         chunk_size: Optional[int] = DEFAULT_CHUNK) -> Callable:
+    """Kronecker-factored projection of a dense layer's per-example gradient (LoGra;
+    Choe et al., 2024, "What is Your Data Worth to GPT?").
+
+    A dense layer y = a W (W: ``(d_in, d_out)``) has per-example gradient
+    G = Σ_τ a_τ ⊗ s_τ (a: layer input, s = ∂loss/∂y; τ over positions/tokens). With
+    independent projectors P_in ``(d_in, k_in)`` and P_out ``(d_out, k_out)``,
+
+        vec(G) (P_in ⊗ P_out) = vec(Σ_τ (a_τ P_in) ⊗ (s_τ P_out))      (row-major vec)
+
+    which is computed without ever forming G. Inner products are preserved in
+    expectation since each factor preserves them. ``k_in`` / ``k_out`` = ``None`` is the
+    identity on that side.
+
+    Args:
+      key: PRNG key (P_in from ``fold_in(key, 0)``, P_out from ``fold_in(key, 1)``).
+      d_in, d_out: layer input and output widths. k_in, k_out: projected widths.
+      kind: projector type of both factors, see ``random_projection``.
+    Returns:
+      ``apply(a, s)`` for ONE example: a ``(d_in,)`` or ``(T, d_in)``, s ``(d_out,)`` or
+      ``(T, d_out)`` -> ``(k_in * k_out,)`` (``d_in`` / ``d_out`` where identity).
+    """
+    def side(sub, d, k):
+        if k is None:
+            return (lambda x: x), int(d)
+        return random_projection(kind, jax.random.fold_in(key, sub), d, int(k),
+                                 chunk_size=chunk_size), int(k)
+
+    p_in, k_in_ = side(0, d_in, k_in)
+    p_out, k_out_ = side(1, d_out, k_out)
+
+    def apply(a: jax.Array, s: jax.Array) -> jax.Array:
+        a, s = jnp.atleast_2d(a), jnp.atleast_2d(s)
+        if a.shape[0] != s.shape[0]:
+            raise ValueError(f"layer inputs {a.shape} and output gradients {s.shape} "
+                             "disagree on the number of positions")
+        return (p_in(a).T @ p_out(s)).reshape(k_in_ * k_out_)
+
+    return apply

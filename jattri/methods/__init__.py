@@ -4,5 +4,9 @@ from jattri.methods._common import Attributor
 from jattri.methods.gradsim import grad_cos, grad_dot
 from jattri.methods.influence import influence_cg, influence_explicit
 from jattri.methods.trak import trak
+from jattri.methods.tracin import tracin
+from jattri.methods.rps import rps
+from jattri.methods.shapley import knn_shapley
 
-__all__ = ["Attributor", "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak"]
+__all__ = ["Attributor", "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
+           "tracin", "rps", "knn_shapley"]

@@ -1,0 +1,148 @@
+"""JL projections: scaling convention, JL distortion, chunk invariance, SJLT structure,
+Kronecker-factored projection."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattri.func import projection as P
+
+KINDS = ("gaussian", "rademacher", "sjlt")
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+
+
+def dense_matrix(kind, key, d, k, chunk_size=None):
+    """P itself, recovered by projecting the identity (each row is one row of P)."""
+    return np.asarray(P.random_projection(kind, key, d, k, chunk_size=chunk_size)(
+        jnp.eye(d)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_unchunked(kind):
+    key = jax.random.PRNGKey(3)
+    d, k = 53, 16
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, d))
+    # Projecting [I; x]: the first d rows of the result are P itself.
+    xs = jnp.concatenate([jnp.eye(d), x])
+    whole = np.asarray(P.random_projection(kind, key, d, k, chunk_size=None)(xs))
+    p_whole, out_whole = whole[:d], whole[d:]
+    np.testing.assert_allclose(out_whole, np.asarray(x) @ p_whole, rtol=1e-12, atol=1e-12)
+    for chunk in (1, 7, 500):
+        out = np.asarray(P.random_projection(kind, key, d, k, chunk_size=chunk)(xs))
+        # The matrix is the same entry for entry, whatever the chunking ...
+        np.testing.assert_array_equal(out[:d], p_whole)
+        # ... so results differ only by the order of the floating-point sums.
+        np.testing.assert_allclose(out[d:], out_whole, rtol=1e-12, atol=1e-12)
+    # A single vector maps to a single vector.
+    one = P.random_projection(kind, key, d, k, chunk_size=None)(x[0])
+    np.testing.assert_allclose(one, out_whole[0], rtol=1e-12)
+    # Another key, another matrix.
+    assert not np.allclose(dense_matrix(kind, jax.random.PRNGKey(4), d, k), p_whole)
+
+
+def jl_epsilon(num_points, k):
+    """ε with k = 4 ln(m) / (ε²/2 − ε³/3) (Dasgupta & Gupta, 2003): all m points keep
+    their squared norms within 1 ± ε with probability ≥ 1 − 1/m."""
+    target = 4 * math.log(num_points) / k
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid ** 2 / 2 - mid ** 3 / 3 < target else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jl_distortion_of_inner_products(kind):
+    d, k, m = 1000, 256, 20
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (m, d)))
+    norms = np.linalg.norm(x, axis=1)
+    gram = x @ x.T / np.outer(norms, norms)
+    # Inner products of unit vectors u, v follow from the norms of u ± v (polarisation),
+    # so the JL guarantee for the 2m² points u ± v bounds every |<uP, vP> − <u, v>| by ε.
+    eps = jl_epsilon(2 * m * m, k)
+    for seed in range(3):
+        xp = np.asarray(P.random_projection(kind, jax.random.PRNGKey(seed), d, k)(x))
+        gram_p = xp @ xp.T / np.outer(norms, norms)
+        err = np.abs(gram_p - gram)
+        assert err.max() <= eps, (kind, err.max(), eps)
+        # Typical error: Var <uP, vP> ≤ (1 + <u, v>²)/k ≤ 2/k for all three types.
+        rms = np.sqrt(np.mean(err ** 2))
+        assert rms <= 1.5 * math.sqrt(2 / k), (kind, rms)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inner_products_preserved_in_expectation(kind):
+    d, k, keys = 12, 4, 2000
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, d)))
+    proj = jax.vmap(lambda key: P.random_projection(kind, key, d, k)(x))(
+        jax.random.split(jax.random.PRNGKey(5), keys))
+    inner = np.sum(np.asarray(proj[:, 0] * proj[:, 1]), axis=-1)  # (keys,)
+    sq = np.sum(np.asarray(proj[:, 0] ** 2), axis=-1)
+    exact, exact_sq = x[0] @ x[1], x[0] @ x[0]
+    # Mean over keys within 5 standard errors of the exact value (no scaling bias).
+    assert abs(inner.mean() - exact) <= 5 * inner.std() / math.sqrt(keys)
+    assert abs(sq.mean() - exact_sq) <= 5 * sq.std() / math.sqrt(keys)
+
+
+def test_entries_have_the_documented_law():
+    d, k = 400, 8
+    key = jax.random.PRNGKey(2)
+    rad = dense_matrix("rademacher", key, d, k)
+    np.testing.assert_allclose(np.abs(rad), 1 / math.sqrt(k), rtol=1e-12)
+    gauss = dense_matrix("gaussian", key, d, k)
+    assert abs(gauss.std() * math.sqrt(k) - 1) < 0.05
+    sjlt = dense_matrix("sjlt", key, d, k)
+    # Exactly one ±1 per input coordinate, buckets and signs roughly balanced.
+    assert np.all(np.sum(sjlt != 0, axis=1) == 1)
+    assert set(np.unique(sjlt[sjlt != 0])) == {-1.0, 1.0}
+    counts = np.sum(sjlt != 0, axis=0)
+    assert counts.min() > d / k / 2 and np.abs(sjlt.sum()) < 4 * math.sqrt(d)
+
+
+def test_sjlt_is_a_scatter_add_not_a_matmul():
+    """The jaxpr of the SJLT has a scatter-add and no (n, chunk) x (chunk, k) dot."""
+    proj = P.sjlt_projection(jax.random.PRNGKey(0), 50, 8, chunk_size=16)
+    text = str(jax.make_jaxpr(proj)(jnp.ones((3, 50))))
+    assert "scatter-add" in text or "scatter_add" in text
+    assert "dot_general" not in text
+
+
+def test_kronecker_projection_equals_dense_kron():
+    key = jax.random.PRNGKey(7)
+    # Square sides for the three kinds share one compilation each; one non-square case.
+    cases = [(kind, 6, 6, 3, 3) for kind in KINDS] + [("gaussian", 6, 5, 3, 4)]
+    for kind, d_in, d_out, k_in, k_out in cases:
+        a = jax.random.normal(jax.random.PRNGKey(1), (6, d_in))  # 6 positions
+        s = jax.random.normal(jax.random.PRNGKey(2), (6, d_out))
+        grad = np.asarray(a).T @ np.asarray(s)  # Σ_τ a_τ ⊗ s_τ, (d_in, d_out)
+        kp = P.kronecker_projection(key, d_in, d_out, k_in, k_out, kind=kind,
+                                    chunk_size=None)
+        p_in = dense_matrix(kind, jax.random.fold_in(key, 0), d_in, k_in)
+        p_out = dense_matrix(kind, jax.random.fold_in(key, 1), d_out, k_out)
+        expect = grad.reshape(-1) @ np.kron(p_in, p_out)
+        np.testing.assert_allclose(kp(a, s), expect, rtol=1e-10, atol=1e-12)
+    # Identity on both sides returns the flattened gradient itself.
+    ident = P.kronecker_projection(key, d_in, d_out, None, None)
+    np.testing.assert_allclose(ident(a, s), grad.reshape(-1), rtol=1e-12)
+    # One position given as vectors.
+    np.testing.assert_allclose(ident(a[0], s[0]), np.outer(a[0], s[0]).reshape(-1),
+                               rtol=1e-12)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="projection"):
+        P.random_projection("dense", jax.random.PRNGKey(0), 4, 2)
+    with pytest.raises(ValueError, match="positive"):
+        P.sjlt_projection(jax.random.PRNGKey(0), 4, 0)
+    with pytest.raises(ValueError, match="shape"):
+        P.rademacher_projection(jax.random.PRNGKey(0), 4, 2)(jnp.ones((2, 5)))
+    kp = P.kronecker_projection(jax.random.PRNGKey(0), 3, 2, 2, 2)
+    with pytest.raises(ValueError, match="positions"):
+        kp(jnp.ones((2, 3)), jnp.ones((3, 2)))

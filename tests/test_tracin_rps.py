@@ -1,0 +1,250 @@
+"""TracInCP (with Grad-Dot/Grad-Cos as its one-checkpoint cases) and representer points,
+against explicit float64 references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jattri
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+
+
+def init_params(key, d_in=4, hidden=5, classes=3):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"w1": jax.random.normal(k1, (d_in, hidden)) / 2,
+            "b1": jax.random.normal(k2, (hidden,)) / 4,
+            "w2": jax.random.normal(k3, (hidden, classes)) / 2,
+            "b2": jnp.zeros((classes,))}
+
+
+def features(p, z):
+    return jnp.tanh(z[0] @ p["w1"] + p["b1"])
+
+
+def logits(p, z):
+    return features(p, z) @ p["w2"] + p["b2"]
+
+
+def loss_fn(p, z):
+    return optax.softmax_cross_entropy_with_integer_labels(logits(p, z), z[1])
+
+
+def target_fn(p, z):  # a target different from the loss: minus the correct logit
+    return -logits(p, z)[z[1]]
+
+
+def make_data(key, n, d_in=4, classes=3):
+    kx, ky = jax.random.split(key)
+    return (jax.random.normal(kx, (n, d_in)), jax.random.randint(ky, (n,), 0, classes))
+
+
+
+@pytest.fixture
+def setup():
+    checkpoints = [init_params(jax.random.PRNGKey(s)) for s in range(3)]
+    train = make_data(jax.random.PRNGKey(10), 12)
+    test = make_data(jax.random.PRNGKey(11), 5)
+    return checkpoints, train, test
+
+
+_GRAD = {}
+
+
+def explicit_grad(fn, params, data, i):
+    """Flat gradient of ONE example, taken by a plain jax.grad (no vmap)."""
+    if fn not in _GRAD:
+        _GRAD[fn] = jax.jit(jax.grad(fn))
+    z = jax.tree_util.tree_map(lambda x: x[i], data)
+    return np.asarray(ravel_pytree(_GRAD[fn](params, z))[0])
+
+
+def reference_tracin(checkpoints, weights, train, test, target=loss_fn, cos=False):
+    """Σ_k w_k ⟨g_i^k, g_t^k⟩ by explicit Python loops over members and examples."""
+    n, m = len(train[1]), len(test[1])
+    out = np.zeros((n, m))
+    for w, p in zip(weights, checkpoints):
+        g_train = [explicit_grad(loss_fn, p, train, i) for i in range(n)]
+        g_test = [explicit_grad(target, p, test, t) for t in range(m)]
+        for i, gi in enumerate(g_train):
+            for t, gt in enumerate(g_test):
+                dot = gi @ gt
+                if cos:
+                    dot /= np.linalg.norm(gi) * np.linalg.norm(gt)
+                out[i, t] += w * dot
+    return out
+
+
+def test_tracin_equals_explicit_weighted_sum(setup):
+    checkpoints, train, test = setup
+    lrs = [0.5, 0.3, 0.1]
+    task = jattri.Task(loss_fn, checkpoints, target_fn=target_fn)
+    attr = jattri.tracin(task, weights=lrs)
+    state = attr.cache(train)
+    ref = reference_tracin(checkpoints, lrs, train, test, target=target_fn)
+    np.testing.assert_allclose(attr.attribute(state, test), ref, rtol=1e-10, atol=1e-12)
+    self_ref = np.diag(reference_tracin(checkpoints, lrs, train, train, target=target_fn))
+    np.testing.assert_allclose(attr.self_attribute(state), self_ref, rtol=1e-10)
+
+    # Default weights: the mean over members.
+    mean = jattri.tracin(task)
+    np.testing.assert_allclose(
+        mean.attribute(mean.cache(train), test),
+        reference_tracin(checkpoints, [1 / 3] * 3, train, test, target=target_fn),
+        rtol=1e-10, atol=1e-12)
+
+
+def test_grad_dot_and_grad_cos_are_one_checkpoint_tracin(setup):
+    checkpoints, train, test = setup
+    one = jattri.Task(loss_fn, checkpoints[:1])
+    ref = reference_tracin(checkpoints[:1], [1.0], train, test)
+    for attr in (jattri.grad_dot(one), jattri.tracin(one)):
+        state = attr.cache(train)
+        np.testing.assert_allclose(attr.attribute(state, test), ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(attr.self_attribute(state),
+                                   np.diag(attr.attribute(state, train)), rtol=1e-10)
+    ref_cos = reference_tracin(checkpoints[:1], [1.0], train, test, cos=True)
+    for attr in (jattri.grad_cos(one), jattri.tracin(one, normalize=True)):
+        state = attr.cache(train)
+        np.testing.assert_allclose(attr.attribute(state, test), ref_cos, rtol=1e-10)
+        np.testing.assert_allclose(attr.self_attribute(state), 1.0, rtol=1e-10)
+    # Several members: grad_dot averages, i.e. tracin with equal weights 1/M.
+    many = jattri.Task(loss_fn, checkpoints)
+    gd = jattri.grad_dot(many)
+    np.testing.assert_allclose(gd.attribute(gd.cache(train), test),
+                               reference_tracin(checkpoints, [1 / 3] * 3, train, test),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "rademacher", "sjlt"])
+def test_projected_tracin_converges(setup, projection):
+    checkpoints, train, _ = setup
+    task = jattri.Task(loss_fn, checkpoints[:2])
+    exact_attr = jattri.tracin(task)
+    exact = np.asarray(exact_attr.attribute(exact_attr.cache(train), train))
+    dims = (8, 128, 2048)
+    keys = [jax.random.PRNGKey(s) for s in range(3)]
+    errors = []
+    for k in dims:
+        errs = []
+        for key in keys:  # the same fixed keys at every k
+            attr = jattri.tracin(task, proj_dim=k, projection=projection, key=key)
+            approx = np.asarray(attr.attribute(attr.cache(train), train))
+            errs.append(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
+        errors.append(np.mean(errs))
+    # Error ~ 1/√k: it must fall at every step (×16 in k: ≈ ×0.25 expected) and by
+    # far overall.
+    assert all(b < 0.6 * a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.15 * errors[0] and errors[-1] < 0.1, errors
+
+
+def test_tracin_bad_arguments(setup):
+    checkpoints, train, _ = setup
+    task = jattri.Task(loss_fn, checkpoints)
+    with pytest.raises(ValueError, match="weights"):
+        jattri.tracin(task, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="weights"):
+        jattri.tracin(task, weights=[1.0, np.nan, 1.0])
+    with pytest.raises(ValueError, match="projection"):
+        jattri.tracin(task, proj_dim=8, projection="dense")
+    with pytest.raises(ValueError, match="proj_dim"):
+        jattri.tracin(task, proj_dim=0)
+
+
+# ----------------------------------------------------------------------------- RPS
+
+def lr_logits(p, z):
+    return z[0] @ p["w"] + p["b"]
+
+
+def lr_loss(p, z):
+    return optax.softmax_cross_entropy_with_integer_labels(lr_logits(p, z), z[1])
+
+
+def lr_params(key, d_in=4, classes=3):
+    return {"w": jax.random.normal(key, (d_in, classes)), "b": jnp.full((classes,), 0.1)}
+
+
+def test_rps_representer_decomposition_on_a_linear_model():
+    train = make_data(jax.random.PRNGKey(0), 40)
+    test = make_data(jax.random.PRNGKey(1), 6)
+    l2, tol = 1e-2, 1e-9
+    task = jattri.Task(lr_loss, [lr_params(jax.random.PRNGKey(2))])
+    attr = jattri.rps(task, features_fn=lambda p, z: z[0], logits_fn=lr_logits,
+                      label_fn=lambda z: z[1], l2=l2, tol=tol)
+    state = attr.cache(train)
+    w = np.asarray(state.weights[0])  # (p + 1, C) with the bias row last
+    assert float(state.grad_norm[0]) <= tol
+
+    # The refit is stationary for an independently written objective.
+    f_train = np.concatenate([np.asarray(train[0]), np.ones((40, 1))], axis=1)
+    probs = np.asarray(jax.nn.softmax(lr_logits(task.members[0].params, train)))
+
+    def objective(w):
+        logp = jax.nn.log_softmax(f_train @ w)
+        return -jnp.sum(probs * logp) / 40 + l2 * jnp.sum(w ** 2)
+
+    grad = np.asarray(jax.grad(objective)(jnp.asarray(w)))
+    assert np.linalg.norm(grad) <= 10 * tol
+
+    # α from the stationarity condition; the refit's logits = Σ_i α_i ⟨f_i, f_t⟩.
+    alpha = (probs - np.asarray(jax.nn.softmax(f_train @ w))) / (2 * l2 * 40)
+    np.testing.assert_allclose(state.alpha[0], alpha, rtol=1e-8, atol=1e-12)
+    f_test = np.concatenate([np.asarray(test[0]), np.ones((6, 1))], axis=1)
+    refit_logits = f_test @ w
+    decomposed = (f_test @ f_train.T) @ alpha  # (m, C)
+    # The residual is exactly f_t ∇objective / (2λ): bounded by the refit's tolerance.
+    bound = np.linalg.norm(f_test, axis=1)[:, None] * np.linalg.norm(grad) / (2 * l2)
+    assert np.all(np.abs(refit_logits - decomposed) <= bound + 1e-12)
+    assert np.abs(refit_logits - decomposed).max() < 1e-6
+
+    # Scores: α_i[y_t] ⟨f_i, f_t⟩; summed over i they give the refit logit of y_t.
+    scores = np.asarray(attr.attribute(state, test))
+    y_t = np.asarray(test[1])
+    np.testing.assert_allclose(scores, alpha[:, y_t] * (f_train @ f_test.T), rtol=1e-10,
+                               atol=1e-14)
+    np.testing.assert_allclose(scores.sum(0), refit_logits[np.arange(6), y_t], atol=1e-6)
+    np.testing.assert_allclose(attr.self_attribute(state),
+                               np.diag(attr.attribute(state, train)), rtol=1e-10)
+
+
+def test_rps_features_of_a_deep_model_and_member_average(setup):
+    checkpoints, train, test = setup
+    task = jattri.Task(loss_fn, checkpoints[:2])
+    kw = dict(features_fn=features, logits_fn=logits, l2=1e-2, tol=1e-9)
+    both = jattri.rps(task, **kw)
+    scores = both.attribute(both.cache(train), test)
+    singles = []
+    for p in checkpoints[:2]:
+        a = jattri.rps(jattri.Task(loss_fn, [p]), **kw)
+        singles.append(a.attribute(a.cache(train), test))
+    np.testing.assert_allclose(scores, np.mean(singles, axis=0), rtol=1e-10, atol=1e-14)
+    # Default label: the model's predicted class.
+    state = both.cache(train)
+    np.testing.assert_allclose(both.self_attribute(state),
+                               np.diag(both.attribute(state, train)), rtol=1e-10)
+    # Without the bias feature the features have the model's width only.
+    nb = jattri.rps(task, bias=False, **kw)
+    assert nb.cache(train).features.shape == (2, 12, 5)
+
+
+def test_rps_bad_arguments(setup):
+    checkpoints, train, _ = setup
+    task = jattri.Task(loss_fn, checkpoints)
+    with pytest.raises(ValueError, match="l2"):
+        jattri.rps(task, features_fn=features, logits_fn=logits, l2=0.0)
+    with pytest.raises(TypeError, match="features_fn"):
+        jattri.rps(task, features_fn=None, logits_fn=logits)
+    bad = jattri.rps(task, features_fn=features, logits_fn=lambda p, z: logits(p, z)[None])
+    with pytest.raises(TypeError, match="logits_fn"):
+        bad.cache(train)
+    bad_label = jattri.rps(task, features_fn=features, logits_fn=logits,
+                           label_fn=lambda z: z[0])
+    with pytest.raises(TypeError, match="label_fn"):
+        bad_label.cache(train)
