@@ -384,3 +384,23 @@ def test_bare_pickle_is_not_accepted(tmp_path):
     path.write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(CorruptFileError, match="not a zip archive"):
         load_pt(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_plain_python_values_in_every_protocol(protocol):
+    from jattri.interop.unpickle import BUILTINS, safe_loads
+    value = {"set": {1, 2}, "frozen": frozenset("ab"), "complex": 1 - 2j, "bytes": b"\x00\x01",
+             "bytearray": bytearray(b"xy"), "odict": collections.OrderedDict(a=1),
+             "nested": [(1, 2.5, None, True, "s")]}
+    assert safe_loads(pickle.dumps(value, protocol=protocol), allowed=BUILTINS,
+                      where="mem") == value
+
+
+def test_allowed_builtins_cannot_allocate_from_a_count():
+    from jattri.interop.unpickle import BUILTINS, safe_loads
+    data = b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x7f\x85R."  # bytearray(2**31 - ...)
+    with pytest.raises(CorruptFileError, match="bytearray is allowed only"):
+        safe_loads(data, allowed=BUILTINS, where="mem")
+    with pytest.raises(CorruptFileError, match="_codecs.encode is allowed only"):
+        safe_loads(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00utf-7\x86R.",
+                   allowed=BUILTINS, where="mem")

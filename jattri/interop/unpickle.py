@@ -75,6 +75,16 @@ def _codecs_encode(obj, encoding="utf-8", errors="strict"):
     return obj.encode("latin-1", errors)
 
 
+def _bytearray(data=b"", encoding=None):
+    # Only the forms pickle writes (bytes, or str + "latin-1"); never bytearray(n), which
+    # would let a tiny file allocate any amount of memory.
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data, "latin-1")
+    raise CorruptFileError("bytearray is allowed only from bytes or a latin-1 str")
+
+
 def _ordered_dict(*args):
     return collections.OrderedDict(*args)
 
@@ -84,7 +94,7 @@ BUILTINS = allow({
     "builtins.set": lambda *a: set(*a),
     "builtins.frozenset": lambda *a: frozenset(*a),
     "builtins.complex": lambda *a: complex(*a),
-    "builtins.bytearray": lambda *a: bytearray(*a),
+    "builtins.bytearray": _bytearray,
     "_codecs.encode": _codecs_encode,
 })
 
