@@ -86,7 +86,13 @@ def _ce(logits, label):
 
 
 def _loss_fns(setting: DattriSetting, module, has_batch_stats: bool, pad_token: int):
-    """``(apply_fn, loss_fn)`` of a setting; ``loss_fn`` takes ONE example."""
+    """``(apply_fn, loss_fn)`` of a setting; ``loss_fn`` takes ONE example.
+
+    The losses are the reference's per-example targets (``loss_mnist_lr``, ...), with
+    ``CE(z, y) = −log softmax(z)_y``: ``"ce"``: CE(f(x), y); ``"lm"``: mean_t CE(f(x)_t, y_t);
+    ``"lm_shift"``: mean_{t≥1} CE(f(x)_{t−1}, y_t); ``"last_token"``: CE(f(x)_T, y_T)
+    (0 for the pad token). ``apply_fn(params, x (n, ...)) -> logits``.
+    """
 
     def variables(params):
         if has_batch_stats:
