@@ -7,7 +7,7 @@ Scores are ``(n_train, n_test)``.
 from jattri import func, metrics
 from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
                             influence_explicit, trak)
-from jattri.methods import knn_shapley, rps, tracin
+from jattri.methods import knn_shapley, logra, rps, tracin
 from jattri.task import Member, Task
 from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
 
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Attributor", "Member", "Task", "ensemble", "func", "metrics",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
-    "tracin", "rps", "knn_shapley",
+    "tracin", "rps", "knn_shapley", "logra",
 ]

@@ -7,6 +7,7 @@ from jattri.methods.trak import trak
 from jattri.methods.tracin import tracin
 from jattri.methods.rps import rps
 from jattri.methods.shapley import knn_shapley
+from jattri.methods.logra import logra
 
 __all__ = ["Attributor", "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
-           "tracin", "rps", "knn_shapley"]
+           "tracin", "rps", "knn_shapley", "logra"]
