@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+import jax
+
 import jattri
 
 
@@ -25,6 +27,22 @@ def _damping(bench, default: float = 1e-3) -> float:
     return float(bench.info.get("weight_decay", default)) or default
 
 
+def _last_layer_input(bench):
+    """``features_fn(params, (x, y))``: the input of the model's last Dense layer (LR:
+    the pixels; MLP: the fc2 activations), read hook-free by ``jattri.func.layers``."""
+    from jattri.func.layers import dense_layers, layer_io
+    z0 = jax.tree_util.tree_map(lambda a: a[0], bench.train)
+    layers = dense_layers(bench.loss_fn, bench.models_full[0], z0)
+    last = list(layers)[-1]
+    return lambda p, z: layer_io(bench.loss_fn, p, z, layers={last: layers[last]})[last][0][0]
+
+
+def _rps(task, b):
+    return jattri.rps(task, features_fn=_last_layer_input(b),
+                      logits_fn=lambda p, z: b.apply_fn(p, z[0][None])[0],
+                      label_fn=lambda z: z[1], l2=1e-3)
+
+
 METHODS = {
     "influence_explicit": MethodSpec(
         lambda task, b: jattri.influence_explicit(task, damping=_damping(b)),
@@ -37,4 +55,20 @@ METHODS = {
                          description="TRAK, 1 checkpoint"),
     "trak_5": MethodSpec(lambda task, b: jattri.trak(task, proj_dim=512), num_checkpoints=5,
                          description="TRAK, 5 independent checkpoints"),
+    "tracin_5": MethodSpec(lambda task, b: jattri.tracin(task), num_checkpoints=5,
+                           description="TracInCP, 5 independent checkpoints, equal weights"),
+    "tracin_sjlt_5": MethodSpec(
+        lambda task, b: jattri.tracin(task, proj_dim=512, projection="sjlt"),
+        num_checkpoints=5, description="TracInCP, SJLT k=512, 5 checkpoints"),
+    "rps": MethodSpec(_rps, description="representer points, l2=1e-3, true label"),
+    "knn_shapley": MethodSpec(
+        lambda task, b: jattri.knn_shapley(10, features_fn=_last_layer_input(b), task=task),
+        description="KNN-Shapley K=10 on last-layer inputs (model-free for LR)"),
+    "logra": MethodSpec(lambda task, b: jattri.logra(task, proj_dim_in=16, proj_dim_out=16),
+                        description="LoGra, 16x16 Kronecker projection per Dense layer"),
+    "logra_5": MethodSpec(lambda task, b: jattri.logra(task, proj_dim_in=16, proj_dim_out=16),
+                          num_checkpoints=5, description="LoGra 16x16, 5 checkpoints"),
+    "logra_exact": MethodSpec(
+        lambda task, b: jattri.logra(task, proj_dim_in=None, proj_dim_out=None),
+        max_params=5_000, description="LoGra, identity projections (exact layer blocks)"),
 }
