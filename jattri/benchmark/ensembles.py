@@ -1,0 +1,246 @@
+"""The ensemble experiment of Deng et al. (2024), "Efficient Ensembles Improve Training
+Data Attribution", on ``digits_mlp``: LDS against ensemble size for the naive ensemble
+(independently trained models), dropout ensembles (``member`` and ``example`` masks),
+TRAK's Q-only dropout variant and LoRA ensembles, with the three costs (training
+seconds, attribution seconds, bytes of parameters stored).
+
+Every method here averages its scores over members (TRAK: the feature term and Q are
+averaged separately), so the ensemble of size K is the first K members of one ensemble
+of size max(sizes): each member is attributed once, alone, and the sizes are prefix
+averages. Attribution seconds of size K are the sum of its members' times (compilation
+included: every member is its own compiled program). Training seconds are measured
+separately for every K (naive: K models vmapped; LoRA: base + K adapters vmapped).
+
+Run: ``python -m jattri.benchmark.ensembles`` (or ``python -m jattri.bench --ensemble``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jattri
+from jattri import benchmark
+from jattri.benchmark import digits
+from jattri.ensemble import dropout, dropout_q, independent, lora, param_bytes
+from jattri.ensemble.members import timed
+from jattri.task import Task
+
+KINDS = ("naive", "dropout_member", "dropout_example", "trak_q_member", "trak_q_example",
+         "lora")
+METHODS = ("trak", "grad_dot", "influence_cg")
+
+
+def _stderr(msg: str) -> None:
+    print(f"[jattri.ensembles] {msg}", file=sys.stderr, flush=True)
+
+
+def _one(member, target_is_loss: bool) -> Task:
+    return Task.from_members([member], target_is_loss=target_is_loss)
+
+
+def _member_scores(method: str, task: Task, train, test, *, proj_dim: int, proj_key,
+                   damping: float):
+    """``(parts, seconds)``: the member's additive score parts and its serving time.
+
+    parts: ``(scores,)`` for Grad-Dot / IF; ``(features_term, q)`` for TRAK, whose
+    ensemble score is mean(features_term) ⊙ mean(q).
+    """
+    if method == "trak":
+        attr = jattri.trak(task, proj_dim=proj_dim, key=proj_key)
+
+        def run():
+            state = attr.cache(train)
+            a = attr.attribute(state._replace(q=jnp.ones_like(state.q)), test)
+            return a, state.q
+    elif method == "grad_dot":
+        attr = jattri.grad_dot(task)
+        run = lambda: (attr.attribute(attr.cache(train), test),)
+    elif method == "influence_cg":
+        attr = jattri.influence_cg(task, damping=damping)
+        run = lambda: (attr.attribute(attr.cache(train), test),)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    parts, seconds = timed(run)
+    return tuple(np.asarray(p, np.float64) for p in parts), seconds
+
+
+def _combine(method: str, parts: list) -> np.ndarray:
+    if method == "trak":
+        a = np.mean([p[0] for p in parts], axis=0)
+        q = np.mean([p[1] for p in parts], axis=0)
+        return a * q[:, None]
+    return np.mean([p[0] for p in parts], axis=0)
+
+
+def run_ensembles(setting: str = "digits_mlp", *, methods: Sequence[str] = METHODS,
+                  kinds: Sequence[str] = KINDS, sizes: Sequence[int] = (1, 2, 5, 10),
+                  cg_test: Optional[int] = 20, cg_sizes: Sequence[int] = (1, 2, 5),
+                  proj_dim: int = 512, damping: float = 1e-3, lora_rank: int = 4,
+                  lora_steps: int = 200, lora_lr: float = 1e-3, seed: int = 0,
+                  cache: Optional[str] = None,
+                  progress: Optional[Callable[[str], None]] = _stderr) -> List[dict]:
+    """Run the experiment; one row per (method, kind, size).
+
+    Row keys: ``method, kind, size, lds, train_s, attribution_s, stored_bytes,
+    grad_dim, n_test, note``. ``cg_test``: influence_cg is scored on the first
+    ``cg_test`` test examples only (``None``: all) and only for ``cg_sizes`` (it
+    solves one CG system per test example per member).
+    """
+    say = progress or (lambda m: None)
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown ensemble kind {k!r}; choose from {KINDS}")
+    bench = benchmark.load(setting, cache=cache, progress=progress)
+    cfg = digits.SETTINGS[setting]
+    subsets, targets = bench.lds
+    train = tuple(jnp.asarray(a) for a in bench.train)
+    test = tuple(jnp.asarray(a) for a in bench.test)
+    key = jax.random.PRNGKey(seed)
+    k_drop, k_lora, k_proj = jax.random.split(key, 3)
+    K = max(sizes)
+    xtr, ytr = bench.train
+
+    def train_fn(seeds):
+        idx = np.tile(np.arange(len(ytr), dtype=np.int32), (len(seeds), 1))
+        return digits.train_models(cfg, xtr, ytr, idx, seeds)
+
+    # naive ensemble: train K models once for the members; time every size separately
+    say(f"training naive ensembles of sizes {list(sizes)}")
+    naive, _ = independent(train_fn, np.arange(K), bench.loss_fn, bench.target_fn)
+    naive_costs = {k: independent(train_fn, np.arange(k), bench.loss_fn, bench.target_fn)[1]
+                   for k in sizes}
+    base_task = _one(naive.members[0], naive.target_is_loss)
+    model_bytes = param_bytes(naive.members[0].params)
+    base_s = (naive_costs[1] if 1 in naive_costs else
+              independent(train_fn, np.arange(1), bench.loss_fn, bench.target_fn)[1]
+              ).train_seconds
+
+    ensembles, costs = {}, {}
+    for kind in kinds:
+        if kind == "naive":
+            ensembles[kind] = naive
+            costs[kind] = {k: (naive_costs[k].train_seconds, naive_costs[k].stored_bytes)
+                           for k in sizes}
+        elif kind.startswith("dropout_"):
+            ensembles[kind] = dropout(base_task, K, k_drop, mode=kind.split("_")[1])
+            costs[kind] = {k: (base_s, model_bytes) for k in sizes}
+        elif kind.startswith("trak_q_"):
+            costs[kind] = {k: (base_s, model_bytes) for k in sizes}
+        elif kind == "lora":
+            say(f"fine-tuning LoRA ensembles (rank {lora_rank}, {lora_steps} steps)")
+            ensembles[kind], _ = lora(base_task, train, K, k_lora, rank=lora_rank,
+                                      steps=lora_steps, learning_rate=lora_lr)
+            costs[kind] = {}
+            for k in sizes:
+                c = lora(base_task, train, k, k_lora, rank=lora_rank, steps=lora_steps,
+                         learning_rate=lora_lr, base_train_seconds=base_s)[1]
+                costs[kind][k] = (c.train_seconds, c.stored_bytes)
+
+    rows = []
+    for method in methods:
+        m_sizes = [k for k in sizes if method != "influence_cg" or k in cg_sizes]
+        n_test = test[1].shape[0]
+        if method == "influence_cg" and cg_test is not None:
+            n_test = min(int(cg_test), n_test)
+        m_test = tuple(a[:n_test] for a in test)
+        m_targets = targets[:, :n_test]
+        note = "" if n_test == test[1].shape[0] else f"first {n_test} test examples"
+        base_parts = None
+        for kind in kinds:
+            if kind.startswith("trak_q_") and method != "trak":
+                continue
+            say(f"{method} / {kind}")
+            if kind.startswith("trak_q_"):
+                if base_parts is None:
+                    base_parts = _member_scores(method, base_task, train, m_test,
+                                                proj_dim=proj_dim, proj_key=k_proj,
+                                                damping=damping)
+                (a, _), base_sec = base_parts
+                for k in m_sizes:
+                    q, q_sec = timed(dropout_q, base_task, k, k_drop, train,
+                                     mode=kind.split("_")[2])
+                    scores = a * np.asarray(q, np.float64)[:, None]
+                    rows.append(_row(method, kind, k, scores, subsets, m_targets,
+                                     costs[kind][k], base_sec + q_sec,
+                                     _grad_dim(base_task), n_test, note))
+                continue
+            ens = ensembles[kind]
+            parts, secs = [], []
+            for j in range(max(m_sizes)):
+                p, s = _member_scores(method, _one(ens.members[j], ens.target_is_loss), train,
+                                      m_test, proj_dim=proj_dim, proj_key=k_proj,
+                                      damping=damping)
+                parts.append(p)
+                secs.append(s)
+            for k in m_sizes:
+                rows.append(_row(method, kind, k, _combine(method, parts[:k]), subsets,
+                                 m_targets, costs[kind][k], float(np.sum(secs[:k])),
+                                 _grad_dim(ens), n_test, note))
+            say(f"{method} / {kind}: " + ", ".join(
+                f"K={r['size']}: {r['lds']:.3f}" for r in rows[-len(m_sizes):]))
+    return rows
+
+
+def _grad_dim(task: Task) -> int:
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(task.members[0].params)))
+
+
+def _row(method, kind, size, scores, subsets, targets, cost, seconds, grad_dim, n_test, note):
+    per_test = jattri.metrics.lds(scores, subsets, targets)
+    return {"method": method, "kind": kind, "size": int(size),
+            "lds": float(np.nanmean(per_test)), "train_s": float(cost[0]),
+            "attribution_s": float(seconds), "stored_bytes": int(cost[1]),
+            "grad_dim": int(grad_dim), "n_test": int(n_test), "note": note}
+
+
+def format_table(rows: List[dict]) -> str:
+    head = (f"{'method':<13} {'ensemble':<16} {'K':>3} {'LDS':>7} {'train s':>8} "
+            f"{'attr s':>8} {'stored KB':>10} {'grad dim':>9}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<13} {r['kind']:<16} {r['size']:>3} {r['lds']:>7.3f} "
+                     f"{r['train_s']:>8.1f} {r['attribution_s']:>8.1f} "
+                     f"{r['stored_bytes'] / 1024:>10.1f} {r['grad_dim']:>9}  {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jattri.benchmark.ensembles",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="digits_mlp")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--sizes", default="1,2,5,10")
+    parser.add_argument("--cg-test", type=int, default=20,
+                        help="influence_cg on the first N test examples (0: all)")
+    parser.add_argument("--cg-sizes", default="1,2,5")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--lora-steps", type=int, default=200)
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--cache", metavar="DIR")
+    args = parser.parse_args(argv)
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v)
+    t0 = time.perf_counter()
+    rows = run_ensembles(args.setting, methods=args.methods.split(","),
+                         kinds=args.kinds.split(","), sizes=ints(args.sizes),
+                         cg_test=args.cg_test or None, cg_sizes=ints(args.cg_sizes),
+                         lora_rank=args.lora_rank, lora_steps=args.lora_steps,
+                         cache=args.cache)
+    print(format_table(rows))
+    print(f"\nwall time: {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "argv": sys.argv[1:]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
