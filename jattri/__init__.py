@@ -10,11 +10,12 @@ from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
 from jattri.methods import knn_shapley, logra, rps, tracin
 from jattri.task import Member, Task
 from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
+from jattri import interop, models  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attributor", "Member", "Task", "ensemble", "func", "metrics",
+    "Attributor", "Member", "Task", "ensemble", "func", "interop", "metrics", "models",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
     "tracin", "rps", "knn_shapley", "logra",
 ]

@@ -100,7 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--refresh", action="store_true", help="recompute ground truth")
     args = parser.parse_args(argv)
 
-    settings = _split(args.setting, benchmark.EMBEDDED, "setting") if args.setting else list(DEFAULT_SETTINGS)
+    known = tuple(benchmark.digits.SETTINGS)
+    settings = _split(args.setting, known, "setting") if args.setting else list(DEFAULT_SETTINGS)
     methods = _split(args.methods, tuple(METHODS), "method")
     rows = []
     t_start = time.perf_counter()

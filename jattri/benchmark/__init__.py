@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 from jattri.benchmark import digits
 from jattri.benchmark._cache import cache_dir, cached
 from jattri.benchmark._types import Benchmark
+from jattri.benchmark.dattri import load_dattri
 
 EMBEDDED = tuple(digits.SETTINGS)
 
@@ -64,4 +65,4 @@ def load(name: str, *, cache: Optional[str] = None, refresh: bool = False,
               "train_seconds": float(arrays["train_seconds"])})
 
 
-__all__ = ["Benchmark", "EMBEDDED", "cache_dir", "load"]
+__all__ = ["Benchmark", "EMBEDDED", "cache_dir", "load", "load_dattri"]

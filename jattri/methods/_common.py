@@ -39,15 +39,31 @@ class FlatMember(NamedTuple):
     unravel: Callable
 
 
+_FLAT_FNS: dict = {}
+
+
+def _flat_fn(fn: Callable, params: PyTree) -> Callable:
+    """``(theta, z, i) -> fn(unravel(theta), z, i)``, one object per (fn, param layout).
+
+    Members that share a function and a parameter layout (checkpoints of one model)
+    share this object, so jitted code compiled for one member is reused by the others.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    layout = (fn, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    if layout not in _FLAT_FNS:
+        unravel = ravel_pytree(params)[1]
+        _FLAT_FNS[layout] = (lambda t, z, i: fn(unravel(t), z, i), unravel)
+    return _FLAT_FNS[layout]
+
+
 def flat_members(task: Task) -> tuple:
     if not isinstance(task, Task):
         raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
     out = []
     for m in task.members:
-        theta, unravel = ravel_pytree(m.params)
-        loss = (lambda f, u: lambda t, z, i: f(u(t), z, i))(m.loss_fn, unravel)
-        target = (loss if m.target_fn is m.loss_fn else
-                  (lambda f, u: lambda t, z, i: f(u(t), z, i))(m.target_fn, unravel))
+        theta = ravel_pytree(m.params)[0]
+        loss, unravel = _flat_fn(m.loss_fn, m.params)
+        target = loss if m.target_fn is m.loss_fn else _flat_fn(m.target_fn, m.params)[0]
         out.append(FlatMember(theta, loss, target, unravel))
     return tuple(out)
 

@@ -46,6 +46,18 @@ def margin_from_loss(loss: jax.Array) -> jax.Array:
     return jnp.where(ok, -safe - jnp.log(-jnp.expm1(-safe)), 0.0)
 
 
+_MEMO: dict = {}
+
+
+def _memo(kind, fn, unravel, prob_fn, make):
+    """One function object per (kind, member function, prob_fn): jit caches are shared
+    by members that share their functions (checkpoints of one model)."""
+    key = (kind, fn, unravel if prob_fn is not None else None, prob_fn)
+    if key not in _MEMO:
+        _MEMO[key] = make(fn, unravel, prob_fn)
+    return _MEMO[key]
+
+
 def _member_margin(fn: Callable, unravel: Callable, prob_fn: Optional[Callable]):
     if prob_fn is None:
         return lambda t, z, i: margin_from_loss(fn(t, z, i))
@@ -71,8 +83,8 @@ def trak(task: Task, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     Args:
       task: the Task; its loss must be a negative log-probability of the correct
         label (cross-entropy) unless ``prob_fn`` is given.
-      proj_dim: k, the JL projection dimension (Gaussian, one keyed projection per
-        member); ``None`` uses raw gradients.
+      proj_dim: k, the JL projection dimension (Gaussian, one keyed projection shared
+        by all members); ``None`` uses raw gradients.
       damping: relative λ ≥ 0 (see module docstring); must be > 0 when k exceeds n.
       key: PRNG key of the projections (default ``PRNGKey(0)``).
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
@@ -86,20 +98,20 @@ def trak(task: Task, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     members = _common.flat_members(task)
     key = jax.random.PRNGKey(0) if key is None else key
     d = members[0].theta.shape[0]
-    projections = tuple(
-        None if proj_dim is None else
-        gaussian_projection(jax.random.fold_in(key, k), d, int(proj_dim),
-                            chunk_size=proj_chunk_size)
-        for k in range(len(members)))
-    margins = tuple((_member_margin(m.loss, m.unravel, prob_fn),
-                     _member_margin(m.target, m.unravel, prob_fn)) for m in members)
-    qs = tuple(jax.jit(jax.vmap(_member_q(m.loss, m.unravel, prob_fn), (None, 0, 0)))
-               for m in members)
+    # One projection shared by all members (as in TRAK): identical members then give
+    # exactly the single-member scores.
+    projection = (None if proj_dim is None else
+                  gaussian_projection(key, d, int(proj_dim), chunk_size=proj_chunk_size))
+    margins = tuple((_memo("margin", m.loss, m.unravel, prob_fn, _member_margin),
+                     _memo("margin", m.target, m.unravel, prob_fn, _member_margin))
+                    for m in members)
+    qs = tuple(_memo("q", m.loss, m.unravel, prob_fn, lambda *a: jax.jit(
+        jax.vmap(_member_q(*a), (None, 0, 0)))) for m in members)
 
     def phi(k, data, target):
         m = members[k]
         return _common.member_grads(margins[k][1 if target else 0], m.theta, data,
-                                    chunk_size=chunk_size, transform=projections[k])
+                                    chunk_size=chunk_size, transform=projection)
 
     def cache(train: PyTree) -> TrakState:
         _common.check_train(task, train)

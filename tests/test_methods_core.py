@@ -1,0 +1,201 @@
+"""Core methods vs slow references: IF vs leave-one-out retraining, formulas by hand."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+from jax.flatten_util import ravel_pytree
+
+import jattri
+
+LAMBDA = 0.1  # L2 coefficient of the training objective
+
+
+def lr_loss(p, z):
+    x, y = z
+    return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y)
+
+
+def lr_target(p, z):  # a target different from the loss: minus the log-prob margin
+    x, y = z
+    logits = x @ p["w"] + p["b"]
+    return -(logits[y] - jax.nn.logsumexp(logits))
+
+
+def make_data(key, n=40, d=4, c=3):
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (n, d))
+    w = jax.random.normal(kw, (d, c))
+    y = jnp.argmax(x @ w + 0.8 * jax.random.normal(kw, (n, c)), -1).astype(jnp.int32)
+    return x, y
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def fit(x, y, weights, steps=30):
+    """Newton's method on Σ_i w_i loss_i / Σ w + (λ/2)‖θ‖² — converges in float64."""
+    d, c = x.shape[1], 3
+    p0 = {"w": jnp.zeros((d, c)), "b": jnp.zeros(c)}
+    theta, unravel = ravel_pytree(p0)
+
+    def obj(t):
+        losses = jax.vmap(lambda a, b: lr_loss(unravel(t), (a, b)))(x, y)
+        return jnp.sum(weights * losses) / jnp.sum(weights) + 0.5 * LAMBDA * t @ t
+
+    def step(t, _):
+        return t - jnp.linalg.solve(jax.hessian(obj)(t), jax.grad(obj)(t)), None
+
+    theta, _ = jax.lax.scan(step, theta, None, length=steps)
+    return unravel(theta)
+
+
+def test_influence_explicit_matches_leave_one_out(x64):
+    x, y = make_data(jax.random.PRNGKey(0))
+    xt, yt = make_data(jax.random.PRNGKey(1), n=6)
+    n = len(x)
+    params = fit(x, y, jnp.ones(n))
+    task = jattri.Task(lr_loss, [params])
+    attr = jattri.influence_explicit(task, damping=LAMBDA)
+    scores = np.asarray(attr.attribute(attr.cache((x, y)), (xt, yt)))
+
+    loo = jax.vmap(lambda i: fit(x, y, jnp.ones(n).at[i].set(0.0)))(jnp.arange(n))
+    loss_t = lambda p: jax.vmap(lambda a, b: lr_loss(p, (a, b)))(xt, yt)
+    delta = np.asarray(jax.vmap(loss_t)(loo) - loss_t(params)[None])  # (n, n_test)
+    # Removing a helpful example raises the test loss: delta ≈ score / n.
+    for t in range(xt.shape[0]):
+        r = scipy.stats.pearsonr(scores[:, t], delta[:, t])[0]
+        assert r >= 0.95, (t, r)
+    np.testing.assert_allclose(scores / n, delta, atol=0.25 * np.abs(delta).max())
+    # The metric agrees: utility = −loss of the retrained models.
+    util = -np.asarray(jax.vmap(loss_t)(loo))
+    assert np.all(jattri.metrics.loo_corr(scores, np.arange(n), util) >= 0.95)
+
+
+@functools.lru_cache(maxsize=None)
+def _tasks(seed, two_members=False, target=None):
+    x, y = make_data(jax.random.PRNGKey(seed))
+    params = fit(x, y, jnp.ones(len(x)))
+    members = [params]
+    if two_members:
+        members.append(jax.tree_util.tree_map(lambda a: 0.7 * a + 0.01, params))
+    return jattri.Task(lr_loss, members, target_fn=target), (x, y)
+
+
+def dense_reference(task, train, test, kind):
+    """score[i, t] by explicit Python loops of jax.grad, averaged over members."""
+    (x, y), (xt, yt) = train, test
+    out = 0
+    for m in task.members:
+        p = m.params
+        loss_fn, target_fn = m.loss_fn, m.target_fn
+        theta, unravel = ravel_pytree(p)
+        grad_l, grad_t = jax.jit(jax.grad(loss_fn)), jax.jit(jax.grad(target_fn))
+        g = np.stack([ravel_pytree(grad_l(p, (x[i], y[i]), 0))[0] for i in range(len(x))])
+        gt = np.stack([ravel_pytree(grad_t(p, (xt[j], yt[j]), 0))[0] for j in range(len(xt))])
+        if kind == "grad_dot":
+            s = g @ gt.T
+        elif kind == "grad_cos":
+            s = (g / np.linalg.norm(g, axis=1, keepdims=True)) @ (
+                gt / np.linalg.norm(gt, axis=1, keepdims=True)).T
+        else:  # influence
+            h = np.asarray(jax.hessian(lambda t: jnp.mean(jax.vmap(
+                lambda a, b: loss_fn(unravel(t), (a, b), 0))(x, y)))(theta))
+            s = g @ np.linalg.solve(h + LAMBDA * np.eye(len(theta)), gt.T)
+        out = out + s
+    return out / len(task.members)
+
+
+METHODS = {
+    "influence_explicit": lambda t: jattri.influence_explicit(t, damping=LAMBDA),
+    "influence_cg": lambda t: jattri.influence_cg(t, damping=LAMBDA, tol=1e-12, maxiter=500),
+    "grad_dot": jattri.grad_dot,
+    "grad_cos": jattri.grad_cos,
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("two_members", [False, True])
+@pytest.mark.parametrize("target", [None, lr_target])
+def test_methods_match_dense_reference(x64, name, two_members, target):
+    task, train = _tasks(2, two_members, target)
+    test = make_data(jax.random.PRNGKey(3), n=5)
+    attr = METHODS[name](task)
+    state = attr.cache(train)
+    scores = attr.attribute(state, test)
+    assert scores.shape == (40, 5)
+    kind = "influence" if name.startswith("influence") else name
+    np.testing.assert_allclose(scores, dense_reference(task, train, test, kind),
+                               rtol=1e-7, atol=1e-10)
+    # self_attribute is the diagonal of attribute(state, train).
+    np.testing.assert_allclose(attr.self_attribute(state),
+                               np.diag(np.asarray(attr.attribute(state, train))),
+                               rtol=1e-7, atol=1e-10)
+
+
+def trak_reference(task, train, test, proj_dim, damping, key):
+    """TRAK by hand: margins by loops, dense projection matrices, explicit formula."""
+    (x, y), (xt, yt) = train, test
+    margin = lambda f: (lambda p, z: -f(p, z, 0) - jnp.log(-jnp.expm1(-f(p, z, 0))))
+    acc, q = 0, 0
+    for k, m in enumerate(task.members):
+        p = m.params
+        d = ravel_pytree(p)[0].size
+        proj = jattri.func.gaussian_projection(key, d, proj_dim)
+        pm = np.asarray(proj(jnp.eye(d)))  # the dense (d, k) matrix, for reference
+        grad_l = jax.jit(jax.grad(margin(m.loss_fn)))
+        grad_t = jax.jit(jax.grad(margin(m.target_fn)))
+        phi = np.stack([ravel_pytree(grad_l(p, (x[i], y[i])))[0] for i in range(len(x))]) @ pm
+        phit = np.stack([ravel_pytree(grad_t(p, (xt[j], yt[j])))[0]
+                         for j in range(len(xt))]) @ pm
+        kern = phi.T @ phi
+        kern += damping * np.trace(kern) / proj_dim * np.eye(proj_dim)
+        acc = acc + phi @ np.linalg.inv(kern) @ phit.T
+        loss_i = jax.jit(m.loss_fn)
+        q = q + np.array([1 - np.exp(-float(loss_i(p, (x[i], y[i]), 0))) for i in range(len(x))])
+    return acc / len(task.members) * (q / len(task.members))[:, None]
+
+
+@pytest.mark.parametrize("two_members", [False, True])
+def test_trak_matches_formula(x64, two_members):
+    task, train = _tasks(4, two_members)
+    test = make_data(jax.random.PRNGKey(5), n=5)
+    key = jax.random.PRNGKey(9)
+    attr = jattri.trak(task, proj_dim=8, damping=0.05, key=key)
+    state = attr.cache(train)
+    np.testing.assert_allclose(attr.attribute(state, test),
+                               trak_reference(task, train, test, 8, 0.05, key),
+                               rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(attr.self_attribute(state),
+                               np.diag(np.asarray(attr.attribute(state, train))), rtol=1e-7)
+
+
+def test_identical_members_give_single_member_scores(x64):
+    task, train = _tasks(2)
+    test = make_data(jax.random.PRNGKey(7), n=3)
+    p = task.members[0].params
+    triple = jattri.Task(lr_loss, [p, p, p])
+    for make in list(METHODS.values()) + [lambda t: jattri.trak(t, proj_dim=6)]:
+        one, three = make(task), make(triple)
+        np.testing.assert_allclose(three.attribute(three.cache(train), test),
+                                   one.attribute(one.cache(train), test), rtol=1e-10)
+
+
+def test_methods_jit_and_state_is_pytree(x64):
+    task, train = _tasks(2)
+    test = make_data(jax.random.PRNGKey(9), n=3)
+    attr = jattri.grad_dot(task)
+    state = attr.cache(train)
+    leaves = jax.tree_util.tree_leaves(state)
+    assert all(isinstance(l, jax.Array) for l in leaves)
+    jitted = jax.jit(attr.attribute)(state, test)
+    np.testing.assert_allclose(jitted, attr.attribute(state, test), rtol=1e-6)
+
+
+def test_influence_on_nonconvex_singular_hessian_raises():
+    x, y = make_data(jax.random.PRNGKey(0))
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}  # softmax: Hessian is singular
+    attr = jattri.influence_explicit(jattri.Task(lr_loss, [params]), damping=0.0)
+    with pytest.raises(ValueError, match="damping"):
+        attr.cache((x, y))
