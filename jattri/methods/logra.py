@@ -84,6 +84,7 @@ def _projected_layer_grads(fn, params, data, key, layers, proj_dim_in, proj_dim_
     return map_examples(one, (data, _common.indices_for(data)), chunk_size)
 
 
+@jax.jit
 def _damped_fisher_solve(phi, damping):
     """``(φ (F + λI)⁻¹, F + λI)`` with F = φᵀφ / n and λ = damping · tr(F) / k."""
     n, k = phi.shape
