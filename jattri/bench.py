@@ -98,7 +98,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--cache", metavar="DIR", help="ground-truth cache directory")
     parser.add_argument("--refresh", action="store_true", help="recompute ground truth")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="run the ensemble experiment instead (jattri.benchmark.ensembles; "
+                             "its own options: python -m jattri.benchmark.ensembles --help)")
     args = parser.parse_args(argv)
+    if args.ensemble:
+        from jattri.benchmark import ensembles
+        return ensembles.main(sum((["--" + k, v] for k, v in (("setting", args.setting),
+                                  ("json", args.json), ("cache", args.cache)) if v), []))
 
     known = tuple(benchmark.digits.SETTINGS)
     settings = _split(args.setting, known, "setting") if args.setting else list(DEFAULT_SETTINGS)
