@@ -1,0 +1,95 @@
+"""Embedded benchmark machinery on a tiny configuration: training, cache, CLI."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jattri
+from jattri import bench, benchmark
+from jattri.benchmark import _cache, digits
+
+TINY = digits.DigitsConfig(model="lr", epochs=30, batch_size=None, learning_rate=0.1,
+                           weight_decay=1e-2, num_full=2, num_subsets=6, num_seeds=2,
+                           n_train=60, n_test=8)
+
+
+def test_split_is_the_fixed_one():
+    (xtr, ytr), (xte, yte) = digits.digits_split()
+    assert xtr.shape == (1000, 64) and xte.shape == (200, 64) and xtr.dtype == np.float32
+    assert 0.0 <= xtr.min() and xtr.max() <= 1.0
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    perm = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(ytr, d.target[perm[:1000]])
+    np.testing.assert_array_equal(xte, (d.data[perm[1000:1200]] / 16).astype(np.float32))
+
+
+@pytest.mark.parametrize("model", ["lr", "mlp"])
+def test_vmapped_training_equals_one_at_a_time(model):
+    cfg = dataclasses.replace(TINY, model=model, batch_size=10 if model == "mlp" else None,
+                              dropout=0.1 if model == "mlp" else 0.0, epochs=3)
+    (x, y), _ = digits.digits_split(cfg.n_train, cfg.n_test)
+    subsets = np.stack([np.arange(0, 30), np.arange(30, 60), np.arange(15, 45)])
+    seeds = np.array([0, 1, 2])
+    together = digits.train_models(cfg, x, y, subsets, seeds)
+    for k in range(3):
+        alone = digits.train_models(cfg, x, y, subsets[k:k + 1], seeds[k:k + 1])
+        for a, b in zip(jax.tree_util.tree_leaves(together), jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_allclose(a[k], b[0], rtol=2e-4, atol=2e-5)
+    # Different subsets give different models.
+    w = jax.tree_util.tree_leaves(together)[0]
+    assert not np.allclose(w[0], w[1])
+
+
+def test_cache_roundtrip_and_keys(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(3)}
+
+    a, path, hit = _cache.cached("s", {"x": 1}, compute, directory=tmp_path)
+    assert not hit and path.exists() and len(calls) == 1
+    b, path2, hit = _cache.cached("s", {"x": 1}, compute, directory=tmp_path)
+    assert hit and path2 == path and len(calls) == 1
+    np.testing.assert_array_equal(b["a"], a["a"])
+    _, path3, hit = _cache.cached("s", {"x": 2}, compute, directory=tmp_path)
+    assert not hit and path3 != path  # keyed by the settings
+    path.write_bytes(b"not an npz file")  # corrupt: recomputed with a warning
+    with pytest.warns(UserWarning, match="unreadable"):
+        c, _, hit = _cache.cached("s", {"x": 1}, compute, directory=tmp_path)
+    assert not hit and len(calls) == 3
+
+
+def test_load_tiny_setting_and_cli(tmp_path, monkeypatch):
+    monkeypatch.setitem(digits.SETTINGS, "digits_tiny", TINY)
+    b = benchmark.load("digits_tiny", cache=str(tmp_path), progress=None)
+    assert isinstance(b, benchmark.Benchmark)
+    subsets, targets = b.lds
+    assert subsets.shape == (6, 30) and targets.shape == (6, 8)
+    assert len(b.models_full) == 2 and len(b.models_half) == 6
+    # targets are utilities: minus the test loss of the half models (mean over seeds)
+    util0 = -np.mean([float(b.loss_fn(b.models_half[0], (b.test[0][j], b.test[1][j])))
+                      for j in range(8)])
+    assert abs(util0 - targets[0].mean()) < 0.5 * abs(util0)
+    # The loss follows the dropout contract: rng=None deterministic.
+    z = (b.train[0][0], b.train[1][0])
+    assert float(b.loss_fn(b.models_full[0], z)) == float(b.loss_fn(b.models_full[0], z, None))
+
+    out = tmp_path / "rows.json"
+    rc = bench.main(["--setting", "digits_tiny", "--methods", "grad_dot,influence_explicit",
+                     "--cache", str(tmp_path), "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["grad_dot", "influence_explicit"]
+    for r in rows:
+        assert -1.0 <= r["lds"] <= 1.0 and r["total_s"] > 0
+
+
+def test_unknown_setting():
+    with pytest.raises(ValueError, match="unknown benchmark setting"):
+        benchmark.load("mnist_lr_typo")
+    with pytest.raises(SystemExit, match="unknown method"):
+        bench.main(["--methods", "nope"])
