@@ -26,7 +26,6 @@ import optax
 
 from jattri import _checks
 from jattri.func.grads import map_examples
-from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.task import Task
 
@@ -83,6 +82,11 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     w0 = jnp.zeros((features.shape[1], probs.shape[1]), features.dtype)
     w, _ = jax.lax.while_loop(running, step, (w0, opt.init(w0)))
     return w, jnp.linalg.norm(jax.grad(objective)(w))
+
+
+_refit = jax.jit(lambda f, p, l2, maxiter, tol: refit_last_layer(f, p, l2, maxiter=maxiter,
+                                                                  tol=tol),
+                 static_argnums=(3,))
 
 
 def representer_values(features: jax.Array, probs: jax.Array, w: jax.Array,
@@ -198,8 +202,3 @@ def rps(task: Task, *, features_fn: Callable, logits_fn: Callable,
         return total / len(params)
 
     return Attributor(cache, attribute, self_attribute)
-
-
-_refit = jax.jit(lambda f, p, l2, maxiter, tol: refit_last_layer(f, p, l2, maxiter=maxiter,
-                                                                  tol=tol),
-                 static_argnums=(3,))
