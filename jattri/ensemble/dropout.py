@@ -147,8 +147,9 @@ def dropout_trak(task: Task, num_masks: int, key: jax.Array, *, rate: Optional[f
     Args:
       task, num_masks, key, rate, mode: as in :func:`dropout`.
       chunk_size: examples per vectorised chunk.
-      **trak_kwargs: forwarded to ``jattri.trak`` (``proj_dim``, ``damping``, projection
-        ``proj_key`` as ``key=`` is taken by the masks, so pass it as ``proj_key``).
+      **trak_kwargs: forwarded to ``jattri.trak`` (``proj_dim``, ``damping``, ...); the
+        projection key, ``key=`` there, is passed here as ``proj_key=`` (``key`` is
+        the masks').
     """
     if "prob_fn" in trak_kwargs:
         raise ValueError("`prob_fn` is not supported by dropout_trak: Q is computed from "
