@@ -1,0 +1,378 @@
+"""The influence family (jattri.func.hessian / fisher, jattri.methods.influence) against
+slow, obviously-correct float64 references: dense solves, explicit per-example
+inverses, Kronecker products built by hand."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jattri
+from jattri.func import fisher
+from jattri.func.hessian import (ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa)
+from jattri.methods.influence import (influence_arnoldi, influence_cg, influence_datainf,
+                                      influence_ekfac, influence_explicit, influence_lissa)
+from jattri.models import MLP, LogisticRegression
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _classification_data(n, d_in, classes, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(k1, (n, d_in), jnp.float64)
+    w = jax.random.normal(k2, (d_in, classes), jnp.float64)
+    y = jnp.argmax(x @ w + jax.random.gumbel(k3, (n, classes), jnp.float64), -1)
+    return x, y
+
+
+def _flax_loss(model, l2=0.0):
+    def loss_fn(p, z):
+        logits = model.apply({"params": p}, z[0][None])[0]
+        reg = 0.5 * l2 * sum(jnp.sum(a ** 2) for a in jax.tree_util.tree_leaves(p))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, z[1]) + reg
+    return loss_fn
+
+
+def _problems():
+    """(name, loss_fn(params, example), params, data, damping) with H + λI PD."""
+    out = []
+    # quadratic: least squares, H = XᵀX / n
+    x = jax.random.normal(jax.random.PRNGKey(0), (40, 6), jnp.float64)
+    y = x @ jnp.arange(6.0) + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (40,))
+    ls = lambda p, z: 0.5 * (z[0] @ p["w"] - z[1]) ** 2
+    out.append(("quadratic", ls, {"w": jnp.zeros(6)}, (x, y), 0.0))
+    # L2-regularised softmax regression (PD Hessian anywhere)
+    model = LogisticRegression(num_classes=3)
+    data = _classification_data(40, 4, 3)
+    params = _f64(model.init(jax.random.PRNGKey(2), data[0][:1])["params"])
+    out.append(("l2_logreg", _flax_loss(model, l2=1e-2), params, data, 0.0))
+    # tiny MLP; damping lifts the smallest Hessian eigenvalue to 0.05
+    model = MLP(hidden=(5,), num_classes=3)
+    data = _classification_data(40, 4, 3, seed=1)
+    loss = _flax_loss(model)
+    params = _f64(model.init(jax.random.PRNGKey(3), data[0][:1])["params"])
+    out.append(("tiny_mlp", loss, params, data, 0.5))  # μ_min(H) ≈ -0.35 here
+    return out
+
+
+PROBLEMS = None
+
+
+def problems():
+    global PROBLEMS
+    if PROBLEMS is None:
+        PROBLEMS = _problems()
+    return PROBLEMS
+
+
+def _mean_loss(loss, data):
+    return lambda p: jnp.mean(jax.vmap(loss, (None, 0))(p, data))
+
+
+def _rel(a, b):
+    a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+# ------------------------------------------------------------------ IHVP primitives
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_ihvps_match_explicit(k):
+    name, loss, params, data, damping = problems()[k]
+    f = _mean_loss(loss, data)
+    theta, unravel = ravel_pytree(params)
+    hess = np.asarray(jax.hessian(lambda t: f(unravel(t)))(theta))
+    v = jax.vmap(lambda z: jax.grad(loss)(params, z))(jax.tree_util.tree_map(lambda a: a[:5], data))
+    flat_v = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(v))
+    reference = jax.vmap(unravel)(np.linalg.solve(hess + damping * np.eye(len(theta)), flat_v.T).T)
+    exact = ihvp_explicit(f, params, v, damping=damping)
+    assert _rel(exact, reference) < 1e-8
+    assert _rel(ihvp_cg(f, params, v, damping=damping, maxiter=500, tol=1e-12), exact) < 1e-6
+    assert _rel(ihvp_arnoldi(f, params, v, rank=len(theta), damping=damping, tol=1e-12),
+                exact) < 1e-6
+    f_batch = lambda p, batch: _mean_loss(loss, batch)(p)
+    scale = 1.2 * (np.linalg.eigvalsh(hess)[-1] + damping)
+    lissa = ihvp_lissa(f_batch, params, v, data=data, key=jax.random.PRNGKey(0),
+                       damping=damping, scale=scale, depth=4000)
+    assert _rel(lissa, exact) < 1e-2, name
+    if name == "l2_logreg":  # minibatch recursion (default scale): repeats stay close
+        lissa = ihvp_lissa(f_batch, params, v, data=data, key=jax.random.PRNGKey(1),
+                           damping=damping, depth=2000, batch_size=20, repeats=8)
+        assert _rel(lissa, exact) < 0.1, name
+
+
+def test_lissa_divergence_is_an_error():
+    _, loss, params, data, _ = problems()[1]
+    f_batch = lambda p, batch: _mean_loss(loss, batch)(p)
+    v = jax.grad(loss)(params, jax.tree_util.tree_map(lambda a: a[0], data))
+    with pytest.raises(ValueError, match="diverged"):
+        ihvp_lissa(f_batch, params, v, data=data, key=jax.random.PRNGKey(0), scale=1e-3,
+                   depth=200)
+
+
+def test_singular_hessian_never_silent_nan():
+    a = jnp.diag(jnp.array([3.0, 1.0, 0.0, 0.0]))
+    f = lambda p: 0.5 * p @ a @ p
+    p0 = jnp.zeros(4)
+    in_range = jnp.array([1.0, 2.0, 0.0, 0.0])
+    out_of_range = jnp.array([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(ValueError, match="singular"):
+        ihvp_explicit(f, p0, in_range)
+    with pytest.raises(ValueError, match="non-finite"):
+        ihvp_cg(f, p0, out_of_range)
+    # Arnoldi: documented pseudo-inverse, zero eigenvalues dropped
+    got = ihvp_arnoldi(f, p0, out_of_range, rank=4)
+    np.testing.assert_allclose(got, np.linalg.pinv(np.asarray(a)) @ out_of_range, atol=1e-10)
+    # EK-FAC with a dead unit and damping 0: the zero-curvature directions get 0
+    fac = fisher.EKFACFactors({"l": fisher.EKFACLayer(jnp.eye(2), jnp.eye(2),
+                                                       jnp.array([[1.0, 0.0], [2.0, 0.0]]))},
+                              {"l": {"kernel": jnp.zeros((2, 2))}})
+    out = fisher.ekfac_ihvp(fac, {"l": {"kernel": jnp.ones((2, 2))}}, 0.0)
+    np.testing.assert_allclose(out["l"]["kernel"], [[1.0, 0.0], [0.5, 0.0]])
+
+
+def test_arnoldi_rank_clipped_with_warning():
+    _, loss, params, data, _ = problems()[0]
+    f = _mean_loss(loss, data)
+    with pytest.warns(UserWarning, match="clipped to 6"):
+        out = ihvp_arnoldi(f, params, params, rank=50)
+    assert np.all(np.isfinite(out["w"]))
+    task = jattri.Task(loss, [params])
+    with pytest.warns(UserWarning, match="clipped to 6"):
+        influence_arnoldi(task, rank=50)
+
+
+def test_arnoldi_float32_truncated_no_nan():
+    _, loss, params, data, damping = problems()[2]
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    d32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, data)
+    task = jattri.Task(loss, [p32])
+    attr = influence_arnoldi(task, rank=10, damping=0.0)
+    scores = attr.attribute(attr.cache(d32), d32)
+    assert scores.dtype == jnp.float32 and np.all(np.isfinite(scores))
+
+
+# ---------------------------------------------------------------- Fisher primitives
+
+def test_fisher_products():
+    _, loss, params, data, _ = problems()[1]
+    theta, unravel = ravel_pytree(params)
+    grads = jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0])(data)
+    dense = grads.T @ grads / grads.shape[0]
+    v = jax.random.normal(jax.random.PRNGKey(5), theta.shape, jnp.float64)
+    np.testing.assert_allclose(ravel_pytree(fisher.efvp(loss, params, data, unravel(v),
+                                                        chunk_size=7))[0], dense @ v, rtol=1e-10)
+    got = ravel_pytree(fisher.ifvp_explicit(loss, params, data, unravel(v), damping=0.1))[0]
+    np.testing.assert_allclose(got, np.linalg.solve(dense + 0.1 * np.eye(len(v)), v), rtol=1e-8)
+    # GGN of a linear model under a convex loss is its Hessian
+    x, y = data
+    model = LogisticRegression(num_classes=3)
+    out_fn = lambda p: model.apply({"params": p}, x)
+    out_loss = lambda o: optax.softmax_cross_entropy_with_integer_labels(o, y).mean()
+    hess = jax.hessian(lambda t: out_loss(out_fn(unravel(t))))(theta)
+    np.testing.assert_allclose(ravel_pytree(fisher.ggn_vp(out_fn, out_loss, params,
+                                                          unravel(v)))[0], hess @ v, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------- EK-FAC
+
+def _manual_mlp(params, x, deltas):
+    """The Flax MLP written out by hand: returns logits and each layer's input."""
+    names = sorted(params)
+    inputs, h = [], x
+    for k, name in enumerate(names):
+        inputs.append(h)
+        h = h @ params[name]["kernel"] + params[name]["bias"] + deltas[k]
+        if k < len(names) - 1:
+            h = jax.nn.relu(h)
+    return h, inputs
+
+
+def _ekfac_reference_scores(params, data, test, damping):
+    """Dense EK-FAC built by hand: per layer Q = Q_A ⊗ Q_S (eigenvectors = columns of
+    eigh), Λ* = mean_i (Qᵀ vec[kernel; bias]_i)², block-diagonal over layers."""
+    names = sorted(params)
+    widths = [params[n]["bias"].shape[0] for n in names]
+
+    def per_example(z):
+        x, y = z
+        deltas = [jnp.zeros(w) for w in widths]
+        loss = lambda ds: optax.softmax_cross_entropy_with_integer_labels(
+            _manual_mlp(params, x, ds)[0], y)
+        s = jax.grad(loss)(deltas)
+        a = [jnp.append(u, 1.0) for u in _manual_mlp(params, x, deltas)[1]]
+        return a, s
+
+    a, s = jax.vmap(per_example)(data)
+    at, st = jax.vmap(per_example)(test)
+    total = 0.0
+    for k in range(len(names)):
+        n = a[k].shape[0]
+        qa = np.linalg.eigh(np.asarray(a[k].T @ a[k] / n))[1]
+        qs = np.linalg.eigh(np.asarray(s[k].T @ s[k] / n))[1]
+        q = np.kron(qa, qs)  # row-major vec: vec(Q_Aᵀ G Q_S) = (Q_A ⊗ Q_S)ᵀ vec(G)
+        g = np.einsum("ni,no->nio", a[k], s[k]).reshape(n, -1)
+        gt = np.einsum("ni,no->nio", at[k], st[k]).reshape(len(at[k]), -1)
+        lam = np.mean((g @ q) ** 2, axis=0)
+        inv = (q / (lam + damping)) @ q.T
+        total = total + g @ inv @ gt.T
+    return total
+
+
+@pytest.mark.parametrize("hidden", [(), (6,)])
+def test_ekfac_matches_dense_reference(hidden):
+    model = MLP(hidden=hidden, num_classes=3)
+    x, y = _classification_data(30, 4, 3, seed=4)
+    params = _f64(model.init(jax.random.PRNGKey(5), x[:1])["params"])
+    task = jattri.Task(_flax_loss(model), [params])
+    attr = influence_ekfac(task, damping=1e-2)
+    state = attr.cache((x[:24], y[:24]))
+    got = attr.attribute(state, (x[24:], y[24:]))
+    want = _ekfac_reference_scores(params, (x[:24], y[:24]), (x[24:], y[24:]), 1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+    np.testing.assert_allclose(attr.self_attribute(state),
+                               np.diag(attr.attribute(state, (x[:24], y[:24]))), rtol=1e-9)
+
+
+def test_ekfac_exact_when_fisher_is_kronecker():
+    """One example: F = vec(a'sᵀ)vec(a'sᵀ)ᵀ = A ⊗ S exactly, so EK-FAC = the dense
+    empirical-Fisher IF (the Fisher's own IHVP, ``ifvp_explicit``)."""
+    model = LogisticRegression(num_classes=3)
+    x, y = _classification_data(4, 3, 3, seed=6)
+    params = _f64(model.init(jax.random.PRNGKey(7), x[:1])["params"])
+    loss = _flax_loss(model)
+    one = (x[:1], y[:1])
+    grads = jax.vmap(lambda z: jax.grad(loss)(params, z))((x, y))
+    factors = fisher.ekfac_factors(loss, params, one)
+    got = jax.vmap(lambda g: fisher.ekfac_ihvp(factors, g, 0.1))(grads)
+    want = fisher.ifvp_explicit(loss, params, one, grads, damping=0.1)
+    assert _rel(got, want) < 1e-10
+
+
+# ------------------------------------------------------------------------ DataInf
+
+def test_datainf_matches_closed_form():
+    model = MLP(hidden=(3,), num_classes=2)
+    x, y = _classification_data(12, 3, 2, seed=8)
+    params = _f64(model.init(jax.random.PRNGKey(9), x[:1])["params"])
+    loss = _flax_loss(model)
+    task = jattri.Task(loss, [params])
+    attr = influence_datainf(task, damping=0.1)
+    state = attr.cache((x[:9], y[:9]))
+    got = np.asarray(attr.attribute(state, (x[9:], y[9:])))
+    # slow reference: per layer, average of explicitly inverted rank-one matrices
+    g = lambda z: jax.grad(loss)(params, z)
+    gtr, gte = jax.vmap(g)((x[:9], y[:9])), jax.vmap(g)((x[9:], y[9:]))
+    want = 0.0
+    for name in ["fc1", "fc2"]:
+        flat = lambda t: np.concatenate([np.asarray(t[name]["bias"]).reshape(len(t[name]["bias"]), -1),
+                                         np.asarray(t[name]["kernel"]).reshape(len(t[name]["kernel"]), -1)], 1)
+        a, b = flat(gtr), flat(gte)
+        lam = 0.1 * np.mean(np.sum(a ** 2, 1)) / a.shape[1]
+        inv = np.mean([np.linalg.inv(np.outer(gi, gi) + lam * np.eye(a.shape[1])) for gi in a], 0)
+        want = want + a @ inv @ b.T
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+    with pytest.raises(ValueError, match="damping"):
+        influence_datainf(task, damping=0.0)
+
+
+# ----------------------------------------------------- methods, RelatIF, self-scores
+
+def test_methods_agree_and_self_scores_are_diagonals():
+    _, loss, params, data, damping = problems()[2]
+    task = jattri.Task(loss, [params])
+    train = jax.tree_util.tree_map(lambda a: a[:30], data)
+    test = jax.tree_util.tree_map(lambda a: a[30:], data)
+    d = ravel_pytree(params)[0].shape[0]
+    attrs = {
+        "explicit": influence_explicit(task, damping=damping),
+        "cg": influence_cg(task, damping=damping, tol=1e-12, maxiter=500),
+        "arnoldi": influence_arnoldi(task, damping=damping, rank=d, tol=1e-12),
+        "lissa": influence_lissa(task, damping=damping, depth=3000),
+    }
+    scores = {}
+    for name, attr in attrs.items():
+        state = attr.cache(train)
+        scores[name] = np.asarray(attr.attribute(state, test))
+        np.testing.assert_allclose(attr.self_attribute(state),
+                                   np.diag(attr.attribute(state, train)), rtol=1e-8, atol=1e-12)
+    ref = scores["explicit"]
+    for name, tol in [("cg", 1e-6), ("arnoldi", 1e-6), ("lissa", 1e-2)]:
+        assert np.abs(scores[name] - ref).max() / np.abs(ref).max() < tol, name
+
+
+def test_relatif_normalisers():
+    _, loss, params, data, _ = problems()[1]
+    task = jattri.Task(loss, [params])
+    train = jax.tree_util.tree_map(lambda a: a[:30], data)
+    test = jax.tree_util.tree_map(lambda a: a[30:], data)
+    f = _mean_loss(loss, train)
+    theta, unravel = ravel_pytree(params)
+    hinv = np.linalg.inv(np.asarray(jax.hessian(lambda t: f(unravel(t)))(theta)) + 1e-2 * np.eye(len(theta)))
+    gtr = np.asarray(jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0])(train))
+    gte = np.asarray(jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0])(test))
+    plain = gtr @ hinv @ gte.T
+    norm_l = np.sqrt(np.sum((gtr @ hinv) * gtr, 1))
+    norm_theta = np.linalg.norm(gtr @ hinv, axis=1)
+    for method in (influence_explicit, influence_cg):
+        for mode, norm in (("l", norm_l), ("theta", norm_theta)):
+            kw = {"tol": 1e-12, "maxiter": 500} if method is influence_cg else {}
+            attr = method(task, damping=1e-2, relatif=mode, **kw)
+            state = attr.cache(train)
+            np.testing.assert_allclose(attr.attribute(state, test), plain / norm[:, None], rtol=1e-6)
+            np.testing.assert_allclose(attr.self_attribute(state), np.diag(gtr @ hinv @ gtr.T) / norm,
+                                       rtol=1e-6)
+    with pytest.raises(ValueError, match="relatif"):
+        influence_explicit(task, relatif="x")
+
+
+# ------------------------------------------------------------------------ metrics
+
+def test_mislabel_auc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, 40).astype(float)  # many ties
+    noisy = rng.random(40) < 0.3
+    pos, neg = s[noisy], s[~noisy]
+    want = np.mean((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None]))
+    assert jattri.metrics.mislabel_auc(s, noisy) == pytest.approx(want, abs=1e-12)
+    assert jattri.metrics.mislabel_auc(noisy * 1.0, noisy) == 1.0
+    with pytest.raises(ValueError, match="both"):
+        jattri.metrics.mislabel_auc(s, np.zeros(40, bool))
+
+
+def test_brittleness_against_loop_reference():
+    """Nearest-class-mean classifier on weighted data: retraining is a weighted mean."""
+    x, y = _classification_data(30, 2, 2, seed=11)
+    xt, yt = _classification_data(4, 2, 2, seed=12)
+    onehot = jax.nn.one_hot(y, 2)
+
+    def train_fn(w):
+        mass = (w[:, None] * onehot).sum(0)
+        return (onehot * w[:, None]).T @ x / jnp.maximum(mass, 1e-12)[:, None]
+
+    predict_fn = lambda means: jnp.argmin(((xt[:, None] - means[None]) ** 2).sum(-1), 1)
+    scores = np.asarray(jax.random.normal(jax.random.PRNGKey(13), (30, 4)))
+    grid = [1, 3, 6, 12, 20]
+    got = jattri.metrics.brittleness(scores, grid, train_fn, predict_fn, batch_size=7)
+    base = np.asarray(predict_fn(train_fn(jnp.ones(30))))
+    for t in range(4):
+        want = np.inf
+        for k in grid:
+            w = np.ones(30)
+            w[np.argsort(-scores[:, t], kind="stable")[:k]] = 0
+            if np.asarray(predict_fn(train_fn(jnp.asarray(w))))[t] != base[t]:
+                want = k
+                break
+        assert got[t] == want
+    with pytest.raises(ValueError, match="k_grid"):
+        jattri.metrics.brittleness(scores, [3, 1], train_fn, predict_fn)
