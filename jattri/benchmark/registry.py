@@ -49,6 +49,20 @@ METHODS = {
         max_params=5_000, description="IF, dense Hessian"),
     "influence_cg": MethodSpec(lambda task, b: jattri.influence_cg(task, damping=_damping(b)),
                                max_params=5_000, description="IF, conjugate gradients"),
+    "influence_lissa": MethodSpec(
+        lambda task, b: jattri.influence_lissa(task, damping=_damping(b), depth=1000,
+                                               batch_size=100),
+        max_params=5_000, description="IF, LiSSA depth 1000, minibatch 100"),
+    "influence_arnoldi": MethodSpec(
+        lambda task, b: jattri.influence_arnoldi(task, damping=_damping(b), rank=100),
+        description="IF, top-100 Hessian eigenpairs by Arnoldi"),
+    "influence_ekfac": MethodSpec(lambda task, b: jattri.influence_ekfac(task, damping=1e-3),
+                                  description="IF, EK-FAC (empirical Fisher), damping 1e-3"),
+    "influence_datainf": MethodSpec(lambda task, b: jattri.influence_datainf(task),
+                                    description="IF, DataInf (relative damping 0.1)"),
+    "influence_explicit_relatif": MethodSpec(
+        lambda task, b: jattri.influence_explicit(task, damping=_damping(b), relatif="l"),
+        max_params=5_000, description="RelatIF (l), dense Hessian"),
     "grad_dot": MethodSpec(lambda task, b: jattri.grad_dot(task)),
     "grad_cos": MethodSpec(lambda task, b: jattri.grad_cos(task)),
     "trak_1": MethodSpec(lambda task, b: jattri.trak(task, proj_dim=512), num_checkpoints=1,

@@ -3,6 +3,8 @@
 from jattri.methods._common import Attributor
 from jattri.methods.gradsim import grad_cos, grad_dot
 from jattri.methods.influence import influence_cg, influence_explicit
+from jattri.methods.influence import (influence_arnoldi, influence_datainf, influence_ekfac,
+                                      influence_lissa)
 from jattri.methods.trak import trak
 from jattri.methods.tracin import tracin
 from jattri.methods.rps import rps
@@ -10,4 +12,5 @@ from jattri.methods.shapley import knn_shapley
 from jattri.methods.logra import logra
 
 __all__ = ["Attributor", "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
-           "tracin", "rps", "knn_shapley", "logra"]
+           "tracin", "rps", "knn_shapley", "logra",
+           "influence_lissa", "influence_arnoldi", "influence_ekfac", "influence_datainf"]
