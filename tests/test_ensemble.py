@@ -339,3 +339,23 @@ def test_dropout_validation():
         jattri.ensemble.dropout(custom, 2, key)
     with pytest.raises(ValueError, match="prob_fn"):
         jattri.ensemble.dropout_trak(task, 2, key, prob_fn=lambda p, z: 0.5)
+
+
+# ------------------------------------------------------------ experiment runner
+
+@pytest.mark.parametrize("method", ["trak", "grad_dot"])
+def test_runner_prefix_average_equals_ensemble_task(method):
+    """The runner scores members one at a time and averages prefixes; that must be
+    what the method gives on the K-member Task itself."""
+    from jattri.benchmark import ensembles as runner
+    params = init_mlp(jax.random.PRNGKey(0))
+    train, test = mlp_data(jax.random.PRNGKey(1), 10), mlp_data(jax.random.PRNGKey(2), 10)
+    ens = jattri.ensemble.dropout(jattri.Task(mlp_loss, [params]), 2, jax.random.PRNGKey(3))
+    pkey = jax.random.PRNGKey(5)
+    parts = [runner._member_scores(method, runner._one(m, ens.target_is_loss), train, test,
+                                   proj_dim=8, proj_key=pkey, damping=1e-3)[0]
+             for m in ens.members]
+    attr = (jattri.trak(ens, proj_dim=8, key=pkey) if method == "trak" else
+            jattri.grad_dot(ens))
+    np.testing.assert_allclose(runner._combine(method, parts),
+                               np.asarray(attr.attribute(attr.cache(train), test)), rtol=1e-9)
