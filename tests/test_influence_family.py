@@ -91,9 +91,10 @@ def test_ihvps_match_explicit(k):
     name, loss, params, data, damping = problems()[k]
     f = _mean_loss(loss, data)
     theta, unravel = ravel_pytree(params)
-    hess = np.asarray(jax.hessian(lambda t: f(unravel(t)))(theta))
-    v = jax.vmap(lambda z: jax.grad(loss)(params, z))(jax.tree_util.tree_map(lambda a: a[:5], data))
-    flat_v = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(v))
+    hess = np.asarray(jax.jit(jax.hessian(lambda t: f(unravel(t))))(theta))
+    v = jax.jit(jax.vmap(lambda z: jax.grad(loss)(params, z)))(
+        jax.tree_util.tree_map(lambda a: a[:5], data))
+    flat_v = np.asarray(jax.jit(jax.vmap(lambda g: ravel_pytree(g)[0]))(v))
     reference = jax.vmap(unravel)(np.linalg.solve(hess + damping * np.eye(len(theta)), flat_v.T).T)
     exact = ihvp_explicit(f, params, v, damping=damping)
     assert _rel(exact, reference) < 1e-8
@@ -167,7 +168,7 @@ def test_arnoldi_float32_truncated_no_nan():
 def test_fisher_products():
     _, loss, params, data, _ = problems()[1]
     theta, unravel = ravel_pytree(params)
-    grads = jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0])(data)
+    grads = jax.jit(jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0]))(data)
     dense = grads.T @ grads / grads.shape[0]
     v = jax.random.normal(jax.random.PRNGKey(5), theta.shape, jnp.float64)
     np.testing.assert_allclose(ravel_pytree(fisher.efvp(loss, params, data, unravel(v),
@@ -179,7 +180,7 @@ def test_fisher_products():
     model = LogisticRegression(num_classes=3)
     out_fn = lambda p: model.apply({"params": p}, x)
     out_loss = lambda o: optax.softmax_cross_entropy_with_integer_labels(o, y).mean()
-    hess = jax.hessian(lambda t: out_loss(out_fn(unravel(t))))(theta)
+    hess = jax.jit(jax.hessian(lambda t: out_loss(out_fn(unravel(t)))))(theta)
     np.testing.assert_allclose(ravel_pytree(fisher.ggn_vp(out_fn, out_loss, params,
                                                           unravel(v)))[0], hess @ v, rtol=1e-9)
 
@@ -213,8 +214,8 @@ def _ekfac_reference_scores(params, data, test, damping):
         a = [jnp.append(u, 1.0) for u in _manual_mlp(params, x, deltas)[1]]
         return a, s
 
-    a, s = jax.vmap(per_example)(data)
-    at, st = jax.vmap(per_example)(test)
+    a, s = jax.jit(jax.vmap(per_example))(data)
+    at, st = jax.jit(jax.vmap(per_example))(test)
     total = 0.0
     for k in range(len(names)):
         n = a[k].shape[0]
@@ -252,7 +253,7 @@ def test_ekfac_exact_when_fisher_is_kronecker():
     params = _f64(model.init(jax.random.PRNGKey(7), x[:1])["params"])
     loss = _flax_loss(model)
     one = (x[:1], y[:1])
-    grads = jax.vmap(lambda z: jax.grad(loss)(params, z))((x, y))
+    grads = jax.jit(jax.vmap(lambda z: jax.grad(loss)(params, z)))((x, y))
     factors = fisher.ekfac_factors(loss, params, one)
     got = jax.vmap(lambda g: fisher.ekfac_ihvp(factors, g, 0.1))(grads)
     want = fisher.ifvp_explicit(loss, params, one, grads, damping=0.1)
@@ -271,8 +272,8 @@ def test_datainf_matches_closed_form():
     state = attr.cache((x[:9], y[:9]))
     got = np.asarray(attr.attribute(state, (x[9:], y[9:])))
     # slow reference: per layer, average of explicitly inverted rank-one matrices
-    g = lambda z: jax.grad(loss)(params, z)
-    gtr, gte = jax.vmap(g)((x[:9], y[:9])), jax.vmap(g)((x[9:], y[9:]))
+    g = jax.jit(jax.vmap(lambda z: jax.grad(loss)(params, z)))
+    gtr, gte = g((x[:9], y[:9])), g((x[9:], y[9:]))
     want = 0.0
     for name in ["fc1", "fc2"]:
         flat = lambda t: np.concatenate([np.asarray(t[name]["bias"]).reshape(len(t[name]["bias"]), -1),
@@ -318,9 +319,10 @@ def test_relatif_normalisers():
     test = jax.tree_util.tree_map(lambda a: a[30:], data)
     f = _mean_loss(loss, train)
     theta, unravel = ravel_pytree(params)
-    hinv = np.linalg.inv(np.asarray(jax.hessian(lambda t: f(unravel(t)))(theta)) + 1e-2 * np.eye(len(theta)))
-    gtr = np.asarray(jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0])(train))
-    gte = np.asarray(jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0])(test))
+    hess = jax.jit(jax.hessian(lambda t: f(unravel(t))))(theta)
+    hinv = np.linalg.inv(np.asarray(hess) + 1e-2 * np.eye(len(theta)))
+    grads = jax.jit(jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z))[0]))
+    gtr, gte = np.asarray(grads(train)), np.asarray(grads(test))
     plain = gtr @ hinv @ gte.T
     norm_l = np.sqrt(np.sum((gtr @ hinv) * gtr, 1))
     norm_theta = np.linalg.norm(gtr @ hinv, axis=1)

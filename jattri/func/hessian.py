@@ -64,8 +64,7 @@ def damped_inverse(h: jax.Array, damping: float, *, what: str = "Hessian") -> ja
     Raises ``ValueError`` when ``H + λI`` is singular or indefinite (an eigenvalue
     ≤ 1e-12 · max|eigenvalue|), instead of returning inf/NaN: pass a larger damping.
     """
-    h = 0.5 * (h + h.T)
-    w, q = jnp.linalg.eigh(h)
+    w, q = _sym_eigh(h)
     w = w + damping
     scale = float(jnp.max(jnp.abs(w)))
     wmin = float(jnp.min(w))
@@ -75,6 +74,16 @@ def damped_inverse(h: jax.Array, damping: float, *, what: str = "Hessian") -> ja
         raise ValueError(
             f"{what} + damping*I is singular or indefinite (smallest eigenvalue "
             f"{wmin:.3g} with damping={damping}); increase `damping`")
+    return _inverse_from_eigh(w, q)
+
+
+@jax.jit
+def _sym_eigh(h):
+    return jnp.linalg.eigh(0.5 * (h + h.T))
+
+
+@jax.jit
+def _inverse_from_eigh(w, q):
     return (q / w) @ q.T
 
 
@@ -89,7 +98,7 @@ def ihvp_explicit(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.
       pytree like ``v``.
     """
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
-    inv = damped_inverse(dense_hessian(flat_f, theta), damping)
+    inv = damped_inverse(jax.jit(dense_hessian, static_argnums=0)(flat_f, theta), damping)
     out = flat_v @ inv  # inv is symmetric
     return _unflat(out, unravel, batched)
 
@@ -116,8 +125,9 @@ def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
       pytree like ``v``.
     """
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
-    matvec = lambda x: hvp(flat_f, theta, x) + damping * x
-    out = check_finite_solve(cg_solve(matvec, flat_v, maxiter=maxiter, tol=tol), "CG")
+    solve = jax.jit(lambda t, b, lam: cg_solve(lambda x: hvp(flat_f, t, x) + lam * x, b,
+                                               maxiter=maxiter, tol=tol))
+    out = check_finite_solve(solve(theta, flat_v, damping), "CG")
     return _unflat(out, unravel, batched)
 
 
@@ -390,9 +400,19 @@ def ihvp_arnoldi(f: Callable, params: PyTree, v: PyTree, *, rank: int,
     if not damping >= 0:
         raise ValueError(f"`damping` must be >= 0, got {damping}")
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
-    eigvals, eigvecs = arnoldi_eigenpairs(lambda x: hvp(flat_f, theta, x), theta.shape[0],
-                                          rank=rank, num_iters=num_iters, key=key,
-                                          dtype=theta.dtype)
-    weights = arnoldi_inverse_weights(eigvals, damping, tol)
-    out = ((flat_v @ eigvecs) * weights) @ eigvecs.T
+    import warnings
+    d = theta.shape[0]
+    if int(rank) > d:
+        warnings.warn(f"Arnoldi `rank`={rank} exceeds the number of parameters {d}; "
+                      f"clipped to {d}", stacklevel=2)
+        rank = d
+
+    @jax.jit
+    def run(theta, flat_v, key):
+        eigvals, eigvecs = arnoldi_eigenpairs(lambda x: hvp(flat_f, theta, x), d, rank=rank,
+                                              num_iters=num_iters, key=key, dtype=theta.dtype)
+        weights = arnoldi_inverse_weights(eigvals, damping, tol)
+        return ((flat_v @ eigvecs) * weights) @ eigvecs.T
+
+    out = run(theta, flat_v, jax.random.PRNGKey(0) if key is None else key)
     return _unflat(out, unravel, batched)
