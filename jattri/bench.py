@@ -101,14 +101,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ensemble", action="store_true",
                         help="run the ensemble experiment instead (jattri.benchmark.ensembles; "
                              "its own options: python -m jattri.benchmark.ensembles --help)")
+    parser.add_argument("--mislabel", nargs="?", type=float, const=0.1, metavar="FRACTION",
+                        help="mislabel detection instead of LDS: flip FRACTION (default 0.1) "
+                             "of the training labels, retrain, report each method's AUC of "
+                             "ranking the flipped examples by self-influence")
     args = parser.parse_args(argv)
+    if args.mislabel is not None:
+        from jattri.benchmark.mislabel import format_rows, run_mislabel
+        settings = _split(args.setting, tuple(benchmark.digits.SETTINGS), "setting") \
+            if args.setting else list(DEFAULT_SETTINGS)
+        methods = _split(args.methods, tuple(METHODS), "method")
+        rows = []
+        for setting in settings:
+            _log(f"{setting}: mislabel detection, {args.mislabel:.0%} flipped labels")
+            rows += run_mislabel(setting, methods, fraction=args.mislabel)
+        print(format_rows(rows))
+        print(f"\nmachine: {machine()}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "machine": machine()}, f, indent=2)
+        return 0
     if args.ensemble:
         from jattri.benchmark import ensembles
         return ensembles.main(sum((["--" + k, v] for k, v in (("setting", args.setting),
                                   ("json", args.json), ("cache", args.cache)) if v), []))
 
-    known = tuple(benchmark.digits.SETTINGS)
-    settings = _split(args.setting, known, "setting") if args.setting else list(DEFAULT_SETTINGS)
+    settings = _split(args.setting, tuple(benchmark.digits.SETTINGS), "setting") \
+        if args.setting else list(DEFAULT_SETTINGS)
     methods = _split(args.methods, tuple(METHODS), "method")
     rows = []
     t_start = time.perf_counter()
