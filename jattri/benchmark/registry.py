@@ -58,6 +58,9 @@ METHODS = {
         description="IF, top-100 Hessian eigenpairs by Arnoldi"),
     "influence_ekfac": MethodSpec(lambda task, b: jattri.influence_ekfac(task, damping=1e-3),
                                   description="IF, EK-FAC (empirical Fisher), damping 1e-3"),
+    "influence_ekfac_ggn": MethodSpec(
+        lambda task, b: jattri.influence_ekfac(task, damping=1e-3, curvature="ggn"),
+        description="IF, EK-FAC (Gauss-Newton), damping 1e-3"),
     "influence_datainf": MethodSpec(lambda task, b: jattri.influence_datainf(task),
                                     description="IF, DataInf (relative damping 0.1)"),
     "influence_explicit_relatif": MethodSpec(

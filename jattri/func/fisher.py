@@ -8,12 +8,15 @@ datasets are pytrees with a leading example axis n. g_i = ∇θ loss(z_i).
 * Gauss-Newton      G = Jᵀ ∇²ℓ J for f = ℓ ∘ out              (``ggn_vp``)
 * K-FAC             F_l ≈ A_l ⊗ S_l per Dense layer l          (``ekfac_factors(correct_eigenvalues=False)``)
 * EK-FAC            F_l ≈ (Q_A ⊗ Q_S) diag(Λ*) (Q_A ⊗ Q_S)ᵀ    (``ekfac_factors``)
+  K-FAC / EK-FAC of the Gauss-Newton instead of the empirical Fisher: ``curvature="ggn"``
 * DataInf           (F_l + λI)⁻¹ ≈ (1/n) Σ_i (g_il g_ilᵀ + λI)⁻¹ (``datainf_ihvp``)
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +26,7 @@ from jattri import _checks
 from jattri.func.grads import map_examples
 from jattri.func.hessian import damped_inverse
 from jattri.func.layers import DenseLayer, dense_layers, layer_io, layer_params
+from jattri.func.layers import _is_dense_call, _name as _module_name
 
 PyTree = Any
 
@@ -183,8 +187,47 @@ def _dense_leaf(path, layers) -> Optional[tuple]:
     return None
 
 
+CURVATURES = ("empirical", "ggn")
+
+
+def _layer_output_hessians(loss_fn: Callable, params: PyTree, example: PyTree,
+                           layers: Dict[str, DenseLayer]) -> Dict[str, tuple]:
+    """Inputs ``a: (T, d_in)`` and output Hessians ``H: (T, d_out, T, d_out)`` of every
+    Dense layer, for ONE example: H = ∂²loss/∂δ² at δ = 0, δ the zero perturbation of
+    the layer's outputs at its T positions (the handle ``layer_io`` differentiates once;
+    here forward-over-reverse, one jvp of the gradient per output coordinate)."""
+    def perturbed_loss(name, flat):
+        layer = layers[name]
+        sizes = [int(np.prod(s[:-1], dtype=np.int64)) for s, _ in layer.out_shapes]
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=0)
+        mine = [p.reshape(s) for p, (s, _) in zip(parts, layer.out_shapes)]
+        inputs: Dict[str, list] = {}
+
+        def interceptor(next_fun, call_args, kwargs, context):
+            out = next_fun(*call_args, **kwargs)
+            if _is_dense_call(context) and _module_name(context.module) == name:
+                seen = inputs.setdefault(name, [])
+                if len(seen) < len(mine):
+                    out = out + mine[len(seen)]
+                seen.append(call_args[0])
+            return out
+
+        with nn.intercept_methods(interceptor):
+            loss = loss_fn(params, example)
+        return loss, inputs[name]
+
+    out = {}
+    for name, layer in layers.items():
+        flat0 = jnp.zeros((layer.positions, layer.d_out), layer.out_shapes[0][1])
+        grad = jax.grad(partial(perturbed_loss, name), has_aux=True)
+        hess, inputs = jax.jacfwd(grad, has_aux=True)(flat0)
+        a = jnp.concatenate([x.reshape(-1, layer.d_in) for x in inputs], axis=0)
+        out[name] = (a, hess)
+    return out
+
+
 def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
-                  correct_eigenvalues: bool = True,
+                  correct_eigenvalues: bool = True, curvature: str = "empirical",
                   chunk_size: Optional[int] = None) -> EKFACFactors:
     """K-FAC / EK-FAC factors of every Dense layer, from layer inputs and output
     gradients captured without hooks (``jattri.func.layers``).
@@ -202,12 +245,39 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
     eigenbasis: Λ*_{jk} = E_i[(Q_Aᵀ G_i Q_S)_{jk}²]. Parameters outside Dense layers
     get the diagonal empirical Fisher.
 
+    ``curvature="ggn"`` replaces the observed-label outer products s sᵀ by the loss's
+    own curvature at the layer output; for softmax cross-entropy and squared error this
+    is the "true Fisher" (Kronfluence's default, which samples labels from the model)
+    in closed form, without sampling. Per example, let H_i = ∂²loss/∂δ²
+    ``(T, d_out, T, d_out)``, δ the zero perturbation of the layer outputs; the
+    per-example Hessian of the layer's [kernel; bias] is then exactly
+    Σ_{t,t'} a'_t a'_t'ᵀ ⊗ H_i[t, t'] (the layer is linear in its weights and its inputs
+    do not depend on them, barring weight sharing that feeds a layer its own output), and
+
+        S = E_i[Σ_t H_i[t, t]],   Λ*_{jk} = E_i[Σ_{t,t'} (q_Aʲᵀa'_t)(q_Aʲᵀa'_t') q_Sᵏᵀ H_i[t, t'] q_Sᵏ]
+
+    i.e. Λ* is the diagonal of the exact per-layer Hessian block in the Kronecker
+    eigenbasis (T = 1: E_i[(q_Aʲᵀa')² q_Sᵏᵀ H_i q_Sᵏ]). For the last layer H_i is the
+    output Hessian of the loss (softmax cross-entropy: diag(p) − ppᵀ), so this is the
+    Gauss-Newton block; for hidden layers of piecewise-linear (ReLU) networks it is the
+    GGN block too (the activations' second derivatives vanish a.e.). With smooth
+    activations H_i also carries the activations' second-order terms and may be
+    indefinite: negative eigenvalues of S and negative Λ* are clamped at 0. Costs d_out
+    forward-over-reverse passes per layer and example (the empirical Fisher: one
+    backward pass in all) and (T·d_out)² memory per example and layer: fine for MLPs,
+    prohibitive for wide layers over long sequences (an LM head over T tokens).
+
     Args:
       loss_fn: per-example loss calling Flax ``nn.Dense`` layers via ``Module.apply``
-        with ``{"params": params}``. data: n examples. chunk_size: examples per chunk.
+        with ``{"params": params}``. data: n examples. correct_eigenvalues: EK-FAC
+        (True) or K-FAC (False). curvature: ``"empirical"`` (E[s sᵀ] of the observed
+        loss gradients) or ``"ggn"`` (E[∂²loss/∂δ²], above). chunk_size: examples per chunk.
     Returns:
-      ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no Dense layer.
+      ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no Dense layer or
+      ``curvature`` is unknown.
     """
+    if curvature not in CURVATURES:
+        raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
     example = _checks.first_example(data)
     layers = dense_layers(loss_fn, params, example)
     if not layers:
@@ -215,20 +285,37 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
                          "Dense layers applied through Module.apply")
     for layer in layers.values():
         _layer_grad(layer, layer_params(params, layer.name))  # layout check
-    io = lambda z: layer_io(loss_fn, params, z, layers=layers)
+    if curvature == "ggn":
+        io = lambda z: _layer_output_hessians(loss_fn, params, z, layers)
+        # Σ_t H[t, t]: the output-side factor, the curvature analogue of Σ_t s_t s_tᵀ.
+        output_moment = lambda h: jnp.einsum("tatb->ab", h)
+    else:
+        io = lambda z: layer_io(loss_fn, params, z, layers=layers)
+        output_moment = lambda s: s.T @ s
 
     def moments(z):
         out = {}
         for name, (a, s) in io(z).items():
             a = _augment(a, layers[name].use_bias)
-            out[name] = (a.T @ a / a.shape[0], s.T @ s)
+            out[name] = (a.T @ a / a.shape[0], output_moment(s))
         return out
 
     second = chunked_mean(moments, data, chunk_size)
     eig = {name: (jnp.linalg.eigh(a), jnp.linalg.eigh(s)) for name, (a, s) in second.items()}
     qa = {name: e[0][1] for name, e in eig.items()}  # eigenvectors are the COLUMNS
     qs = {name: e[1][1] for name, e in eig.items()}
-    if correct_eigenvalues:
+    if correct_eigenvalues and curvature == "ggn":
+        def rotated_curvature(z):
+            out = {}
+            for name, (a, h) in io(z).items():
+                u = _augment(a, layers[name].use_bias) @ qa[name]  # (T, d_in + b)
+                hq = jnp.einsum("tauc,ak,ck->tuk", h, qs[name], qs[name])  # (T, T, d_out)
+                out[name] = jnp.einsum("tj,uj,tuk->jk", u, u, hq)
+            return out
+        # A smooth activation can make H indefinite; Λ* < 0 would flip the inverse.
+        eigvals = jax.tree_util.tree_map(
+            lambda x: jnp.maximum(x, 0), chunked_mean(rotated_curvature, data, chunk_size))
+    elif correct_eigenvalues:
         def rotated_sq(z):
             out = {}
             for name, (a, s) in io(z).items():

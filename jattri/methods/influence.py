@@ -356,7 +356,7 @@ def _pytree_loss(member):
 
 
 def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: bool = True,
-                    chunk_size: Optional[int] = None,
+                    curvature: str = "empirical", chunk_size: Optional[int] = None,
                     relatif: Optional[str] = None) -> Attributor:
     """Influence with the EK-FAC approximation of the curvature (George et al., 2018;
     Grosse et al., 2023, "Studying Large Language Model Generalization with Influence
@@ -367,7 +367,11 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
     trailing 1 for the bias) and S = E[s sᵀ] (output gradients of the training loss),
     with eigenvalues corrected to the second moment of the per-example layer gradients
     in that basis (``jattri.func.fisher.ekfac_factors``); ``correct_eigenvalues=False``
-    gives K-FAC. Parameters outside Dense layers get the diagonal empirical Fisher.
+    gives K-FAC. ``curvature="ggn"`` builds the factors from the loss's Hessian at each
+    layer output instead of the observed gradients' outer products (the Gauss-Newton
+    blocks for ReLU networks; closer to the Hessian than the empirical Fisher, see
+    ``ekfac_factors``; it costs d_out backward passes per layer and example instead of
+    one). Parameters outside Dense layers get the diagonal empirical Fisher.
     Curvature that does not flow through layer outputs (an L2 term inside the loss)
     is not seen: fold it into ``damping``. ``cache`` computes the factors once over the
     whole training set and applies the inverse to every training gradient.
@@ -376,15 +380,18 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
       task: the Task (its loss must call ``nn.Dense`` through ``Module.apply`` with
         ``{"params": params}``). damping: λ ≥ 0 (directions with zero curvature and
         λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or K-FAC.
+      curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"`` (Gauss-Newton).
       chunk_size: examples per vectorised chunk. relatif: ``None``, ``"l"``, ``"theta"``.
     """
     _check_damping(damping)
+    if curvature not in fisher.CURVATURES:
+        raise ValueError(f"`curvature` must be one of {fisher.CURVATURES}, got {curvature!r}")
 
     def train_side(k, m, train, g):
         member = task.members[k]
         data = (train, _common.indices_for(train))
         factors = _ekfac_factors_jit(_pytree_loss(member), member.params, data,
-                                     correct_eigenvalues, chunk_size)
+                                     correct_eigenvalues, curvature, chunk_size)
         apply = jax.jit(lambda fac, x: ravel_pytree(
             fisher.ekfac_ihvp(fac, m.unravel(x), damping))[0])
         h = map_examples(lambda x: apply(factors, x), g, chunk_size)
@@ -394,9 +401,10 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
 
 
 _ekfac_factors_jit = jax.jit(
-    lambda loss, params, data, correct, chunk: fisher.ekfac_factors(
-        loss, params, data, correct_eigenvalues=correct, chunk_size=chunk),
-    static_argnums=(0, 3, 4))
+    lambda loss, params, data, correct, curvature, chunk: fisher.ekfac_factors(
+        loss, params, data, correct_eigenvalues=correct, curvature=curvature,
+        chunk_size=chunk),
+    static_argnums=(0, 3, 4, 5))
 
 
 def influence_datainf(task: Task, *, damping: float = 0.1,

@@ -1,0 +1,268 @@
+"""EK-FAC / K-FAC with the Gauss-Newton curvature (``curvature="ggn"``) against dense
+float64 references: the Kronecker eigenbasis built by hand with eigenvalues read off
+the exact Hessian block, and exact (dense-Hessian) influence."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jattri
+from jattri.func import fisher
+from jattri.methods.influence import influence_ekfac, influence_explicit
+from jattri.models import MLP, LogisticRegression
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _classification_data(n, d_in, classes, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(k1, (n, d_in), jnp.float64)
+    w = jax.random.normal(k2, (d_in, classes), jnp.float64)
+    y = jnp.argmax(x @ w + jax.random.gumbel(k3, (n, classes), jnp.float64), -1)
+    return x, y
+
+
+def _ce_loss(model):
+    def loss_fn(p, z):
+        logits = model.apply({"params": p}, z[0][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, z[1])
+    return loss_fn
+
+
+def _train(loss_fn, params, data, steps=300, lr=0.05, l2=1e-3):
+    """Full-batch Adam on the mean loss (+ a small L2 so the optimum is finite)."""
+    def total(p):
+        reg = 0.5 * l2 * sum(jnp.sum(a ** 2) for a in jax.tree_util.tree_leaves(p))
+        return jnp.mean(jax.vmap(lambda z: loss_fn(p, z))(data)) + reg
+
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def run(p):
+        def step(c, _):
+            p, s = c
+            u, s = opt.update(jax.grad(total)(p), s)
+            return (optax.apply_updates(p, u), s), None
+        return jax.lax.scan(step, (p, opt.init(p)), None, length=steps)[0][0]
+
+    return run(params)
+
+
+def _mlp_forward(names):
+    """The Flax MLP written out by hand: (logits, each layer's input) with the zero
+    perturbations ``deltas[k]`` added to layer k's output."""
+    def forward(p, x, deltas):
+        inputs, h = [], x
+        for k, name in enumerate(names):
+            inputs.append(h)
+            h = h @ p[name]["kernel"] + p[name]["bias"] + deltas[k]
+            if k < len(names) - 1:
+                h = jax.nn.relu(h)
+        return h, inputs
+    return forward
+
+
+def _dense_ggn_ekfac_scores(forward, out_shapes, params, train, test, damping):
+    """GGN-EK-FAC built by hand, block-diagonal over the Dense layers ``sorted(params)``
+    (``forward(params, x, deltas) -> (logits, inputs)`` written out by hand, layer k
+    called at T_k positions, ``out_shapes[k] = (T_k, d_out)``), each layer's
+    parameters laid out as vec([kernel; bias]) row-major:
+
+      A = mean_i (1/T) Σ_t ã_it ã_itᵀ,  S = mean_i Σ_t ∂²loss_i/∂y_t²,  Q = Q_A ⊗ Q_S
+      (columns of eigh),  Λ = diag(Qᵀ H_l Q) with H_l the layer's block of the exact
+      mean-loss Hessian (= mean_i Σ_tt' ã_it ã_it'ᵀ ⊗ ∂²loss_i/∂y_t∂y_t', the layer
+      being linear in its weights).
+
+    Output Hessians by ``jax.hessian`` on the perturbations, the Hessian block by
+    ``jax.hessian`` on the parameters: no code shared with jattri.
+    """
+    names = sorted(params)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    loss_fn = lambda p, z: ce(forward(p, z[0], zeros)[0], z[1])
+    zeros = [jnp.zeros(shape) for shape in out_shapes]
+
+    def per_example(z):
+        x, y = z
+        inputs = forward(params, x, zeros)[1]
+        a = [jnp.concatenate([u.reshape(-1, u.shape[-1]), jnp.ones((u.size // u.shape[-1], 1))],
+                             1) for u in inputs]
+        h = jax.hessian(lambda ds: ce(forward(params, x, ds)[0], y))(zeros)
+        return ([u.T @ u / u.shape[0] for u in a],
+                [jnp.einsum("tatb->ab", h[k][k].reshape(2 * (int(np.prod(shape[:-1])), shape[-1])))
+                 for k, shape in enumerate(out_shapes)])
+
+    a_mom, s_mom = jax.jit(jax.vmap(per_example))(train)
+
+    def layer_grads(z):
+        g = jax.grad(loss_fn)(params, z)
+        return [jnp.concatenate([g[n]["kernel"], g[n]["bias"][None]]).ravel() for n in names]
+
+    def block_loss(k, w):
+        name = names[k]
+        w = w.reshape(params[name]["kernel"].shape[0] + 1, -1)
+        p = dict(params, **{name: {"kernel": w[:-1], "bias": w[-1]}})
+        return jnp.mean(jax.vmap(lambda z: loss_fn(p, z))(train))
+
+    g_train = jax.jit(jax.vmap(layer_grads))(train)
+    g_test = jax.jit(jax.vmap(layer_grads))(test)
+    total = 0.0
+    for k, name in enumerate(names):
+        qa = np.linalg.eigh(np.asarray(jnp.mean(a_mom[k], 0)))[1]
+        qs = np.linalg.eigh(np.asarray(jnp.mean(s_mom[k], 0)))[1]
+        q = np.kron(qa, qs)
+        w0 = jnp.concatenate([params[name]["kernel"], params[name]["bias"][None]]).ravel()
+        hess = np.asarray(jax.jit(jax.hessian(lambda w: block_loss(k, w)))(w0))
+        lam = np.maximum(np.einsum("pi,pq,qi->i", q, hess, q), 0)
+        inv = (q / (lam + damping)) @ q.T
+        total = total + np.asarray(g_train[k]) @ inv @ np.asarray(g_test[k]).T
+    return total
+
+
+def _corr(a, b):
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+# --------------------------------------------------------------- exact references
+
+@pytest.mark.parametrize("hidden", [(), (5,)])
+def test_ggn_ekfac_matches_dense_reference(hidden):
+    model = MLP(hidden=hidden, num_classes=3)
+    x, y = _classification_data(30, 4, 3, seed=1)
+    params = _f64(model.init(jax.random.PRNGKey(2), x[:1])["params"])
+    loss = _ce_loss(model)
+    task = jattri.Task(loss, [params])
+    attr = influence_ekfac(task, damping=1e-2, curvature="ggn")
+    train, test = (x[:24], y[:24]), (x[24:], y[24:])
+    state = attr.cache(train)
+    got = np.asarray(attr.attribute(state, test))
+    names = sorted(params)
+    shapes = [(params[n]["bias"].shape[0],) for n in names]
+    want = _dense_ggn_ekfac_scores(_mlp_forward(names), shapes, params, train, test, 1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+    np.testing.assert_allclose(attr.self_attribute(state),
+                               np.diag(attr.attribute(state, train)), rtol=1e-9)
+
+
+class _TokenMLP(nn.Module):
+    """fc1 applied at every one of T positions, then mean-pooled into fc2."""
+
+    @nn.compact
+    def __call__(self, x):  # (T, d)
+        h = nn.relu(nn.Dense(5, name="fc1")(x))
+        return nn.Dense(3, name="fc2")(h.mean(0))
+
+
+def _token_mlp_forward(p, x, deltas):
+    h = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"] + deltas[0])
+    u = h.mean(0)
+    return u @ p["fc2"]["kernel"] + p["fc2"]["bias"] + deltas[1], [x, u]
+
+
+def test_ggn_ekfac_multi_position_layer_matches_dense_reference():
+    """A layer applied at T = 4 positions: the cross-position terms H[t, t'] enter Λ."""
+    model = _TokenMLP()
+    k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+    x = jax.random.normal(k1, (26, 4, 3), jnp.float64)
+    y = jax.random.randint(k2, (26,), 0, 3)
+    params = _f64(model.init(jax.random.PRNGKey(8), x[0])["params"])
+    loss = lambda p, z: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, z[0]), z[1])
+    task = jattri.Task(loss, [params])
+    attr = influence_ekfac(task, damping=1e-2, curvature="ggn")
+    train, test = (x[:20], y[:20]), (x[20:], y[20:])
+    got = np.asarray(attr.attribute(attr.cache(train), test))
+    want = _dense_ggn_ekfac_scores(_token_mlp_forward, [(4, 5), (3,)], params, train, test,
+                                   1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+
+
+def test_ggn_differs_from_empirical():
+    """The option is not a no-op: softmax S = E[diag(p) − ppᵀ] ≠ E[s sᵀ] off the optimum."""
+    model = LogisticRegression(num_classes=3)
+    x, y = _classification_data(20, 3, 3, seed=3)
+    params = _f64(model.init(jax.random.PRNGKey(4), x[:1])["params"])
+    loss = _ce_loss(model)
+    emp = fisher.ekfac_factors(loss, params, (x, y))
+    ggn = fisher.ekfac_factors(loss, params, (x, y), curvature="ggn")
+    e, g = [np.concatenate([np.ravel(f.eigvals) for f in fac.layers.values()])
+            for fac in (emp, ggn)]
+    assert np.abs(e - g).max() > 1e-3 * np.abs(g).max()
+
+
+def test_linear_mse_ggn_ekfac_is_exact_influence():
+    """y = W x + b with 0.5‖y − t‖²: ∂²loss/∂y² = I, so the Hessian is E[ããᵀ] ⊗ I, a
+    Kronecker product; GGN-EK-FAC and GGN-K-FAC both equal exact influence."""
+    model = LogisticRegression(num_classes=2)  # one Dense, used here as a linear map
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(k1, (30, 4), jnp.float64) + 0.5
+    t = x @ jax.random.normal(k2, (4, 2), jnp.float64) + 0.3 * jax.random.normal(k3, (30, 2))
+    params = _f64(model.init(jax.random.PRNGKey(6), x[:1])["params"])
+    loss = lambda p, z: 0.5 * jnp.sum((model.apply({"params": p}, z[0]) - z[1]) ** 2)
+    task = jattri.Task(loss, [params])
+    train, test = (x[:24], t[:24]), (x[24:], t[24:])
+    exact = influence_explicit(task, damping=1e-3)
+    want = np.asarray(exact.attribute(exact.cache(train), test))
+    for correct in (True, False):
+        attr = influence_ekfac(task, damping=1e-3, curvature="ggn", correct_eigenvalues=correct)
+        got = np.asarray(attr.attribute(attr.cache(train), test))
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+    # the empirical Fisher is not this Kronecker product: EK-FAC-empirical is not exact
+    emp = influence_ekfac(task, damping=1e-3)
+    assert not np.allclose(emp.attribute(emp.cache(train), test), want, rtol=1e-3)
+
+
+# ---------------------------------------------- agreement with exact influence
+
+def _agreement(model, n_train, seed, damping):
+    x, y = _classification_data(n_train + 20, 6, 4, seed=seed)
+    params = _f64(model.init(jax.random.PRNGKey(seed + 1), x[:1])["params"])
+    loss = _ce_loss(model)
+    train, test = (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+    params = _train(loss, params, train)
+    task = jattri.Task(loss, [params])
+    exact = influence_explicit(task, damping=damping)
+    want = exact.attribute(exact.cache(train), test)
+    out = {}
+    for curvature in ("empirical", "ggn"):
+        attr = influence_ekfac(task, damping=damping, curvature=curvature)
+        out[curvature] = _corr(attr.attribute(attr.cache(train), test), want)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_layer_softmax_ggn_closer_to_exact(seed):
+    corr = _agreement(LogisticRegression(num_classes=4), 80, seed, 1e-2)
+    print(f"one-layer softmax, seed {seed}: corr with exact IF: {corr}")
+    # Measured (pooled Pearson): seed 0 ggn 0.915 vs empirical 0.908; seed 1 0.899 vs
+    # 0.873. Not 0.99: Σ_i ã_i ã_iᵀ ⊗ P_i is not a Kronecker product, and EK-FAC keeps
+    # only its diagonal in the Kronecker eigenbasis.
+    assert corr["ggn"] > corr["empirical"]
+    assert corr["ggn"] > 0.85
+
+
+def test_two_layer_relu_mlp_agreement():
+    corr = _agreement(MLP(hidden=(8,), num_classes=4), 80, 2, 1e-2)
+    print(f"2-layer ReLU MLP: corr with exact IF: {corr}")
+    # Measured: ggn 0.55, empirical 0.50 (seeds 0-3: ggn 0.39-0.63, empirical
+    # 0.41-0.55): the exact Hessian of a trained MLP has negative directions that no
+    # PSD block-diagonal curvature sees, so neither is close to 0.9 here; only assert
+    # the scores carry signal.
+    assert corr["ggn"] > 0.3
+
+
+def test_curvature_is_validated():
+    model = LogisticRegression(num_classes=2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))["params"]
+    task = jattri.Task(_ce_loss(model), [params])
+    with pytest.raises(ValueError, match="curvature"):
+        influence_ekfac(task, curvature="fisher")
