@@ -236,7 +236,7 @@ def test_ekfac_matches_dense_reference(hidden):
     x, y = _classification_data(30, 4, 3, seed=4)
     params = _f64(model.init(jax.random.PRNGKey(5), x[:1])["params"])
     task = jattri.Task(_flax_loss(model), [params])
-    attr = influence_ekfac(task, damping=1e-2)
+    attr = influence_ekfac(task, damping=1e-2, curvature="empirical")
     state = attr.cache((x[:24], y[:24]))
     got = attr.attribute(state, (x[24:], y[24:]))
     want = _ekfac_reference_scores(params, (x[:24], y[:24]), (x[24:], y[24:]), 1e-2)
@@ -254,7 +254,7 @@ def test_ekfac_exact_when_fisher_is_kronecker():
     loss = _flax_loss(model)
     one = (x[:1], y[:1])
     grads = jax.jit(jax.vmap(lambda z: jax.grad(loss)(params, z)))((x, y))
-    factors = fisher.ekfac_factors(loss, params, one)
+    factors = fisher.ekfac_factors(loss, params, one, curvature="empirical")
     got = jax.vmap(lambda g: fisher.ekfac_ihvp(factors, g, 0.1))(grads)
     want = fisher.ifvp_explicit(loss, params, one, grads, damping=0.1)
     assert _rel(got, want) < 1e-10
