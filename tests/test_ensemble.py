@@ -13,10 +13,8 @@ from jattri.methods import _common
 from jattri.models import MLP as MLPModule
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _mask(rng, shape, rate):

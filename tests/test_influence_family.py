@@ -18,21 +18,12 @@ from jattri.methods.influence import (influence_arnoldi, influence_cg, influence
 from jattri.models import MLP, LogisticRegression
 
 
-@pytest.fixture(scope="module", autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
-def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
-
-
-def _classification_data(n, d_in, classes, seed=0):
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    x = jax.random.normal(k1, (n, d_in), jnp.float64)
-    w = jax.random.normal(k2, (d_in, classes), jnp.float64)
-    y = jnp.argmax(x @ w + jax.random.gumbel(k3, (n, classes), jnp.float64), -1)
-    return x, y
+from _toy import classification_data as _classification_data  # noqa: E402
+from _toy import f64 as _f64  # noqa: E402
 
 
 def _flax_loss(model, l2=0.0):

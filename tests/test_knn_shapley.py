@@ -11,10 +11,8 @@ import jattri
 from jattri.methods.shapley import knn_utility
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def data(seed, n, classes=2, dim=2):

@@ -10,9 +10,8 @@ from jattri.func.layers import dense_layers, layer_io, layer_params
 from jattri.models import MLP
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _mlp_setup():

@@ -11,10 +11,8 @@ import jattri
 from jattri.func.projection import random_projection
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 class Net(nn.Module):

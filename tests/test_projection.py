@@ -12,10 +12,8 @@ from jattri.func import projection as P
 KINDS = ("gaussian", "rademacher", "sjlt")
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def dense_matrix(kind, key, d, k, chunk_size=None):

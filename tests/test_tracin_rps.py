@@ -10,10 +10,8 @@ from jax.flatten_util import ravel_pytree
 import jattri
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
+# float64 throughout (the conftest fixture restores the setting afterwards)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def init_params(key, d_in=4, hidden=5, classes=3):
