@@ -324,6 +324,28 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     return basis[:num_iters], hess[:num_iters]
 
 
+def arnoldi_sizes(rank: int, num_iters: Optional[int], dim: int, *, who: str,
+                  stacklevel: int = 2) -> tuple:
+    """Validate ``(rank, num_iters)`` for a ``dim``-dimensional Arnoldi run.
+
+    ``rank > dim`` is clipped to ``dim`` with a ``warnings.warn``; ``num_iters``
+    defaults to ``max(2·rank, rank + 20)`` and is clipped to ``dim``.
+    """
+    import warnings
+    rank = int(rank)
+    if rank < 1:
+        raise ValueError(f"`rank` must be >= 1, got {rank}")
+    if rank > dim:
+        warnings.warn(f"{who}: `rank`={rank} exceeds the number of parameters {dim}; "
+                      f"clipped to {dim}", stacklevel=stacklevel + 1)
+        rank = dim
+    iters = max(2 * rank, rank + 20) if num_iters is None else int(num_iters)
+    iters = min(iters, dim)
+    if iters < rank:
+        raise ValueError(f"`num_iters`={iters} must be >= `rank`={rank}")
+    return rank, iters
+
+
 def arnoldi_eigenpairs(matvec: Callable, dim: int, *, rank: int, num_iters: Optional[int] = None,
                        key: Optional[jax.Array] = None, dtype=jnp.float32):
     """Top-``rank`` eigenpairs of a symmetric operator by Arnoldi (Schioppa et al., 2022,
@@ -343,19 +365,8 @@ def arnoldi_eigenpairs(matvec: Callable, dim: int, *, rank: int, num_iters: Opti
       ``(eigvals (rank,), eigvecs (dim, rank))``, eigenvalues in decreasing order,
       eigenvectors as orthonormal COLUMNS.
     """
-    import warnings
-    dim, rank = int(dim), int(rank)
-    if rank < 1:
-        raise ValueError(f"`rank` must be >= 1, got {rank}")
-    if rank > dim:
-        warnings.warn(f"Arnoldi `rank`={rank} exceeds the number of parameters {dim}; "
-                      f"clipped to {dim}", stacklevel=2)
-        rank = dim
-    if num_iters is None:
-        num_iters = max(2 * rank, rank + 20)
-    num_iters = min(int(num_iters), dim)
-    if num_iters < rank:
-        raise ValueError(f"`num_iters`={num_iters} must be >= `rank`={rank}")
+    dim = int(dim)
+    rank, num_iters = arnoldi_sizes(rank, num_iters, dim, who="Arnoldi", stacklevel=3)
     key = jax.random.PRNGKey(0) if key is None else key
     basis, proj = _arnoldi_iterations(matvec, dim, num_iters, key, dtype)
     proj = 0.5 * (proj + proj.T)  # A is symmetric; T is tridiagonal up to round-off

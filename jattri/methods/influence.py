@@ -17,7 +17,6 @@ member average). A zero normaliser leaves the (then zero) score unchanged.
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
@@ -28,7 +27,8 @@ from jax.flatten_util import ravel_pytree
 
 from jattri.func import fisher
 from jattri.func.grads import map_examples
-from jattri.func.hessian import (arnoldi_eigenpairs, arnoldi_inverse_weights, cg_solve,
+from jattri.func.hessian import (arnoldi_eigenpairs, arnoldi_inverse_weights, arnoldi_sizes,
+                                 cg_solve,
                                  check_finite_solve, damped_inverse, hvp, lissa_flat)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -326,17 +326,7 @@ def influence_arnoldi(task: Task, *, rank: int = 100, num_iters: Optional[int] =
     """
     _check_damping(damping)
     d = _flat_members(task)[0].theta.shape[0]
-    rank = int(rank)
-    if rank < 1:
-        raise ValueError(f"`rank` must be >= 1, got {rank}")
-    if rank > d:
-        warnings.warn(f"influence_arnoldi: `rank`={rank} exceeds the number of parameters "
-                      f"{d}; clipped to {d}", stacklevel=2)
-        rank = d
-    iters = max(2 * rank, rank + 20) if num_iters is None else int(num_iters)
-    iters = min(iters, d)
-    if iters < rank:
-        raise ValueError(f"`num_iters`={iters} must be >= `rank`={rank}")
+    rank, iters = arnoldi_sizes(rank, num_iters, d, who="influence_arnoldi", stacklevel=2)
     key = jax.random.PRNGKey(0) if key is None else key
 
     def train_side(k, m, train, g):
