@@ -85,3 +85,19 @@ def test_non_flax_loss_has_no_layers():
     params = {"w": jnp.ones(3)}
     assert dense_layers(loss_fn, params, jnp.ones(3)) == {}
     assert layer_io(loss_fn, params, jnp.ones(3)) == {}
+
+
+def test_bare_dense_model():
+    """A bare nn.Dense applied as the whole model has the empty path."""
+    import flax.linen as nn
+    from jattri.func.layers import dense_layers, layer_io, layer_params
+    model = nn.Dense(3)
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
+    loss = lambda p, z: jnp.sum(model.apply({"params": p}, z[None]) ** 2)
+    z = jnp.arange(4.0)
+    layers = dense_layers(loss, params, z)
+    assert list(layers) == [""]
+    a, s = layer_io(loss, params, z, layers=layers)[""]
+    g = jax.grad(loss)(params, z)
+    np.testing.assert_allclose(layer_params(g, "")["kernel"], a.T @ s, rtol=1e-6)
+    np.testing.assert_allclose(layer_params(g, "")["bias"], s.sum(0), rtol=1e-6)

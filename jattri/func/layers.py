@@ -139,10 +139,12 @@ def layer_io(loss_fn: Callable, params: PyTree, example: PyTree, *args,
 def layer_params(params: PyTree, name: str) -> PyTree:
     """The params sub-tree of layer ``name`` (``"encoder/fc1"`` -> ``params["encoder"]["fc1"]``).
 
-    Raises ``KeyError`` naming the layer when ``params`` is not laid out by module path.
+    The empty name ``""`` (a bare ``nn.Dense`` applied as the whole model) is ``params``
+    itself. Raises ``KeyError`` naming the layer when ``params`` is not laid out by
+    module path.
     """
     node = params
-    for key in name.split("/"):
+    for key in [k for k in name.split("/") if k]:
         try:
             node = node[key]
         except (KeyError, TypeError, IndexError) as err:
