@@ -17,7 +17,6 @@ member average). A zero normaliser leaves the (then zero) score unchanged.
 """
 from __future__ import annotations
 
-import weakref
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -64,23 +63,6 @@ class CGInfluenceState(NamedTuple):
 
     train: PyTree
     train_grads: jax.Array
-
-
-_FLAT_MEMBERS = weakref.WeakKeyDictionary()
-
-
-def _flat_members(task: Task) -> tuple:
-    """``_common.flat_members``, memoised per Task: every method built on the same Task
-    then shares the same member functions, so jitted stages compile once."""
-    try:
-        return _FLAT_MEMBERS[task]
-    except (KeyError, TypeError):
-        members = _common.flat_members(task)
-        try:
-            _FLAT_MEMBERS[task] = members
-        except TypeError:
-            pass
-        return members
 
 
 def _mean_loss_fn(loss, data, chunk_size):
@@ -142,7 +124,7 @@ def _influence(task: Task, train_side: Callable, *, chunk_size: Optional[int],
     train-side inverse products in those coordinates, and the basis (or ``None``).
     """
     _check_relatif(relatif)
-    members = _flat_members(task)
+    members = _common.flat_members(task)
 
     def cache(train: PyTree) -> InfluenceState:
         _common.check_train(task, train)
@@ -232,7 +214,7 @@ def influence_cg(task: Task, *, damping: float = 1e-3, maxiter: int = 100, tol: 
                                damping), None
         return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
 
-    members = _flat_members(task)
+    members = _common.flat_members(task)
 
     def cache(train: PyTree) -> CGInfluenceState:
         _common.check_train(task, train)
@@ -325,7 +307,7 @@ def influence_arnoldi(task: Task, *, rank: int = 100, num_iters: Optional[int] =
       chunk_size: examples per vectorised chunk. relatif: ``None``, ``"l"``, ``"theta"``.
     """
     _check_damping(damping)
-    d = _flat_members(task)[0].theta.shape[0]
+    d = _common.flat_members(task)[0].theta.shape[0]
     rank, iters = arnoldi_sizes(rank, num_iters, d, who="influence_arnoldi", stacklevel=2)
     key = jax.random.PRNGKey(0) if key is None else key
 
