@@ -167,11 +167,6 @@ def lds_subsets(cfg: DigitsConfig) -> np.ndarray:
                      for _ in range(cfg.num_subsets)]).astype(np.int32)
 
 
-def unstack(params_stack) -> list:
-    n = jax.tree_util.tree_leaves(params_stack)[0].shape[0]
-    return [jax.tree_util.tree_map(lambda a: a[k], params_stack) for k in range(n)]
-
-
 def compute(cfg: DigitsConfig, progress=None) -> dict:
     """Train everything a setting needs; returns numpy arrays (the cache content).
 

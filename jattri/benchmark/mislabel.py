@@ -17,6 +17,7 @@ import numpy as np
 import jattri
 from jattri.benchmark import digits
 from jattri.benchmark._types import Benchmark
+from jattri.ensemble.members import unstack
 
 
 def flip_labels(y: np.ndarray, fraction: float, num_classes: int, seed: int):
@@ -54,7 +55,7 @@ def noisy_benchmark(setting: str = "digits_lr", *, fraction: float = 0.1, seed: 
     _, apply_fn, loss_fn = digits.model_fns(cfg)
     bench = Benchmark(
         name=f"{setting}_noisy", loss_fn=loss_fn, target_fn=loss_fn, apply_fn=apply_fn,
-        models_full=digits.unstack(stack), models_half=[], train=(xtr, y_noisy), test=test,
+        models_full=unstack(stack), models_half=[], train=(xtr, y_noisy), test=test,
         lds=(np.zeros((0, 0), np.int32), np.zeros((0, len(test[1])))),
         info={**dataclasses.asdict(cfg), "noise_fraction": fraction, "noise_seed": seed})
     return bench, is_noisy
