@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jattri import _checks
 from jattri.func.grads import map_examples
 from jattri.func.layers import dense_layers, layer_io
-from jattri.func.projection import DEFAULT_CHUNK, PROJECTIONS, kronecker_projection
+from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
+                                     kronecker_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.task import Task
@@ -122,11 +123,7 @@ def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional
     if not damping > 0:
         raise ValueError(f"`damping` must be > 0 (the Fisher of n < k examples is "
                          f"singular), got {damping}")
-    for name, v in (("proj_dim_in", proj_dim_in), ("proj_dim_out", proj_dim_out)):
-        if v is not None and (isinstance(v, bool) or int(v) <= 0):
-            raise ValueError(f"`{name}` must be a positive int or None, got {v}")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {projection!r}")
+    check_projection_args(projection, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out)
     if not isinstance(task, Task):
         raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
     members = task.members

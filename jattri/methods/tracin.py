@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jattri.func.projection import DEFAULT_CHUNK, PROJECTIONS, random_projection
+from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
+                                     random_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.task import Task
@@ -107,10 +108,7 @@ def tracin(task: Task, *, weights: Optional[Sequence[float]] = None,
     Returns:
       An Attributor; ``cache`` stores the ``(M, n, k)`` training gradients.
     """
-    if proj_dim is not None and (isinstance(proj_dim, bool) or int(proj_dim) <= 0):
-        raise ValueError(f"`proj_dim` must be a positive int or None, got {proj_dim}")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {projection!r}")
+    check_projection_args(projection, proj_dim=proj_dim)
     if not isinstance(task, Task):
         raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
     members = task.members
