@@ -75,22 +75,6 @@ def _chunk(d: int, chunk_size: Optional[int]) -> int:
     return d if chunk_size is None else max(1, min(int(chunk_size), d))
 
 
-def keyed_projection(row_fn: Callable[[jax.Array], jax.Array], key: jax.Array, d: int,
-                     k: int, *, chunk_size: Optional[int] = DEFAULT_CHUNK) -> Callable:
-    """Build ``x -> x P`` where row r of P is ``row_fn(fold_in(key, r))``, shape ``(k,)``.
-
-    ``chunk_size`` rows of P are generated at a time (``None``: all ``d`` at once).
-    """
-    d, k = _check_sizes(d, k)
-    rows_of = jax.vmap(lambda r: row_fn(jax.random.fold_in(key, r)))
-
-    def block(rows, xc):
-        p = rows_of(rows).astype(xc.dtype)  # (chunk, k)
-        return xc @ jnp.where((rows < d)[:, None], p, 0)
-
-    return _as_applier(lambda x: _scan_chunks(block, x, d, k, _chunk(d, chunk_size)), d)
-
-
 # Blocks of the named projectors: (key, rows, x_chunk, k) -> contribution (n, k).
 def _gaussian_block(key, rows, xc, k):
     p = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,)))(rows)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 from jattri.methods._common import Attributor
-from jattri.methods.tracin import TracInState as GradState  # noqa: F401  (old name)
 from jattri.methods.tracin import tracin
 from jattri.task import Task
 

@@ -55,9 +55,6 @@ class InfluenceState(NamedTuple):
     norms: jax.Array
 
 
-ExplicitInfluenceState = InfluenceState
-
-
 class CGInfluenceState(NamedTuple):
     """train: the training data. train_grads: ``(M, n, d)``."""
 
