@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import inspect
+
 import jax
 import numpy as np
 
@@ -96,5 +98,20 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
         raise TypeError(f"`{name}` must return a floating scalar, got dtype {out.dtype}")
 
 
-def check_scalar_loss(loss_fn: Callable, params: PyTree, data: PyTree, name: str) -> None:
-    check_scalar_fn(loss_fn, params, data, name)
+def check_signature(fn: Callable, name: str, **kwargs) -> None:
+    """``fn(params, example, **kwargs)`` must be a valid call (``TypeError`` otherwise).
+
+    Functions without an inspectable signature (some builtins) are accepted as they are.
+    """
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None, **kwargs)
+    except TypeError as err:
+        extra = "".join(f", {k}=..." for k in kwargs)
+        raise TypeError(f"`{name}` must accept (params, example{extra}), got signature "
+                        f"{sig}") from err

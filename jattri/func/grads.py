@@ -12,19 +12,6 @@ from jattri import _checks
 PyTree = Any
 
 
-def flatten_fn(fn: Callable, params: PyTree):
-    """Return ``(theta, flat_fn, unravel)``: ``flat_fn(theta, *args) == fn(unravel(theta), *args)``.
-
-    ``theta`` is ``ravel_pytree(params)[0]``, a ``(d,)`` vector.
-    """
-    theta, unravel = ravel_pytree(params)
-
-    def flat_fn(theta, *args):
-        return fn(unravel(theta), *args)
-
-    return theta, flat_fn, unravel
-
-
 def map_examples(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
     """``vmap(fn)(xs)``, evaluated ``chunk_size`` examples at a time (``lax.map``).
 
@@ -35,19 +22,43 @@ def map_examples(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
     return jax.lax.map(fn, xs, batch_size=int(chunk_size))
 
 
+def map_chunks(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
+    """``fn`` applied to consecutive chunks of ``chunk_size`` examples, concatenated.
+
+    ``fn`` maps a batch ``(c, ...)`` to ``(c, ...)``; the last chunk is padded by
+    repeating the first example and trimmed afterwards. ``None``: one chunk.
+    """
+    n = _checks.num_examples(xs)
+    chunk = n if chunk_size is None else min(int(chunk_size), n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    padded = jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x, xs)
+    chunks = jax.tree_util.tree_map(lambda x: x.reshape((n_chunks, chunk) + x.shape[1:]),
+                                    padded)
+    out = jax.lax.map(fn, chunks)
+    return jax.tree_util.tree_map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:n],
+                                  out)
+
+
 def per_example_grads_flat(flat_loss: Callable, theta: jax.Array, data: PyTree,
                            indices: Optional[jax.Array] = None, *,
-                           chunk_size: Optional[int] = None) -> jax.Array:
-    """Gradients of ``flat_loss(theta, example, index)`` for every example: ``(n, d)``.
+                           chunk_size: Optional[int] = None,
+                           transform: Optional[Callable] = None) -> jax.Array:
+    """Gradients of ``flat_loss(theta, example, index)`` for every example: ``(n, d)``,
+    or ``(n, k) = transform(grads)`` applied chunk by chunk of examples (e.g. a
+    projection), so that the ``(n, d)`` matrix is never held whole.
 
     ``indices`` (``(n,)`` int) default to ``arange(n)``; members of a dropout ensemble
     use them to key per-example masks.
     """
-    n = _checks.num_examples(data)
     if indices is None:
-        indices = jnp.arange(n, dtype=jnp.int32)
+        indices = jnp.arange(_checks.num_examples(data), dtype=jnp.int32)
     grad_fn = jax.grad(flat_loss)
-    return map_examples(lambda zi: grad_fn(theta, zi[0], zi[1]), (data, indices), chunk_size)
+    one = lambda zi: grad_fn(theta, zi[0], zi[1])
+    if transform is None:
+        return map_examples(one, (data, indices), chunk_size)
+    return map_chunks(lambda c: transform(jax.vmap(one)(c)), (data, indices), chunk_size)
 
 
 def per_example_grads(loss_fn: Callable, params: PyTree, data: PyTree, *,
@@ -67,7 +78,7 @@ def per_example_grads(loss_fn: Callable, params: PyTree, data: PyTree, *,
     """
     _checks.check_data(data, "data")
     _checks.check_params(params, "params")
-    _checks.check_scalar_loss(loss_fn, params, data, "loss_fn")
-    theta, flat_loss, _ = flatten_fn(loss_fn, params)
-    return per_example_grads_flat(lambda t, z, i: flat_loss(t, z), theta, data,
+    _checks.check_scalar_fn(loss_fn, params, data, "loss_fn")
+    theta, unravel = ravel_pytree(params)
+    return per_example_grads_flat(lambda t, z, i: loss_fn(unravel(t), z), theta, data,
                                   chunk_size=chunk_size)

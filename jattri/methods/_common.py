@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks
-from jattri.func.grads import map_examples
+from jattri.func.grads import map_examples, per_example_grads_flat
 from jattri.task import Task
 
 PyTree = Any
@@ -89,30 +89,8 @@ def indices_for(data: PyTree) -> jax.Array:
     return jnp.arange(_checks.num_examples(data), dtype=jnp.int32)
 
 
-def _grads_impl(fn, theta, data, indices, chunk_size, transform):
-    grad_fn = jax.grad(fn)
-
-    def one(zi):
-        g = grad_fn(theta, zi[0], zi[1])
-        return g
-
-    if transform is None:
-        return map_examples(one, (data, indices), chunk_size)
-    # Project chunk by chunk so the (n, d) gradient matrix is never held whole.
-    n = indices.shape[0]
-    chunk = n if chunk_size is None else min(int(chunk_size), n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    padded = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x,
-        (data, indices))
-    chunks = jax.tree_util.tree_map(lambda x: x.reshape((n_chunks, chunk) + x.shape[1:]),
-                                    padded)
-    out = jax.lax.map(lambda c: transform(jax.vmap(one)(c)), chunks)
-    return out.reshape((n_chunks * chunk,) + out.shape[2:])[:n]
-
-
-_grads_jit = jax.jit(_grads_impl, static_argnums=(0, 4, 5))
+_grads_jit = jax.jit(per_example_grads_flat, static_argnums=(0,),
+                     static_argnames=("chunk_size", "transform"))
 
 
 def member_grads(fn: Callable, theta: jax.Array, data: PyTree, *,
@@ -122,7 +100,8 @@ def member_grads(fn: Callable, theta: jax.Array, data: PyTree, *,
 
     ``transform`` (e.g. a projection) is applied chunk by chunk of examples.
     """
-    return _grads_jit(fn, theta, data, indices_for(data), chunk_size, transform)
+    return _grads_jit(fn, theta, data, indices_for(data), chunk_size=chunk_size,
+                      transform=transform)
 
 
 def mean_loss(loss: Callable, theta: jax.Array, data: PyTree, *,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from jattri.func.grads import per_example_grads_flat
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
 from jattri.methods import _common
@@ -76,8 +77,8 @@ def _member_grads(fn, params, data, key, chunk_size, projection, proj_dim, proj_
     if normalize:
         transform = _normalize if proj is None else (lambda g: _normalize(proj(g)))
     flat_fn = lambda t, z, i: fn(unravel(t), z, i)
-    return _common._grads_impl(flat_fn, theta, data, _common.indices_for(data), chunk_size,
-                               transform)
+    return per_example_grads_flat(flat_fn, theta, data, chunk_size=chunk_size,
+                                  transform=transform)
 
 
 def tracin(task: Task, *, weights: Optional[Sequence[float]] = None,
