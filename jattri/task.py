@@ -1,7 +1,6 @@
 """What is attributed: a Task holds ensemble members (params, loss_fn, target_fn)."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -38,20 +37,6 @@ def _drop_index(fn: Callable) -> Callable:
     return member_fn
 
 
-def _check_arity(fn: Callable, name: str) -> None:
-    if not callable(fn):
-        raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins have no signature
-        return
-    try:
-        sig.bind(None, None)
-    except TypeError as err:
-        raise TypeError(f"`{name}` must accept (params, example), got signature "
-                        f"{sig}") from err
-
-
 class Task:
     """What to attribute: a loss, a target, and one or more ensemble members.
 
@@ -69,9 +54,9 @@ class Task:
 
     def __init__(self, loss_fn: Callable, checkpoints: Sequence[PyTree],
                  target_fn: Optional[Callable] = None):
-        _check_arity(loss_fn, "loss_fn")
+        _checks.check_signature(loss_fn, "loss_fn")
         if target_fn is not None:
-            _check_arity(target_fn, "target_fn")
+            _checks.check_signature(target_fn, "target_fn")
         if not isinstance(checkpoints, (list, tuple)):
             raise TypeError("`checkpoints` must be a list of params pytrees, got "
                             f"{type(checkpoints).__name__}; wrap a single model as [params]")

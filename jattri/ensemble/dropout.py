@@ -26,7 +26,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jattri.ensemble.members import check_accepts, user_functions
+from jattri._checks import check_signature
+from jattri.ensemble.members import user_functions
 from jattri.func.grads import map_examples
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -50,8 +51,8 @@ def _check(task, num_masks, mode, rate):
     fns = user_functions(task)
     extra = {"rng": None} if rate is None else {"rng": None, "rate": 0.0}
     for _, loss, target in fns[:1]:
-        check_accepts(loss, "loss_fn", **extra)
-        check_accepts(target, "target_fn", **extra)
+        check_signature(loss, "loss_fn", **extra)
+        check_signature(target, "target_fn", **extra)
     return fns
 
 

@@ -9,7 +9,6 @@ serving time depends on the method and is measured by :func:`timed`.
 """
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -106,20 +105,6 @@ def user_functions(task: Task) -> list:
             fns.append(user)
         out.append((m.params, fns[0], fns[1]))
     return out
-
-
-def check_accepts(fn: Callable, name: str, **kwargs) -> None:
-    """``fn(params, example, **kwargs)`` must be a valid call (``TypeError`` otherwise)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # no signature to check (some builtins, C callables)
-        return
-    try:
-        sig.bind(None, None, **kwargs)
-    except TypeError as err:
-        keys = ", ".join(f"{k}=..." for k in kwargs)
-        raise TypeError(f"`{name}` must accept (params, example, {keys}), got signature "
-                        f"{sig}") from err
 
 
 __all__ = ["EnsembleCosts", "Member", "independent", "param_bytes", "timed", "unstack",
