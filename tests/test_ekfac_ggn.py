@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("x64")
 
 from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
+from _toy import manual_mlp  # noqa: E402
 
 
 def _ce_loss(model):
@@ -47,20 +48,6 @@ def _train(loss_fn, params, data, steps=300, lr=0.05, l2=1e-3):
         return jax.lax.scan(step, (p, opt.init(p)), None, length=steps)[0][0]
 
     return run(params)
-
-
-def _mlp_forward(names):
-    """The Flax MLP written out by hand: (logits, each layer's input) with the zero
-    perturbations ``deltas[k]`` added to layer k's output."""
-    def forward(p, x, deltas):
-        inputs, h = [], x
-        for k, name in enumerate(names):
-            inputs.append(h)
-            h = h @ p[name]["kernel"] + p[name]["bias"] + deltas[k]
-            if k < len(names) - 1:
-                h = jax.nn.relu(h)
-        return h, inputs
-    return forward
 
 
 def _dense_ggn_ekfac_scores(forward, out_shapes, params, train, test, damping):
@@ -138,7 +125,7 @@ def test_ggn_ekfac_matches_dense_reference(hidden):
     got = np.asarray(attr.attribute(state, test))
     names = sorted(params)
     shapes = [(params[n]["bias"].shape[0],) for n in names]
-    want = _dense_ggn_ekfac_scores(_mlp_forward(names), shapes, params, train, test, 1e-2)
+    want = _dense_ggn_ekfac_scores(manual_mlp, shapes, params, train, test, 1e-2)
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
     np.testing.assert_allclose(attr.self_attribute(state),
                                np.diag(attr.attribute(state, train)), rtol=1e-9)

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("x64")
 
 from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
+from _toy import manual_mlp  # noqa: E402
 
 
 def _flax_loss(model, l2=0.0):
@@ -178,18 +179,6 @@ def test_fisher_products():
 
 # ------------------------------------------------------------------------- EK-FAC
 
-def _manual_mlp(params, x, deltas):
-    """The Flax MLP written out by hand: returns logits and each layer's input."""
-    names = sorted(params)
-    inputs, h = [], x
-    for k, name in enumerate(names):
-        inputs.append(h)
-        h = h @ params[name]["kernel"] + params[name]["bias"] + deltas[k]
-        if k < len(names) - 1:
-            h = jax.nn.relu(h)
-    return h, inputs
-
-
 def _ekfac_reference_scores(params, data, test, damping):
     """Dense EK-FAC built by hand: per layer Q = Q_A ⊗ Q_S (eigenvectors = columns of
     eigh), Λ* = mean_i (Qᵀ vec[kernel; bias]_i)², block-diagonal over layers."""
@@ -200,9 +189,9 @@ def _ekfac_reference_scores(params, data, test, damping):
         x, y = z
         deltas = [jnp.zeros(w) for w in widths]
         loss = lambda ds: optax.softmax_cross_entropy_with_integer_labels(
-            _manual_mlp(params, x, ds)[0], y)
+            manual_mlp(params, x, ds)[0], y)
         s = jax.grad(loss)(deltas)
-        a = [jnp.append(u, 1.0) for u in _manual_mlp(params, x, deltas)[1]]
+        a = [jnp.append(u, 1.0) for u in manual_mlp(params, x, deltas)[1]]
         return a, s
 
     a, s = jax.jit(jax.vmap(per_example))(data)
