@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jattri.func.layers import dense_layers, layer_io, layer_params
+from jattri.func.layers import linear_layers, layer_io, layer_params
 from jattri.models import MLP
 
 
@@ -31,7 +31,7 @@ def _mlp_setup():
 
 def test_discovers_layers_and_shapes():
     loss_fn, params, (x, y) = _mlp_setup()
-    layers = dense_layers(loss_fn, params, (x[0], y[0]))
+    layers = linear_layers(loss_fn, params, (x[0], y[0]))
     assert list(layers) == ["fc1", "fc2", "fc3"]
     assert [(l.d_in, l.d_out, l.use_bias, l.positions) for l in layers.values()] == [
         (7, 5, True, 1), (5, 4, True, 1), (4, 3, True, 1)]
@@ -70,7 +70,7 @@ def test_weight_sharing_and_sequences():
     params = model.init(jax.random.PRNGKey(3), x)["params"]
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
     loss_fn = lambda p, z: model.apply({"params": p}, z) ** 2
-    layers = dense_layers(loss_fn, params, x)
+    layers = linear_layers(loss_fn, params, x)
     assert layers["shared"].positions == 8 and not layers["shared"].use_bias
     io = layer_io(loss_fn, params, x)
     g = jax.grad(loss_fn)(params, x)
@@ -83,19 +83,19 @@ def test_weight_sharing_and_sequences():
 def test_non_flax_loss_has_no_layers():
     loss_fn = lambda p, z: jnp.sum((p["w"] * z) ** 2)
     params = {"w": jnp.ones(3)}
-    assert dense_layers(loss_fn, params, jnp.ones(3)) == {}
+    assert linear_layers(loss_fn, params, jnp.ones(3)) == {}
     assert layer_io(loss_fn, params, jnp.ones(3)) == {}
 
 
 def test_bare_dense_model():
     """A bare nn.Dense applied as the whole model has the empty path."""
     import flax.linen as nn
-    from jattri.func.layers import dense_layers, layer_io, layer_params
+    from jattri.func.layers import linear_layers, layer_io, layer_params
     model = nn.Dense(3)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
     loss = lambda p, z: jnp.sum(model.apply({"params": p}, z[None]) ** 2)
     z = jnp.arange(4.0)
-    layers = dense_layers(loss, params, z)
+    layers = linear_layers(loss, params, z)
     assert list(layers) == [""]
     a, s = layer_io(loss, params, z, layers=layers)[""]
     g = jax.grad(loss)(params, z)

@@ -1,12 +1,12 @@
 """Curvature other than the Hessian: Gauss-Newton and Fisher products, K-FAC / EK-FAC
-factors of Dense layers, and DataInf's closed-form layer inverse.
+factors of Dense and Conv layers, and DataInf's closed-form layer inverse.
 
 Per-example functions take ``loss_fn(params, example) -> scalar`` for ONE example;
 datasets are pytrees with a leading example axis n. g_i = ∇θ loss(z_i).
 
 * empirical Fisher  F = (1/n) Σ_i g_i g_iᵀ                     (``efvp``, ``ifvp_explicit``)
 * Gauss-Newton      G = Jᵀ ∇²ℓ J for f = ℓ ∘ out              (``ggn_vp``)
-* K-FAC             F_l ≈ A_l ⊗ S_l per Dense layer l          (``ekfac_factors(correct_eigenvalues=False)``)
+* K-FAC             F_l ≈ A_l ⊗ S_l per Dense/Conv layer l        (``ekfac_factors(correct_eigenvalues=False)``)
 * EK-FAC            F_l ≈ (Q_A ⊗ Q_S) diag(Λ*) (Q_A ⊗ Q_S)ᵀ    (``ekfac_factors``)
   K-FAC / EK-FAC of the Gauss-Newton instead of the empirical Fisher: ``curvature="ggn"``
 * DataInf           (F_l + λI)⁻¹ ≈ (1/n) Σ_i (g_il g_ilᵀ + λI)⁻¹ (``datainf_ihvp``)
@@ -25,8 +25,8 @@ from jax.flatten_util import ravel_pytree
 from jattri import _checks
 from jattri.func.grads import map_examples
 from jattri.func.hessian import damped_inverse
-from jattri.func.layers import DenseLayer, dense_layers, layer_io, layer_params
-from jattri.func.layers import _is_dense_call, _name as _module_name
+from jattri.func.layers import (Layer, input_rows, layer_io, layer_params, linear_layers,
+                                 perturbed_loss)
 
 PyTree = Any
 
@@ -135,7 +135,8 @@ def ifvp_explicit(loss_fn: Callable, params: PyTree, data: PyTree, v: PyTree, *,
 # ------------------------------------------------------------------- K-FAC / EK-FAC
 
 class EKFACLayer(NamedTuple):
-    """Eigenbasis and eigenvalues of one Dense layer's Fisher block.
+    """Eigenbasis and eigenvalues of one Dense or Conv layer's Fisher block (Conv: d_in =
+    prod(kernel_size)·in_features, the kernel flattened by ``reshape(-1, features)``).
 
     qa: ``(d_in + b, d_in + b)`` eigenvectors of A = E[a aᵀ] as COLUMNS (b = 1 with a
     bias: the input is augmented with a trailing 1, so the bias is the LAST row of the
@@ -151,7 +152,7 @@ class EKFACLayer(NamedTuple):
 
 class EKFACFactors(NamedTuple):
     """layers: ``{name: EKFACLayer}``. diag: pytree like params, the diagonal empirical
-    Fisher E[g²] for parameters outside Dense layers (zeros on Dense leaves)."""
+    Fisher E[g²] for parameters outside Dense/Conv layers (zeros on their leaves)."""
 
     layers: Dict[str, EKFACLayer]
     diag: PyTree
@@ -161,13 +162,15 @@ def _augment(a: jax.Array, use_bias: bool) -> jax.Array:
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1) if use_bias else a
 
 
-def _layer_grad(layer: DenseLayer, sub: PyTree) -> jax.Array:
-    """[kernel; bias] ``(d_in + b, d_out)`` of one layer's params (or gradient) sub-tree."""
+def _layer_grad(layer: Layer, sub: PyTree) -> jax.Array:
+    """[kernel; bias] ``(d_in + b, d_out)`` of one layer's params (or gradient) sub-tree
+    (a Conv kernel flattened to ``(prod(kernel_size)·in_features, features)``)."""
     g = sub["kernel"]
-    if g.shape != (layer.d_in, layer.d_out):
+    if tuple(g.shape) != tuple(layer.kernel_shape):
         raise ValueError(f"layer {layer.name!r}: params kernel has shape {g.shape}, the "
-                         f"layer computes ({layer.d_in}, {layer.d_out}); params must be laid "
+                         f"layer computes {layer.kernel_shape}; params must be laid "
                          "out by module path")
+    g = g.reshape(layer.d_in, layer.d_out)
     return jnp.concatenate([g, sub["bias"][None]], 0) if layer.use_bias else g
 
 
@@ -178,8 +181,8 @@ def _key_name(k) -> str:
     return str(k)
 
 
-def _dense_leaf(path, layers) -> Optional[tuple]:
-    """(layer name, "kernel"|"bias") if the leaf at ``path`` belongs to a Dense layer."""
+def _layer_leaf(path, layers) -> Optional[tuple]:
+    """(layer name, "kernel"|"bias") if the leaf at ``path`` belongs to a Dense/Conv layer."""
     keys = [_key_name(k) for k in path]
     name, last = "/".join(keys[:-1]), keys[-1] if keys else ""
     if name in layers and last in ("kernel", "bias"):
@@ -191,45 +194,32 @@ CURVATURES = ("empirical", "ggn")
 
 
 def _layer_output_hessians(loss_fn: Callable, params: PyTree, example: PyTree,
-                           layers: Dict[str, DenseLayer]) -> Dict[str, tuple]:
+                           layers: Dict[str, Layer]) -> Dict[str, tuple]:
     """Inputs ``a: (T, d_in)`` and output Hessians ``H: (T, d_out, T, d_out)`` of every
-    Dense layer, for ONE example: H = ∂²loss/∂δ² at δ = 0, δ the zero perturbation of
-    the layer's outputs at its T positions (the handle ``layer_io`` differentiates once;
+    layer, for ONE example: H = ∂²loss/∂δ² at δ = 0, δ the zero perturbation of the
+    layer's outputs at its T positions (the handle ``layer_io`` differentiates once;
     here forward-over-reverse, one jvp of the gradient per output coordinate)."""
-    def perturbed_loss(name, flat):
+    def flat_loss(name, flat):
         layer = layers[name]
         sizes = [int(np.prod(s[:-1], dtype=np.int64)) for s, _ in layer.out_shapes]
         parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=0)
         mine = [p.reshape(s) for p, (s, _) in zip(parts, layer.out_shapes)]
-        inputs: Dict[str, list] = {}
-
-        def interceptor(next_fun, call_args, kwargs, context):
-            out = next_fun(*call_args, **kwargs)
-            if _is_dense_call(context) and _module_name(context.module) == name:
-                seen = inputs.setdefault(name, [])
-                if len(seen) < len(mine):
-                    out = out + mine[len(seen)]
-                seen.append(call_args[0])
-            return out
-
-        with nn.intercept_methods(interceptor):
-            loss = loss_fn(params, example)
+        loss, inputs = perturbed_loss(loss_fn, params, example, (), {name: mine})
         return loss, inputs[name]
 
     out = {}
     for name, layer in layers.items():
         flat0 = jnp.zeros((layer.positions, layer.d_out), layer.out_shapes[0][1])
-        grad = jax.grad(partial(perturbed_loss, name), has_aux=True)
+        grad = jax.grad(partial(flat_loss, name), has_aux=True)
         hess, inputs = jax.jacfwd(grad, has_aux=True)(flat0)
-        a = jnp.concatenate([x.reshape(-1, layer.d_in) for x in inputs], axis=0)
-        out[name] = (a, hess)
+        out[name] = (input_rows(layer, inputs), hess)
     return out
 
 
 def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
                   correct_eigenvalues: bool = True, curvature: str = "empirical",
                   chunk_size: Optional[int] = None) -> EKFACFactors:
-    """K-FAC / EK-FAC factors of every Dense layer, from layer inputs and output
+    """K-FAC / EK-FAC factors of every Dense and Conv layer, from layer inputs and output
     gradients captured without hooks (``jattri.func.layers``).
 
     For layer l with augmented inputs a'_t = [a_t, 1] and output gradients s_t
@@ -242,8 +232,13 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
     Λ_A ⊗ Λ_S. EK-FAC (George et al., 2018, "Fast Approximate Natural Gradient Descent
     in a Kronecker-factored Eigenbasis"; Grosse et al., 2023) replaces them by the
     second moment of the per-example layer gradients G_i = Σ_t a'_t s_tᵀ in the
-    eigenbasis: Λ*_{jk} = E_i[(Q_Aᵀ G_i Q_S)_{jk}²]. Parameters outside Dense layers
+    eigenbasis: Λ*_{jk} = E_i[(Q_Aᵀ G_i Q_S)_{jk}²]. Parameters outside those layers
     get the diagonal empirical Fisher.
+
+    A Conv layer is the same linear map applied at every output position t with a'_t
+    the input patch under the kernel (KFC: Grosse & Martens, 2016, "A Kronecker-factored
+    approximate Fisher matrix for convolution layers"; A is their Ω, S is T·Γ), so the
+    formulas above hold as written with T = the number of output positions.
 
     ``curvature="ggn"`` replaces the observed-label outer products s sᵀ by the loss's
     own curvature at the layer output; for softmax cross-entropy and squared error this
@@ -265,24 +260,25 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
     indefinite: negative eigenvalues of S and negative Λ* are clamped at 0. Costs d_out
     forward-over-reverse passes per layer and example (the empirical Fisher: one
     backward pass in all) and (T·d_out)² memory per example and layer: fine for MLPs,
-    prohibitive for wide layers over long sequences (an LM head over T tokens).
+    prohibitive for wide layers over long sequences (an LM head over T tokens) and for
+    Conv layers over large feature maps (T = H'·W').
 
     Args:
-      loss_fn: per-example loss calling Flax ``nn.Dense`` layers via ``Module.apply``
-        with ``{"params": params}``. data: n examples. correct_eigenvalues: EK-FAC
+      loss_fn: per-example loss calling Flax ``nn.Dense`` / ``nn.Conv`` layers via
+        ``Module.apply`` with ``{"params": params}``. data: n examples. correct_eigenvalues: EK-FAC
         (True) or K-FAC (False). curvature: ``"empirical"`` (E[s sᵀ] of the observed
         loss gradients) or ``"ggn"`` (E[∂²loss/∂δ²], above). chunk_size: examples per chunk.
     Returns:
-      ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no Dense layer or
+      ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no Dense/Conv layer or
       ``curvature`` is unknown.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
     example = _checks.first_example(data)
-    layers = dense_layers(loss_fn, params, example)
+    layers = linear_layers(loss_fn, params, example)
     if not layers:
-        raise ValueError("`loss_fn` calls no flax.linen.Dense layer: K-FAC/EK-FAC need "
-                         "Dense layers applied through Module.apply")
+        raise ValueError("`loss_fn` calls no flax.linen.Dense or Conv layer: K-FAC/EK-FAC "
+                         "need such layers applied through Module.apply")
     for layer in layers.values():
         _layer_grad(layer, layer_params(params, layer.name))  # layout check
     if curvature == "ggn":
@@ -329,7 +325,7 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
     factors = {name: EKFACLayer(qa[name], qs[name], eigvals[name]) for name in layers}
 
     covered = jax.tree_util.tree_map_with_path(
-        lambda p, x: _dense_leaf(p, layers) is not None, params)
+        lambda p, x: _layer_leaf(p, layers) is not None, params)
     if all(jax.tree_util.tree_leaves(covered)):
         diag = jax.tree_util.tree_map(jnp.zeros_like, params)
     else:
@@ -349,7 +345,7 @@ def _safe_inverse(x: jax.Array) -> jax.Array:
 def ekfac_ihvp(factors: EKFACFactors, v: PyTree, damping: float) -> PyTree:
     """(F_EKFAC + λI)⁻¹ v for ONE vector ``v`` (a pytree like params; vmap for many).
 
-    Per Dense layer, with V = [kernel; bias] of ``v``:
+    Per Dense/Conv layer, with V = [kernel; bias] of ``v`` (Conv kernel flattened):
     Q_A [(Q_Aᵀ V Q_S) ⊘ (Λ* + λ)] Q_Sᵀ; other parameters: v / (diag + λ). Directions
     with Λ* + λ = 0 (possible only with λ = 0) get 0: a pseudo-inverse, never NaN.
     """
@@ -357,16 +353,17 @@ def ekfac_ihvp(factors: EKFACFactors, v: PyTree, damping: float) -> PyTree:
     new = {}
     for name, f in layers.items():
         sub = layer_params(v, name)
-        use_bias = f.qa.shape[0] == sub["kernel"].shape[0] + 1
-        g = jnp.concatenate([sub["kernel"], sub["bias"][None]], 0) if use_bias else sub["kernel"]
+        kernel = sub["kernel"].reshape(-1, f.qs.shape[0])  # Conv: (prod(size)·C_in, C_out)
+        use_bias = f.qa.shape[0] == kernel.shape[0] + 1
+        g = jnp.concatenate([kernel, sub["bias"][None]], 0) if use_bias else kernel
         rot = f.qa.T @ g @ f.qs
         g = f.qa @ (rot * _safe_inverse(f.eigvals + damping)) @ f.qs.T
-        new[name] = {"kernel": g[:sub["kernel"].shape[0]]}
+        new[name] = {"kernel": g[:kernel.shape[0]].reshape(sub["kernel"].shape)}
         if use_bias:
             new[name]["bias"] = g[-1]
 
     def leaf(path, x, dg):
-        hit = _dense_leaf(path, layers)
+        hit = _layer_leaf(path, layers)
         if hit is not None:
             return new[hit[0]][hit[1]].astype(x.dtype)
         return x * _safe_inverse(dg + damping)

@@ -331,7 +331,8 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
     Grosse et al., 2023, "Studying Large Language Model Generalization with Influence
     Functions"): score(i, t) = g_iᵀ (F_EKFAC + λI)⁻¹ g_t.
 
-    Per Flax ``nn.Dense`` layer (found without hooks, ``jattri.func.layers``), F is
+    Per Flax ``nn.Dense`` or ``nn.Conv`` layer (found without hooks,
+    ``jattri.func.layers``; Conv layers as KFC, Grosse & Martens 2016), F is
     approximated in the Kronecker eigenbasis Q_A ⊗ Q_S of A = E[a aᵀ] (inputs with a
     trailing 1 for the bias) and S = E[s sᵀ] (output gradients of the training loss),
     with eigenvalues corrected to the second moment of the per-example layer gradients
@@ -340,14 +341,14 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
     layer output instead of the observed gradients' outer products (the Gauss-Newton
     blocks for ReLU networks; closer to the Hessian than the empirical Fisher, see
     ``ekfac_factors``; it costs d_out backward passes per layer and example instead of
-    one). Parameters outside Dense layers get the diagonal empirical Fisher.
+    one). Parameters outside Dense/Conv layers get the diagonal empirical Fisher.
     Curvature that does not flow through layer outputs (an L2 term inside the loss)
     is not seen: fold it into ``damping``. ``cache`` computes the factors once over the
     whole training set and applies the inverse to every training gradient.
 
     Args:
-      task: the Task (its loss must call ``nn.Dense`` through ``Module.apply`` with
-        ``{"params": params}``). damping: λ ≥ 0 (directions with zero curvature and
+      task: the Task (its loss must call ``nn.Dense`` / ``nn.Conv`` through
+        ``Module.apply`` with ``{"params": params}``). damping: λ ≥ 0 (directions with zero curvature and
         λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or K-FAC.
       curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"`` (Gauss-Newton).
       chunk_size: examples per vectorised chunk. relatif: ``None``, ``"l"``, ``"theta"``.

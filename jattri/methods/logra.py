@@ -1,7 +1,7 @@
 """LoGra (Choe et al., 2024, "What is Your Data Worth to GPT? LLM-Scale Data Valuation
 with Influence Functions").
 
-For every Dense layer ℓ (y = a W + b) the per-example gradient is G_ℓ = Σ_τ ã_τ ⊗ s_τ,
+For every Dense or Conv layer ℓ (y = a W + b; Conv: a = the input patch) the per-example gradient is G_ℓ = Σ_τ ã_τ ⊗ s_τ,
 with ã = [a, 1] (the bias as a constant input) and s = ∂loss/∂y. LoGra projects it by
 the Kronecker product of two small random projections without ever forming it,
 
@@ -15,8 +15,8 @@ and scores with the damped empirical Fisher of each layer in that projected spac
 positive = i lowers the target on t) under a block-diagonal (per-layer) Fisher.
 λ_ℓ = ``damping`` × tr(F_ℓ)/dim(F_ℓ), relative like TRAK's, so one default fits every
 layer's gradient scale. Layer inputs and output gradients come hook-free from
-``jattri.func.layers`` (Flax ``intercept_methods``); only ``nn.Dense`` layers are
-attributed through (other parameters are left out, as in LoGra).
+``jattri.func.layers`` (Flax ``intercept_methods``); only ``nn.Dense`` and ``nn.Conv`` layers
+are attributed through (other parameters are left out, as in LoGra).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jattri import _checks
 from jattri.func.grads import map_examples
-from jattri.func.layers import dense_layers, layer_io
+from jattri.func.layers import layer_io, linear_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      kronecker_projection)
 from jattri.methods import _common
@@ -61,7 +61,7 @@ def _projected_layer_grads(fn, params, data, key, layers, proj_dim_in, proj_dim_
                            projection, proj_chunk_size, chunk_size):
     """``(n, Σ_ℓ k_in·k_out)``: every example's Kronecker-projected layer gradients.
 
-    ``layers`` is a static tuple of ``jattri.func.layers.DenseLayer``; layer ℓ uses the
+    ``layers`` is a static tuple of ``jattri.func.layers.Layer``; layer ℓ uses the
     projections of ``fold_in(key, ℓ)``.
     """
     projections = []
@@ -104,7 +104,7 @@ def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional
     """LoGra influence: Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,t, mean over members.
 
     Args:
-      task: the Task; its loss must call Flax ``nn.Dense`` layers through
+      task: the Task; its loss must call Flax ``nn.Dense`` / ``nn.Conv`` layers through
         ``Module.apply`` (they are found by ``jattri.func.layers``).
       proj_dim_in, proj_dim_out: k_in, k_out of the Kronecker factors P_in
         ``(d_in + 1, k_in)`` and P_out ``(d_out, k_out)`` of every layer; ``None`` is the
@@ -113,7 +113,7 @@ def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional
       key: PRNG key (member m, layer ℓ: ``fold_in(fold_in(key, m), ℓ)``); default
         ``PRNGKey(0)``.
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` for both factors.
-      layers: names of the Dense layers to use (default: all, in call order).
+      layers: names of the Dense/Conv layers to use (default: all, in call order).
       chunk_size: examples per vectorised chunk; proj_chunk_size: input coordinates
         projected at a time.
     Returns:
@@ -133,14 +133,14 @@ def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional
     def layers_of(fn, data, name):
         z = _checks.first_example(data)
         idx = jnp.zeros((), jnp.int32)
-        all_layers = dense_layers(fn, members[0].params, z, idx)
+        all_layers = linear_layers(fn, members[0].params, z, idx)
         if not all_layers:
-            raise ValueError(f"`{name}` calls no flax.linen.Dense layer: LoGra attributes "
-                             "through Dense layers only")
+            raise ValueError(f"`{name}` calls no flax.linen.Dense or Conv layer: LoGra "
+                             "attributes through those layers only")
         wanted = list(all_layers) if layers is None else list(layers)
         missing = [w for w in wanted if w not in all_layers]
         if missing:
-            raise ValueError(f"`layers` names {missing}, not Dense layers of `{name}`; "
+            raise ValueError(f"`layers` names {missing}, not Dense/Conv layers of `{name}`; "
                              f"found {list(all_layers)}")
         return tuple(all_layers[w] for w in wanted)
 
@@ -152,7 +152,7 @@ def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional
             other = found.get("loss_fn")
             if target and [(l.name, l.d_in, l.d_out, l.use_bias) for l in found[name]] != \
                     [(l.name, l.d_in, l.d_out, l.use_bias) for l in other]:
-                raise ValueError("`target_fn` must use the same Dense layers as `loss_fn`")
+                raise ValueError("`target_fn` must use the same Dense/Conv layers as `loss_fn`")
         return found[name]
 
     def grads(m, data, target):
