@@ -92,15 +92,16 @@ def _train(loss_fn, params, data, steps=300, lr=0.05, l2=1e-3):
     return run(params)
 
 
-def toy_softmax(model, seed, n_train=80, n_test=20, classes=4):
-    """``(loss_fn, params, train, test, logits_fn)`` of a trained toy classifier."""
+def toy_softmax(model, seed, n_train=80, n_test=20, classes=4, ggn_reference=False):
+    """``(loss_fn, params, train, test, logits_fn)`` of a trained toy classifier;
+    ``logits_fn`` (for the exact Gauss-Newton reference) is ``None`` unless asked for."""
     x, y = _toy_data(n_train + n_test, 6, classes, seed)
     params = _f64(model.init(jax.random.PRNGKey(seed + 1), x[:1])["params"])
     loss = _ce_loss(model)
     train, test = (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
     params = _train(loss, params, train)
     logits = lambda p, x: model.apply({"params": p}, x[None])[0]
-    return loss, params, train, test, logits
+    return loss, params, train, test, logits if ggn_reference else None
 
 
 def linear_mse(seed=5, n_train=80, n_test=20, outputs=3):
@@ -136,7 +137,8 @@ def problems():
     yield "binary-lr", toy_softmax(LogisticRegression(num_classes=2), 0, classes=2)
     yield "digits-lr", digits_lr()
     for seed in (0, 1):
-        yield f"mlp s{seed}", toy_softmax(MLP(hidden=(8,), num_classes=4), seed + 2)
+        yield f"mlp s{seed}", toy_softmax(MLP(hidden=(8,), num_classes=4), seed + 2,
+                                          ggn_reference=True)
 
 
 # ------------------------------------------------------------------ dense references
@@ -216,7 +218,7 @@ def run_problem(name, problem, rels=RELS):
     ``ref`` (H; and G, B for the MLPs), and rows ``(name, "X~Y", rel, λ, agreement)``
     between the dense references themselves."""
     loss, params, train, test, logits_fn = problem
-    curv = dense_curvatures(loss, params, train, logits_fn if name.startswith("mlp") else None)
+    curv = dense_curvatures(loss, params, train, logits_fn)
     grid, eig = dampings(curv["H"], rels)
     task = jattri.Task(loss, [params])
     g_tr, g_te = flat_grads(loss, params, train), flat_grads(loss, params, test)

@@ -25,13 +25,14 @@ acc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(acc)
 
 
-def _setup(problem, rels, refs=("H",)):
-    """``(task, train, test, [(rel, λ)], {rel: {ref: dense scores}})``."""
+def _setup(problem, rels):
+    """``(task, train, test, [(rel, λ)], {rel: {ref: dense scores}}, Grad-Dot scores)``,
+    refs H (and G, B when the problem has a ``logits_fn``)."""
     loss, params, train, test, logits_fn = problem
-    curv = acc.dense_curvatures(loss, params, train, logits_fn if len(refs) > 1 else None)
+    curv = acc.dense_curvatures(loss, params, train, logits_fn)
     grid, _ = acc.dampings(curv["H"], rels)
     g_tr, g_te = acc.flat_grads(loss, params, train), acc.flat_grads(loss, params, test)
-    want = {rel: {r: acc.dense_scores(g_tr, g_te, curv[r], lam) for r in refs}
+    want = {rel: {r: acc.dense_scores(g_tr, g_te, c, lam) for r, c in curv.items()}
             for rel, lam in grid}
     want_dot = g_tr @ g_te.T
     return jattri.Task(loss, [params]), train, test, grid, want, want_dot
@@ -120,8 +121,8 @@ def test_two_layer_mlp_error_sources(seed):
     Measured, GGN-EK-FAC against influence with H / G (exact GGN) / B (G block-diagonal)
     at rel 0.001: seed 2 0.424 / 0.453 / 0.627 (G vs H 0.966, B vs G 0.889); seed 3
     0.449 / 0.535 / 0.663 (0.944, 0.909). At rel 3 against H: 0.918; 0.915."""
-    problem = acc.toy_softmax(MLP(hidden=(8,), num_classes=4), seed)
-    task, train, test, grid, want, _ = _setup(problem, (0.001, 3.0), refs=("H", "G", "B"))
+    problem = acc.toy_softmax(MLP(hidden=(8,), num_classes=4), seed, ggn_reference=True)
+    task, train, test, grid, want, _ = _setup(problem, (0.001, 3.0))
     (small, lam_small), (large, lam_large) = grid
     got = acc.ekfac_scores(task, train, test, lam_small, "ggn", True)
     corr = {r: _pooled(got, w) for r, w in want[small].items()}
