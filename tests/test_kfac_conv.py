@@ -12,10 +12,10 @@ import pytest
 import jattri
 from jattri.func import fisher
 from jattri.func.layers import layer_io, layer_params, linear_layers
-from jattri.methods.influence import influence_ekfac, influence_explicit
+from jattri.methods.influence import influence_ekfac
 from jattri.models import ResNet9
 
-from _toy import f64
+from _toy import assert_ggn_ekfac_is_exact, f64
 
 # float64 throughout (the conftest fixture restores the setting afterwards)
 pytestmark = pytest.mark.usefixtures("x64")
@@ -209,17 +209,7 @@ def test_conv_with_squared_loss_ggn_ekfac_is_exact_influence():
     t = jax.random.normal(kt, (30, 4, 2, 2), jnp.float64)
     params = f64(conv.init(jax.random.PRNGKey(6), x[0])["params"])
     loss_fn = lambda p, z: 0.5 * jnp.sum((conv.apply({"params": p}, z[0]) - z[1]) ** 2)
-    train, test = (x[:24], t[:24]), (x[24:], t[24:])
-    task = jattri.Task(loss_fn, [params])
-    exact = influence_explicit(task, damping=1e-3)
-    want = np.asarray(exact.attribute(exact.cache(train), test))
-    for correct in (True, False):
-        attr = influence_ekfac(task, damping=1e-3, curvature="ggn", correct_eigenvalues=correct)
-        got = np.asarray(attr.attribute(attr.cache(train), test))
-        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
-    # the empirical Fisher is not this Kronecker product
-    emp = influence_ekfac(task, damping=1e-3)
-    assert not np.allclose(emp.attribute(emp.cache(train), test), want, rtol=1e-3)
+    assert_ggn_ekfac_is_exact(loss_fn, params, (x[:24], t[:24]), (x[24:], t[24:]))
 
 
 # ------------------------------------------------------------------- LoGra and ResNet
