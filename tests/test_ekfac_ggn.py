@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import jattri
 from jattri.func import fisher
-from jattri.methods.influence import influence_ekfac, influence_explicit
+from jattri.methods.influence import influence_ekfac
 from jattri.models import MLP, LogisticRegression
 
 
@@ -21,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("x64")
 
 from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
+from _toy import assert_ggn_ekfac_is_exact  # noqa: E402
 from _toy import manual_mlp  # noqa: E402
 
 
@@ -29,25 +29,6 @@ def _ce_loss(model):
         logits = model.apply({"params": p}, z[0][None])[0]
         return optax.softmax_cross_entropy_with_integer_labels(logits, z[1])
     return loss_fn
-
-
-def _train(loss_fn, params, data, steps=300, lr=0.05, l2=1e-3):
-    """Full-batch Adam on the mean loss (+ a small L2 so the optimum is finite)."""
-    def total(p):
-        reg = 0.5 * l2 * sum(jnp.sum(a ** 2) for a in jax.tree_util.tree_leaves(p))
-        return jnp.mean(jax.vmap(lambda z: loss_fn(p, z))(data)) + reg
-
-    opt = optax.adam(lr)
-
-    @jax.jit
-    def run(p):
-        def step(c, _):
-            p, s = c
-            u, s = opt.update(jax.grad(total)(p), s)
-            return (optax.apply_updates(p, u), s), None
-        return jax.lax.scan(step, (p, opt.init(p)), None, length=steps)[0][0]
-
-    return run(params)
 
 
 def _dense_ggn_ekfac_scores(forward, out_shapes, params, train, test, damping):
@@ -104,10 +85,6 @@ def _dense_ggn_ekfac_scores(forward, out_shapes, params, train, test, damping):
         inv = (q / (lam + damping)) @ q.T
         total = total + np.asarray(g_train[k]) @ inv @ np.asarray(g_test[k]).T
     return total
-
-
-def _corr(a, b):
-    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
 # --------------------------------------------------------------- exact references
@@ -186,17 +163,7 @@ def test_linear_mse_ggn_ekfac_is_exact_influence():
     t = x @ jax.random.normal(k2, (4, 2), jnp.float64) + 0.3 * jax.random.normal(k3, (30, 2))
     params = _f64(model.init(jax.random.PRNGKey(6), x[:1])["params"])
     loss = lambda p, z: 0.5 * jnp.sum((model.apply({"params": p}, z[0]) - z[1]) ** 2)
-    task = jattri.Task(loss, [params])
-    train, test = (x[:24], t[:24]), (x[24:], t[24:])
-    exact = influence_explicit(task, damping=1e-3)
-    want = np.asarray(exact.attribute(exact.cache(train), test))
-    for correct in (True, False):
-        attr = influence_ekfac(task, damping=1e-3, curvature="ggn", correct_eigenvalues=correct)
-        got = np.asarray(attr.attribute(attr.cache(train), test))
-        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
-    # the empirical Fisher is not this Kronecker product: EK-FAC-empirical is not exact
-    emp = influence_ekfac(task, damping=1e-3)
-    assert not np.allclose(emp.attribute(emp.cache(train), test), want, rtol=1e-3)
+    assert_ggn_ekfac_is_exact(loss, params, (x[:24], t[:24]), (x[24:], t[24:]))
 
 
 # ---------------------------------------------- agreement with exact influence
