@@ -5,8 +5,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.tree_util import Partial
 
 from jattri import _checks
+from jattri.func.grads import as_partial
 
 PyTree = Any
 
@@ -19,6 +21,12 @@ class Member(NamedTuple):
     scalar) in the dataset being processed, which lets members key per-example
     randomness (dropout masks). Independent checkpoints, dropout masks and LoRA adapters
     are all members.
+
+    The functions are ``jax.tree_util.Partial`` pytrees: what differs between members
+    (a dropout key, a LoRA base) is an array leaf, traced like the params, while the
+    code is in the treedef; members whose functions differ only in leaves share every
+    compiled program. ``Task.from_members`` wraps plain callables
+    (``jattri.func.grads.as_partial``).
     """
 
     params: PyTree
@@ -26,15 +34,20 @@ class Member(NamedTuple):
     target_fn: Callable
 
 
-def _drop_index(fn: Callable) -> Callable:
-    """Adapt a user ``fn(params, example)`` to the member signature."""
+_WITHOUT_INDEX: dict = {}
 
-    def member_fn(params, example, index):
-        del index
-        return fn(params, example)
 
-    member_fn.__wrapped__ = fn
-    return member_fn
+def _drop_index(fn: Callable) -> Partial:
+    """Adapt a user ``fn(params, example)`` to the member signature; one object per
+    ``fn``, so Tasks built from the same function share compiled code."""
+    if fn not in _WITHOUT_INDEX:
+        def member_fn(params, example, index):
+            del index
+            return fn(params, example)
+
+        member_fn.__wrapped__ = fn
+        _WITHOUT_INDEX[fn] = Partial(member_fn)
+    return _WITHOUT_INDEX[fn]
 
 
 class Task:
@@ -69,7 +82,12 @@ class Task:
     def from_members(cls, members: Sequence[Member], *, target_is_loss: bool = False) -> "Task":
         """A Task from explicit members (functions take ``(params, example, index)``)."""
         task = cls.__new__(cls)
-        task._init(tuple(Member(*m) for m in members), target_is_loss=target_is_loss)
+        def wrapped(m):
+            loss = as_partial(m.loss_fn)
+            target = loss if m.target_fn is m.loss_fn else as_partial(m.target_fn)
+            return Member(m.params, loss, target)
+
+        task._init(tuple(wrapped(Member(*m)) for m in members), target_is_loss=target_is_loss)
         return task
 
     def _init(self, members, *, target_is_loss):

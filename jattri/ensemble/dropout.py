@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from jattri._checks import check_signature
 from jattri.ensemble.members import user_functions
@@ -56,18 +57,25 @@ def _check(task, num_masks, mode, rate):
     return fns
 
 
-def _masked(fn: Callable, member_key: jax.Array, mode: str, rate: Optional[float]) -> Callable:
-    """``fn(params, example, rng=...)`` as a member function ``(params, example, index)``."""
-    kw = {} if rate is None else {"rate": rate}
-    if mode == "member":
-        def member_fn(params, example, index):
-            del index  # one sub-network per member: the mask ignores the example
-            return fn(params, example, rng=member_key, **kw)
-    else:
-        def member_fn(params, example, index):
-            return fn(params, example, rng=jax.random.fold_in(member_key, index), **kw)
-    member_fn.__wrapped__ = fn
-    return member_fn
+_MASKED: dict = {}
+
+
+def _masked(fn: Callable, member_key: jax.Array, mode: str, rate: Optional[float]) -> Partial:
+    """``fn(params, example, rng=...)`` as a member function ``(params, example, index)``
+    whose mask key is a traced leaf: the members of one ensemble share their code (one
+    object per (fn, mode, rate)) and so every compiled program."""
+    if (fn, mode, rate) not in _MASKED:
+        kw = {} if rate is None else {"rate": rate}
+        if mode == "member":
+            def member_fn(key, params, example, index):
+                del index  # one sub-network per member: the mask ignores the example
+                return fn(params, example, rng=key, **kw)
+        else:
+            def member_fn(key, params, example, index):
+                return fn(params, example, rng=jax.random.fold_in(key, index), **kw)
+        member_fn.__wrapped__ = fn
+        _MASKED[fn, mode, rate] = member_fn
+    return Partial(_MASKED[fn, mode, rate], member_key)
 
 
 def mask_keys(key: jax.Array, num_members: int) -> jax.Array:

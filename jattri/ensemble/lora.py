@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 import numpy as np
 import optax
 
@@ -85,10 +86,14 @@ def merge(base: PyTree, adapters: Dict[str, Dict[str, jax.Array]], scale: float)
     return jax.tree_util.tree_map_with_path(one, base)
 
 
-def _adapted(fn: Callable, base: PyTree, scale: float) -> Callable:
-    def member_fn(adapters, example, index):
-        return fn(merge(base, adapters, scale), example, index)
-    return member_fn
+def _adapted_call(fn, base, scale, adapters, example, index):
+    return fn(merge(base, adapters, scale), example, index)
+
+
+def _adapted(fn: Callable, base: PyTree, scale: float) -> Partial:
+    """The member function of an adapter on ``base``: base params and scale are traced
+    leaves, so adapters on different bases share compiled code too."""
+    return Partial(_adapted_call, fn, base, scale)
 
 
 def lora(task: Task, train: PyTree, num_adapters: int, key: jax.Array, *, rank: int = 4,

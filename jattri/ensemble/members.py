@@ -96,7 +96,7 @@ def user_functions(task: Task) -> list:
     for k, m in enumerate(task.members):
         fns = []
         for f, name in ((m.loss_fn, "loss_fn"), (m.target_fn, "target_fn")):
-            user = getattr(f, "__wrapped__", None)
+            user = getattr(getattr(f, "func", f), "__wrapped__", None)
             if user is None:
                 raise TypeError(
                     f"member {k}'s {name} has no `__wrapped__` user function: this ensemble "

@@ -6,10 +6,21 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
 
 from jattri import _checks
 
 PyTree = Any
+
+
+def as_partial(fn: Callable) -> Partial:
+    """``fn`` as a ``jax.tree_util.Partial`` pytree (unchanged if it is one), so it can
+    be passed to ``jax.jit`` as a traced argument: its code is static (the treedef),
+    its bound arrays are traced, and functions that differ only in those arrays share
+    one compilation."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    return fn if isinstance(fn, Partial) else Partial(fn)
 
 
 def map_examples(fn: Callable, xs: PyTree, chunk_size: Optional[int]):

@@ -11,6 +11,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
+
+from jattri.func.grads import as_partial
 
 PyTree = Any
 
@@ -187,14 +190,20 @@ def _lissa_flat(flat_f_batch, theta, v, data, key, damping, scale, depth, repeat
     return jnp.mean(out, axis=0)
 
 
-_lissa_jit = jax.jit(_lissa_flat, static_argnums=(0, 7, 8, 9, 10))
+# The functions are ``Partial`` pytrees (``as_partial``): traced, not static.
+_lissa_jit = jax.jit(_lissa_flat, static_argnums=(7, 8, 9, 10))
+_top_eigenvalue_jit = jax.jit(lambda f, t, k: top_eigenvalue(lambda x: hvp(f, t, x), t.shape[0],
+                                                            key=k, dtype=t.dtype))
+
+
+def _on_batch(flat_f_batch, batch, theta):
+    return flat_f_batch(theta, batch)
 
 
 def lissa_scale(flat_f: Callable, theta: jax.Array, damping: float, key: jax.Array,
                 factor: float = 1.5) -> float:
     """Default LiSSA scale: ``factor · (λ̂_max(H) + damping)``, λ̂_max by power iteration."""
-    top = jax.jit(lambda t, k: top_eigenvalue(lambda x: hvp(flat_f, t, x), t.shape[0],
-                                              key=k, dtype=t.dtype))(theta, key)
+    top = _top_eigenvalue_jit(as_partial(flat_f), theta, key)
     return float(factor * (jnp.abs(top) + damping))
 
 
@@ -218,12 +227,13 @@ def lissa_flat(flat_f_batch: Callable, theta: jax.Array, v: jax.Array, data: PyT
     batch_size = min(batch_size, n)
     key_scale, key_run = jax.random.split(key)
     if scale is None:
-        scale = lissa_scale(lambda t: flat_f_batch(t, data), theta, damping, key_scale)
+        scale = lissa_scale(Partial(_on_batch, as_partial(flat_f_batch), data), theta,
+                            damping, key_scale)
     if not scale > 0:
         raise ValueError(f"`scale` must be > 0, got {scale}")
     squeeze = v.ndim == 1
     vv = jnp.atleast_2d(v)
-    out = _lissa_jit(flat_f_batch, theta, vv, data, key_run, float(damping), float(scale),
+    out = _lissa_jit(as_partial(flat_f_batch), theta, vv, data, key_run, float(damping), float(scale),
                      int(depth), int(repeats), batch_size, n)
     if _is_concrete(out):
         # With scale > λ_max(H_S) + λ every factor of the series is a contraction,

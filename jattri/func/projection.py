@@ -16,11 +16,13 @@ result, and no dense ``d × k`` matrix is ever held whole (peak memory
 """
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 DEFAULT_CHUNK = 4096
 PROJECTIONS = ("gaussian", "rademacher", "sjlt")
@@ -58,14 +60,16 @@ def _scan_chunks(block_fn: Callable, x: jax.Array, d: int, k: int, chunk: int) -
 
 
 def _as_applier(project: Callable, d: int) -> Callable:
-    """Wrap ``project((n, d)) -> (n, k)`` to also take one ``(d,)`` vector; check shapes."""
+    """Wrap ``project(*bound, (n, d)) -> (n, k)`` to also take one ``(d,)`` vector;
+    check shapes."""
 
-    def apply(x: jax.Array) -> jax.Array:
+    def apply(*args) -> jax.Array:
+        *bound, x = args
         x = jnp.asarray(x)
         if x.ndim not in (1, 2) or x.shape[-1] != d:
             raise ValueError(f"projection input must have shape (n, {d}) or ({d},), got "
                              f"shape {x.shape}")
-        out = project(jnp.atleast_2d(x))
+        out = project(*bound, jnp.atleast_2d(x))
         return out[0] if x.ndim == 1 else out
 
     return apply
@@ -102,12 +106,17 @@ def _project(x, key, *, kind, d, k, chunk):
     return _scan_chunks(lambda rows, xc: block(key, rows, xc, k), x, d, k, chunk)
 
 
-def _named_projection(kind, key, d, k, chunk_size):
-    # The key is a traced argument of one jitted program per (kind, d, k, chunk):
-    # projectors that differ only in their key share the compilation.
+@functools.lru_cache(maxsize=None)
+def _named_applier(kind, d, k, chunk) -> Callable:
+    """``apply(key, x)``: one object per (kind, d, k, chunk)."""
+    return _as_applier(lambda key, x: _project(x, key, kind=kind, d=d, k=k, chunk=chunk), d)
+
+
+def _named_projection(kind, key, d, k, chunk_size) -> Partial:
+    # A Partial with the key as its traced leaf: projectors that differ only in their
+    # key share every compilation, also when passed into jitted code.
     d, k = _check_sizes(d, k)
-    chunk = _chunk(d, chunk_size)
-    return _as_applier(lambda x: _project(x, key, kind=kind, d=d, k=k, chunk=chunk), d)
+    return Partial(_named_applier(kind, d, k, _chunk(d, chunk_size)), key)
 
 
 def gaussian_projection(key: jax.Array, d: int, k: int, *,

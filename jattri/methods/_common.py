@@ -1,14 +1,15 @@
 """Shared machinery of the attribution methods: the Attributor type, member gradients."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
 
 from jattri import _checks
-from jattri.func.grads import map_examples, per_example_grads_flat
+from jattri.func.grads import as_partial, map_examples, per_example_grads_flat
 from jattri.task import Task
 
 PyTree = Any
@@ -39,21 +40,21 @@ class FlatMember(NamedTuple):
     unravel: Callable
 
 
-_FLAT_FNS: dict = {}
+_UNRAVELED: dict = {}
 
 
-def _flat_fn(fn: Callable, params: PyTree) -> Callable:
-    """``(theta, z, i) -> fn(unravel(theta), z, i)``, one object per (fn, param layout).
-
-    Members that share a function and a parameter layout (checkpoints of one model)
-    share this object, so jitted code compiled for one member is reused by the others.
-    """
+def _flat_fn(fn: Partial, params: PyTree) -> Tuple[Partial, Callable]:
+    """``(flat_fn, unravel)``: ``flat_fn(theta, z, i) = fn(unravel(theta), z, i)`` as a
+    ``Partial`` pytree whose code is one object per parameter layout, so members that
+    share a layout and the code of their functions share every compiled program (their
+    functions' leaves, e.g. dropout keys, are traced)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    layout = (fn, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-    if layout not in _FLAT_FNS:
+    layout = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    if layout not in _UNRAVELED:
         unravel = ravel_pytree(params)[1]
-        _FLAT_FNS[layout] = (lambda t, z, i: fn(unravel(t), z, i), unravel)
-    return _FLAT_FNS[layout]
+        _UNRAVELED[layout] = (lambda f, t, z, i: f(unravel(t), z, i), unravel)
+    call, unravel = _UNRAVELED[layout]
+    return Partial(call, fn), unravel
 
 
 def flat_members(task: Task) -> tuple:
@@ -89,8 +90,7 @@ def indices_for(data: PyTree) -> jax.Array:
     return jnp.arange(_checks.num_examples(data), dtype=jnp.int32)
 
 
-_grads_jit = jax.jit(per_example_grads_flat, static_argnums=(0,),
-                     static_argnames=("chunk_size", "transform"))
+_grads_jit = jax.jit(per_example_grads_flat, static_argnames=("chunk_size",))
 
 
 def member_grads(fn: Callable, theta: jax.Array, data: PyTree, *,
@@ -98,10 +98,14 @@ def member_grads(fn: Callable, theta: jax.Array, data: PyTree, *,
                  transform: Optional[Callable] = None) -> jax.Array:
     """``(n, d)`` gradients of ``fn(theta, z_i, i)``, or ``(n, k)`` = ``transform(grads)``.
 
+    ``fn`` is a ``Partial`` (a FlatMember's function) and ``transform`` is made one
+    (jattri's projections are, with their key as the traced leaf): neither is static, so
+    members and attributors that differ only in arrays share one compilation.
+
     ``transform`` (e.g. a projection) is applied chunk by chunk of examples.
     """
     return _grads_jit(fn, theta, data, indices_for(data), chunk_size=chunk_size,
-                      transform=transform)
+                      transform=None if transform is None else as_partial(transform))
 
 
 def mean_loss(loss: Callable, theta: jax.Array, data: PyTree, *,

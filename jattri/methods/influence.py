@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
 
 from jattri.func import fisher
 from jattri.func.grads import map_examples
@@ -62,23 +63,29 @@ class CGInfluenceState(NamedTuple):
     train_grads: jax.Array
 
 
+def _batch_mean_loss(loss, theta, batch):
+    """Mean of ``loss(theta, z_i, i)`` over a batch ``(examples, indices)``."""
+    z, i = batch
+    return jnp.mean(jax.vmap(loss, (None, 0, 0))(theta, z, i))
+
+
 def _mean_loss_fn(loss, data, chunk_size):
     return lambda t: _common.mean_loss(loss, t, data, chunk_size=chunk_size)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
+@partial(jax.jit, static_argnums=(3,))
 def _mean_loss_hessian(loss, theta, data, chunk_size):
     return jax.hessian(_mean_loss_fn(loss, data, chunk_size))(theta)
 
 
-@partial(jax.jit, static_argnums=(0, 4, 5, 6))
+@partial(jax.jit, static_argnums=(4, 5, 6))
 def _cg_ihvp(loss, theta, data, vectors, maxiter, tol, chunk_size, damping):
     f = _mean_loss_fn(loss, data, chunk_size)
     matvec = lambda x: hvp(f, theta, x) + damping * x
     return cg_solve(matvec, vectors, maxiter=maxiter, tol=tol)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4, 6))
+@partial(jax.jit, static_argnums=(3, 4, 6))
 def _arnoldi_hessian(loss, theta, data, rank, num_iters, key, chunk_size):
     f = _mean_loss_fn(loss, data, chunk_size)
     return arnoldi_eigenpairs(lambda x: hvp(f, theta, x), theta.shape[0], rank=rank,
@@ -269,11 +276,8 @@ def influence_lissa(task: Task, *, damping: float = 1e-3, depth: int = 1000,
     key = jax.random.PRNGKey(0) if key is None else key
 
     def train_side(k, m, train, g):
-        def f_batch(theta, batch):
-            z, i = batch
-            return jnp.mean(jax.vmap(m.loss, (None, 0, 0))(theta, z, i))
         data = (train, _common.indices_for(train))
-        h = lissa_flat(f_batch, m.theta, g, data, key=jax.random.fold_in(key, k),
+        h = lissa_flat(Partial(_batch_mean_loss, m.loss), m.theta, g, data, key=jax.random.fold_in(key, k),
                        damping=damping, scale=scale, depth=depth, repeats=repeats,
                        batch_size=batch_size)
         return g, h, None
@@ -319,9 +323,13 @@ def influence_arnoldi(task: Task, *, rank: int = 100, num_iters: Optional[int] =
 
 # ---------------------------------------------------------------------- EK-FAC, DataInf
 
-def _pytree_loss(member):
+def _indexed_call(fn, params, zi):
+    return fn(params, zi[0], zi[1])
+
+
+def _pytree_loss(member) -> Partial:
     """A member's loss on pytree params with the example carrying its index."""
-    return lambda params, zi: member.loss_fn(params, zi[0], zi[1])
+    return Partial(_indexed_call, member.loss_fn)
 
 
 def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: bool = True,
@@ -362,19 +370,23 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
         data = (train, _common.indices_for(train))
         factors = _ekfac_factors_jit(_pytree_loss(member), member.params, data,
                                      correct_eigenvalues, curvature, chunk_size)
-        apply = jax.jit(lambda fac, x: ravel_pytree(
-            fisher.ekfac_ihvp(fac, m.unravel(x), damping))[0])
-        h = map_examples(lambda x: apply(factors, x), g, chunk_size)
-        return g, h, None
+        return g, _ekfac_ihvps(factors, g, damping, m.unravel, chunk_size), None
 
     return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _ekfac_ihvps(factors, g, damping, unravel, chunk_size):
+    """``(n, d)``: (F_EKFAC + λI)⁻¹ g_i for every row of ``g``."""
+    one = lambda x: ravel_pytree(fisher.ekfac_ihvp(factors, unravel(x), damping))[0]
+    return map_examples(one, g, chunk_size)
 
 
 _ekfac_factors_jit = jax.jit(
     lambda loss, params, data, correct, curvature, chunk: fisher.ekfac_factors(
         loss, params, data, correct_eigenvalues=correct, curvature=curvature,
         chunk_size=chunk),
-    static_argnums=(0, 3, 4, 5))
+    static_argnums=(3, 4, 5))
 
 
 def influence_datainf(task: Task, *, damping: float = 0.1,

@@ -56,7 +56,7 @@ def _layer_dims(layer, proj_dim_in, proj_dim_out):
     return d_in, k_in, k_out
 
 
-@partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _projected_layer_grads(fn, params, data, key, layers, proj_dim_in, proj_dim_out,
                            projection, proj_chunk_size, chunk_size):
     """``(n, Σ_ℓ k_in·k_out)``: every example's Kronecker-projected layer gradients.

@@ -60,14 +60,15 @@ def _check_weights(weights, num_members: int) -> jax.Array:
     return w
 
 
-@partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _member_grads(fn, params, data, key, chunk_size, projection, proj_dim, proj_chunk_size,
                   normalize):
     """``(n, k)`` flat gradients of a member function ``fn(params, z_i, i)``, projected
     chunk by chunk of examples with the projection of ``key`` and normalised if asked.
 
-    Only ``fn`` and the sizes are static: the members of a Task built from one
-    ``loss_fn`` share ``fn``, so all members, keys and calls share one compilation.
+    Only the sizes are static; ``fn`` is a member's ``Partial`` (code static, bound
+    arrays traced), so members that share code (checkpoints, dropout masks) share one
+    compilation across keys and calls.
     """
     theta, unravel = ravel_pytree(params)
     proj = (None if proj_dim is None else

@@ -16,7 +16,9 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
+from jattri.func.grads import as_partial
 from jattri.func.projection import gaussian_projection
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -46,33 +48,35 @@ def margin_from_loss(loss: jax.Array) -> jax.Array:
     return jnp.where(ok, -safe - jnp.log(-jnp.expm1(-safe)), 0.0)
 
 
-_MEMO: dict = {}
+def _margin_of_loss(loss, t, z, i):
+    return margin_from_loss(loss(t, z, i))
 
 
-def _memo(kind, fn, unravel, prob_fn, make):
-    """One function object per (kind, member function, prob_fn): jit caches are shared
-    by members that share their functions (checkpoints of one model)."""
-    key = (kind, fn, unravel if prob_fn is not None else None, prob_fn)
-    if key not in _MEMO:
-        _MEMO[key] = make(fn, unravel, prob_fn)
-    return _MEMO[key]
+def _margin_of_prob(prob_fn, unravel, t, z, i):
+    p = prob_fn(unravel(t), z)
+    return jnp.log(p) - jnp.log1p(-p)
 
 
-def _member_margin(fn: Callable, unravel: Callable, prob_fn: Optional[Callable]):
+def _q_of_loss(loss, t, z, i):
+    return -jnp.expm1(-loss(t, z, i))
+
+
+def _q_of_prob(prob_fn, unravel, t, z, i):
+    return 1.0 - prob_fn(unravel(t), z)
+
+
+def _member_fn(of_loss: Callable, of_prob: Callable, fn: Partial, unravel: Callable,
+               prob_fn: Optional[Callable]) -> Partial:
+    """The margin / Q function of a member as a ``Partial`` (code static, the member's
+    bound arrays traced): from its loss, or from ``prob_fn`` when given."""
     if prob_fn is None:
-        return lambda t, z, i: margin_from_loss(fn(t, z, i))
-
-    def margin(t, z, i):
-        p = prob_fn(unravel(t), z)
-        return jnp.log(p) - jnp.log1p(-p)
-
-    return margin
+        return Partial(of_loss, fn)
+    return Partial(of_prob, as_partial(prob_fn), Partial(unravel))
 
 
-def _member_q(fn: Callable, unravel: Callable, prob_fn: Optional[Callable]):
-    if prob_fn is None:
-        return lambda t, z, i: -jnp.expm1(-fn(t, z, i))
-    return lambda t, z, i: 1.0 - prob_fn(unravel(t), z)
+@jax.jit
+def _q_values(q_fn: Partial, theta: jax.Array, data: PyTree, idx: jax.Array) -> jax.Array:
+    return jax.vmap(q_fn, (None, 0, 0))(theta, data, idx)
 
 
 def trak(task: Task, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
@@ -102,11 +106,10 @@ def trak(task: Task, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     # exactly the single-member scores.
     projection = (None if proj_dim is None else
                   gaussian_projection(key, d, int(proj_dim), chunk_size=proj_chunk_size))
-    margins = tuple((_memo("margin", m.loss, m.unravel, prob_fn, _member_margin),
-                     _memo("margin", m.target, m.unravel, prob_fn, _member_margin))
+    margins = tuple((_member_fn(_margin_of_loss, _margin_of_prob, m.loss, m.unravel, prob_fn),
+                     _member_fn(_margin_of_loss, _margin_of_prob, m.target, m.unravel, prob_fn))
                     for m in members)
-    qs = tuple(_memo("q", m.loss, m.unravel, prob_fn, lambda *a: jax.jit(
-        jax.vmap(_member_q(*a), (None, 0, 0)))) for m in members)
+    qs = tuple(_member_fn(_q_of_loss, _q_of_prob, m.loss, m.unravel, prob_fn) for m in members)
 
     def phi(k, data, target):
         m = members[k]
@@ -124,7 +127,7 @@ def trak(task: Task, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
             kernel = kernel + lam * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
             feats.append(jnp.linalg.solve(kernel, p.T).T)
             phis.append(p)
-            q = q + qs[k](m.theta, train, idx)
+            q = q + _q_values(qs[k], m.theta, train, idx)
         return TrakState(train, jnp.stack(phis), jnp.stack(feats), q / len(members))
 
     def attribute(state: TrakState, test: PyTree) -> jax.Array:
