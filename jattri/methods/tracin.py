@@ -12,14 +12,12 @@ gradient step on z_i lowers the target on z_t (to first order), i.e. i helps t.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
 
-from jattri.func.grads import per_example_grads_flat
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
 from jattri.methods import _common
@@ -60,26 +58,16 @@ def _check_weights(weights, num_members: int) -> jax.Array:
     return w
 
 
-@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _member_grads(fn, params, data, key, chunk_size, projection, proj_dim, proj_chunk_size,
-                  normalize):
-    """``(n, k)`` flat gradients of a member function ``fn(params, z_i, i)``, projected
-    chunk by chunk of examples with the projection of ``key`` and normalised if asked.
+def _normalized(proj, g):
+    return _normalize(g if proj is None else proj(g))
 
-    Only the sizes are static; ``fn`` is a member's ``Partial`` (code static, bound
-    arrays traced), so members that share code (checkpoints, dropout masks) share one
-    compilation across keys and calls.
-    """
-    theta, unravel = ravel_pytree(params)
+
+def _transform(key, d, config) -> Optional[Partial]:
+    """The projection (key as a traced leaf) then, if asked, the normalisation."""
+    projection, proj_dim, proj_chunk_size, normalize = config
     proj = (None if proj_dim is None else
-            random_projection(projection, key, theta.shape[0], proj_dim,
-                              chunk_size=proj_chunk_size))
-    transform = proj
-    if normalize:
-        transform = _normalize if proj is None else (lambda g: _normalize(proj(g)))
-    flat_fn = lambda t, z, i: fn(unravel(t), z, i)
-    return per_example_grads_flat(flat_fn, theta, data, chunk_size=chunk_size,
-                                  transform=transform)
+            random_projection(projection, key, d, proj_dim, chunk_size=proj_chunk_size))
+    return Partial(_normalized, proj) if normalize else proj
 
 
 def tracin(task: Task, *, weights: Optional[Sequence[float]] = None,
@@ -113,16 +101,18 @@ def tracin(task: Task, *, weights: Optional[Sequence[float]] = None,
     check_projection_args(projection, proj_dim=proj_dim)
     if not isinstance(task, Task):
         raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
-    members = task.members
+    members = _common.flat_members(task)
     w = _check_weights(weights, len(members))
     key = jax.random.PRNGKey(0) if key is None else key
-    config = (chunk_size, projection, None if proj_dim is None else int(proj_dim),
-              proj_chunk_size, bool(normalize))
+    config = (projection, None if proj_dim is None else int(proj_dim), proj_chunk_size,
+              bool(normalize))
+    transforms = [_transform(jax.random.fold_in(key, k), m.theta.shape[0], config)
+                  for k, m in enumerate(members)]
 
     def grads(k, data, target):
         m = members[k]
-        return _member_grads(m.target_fn if target else m.loss_fn, m.params, data,
-                             jax.random.fold_in(key, k), *config)
+        return _common.member_grads(m.target if target else m.loss, m.theta, data,
+                                    chunk_size=chunk_size, transform=transforms[k])
 
     def weighted_sum(weights, per_member):
         total = 0.0
