@@ -8,7 +8,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jattri import _checks
-from jattri.func.grads import as_partial
+from jattri.func.grads import as_partial, shared
 
 PyTree = Any
 
@@ -40,14 +40,15 @@ _WITHOUT_INDEX: dict = {}
 def _drop_index(fn: Callable) -> Partial:
     """Adapt a user ``fn(params, example)`` to the member signature; one object per
     ``fn``, so Tasks built from the same function share compiled code."""
-    if fn not in _WITHOUT_INDEX:
+    def make():
         def member_fn(params, example, index):
             del index
             return fn(params, example)
 
         member_fn.__wrapped__ = fn
-        _WITHOUT_INDEX[fn] = Partial(member_fn)
-    return _WITHOUT_INDEX[fn]
+        return Partial(member_fn)
+
+    return shared(_WITHOUT_INDEX, fn, make)
 
 
 class Task:

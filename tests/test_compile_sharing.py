@@ -6,6 +6,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jattri
@@ -74,3 +75,31 @@ def test_lora_adapters_share_compilations():
     attr = jattri.trak(tasks[1], proj_dim=8)
     attr.attribute(attr.cache(train), test)
     assert _compiled() == before
+
+
+class _UnhashableLoss:
+    """A callable loss holding an array, with value equality: not hashable."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __eq__(self, other):
+        return isinstance(other, _UnhashableLoss) and bool(jnp.all(self.scale == other.scale))
+
+    __hash__ = None
+
+    def __call__(self, params, example, rng=None):
+        return self.scale * mlp_loss(params, example, rng)
+
+
+def test_unhashable_loss_functions_work_uncached():
+    params = init_mlp(jax.random.PRNGKey(0))
+    train, test = mlp_data(jax.random.PRNGKey(1), 8), mlp_data(jax.random.PRNGKey(2), 2)
+    loss = _UnhashableLoss(jnp.asarray(2.0))
+    same = lambda p, z, rng=None: 2.0 * mlp_loss(p, z, rng)  # hashable twin
+    key = jax.random.PRNGKey(0)
+    for build in (lambda f: jattri.Task(f, [params]),
+                  lambda f: dropout(jattri.Task(f, [params]), 2, key)):
+        got, want = [jattri.grad_dot(build(f)) for f in (loss, same)]
+        np.testing.assert_allclose(got.attribute(got.cache(train), test),
+                                   want.attribute(want.cache(train), test), rtol=1e-12)

@@ -29,7 +29,7 @@ from jax.tree_util import Partial
 
 from jattri._checks import check_signature
 from jattri.ensemble.members import user_functions
-from jattri.func.grads import map_examples
+from jattri.func.grads import map_examples, shared
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.trak import TrakState, trak
@@ -64,7 +64,7 @@ def _masked(fn: Callable, member_key: jax.Array, mode: str, rate: Optional[float
     """``fn(params, example, rng=...)`` as a member function ``(params, example, index)``
     whose mask key is a traced leaf: the members of one ensemble share their code (one
     object per (fn, mode, rate)) and so every compiled program."""
-    if (fn, mode, rate) not in _MASKED:
+    def make():
         kw = {} if rate is None else {"rate": rate}
         if mode == "member":
             def member_fn(key, params, example, index):
@@ -74,8 +74,9 @@ def _masked(fn: Callable, member_key: jax.Array, mode: str, rate: Optional[float
             def member_fn(key, params, example, index):
                 return fn(params, example, rng=jax.random.fold_in(key, index), **kw)
         member_fn.__wrapped__ = fn
-        _MASKED[fn, mode, rate] = member_fn
-    return Partial(_MASKED[fn, mode, rate], member_key)
+        return member_fn
+
+    return Partial(shared(_MASKED, (fn, mode, rate), make), member_key)
 
 
 def mask_keys(key: jax.Array, num_members: int) -> jax.Array:

@@ -23,6 +23,18 @@ def as_partial(fn: Callable) -> Partial:
     return fn if isinstance(fn, Partial) else Partial(fn)
 
 
+def shared(cache: dict, key: Any, make: Callable) -> Any:
+    """``cache[key]``, made by ``make()`` on first use: one object per key (e.g. per
+    user function), so jit caches keyed on it are reused. An unhashable key (a callable
+    dataclass holding arrays) gets a fresh, uncached object."""
+    try:
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+    except TypeError:
+        return make()
+
+
 def map_examples(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
     """``vmap(fn)(xs)``, evaluated ``chunk_size`` examples at a time (``lax.map``).
 

@@ -9,7 +9,8 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks
-from jattri.func.grads import as_partial, map_examples, per_example_grads_flat
+from jattri.func.grads import (as_partial, map_examples, per_example_grads_flat,
+                               shared)
 from jattri.task import Task
 
 PyTree = Any
@@ -50,10 +51,11 @@ def _flat_fn(fn: Partial, params: PyTree) -> Tuple[Partial, Callable]:
     functions' leaves, e.g. dropout keys, are traced)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     layout = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-    if layout not in _UNRAVELED:
+    def make():
         unravel = ravel_pytree(params)[1]
-        _UNRAVELED[layout] = (lambda f, t, z, i: f(unravel(t), z, i), unravel)
-    call, unravel = _UNRAVELED[layout]
+        return (lambda f, t, z, i: f(unravel(t), z, i)), unravel
+
+    call, unravel = shared(_UNRAVELED, layout, make)
     return Partial(call, fn), unravel
 
 
