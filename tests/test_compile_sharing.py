@@ -103,3 +103,28 @@ def test_unhashable_loss_functions_work_uncached():
         got, want = [jattri.grad_dot(build(f)) for f in (loss, same)]
         np.testing.assert_allclose(got.attribute(got.cache(train), test),
                                    want.attribute(want.cache(train), test), rtol=1e-12)
+
+
+def test_func_level_solvers_compile_once_for_one_function():
+    """``ihvp_explicit`` / ``ihvp_cg`` / ``ihvp_arnoldi`` / ``ihvp_lissa`` called again
+    with the same ``f`` (other params values and vectors) reuse their programs."""
+    from jattri import func
+    x = jax.random.normal(jax.random.PRNGKey(0), (20, 3))
+    f = lambda p: jnp.mean((x @ p["w"] - 1.0) ** 2) + 0.5 * jnp.sum(p["w"] ** 2)
+    f_batch = lambda p, b: jnp.mean((b @ p["w"] - 1.0) ** 2) + 0.5 * jnp.sum(p["w"] ** 2)
+    calls = [
+        lambda p, v: func.ihvp_explicit(f, p, v, damping=0.1),
+        lambda p, v: func.ihvp_cg(f, p, v, damping=0.1),
+        lambda p, v: func.ihvp_arnoldi(f, p, v, rank=3, damping=0.1),
+        lambda p, v: func.ihvp_lissa(f_batch, p, v, data=x, key=jax.random.PRNGKey(1),
+                                     damping=0.1, depth=20),
+    ]
+    programs = [hessian._dense_hessian_jit, hessian._cg_jit, hessian._arnoldi_ihvp_jit,
+                hessian._lissa_jit, hessian._top_eigenvalue_jit]
+    for call in calls:
+        call({"w": jnp.ones(3)}, {"w": jnp.ones(3)})
+    before = [p._cache_size() for p in programs]
+    for call in calls:
+        out = call({"w": jnp.arange(3.0)}, {"w": jnp.arange(3.0) - 1.0})
+        assert bool(jnp.all(jnp.isfinite(out["w"])))
+    assert [p._cache_size() for p in programs] == before

@@ -21,7 +21,7 @@ only the Q = 1 − p term averaged over the K masks (forward passes only).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp

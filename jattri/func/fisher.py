@@ -16,7 +16,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -35,6 +35,28 @@ def shared(cache: dict, key: Any, make: Callable) -> Any:
         return make()
 
 
+_UNRAVEL: dict = {}
+
+
+def unravel_fn(params: PyTree) -> Partial:
+    """``unravel`` of ``ravel_pytree(params)`` as a ``Partial``, one object per parameter
+    layout (treedef, shapes, dtypes), so functions built on it share compilations."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    layout = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    return shared(_UNRAVEL, layout, lambda: Partial(ravel_pytree(params)[1]))
+
+
+def _on_unraveled(fn, unravel, theta, *args):
+    return fn(unravel(theta), *args)
+
+
+def flat_fn(fn: Callable, params: PyTree) -> Partial:
+    """``flat(theta, *args) = fn(unravel(theta), *args)`` on flat parameters, as a
+    ``Partial`` pytree: traced (``fn``'s bound arrays are leaves), its code one object
+    per (code of ``fn``, parameter layout)."""
+    return Partial(_on_unraveled, as_partial(fn), unravel_fn(params))
+
+
 def map_examples(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
     """``vmap(fn)(xs)``, evaluated ``chunk_size`` examples at a time (``lax.map``).
 

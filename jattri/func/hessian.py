@@ -6,6 +6,7 @@ extra leading axis on every leaf means a batch of vectors.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from jattri.func.grads import as_partial
+from jattri.func.grads import as_partial, flat_fn, unravel_fn
 
 PyTree = Any
 
@@ -30,8 +31,10 @@ def hvp(f: Callable, params: PyTree, v: PyTree) -> PyTree:
 
 
 def _flat(f, params, v):
-    """Flatten ``f`` and ``v``; report whether ``v`` carries a batch axis."""
-    theta, unravel = ravel_pytree(params)
+    """Flatten ``f`` and ``v``; report whether ``v`` carries a batch axis. ``flat_f`` is
+    a ``Partial`` (``flat_fn``): the jitted solvers below take it as a traced argument,
+    so repeated calls with the same ``f`` compile once."""
+    theta = ravel_pytree(params)[0]
     leaves_p = jax.tree_util.tree_leaves(params)
     leaves_v = jax.tree_util.tree_leaves(v)
     if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(v):
@@ -48,8 +51,7 @@ def _flat(f, params, v):
         flat_v = jax.vmap(lambda x: ravel_pytree(x)[0])(v)
     else:
         flat_v = ravel_pytree(v)[0]
-    flat_f = lambda t: f(unravel(t))
-    return theta, flat_f, flat_v, unravel, batched
+    return theta, flat_fn(f, params), flat_v, unravel_fn(params), batched
 
 
 def _unflat(x, unravel, batched):
@@ -59,6 +61,9 @@ def _unflat(x, unravel, batched):
 def dense_hessian(f: Callable, theta: jax.Array) -> jax.Array:
     """The ``(d, d)`` Hessian of scalar ``f`` at flat ``theta`` (d HVPs)."""
     return jax.hessian(f)(theta)
+
+
+_dense_hessian_jit = jax.jit(dense_hessian)
 
 
 def damped_inverse(h: jax.Array, damping: float, *, what: str = "Hessian") -> jax.Array:
@@ -101,9 +106,14 @@ def ihvp_explicit(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.
       pytree like ``v``.
     """
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
-    inv = damped_inverse(jax.jit(dense_hessian, static_argnums=0)(flat_f, theta), damping)
+    inv = damped_inverse(_dense_hessian_jit(flat_f, theta), damping)
     out = flat_v @ inv  # inv is symmetric
     return _unflat(out, unravel, batched)
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def _cg_jit(flat_f, theta, b, damping, maxiter, tol):
+    return cg_solve(lambda x: hvp(flat_f, theta, x) + damping * x, b, maxiter=maxiter, tol=tol)
 
 
 def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: float) -> jax.Array:
@@ -128,9 +138,7 @@ def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
       pytree like ``v``.
     """
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
-    solve = jax.jit(lambda t, b, lam: cg_solve(lambda x: hvp(flat_f, t, x) + lam * x, b,
-                                               maxiter=maxiter, tol=tol))
-    out = check_finite_solve(solve(theta, flat_v, damping), "CG")
+    out = check_finite_solve(_cg_jit(flat_f, theta, flat_v, damping, maxiter, tol), "CG")
     return _unflat(out, unravel, batched)
 
 
@@ -284,8 +292,7 @@ def ihvp_lissa(f_batch: Callable, params: PyTree, v: PyTree, *, data: PyTree,
     Returns:
       pytree like ``v``.
     """
-    theta, _, flat_v, unravel, batched = _flat(lambda p: 0.0, params, v)
-    flat_f_batch = lambda t, b: f_batch(unravel(t), b)
+    theta, flat_f_batch, flat_v, unravel, batched = _flat(f_batch, params, v)
     out = lissa_flat(flat_f_batch, theta, flat_v, data, key=key, damping=damping,
                      scale=scale, depth=depth, repeats=repeats, batch_size=batch_size)
     return _unflat(out, unravel, batched)
@@ -399,6 +406,15 @@ def arnoldi_inverse_weights(eigvals: jax.Array, damping: float, tol: float) -> j
     return jnp.where(keep, 1.0 / jnp.where(keep, damped, 1.0), 0.0)
 
 
+@partial(jax.jit, static_argnums=(5, 6, 7))
+def _arnoldi_ihvp_jit(flat_f, theta, flat_v, key, damping, rank, num_iters, tol):
+    eigvals, eigvecs = arnoldi_eigenpairs(lambda x: hvp(flat_f, theta, x), theta.shape[0],
+                                          rank=rank, num_iters=num_iters, key=key,
+                                          dtype=theta.dtype)
+    weights = arnoldi_inverse_weights(eigvals, damping, tol)
+    return ((flat_v @ eigvecs) * weights) @ eigvecs.T
+
+
 def ihvp_arnoldi(f: Callable, params: PyTree, v: PyTree, *, rank: int,
                  num_iters: Optional[int] = None, damping: float = 0.0, tol: float = 1e-6,
                  key: Optional[jax.Array] = None) -> PyTree:
@@ -428,12 +444,6 @@ def ihvp_arnoldi(f: Callable, params: PyTree, v: PyTree, *, rank: int,
                       f"clipped to {d}", stacklevel=2)
         rank = d
 
-    @jax.jit
-    def run(theta, flat_v, key):
-        eigvals, eigvecs = arnoldi_eigenpairs(lambda x: hvp(flat_f, theta, x), d, rank=rank,
-                                              num_iters=num_iters, key=key, dtype=theta.dtype)
-        weights = arnoldi_inverse_weights(eigvals, damping, tol)
-        return ((flat_v @ eigvecs) * weights) @ eigvecs.T
-
-    out = run(theta, flat_v, jax.random.PRNGKey(0) if key is None else key)
+    out = _arnoldi_ihvp_jit(flat_f, theta, flat_v, jax.random.PRNGKey(0) if key is None else key,
+                            damping, rank, num_iters, tol)
     return _unflat(out, unravel, batched)

@@ -1,16 +1,15 @@
 """Shared machinery of the attribution methods: the Attributor type, member gradients."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from jax.tree_util import Partial
 
 from jattri import _checks
-from jattri.func.grads import (as_partial, map_examples, per_example_grads_flat,
-                               shared)
+from jattri.func.grads import (as_partial, flat_fn, map_examples, per_example_grads_flat,
+                               unravel_fn)
 from jattri.task import Task
 
 PyTree = Any
@@ -33,30 +32,14 @@ class Attributor(NamedTuple):
 
 
 class FlatMember(NamedTuple):
-    """A member on flat parameters: ``loss(theta, example, index)``, likewise target."""
+    """A member on flat parameters: ``loss(theta, example, index)``, likewise target
+    (``jattri.func.grads.flat_fn``: ``Partial`` pytrees, so members whose functions
+    differ only in arrays share every compiled program)."""
 
     theta: jax.Array
     loss: Callable
     target: Callable
     unravel: Callable
-
-
-_UNRAVELED: dict = {}
-
-
-def _flat_fn(fn: Partial, params: PyTree) -> Tuple[Partial, Callable]:
-    """``(flat_fn, unravel)``: ``flat_fn(theta, z, i) = fn(unravel(theta), z, i)`` as a
-    ``Partial`` pytree whose code is one object per parameter layout, so members that
-    share a layout and the code of their functions share every compiled program (their
-    functions' leaves, e.g. dropout keys, are traced)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    layout = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-    def make():
-        unravel = ravel_pytree(params)[1]
-        return (lambda f, t, z, i: f(unravel(t), z, i)), unravel
-
-    call, unravel = shared(_UNRAVELED, layout, make)
-    return Partial(call, fn), unravel
 
 
 def flat_members(task: Task) -> tuple:
@@ -65,9 +48,9 @@ def flat_members(task: Task) -> tuple:
     out = []
     for m in task.members:
         theta = ravel_pytree(m.params)[0]
-        loss, unravel = _flat_fn(m.loss_fn, m.params)
-        target = loss if m.target_fn is m.loss_fn else _flat_fn(m.target_fn, m.params)[0]
-        out.append(FlatMember(theta, loss, target, unravel))
+        loss = flat_fn(m.loss_fn, m.params)
+        target = loss if m.target_fn is m.loss_fn else flat_fn(m.target_fn, m.params)
+        out.append(FlatMember(theta, loss, target, unravel_fn(m.params)))
     return tuple(out)
 
 

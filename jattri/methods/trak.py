@@ -71,7 +71,7 @@ def _member_fn(of_loss: Callable, of_prob: Callable, fn: Partial, unravel: Calla
     bound arrays traced): from its loss, or from ``prob_fn`` when given."""
     if prob_fn is None:
         return Partial(of_loss, fn)
-    return Partial(of_prob, as_partial(prob_fn), Partial(unravel))
+    return Partial(of_prob, as_partial(prob_fn), unravel)
 
 
 @jax.jit
