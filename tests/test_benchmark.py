@@ -26,7 +26,7 @@ def test_split_is_the_fixed_one():
     np.testing.assert_array_equal(xte, (d.data[perm[1000:1200]] / 16).astype(np.float32))
 
 
-@pytest.mark.parametrize("model", ["lr", "mlp"])
+@pytest.mark.parametrize("model", ["lr", "mlp", "cnn"])
 def test_vmapped_training_equals_one_at_a_time(model):
     cfg = dataclasses.replace(TINY, model=model, batch_size=10 if model == "mlp" else None,
                               dropout=0.1 if model == "mlp" else 0.0, epochs=3)
@@ -86,6 +86,22 @@ def test_load_tiny_setting_and_cli(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["grad_dot", "influence_explicit"]
     for r in rows:
         assert -1.0 <= r["lds"] <= 1.0 and r["total_s"] > 0
+
+
+def test_cache_of_another_model_version_is_recomputed(tmp_path, monkeypatch):
+    """A cache file under the setting's key whose models have another parameter count
+    (the architecture changed since it was written) is recomputed, never misread."""
+    monkeypatch.setitem(digits.SETTINGS, "digits_tiny", TINY)
+    key = _cache.cache_key("digits_tiny", dataclasses.asdict(TINY))
+    np.savez(tmp_path / f"{key}.npz", full=np.zeros((2, 5)), half=np.zeros((6, 5)),
+             subsets=np.zeros((6, 30), np.int32), targets=np.zeros((6, 8)),
+             train_seconds=np.float64(0))
+    with pytest.warns(UserWarning, match="recomputing"):
+        b = benchmark.load("digits_tiny", cache=str(tmp_path), progress=None)
+    assert jax.tree_util.tree_leaves(b.models_full[0])[0].shape == (10,)  # the LR bias
+    assert np.any(b.lds[1] != 0)
+    with np.load(tmp_path / f"{key}.npz") as f:  # and the file now holds the new models
+        assert f["full"].shape == (2, 64 * 10 + 10)
 
 
 def test_unknown_setting():

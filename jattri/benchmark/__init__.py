@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,13 +48,20 @@ def load(name: str, *, cache: Optional[str] = None, refresh: bool = False,
         say(f"{name}: computing ground truth (first run; cached afterwards)")
         return digits.compute(cfg, progress=say)
 
-    arrays, path, hit = cached(name, dataclasses.asdict(cfg), compute,
-                               directory=None if cache is None else Path(cache),
+    init_fn, apply_fn, loss_fn = digits.model_fns(cfg)
+    theta, unravel = ravel_pytree(init_fn(jax.random.PRNGKey(0)))
+    directory = None if cache is None else Path(cache)
+    arrays, path, hit = cached(name, dataclasses.asdict(cfg), compute, directory=directory,
                                refresh=refresh)
+    if hit and any(np.shape(arrays[k])[1:] != theta.shape for k in ("full", "half")):
+        # Written by another version of the setting's model: recompute, never misread.
+        warnings.warn(f"ground-truth cache {path} holds models with "
+                      f"{np.shape(arrays['full'])[1:]} parameters, the {name} model has "
+                      f"{theta.shape}; recomputing")
+        arrays, path, hit = cached(name, dataclasses.asdict(cfg), compute,
+                                   directory=directory, refresh=True)
     if hit:
         say(f"{name}: ground truth from cache {path}")
-    init_fn, apply_fn, loss_fn = digits.model_fns(cfg)
-    unravel = ravel_pytree(init_fn(jax.random.PRNGKey(0)))[1]
     to_params = lambda flat: [unravel(jax.numpy.asarray(v)) for v in flat]
     train, test = digits.digits_split(cfg.n_train, cfg.n_test)
     return Benchmark(

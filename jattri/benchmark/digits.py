@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jattri.models import MLP, LogisticRegression
+from jattri.models import MLP, LogisticRegression, SmallCNN
 
 
 @dataclasses.dataclass(frozen=True)
 class DigitsConfig:
     """Hyperparameters of a digits setting; all of them key the ground-truth cache."""
 
-    model: str                   # "lr" | "mlp"
+    model: str                   # "lr" | "mlp" | "cnn"
     epochs: int
     batch_size: Optional[int]    # None = full batch
     learning_rate: float
@@ -50,6 +50,9 @@ SETTINGS = {
                               weight_decay=1e-2),
     "digits_mlp": DigitsConfig(model="mlp", epochs=40, batch_size=50, learning_rate=3e-3,
                                weight_decay=1e-4, dropout=0.1, num_full=10),
+    # Opt-in (not in the default run): Conv layers, small enough for exact influence.
+    "digits_cnn": DigitsConfig(model="cnn", epochs=40, batch_size=50, learning_rate=3e-3,
+                               weight_decay=1e-3),
 }
 
 
@@ -73,7 +76,9 @@ def make_model(cfg: DigitsConfig) -> nn.Module:
         return LogisticRegression(num_classes=10)
     if cfg.model == "mlp":
         return MLP(hidden=(128, 64), num_classes=10, dropout_rate=cfg.dropout)
-    raise ValueError(f"unknown model {cfg.model!r}; expected 'lr' or 'mlp'")
+    if cfg.model == "cnn":
+        return SmallCNN(num_classes=10)
+    raise ValueError(f"unknown model {cfg.model!r}; expected 'lr', 'mlp' or 'cnn'")
 
 
 def model_fns(cfg: DigitsConfig):
