@@ -37,7 +37,9 @@ def _num_params(params) -> int:
 
 
 def run_method(bench, name: str) -> dict:
-    """Run one registered method on a loaded Benchmark; returns a result row."""
+    """Run one registered method on a loaded Benchmark; returns a result row (LDS
+    ``None`` and a note when the method is skipped or refuses the setting with a
+    ``ValueError``)."""
     spec = METHODS[name]
     row = {"setting": bench.name, "method": name, "lds": None, "cache_s": None,
            "attribute_s": None, "total_s": None, "note": ""}
@@ -51,9 +53,15 @@ def run_method(bench, name: str) -> dict:
     task = jattri.Task(bench.loss_fn, bench.models_full[:spec.num_checkpoints], bench.target_fn)
     attr = spec.build(task, bench)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(attr.cache(bench.train))
-    t1 = time.perf_counter()
-    scores = np.asarray(jax.block_until_ready(attr.attribute(state, bench.test)))
+    try:
+        state = jax.block_until_ready(attr.cache(bench.train))
+        t1 = time.perf_counter()
+        scores = np.asarray(jax.block_until_ready(attr.attribute(state, bench.test)))
+    except ValueError as err:
+        # A documented refusal (an indefinite Hessian for this damping, a diverging
+        # LiSSA): one row says so and the other methods still run.
+        row["note"] = f"failed: {str(err).splitlines()[0]}"
+        return row
     t2 = time.perf_counter()
     per_test = jattri.metrics.lds(scores, *bench.lds)
     row.update(lds=float(np.nanmean(per_test)), cache_s=t1 - t0, attribute_s=t2 - t1,

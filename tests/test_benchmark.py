@@ -104,6 +104,25 @@ def test_cache_of_another_model_version_is_recomputed(tmp_path, monkeypatch):
         assert f["full"].shape == (2, 64 * 10 + 10)
 
 
+def test_a_method_that_refuses_the_setting_gets_a_row_not_a_crash(tmp_path, monkeypatch):
+    from jattri.benchmark import registry
+    monkeypatch.setitem(digits.SETTINGS, "digits_tiny", TINY)
+
+    def refuse(train):
+        raise ValueError("Hessian + damping*I is singular or indefinite\nmore")
+
+    monkeypatch.setitem(registry.METHODS, "refuses", registry.MethodSpec(
+        lambda task, b: jattri.Attributor(refuse, None, None)))
+    out = tmp_path / "rows.json"
+    rc = bench.main(["--setting", "digits_tiny", "--methods", "refuses,grad_dot",
+                     "--cache", str(tmp_path), "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [r["method"] for r in rows] == ["refuses", "grad_dot"]
+    assert rows[0]["lds"] is None
+    assert rows[0]["note"] == "failed: Hessian + damping*I is singular or indefinite"
+    assert rows[1]["lds"] is not None  # the run went on
+
+
 def test_unknown_setting():
     with pytest.raises(ValueError, match="unknown benchmark setting"):
         benchmark.load("mnist_lr_typo")
