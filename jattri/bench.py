@@ -47,6 +47,10 @@ def run_method(bench, name: str) -> dict:
     if spec.max_params is not None and d > spec.max_params:
         row["note"] = f"skipped: {d} params > max_params {spec.max_params}"
         return row
+    why = dict(spec.skip).get(bench.name)
+    if why is not None:
+        row["note"] = f"skipped: {why}"
+        return row
     if len(bench.models_full) < spec.num_checkpoints:
         row["note"] = f"skipped: needs {spec.num_checkpoints} checkpoints"
         return row

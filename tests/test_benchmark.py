@@ -122,6 +122,12 @@ def test_a_method_that_refuses_the_setting_gets_a_row_not_a_crash(tmp_path, monk
     assert rows[0]["note"] == "failed: Hessian + damping*I is singular or indefinite"
     assert rows[1]["lds"] is not None  # the run went on
 
+    monkeypatch.setitem(registry.METHODS, "refuses", registry.MethodSpec(
+        lambda task, b: jattri.Attributor(refuse, None, None),
+        skip=(("digits_tiny", "known to refuse"),)))
+    assert bench.run_method(benchmark.load("digits_tiny", cache=str(tmp_path), progress=None),
+                            "refuses")["note"] == "skipped: known to refuse"
+
 
 def test_unknown_setting():
     with pytest.raises(ValueError, match="unknown benchmark setting"):
