@@ -1,7 +1,7 @@
 """Benchmark settings with retraining ground truth (LDS, LOO).
 
 ``jattri.benchmark.load(name)`` returns a :class:`Benchmark` for an embedded setting
-(``digits_lr``, ``digits_mlp``): trained checkpoints, data and LDS ground truth, the
+(``digits_lr``, ``digits_mlp``, ``digits_cnn``): trained checkpoints, data and LDS ground truth, the
 latter computed once by vmapped retraining and cached on disk (see ``cache_dir``).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def load(name: str, *, cache: Optional[str] = None, refresh: bool = False,
     """Load an embedded setting, computing and caching its ground truth on first use.
 
     Args:
-      name: one of ``EMBEDDED`` (``"digits_lr"``, ``"digits_mlp"``).
+      name: one of ``EMBEDDED`` (``"digits_lr"``, ``"digits_mlp"``, ``"digits_cnn"``).
       cache: cache directory (default ``cache_dir()``). refresh: recompute.
       progress: callable receiving progress messages (``None``: silent).
     """

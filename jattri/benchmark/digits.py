@@ -50,7 +50,7 @@ SETTINGS = {
                               weight_decay=1e-2),
     "digits_mlp": DigitsConfig(model="mlp", epochs=40, batch_size=50, learning_rate=3e-3,
                                weight_decay=1e-4, dropout=0.1, num_full=10),
-    # Opt-in (not in the default run): Conv layers, small enough for exact influence.
+    # Opt-in (not in the default run): Conv layers, small enough for a dense Hessian.
     "digits_cnn": DigitsConfig(model="cnn", epochs=40, batch_size=50, learning_rate=3e-3,
                                weight_decay=1e-3),
 }
