@@ -1,8 +1,9 @@
 """Benchmark settings with retraining ground truth (LDS, LOO).
 
 ``jattri.benchmark.load(name)`` returns a :class:`Benchmark` for an embedded setting
-(``digits_lr``, ``digits_mlp``, ``digits_cnn``): trained checkpoints, data and LDS ground truth, the
-latter computed once by vmapped retraining and cached on disk (see ``cache_dir``).
+(``digits_lr``, ``digits_mlp``, ``digits_cnn``): trained checkpoints, data and LDS ground
+truth, the latter computed once by vmapped retraining and cached on disk (see
+``cache_dir``).
 """
 from __future__ import annotations
 
