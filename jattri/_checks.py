@@ -5,9 +5,8 @@ are skipped and only static shape checks apply.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import inspect
+from typing import Any, Callable
 
 import jax
 import numpy as np

@@ -6,7 +6,7 @@ datasets are pytrees with a leading example axis n. g_i = ∇θ loss(z_i).
 
 * empirical Fisher  F = (1/n) Σ_i g_i g_iᵀ                     (``efvp``, ``ifvp_explicit``)
 * Gauss-Newton      G = Jᵀ ∇²ℓ J for f = ℓ ∘ out              (``ggn_vp``)
-* K-FAC             F_l ≈ A_l ⊗ S_l per Dense/Conv layer l        (``ekfac_factors(correct_eigenvalues=False)``)
+* K-FAC             F_l ≈ A_l ⊗ S_l per Dense/Conv layer l   (``ekfac_factors(correct_eigenvalues=False)``)
 * EK-FAC            F_l ≈ (Q_A ⊗ Q_S) diag(Λ*) (Q_A ⊗ Q_S)ᵀ    (``ekfac_factors``)
   K-FAC / EK-FAC of the Gauss-Newton instead of the empirical Fisher: ``curvature="ggn"``
 * DataInf           (F_l + λI)⁻¹ ≈ (1/n) Σ_i (g_il g_ilᵀ + λI)⁻¹ (``datainf_ihvp``)

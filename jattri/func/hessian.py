@@ -241,8 +241,8 @@ def lissa_flat(flat_f_batch: Callable, theta: jax.Array, v: jax.Array, data: PyT
         raise ValueError(f"`scale` must be > 0, got {scale}")
     squeeze = v.ndim == 1
     vv = jnp.atleast_2d(v)
-    out = _lissa_jit(as_partial(flat_f_batch), theta, vv, data, key_run, float(damping), float(scale),
-                     int(depth), int(repeats), batch_size, n)
+    out = _lissa_jit(as_partial(flat_f_batch), theta, vv, data, key_run, float(damping),
+                     float(scale), int(depth), int(repeats), batch_size, n)
     if _is_concrete(out):
         # With scale > λ_max(H_S) + λ every factor of the series is a contraction,
         # so ‖h‖ ≤ (depth + 1)‖v‖; anything above that is divergence, not data.

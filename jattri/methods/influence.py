@@ -28,8 +28,7 @@ from jax.tree_util import Partial
 from jattri.func import fisher
 from jattri.func.grads import map_examples
 from jattri.func.hessian import (arnoldi_eigenpairs, arnoldi_inverse_weights, arnoldi_sizes,
-                                 cg_solve,
-                                 check_finite_solve, damped_inverse, hvp, lissa_flat)
+                                 cg_solve, check_finite_solve, damped_inverse, hvp, lissa_flat)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.task import Task
@@ -277,9 +276,9 @@ def influence_lissa(task: Task, *, damping: float = 1e-3, depth: int = 1000,
 
     def train_side(k, m, train, g):
         data = (train, _common.indices_for(train))
-        h = lissa_flat(Partial(_batch_mean_loss, m.loss), m.theta, g, data, key=jax.random.fold_in(key, k),
-                       damping=damping, scale=scale, depth=depth, repeats=repeats,
-                       batch_size=batch_size)
+        h = lissa_flat(Partial(_batch_mean_loss, m.loss), m.theta, g, data,
+                       key=jax.random.fold_in(key, k), damping=damping, scale=scale,
+                       depth=depth, repeats=repeats, batch_size=batch_size)
         return g, h, None
 
     return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
@@ -356,8 +355,8 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
 
     Args:
       task: the Task (its loss must call ``nn.Dense`` / ``nn.Conv`` through
-        ``Module.apply`` with ``{"params": params}``). damping: λ ≥ 0 (directions with zero curvature and
-        λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or K-FAC.
+        ``Module.apply`` with ``{"params": params}``). damping: λ ≥ 0 (directions with
+        zero curvature and λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or K-FAC.
       curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"`` (Gauss-Newton).
       chunk_size: examples per vectorised chunk. relatif: ``None``, ``"l"``, ``"theta"``.
     """

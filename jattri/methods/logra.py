@@ -1,8 +1,9 @@
 """LoGra (Choe et al., 2024, "What is Your Data Worth to GPT? LLM-Scale Data Valuation
 with Influence Functions").
 
-For every Dense or Conv layer ℓ (y = a W + b; Conv: a = the input patch) the per-example gradient is G_ℓ = Σ_τ ã_τ ⊗ s_τ,
-with ã = [a, 1] (the bias as a constant input) and s = ∂loss/∂y. LoGra projects it by
+For every Dense or Conv layer ℓ (y = a W + b; Conv: a = the input patch) the per-example
+gradient is G_ℓ = Σ_τ ã_τ ⊗ s_τ, with ã = [a, 1] (the bias as a constant input) and
+s = ∂loss/∂y. LoGra projects it by
 the Kronecker product of two small random projections without ever forming it,
 
     φ_ℓ = vec(G_ℓ) (P_in ⊗ P_out) = vec(Σ_τ (ã_τ P_in) ⊗ (s_τ P_out))     (k_in·k_out,)
