@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jattri.func.layers import linear_layers, layer_io, layer_params
+from jattri.func.layers import layer_inputs, layer_io, layer_params, linear_layers
 from jattri.models import MLP
 
 
@@ -52,6 +52,11 @@ def test_outer_products_equal_per_example_gradients():
         np.testing.assert_allclose(s.sum(1), grads[name]["bias"], rtol=1e-10, atol=1e-12)
     # The recorded input of the first layer is the example itself.
     np.testing.assert_allclose(io["fc1"][0][:, 0], data[0])
+    # The forward-only capture gives the same inputs.
+    layers = linear_layers(loss_fn, params, (data[0][0], data[1][0]))
+    inputs = jax.vmap(lambda z: layer_inputs(loss_fn, params, z, layers=layers))(data)
+    for name in ["fc1", "fc2", "fc3"]:
+        np.testing.assert_array_equal(inputs[name], io[name][0])
 
 
 class _Shared(nn.Module):
@@ -90,7 +95,7 @@ def test_non_flax_loss_has_no_layers():
 def test_bare_dense_model():
     """A bare nn.Dense applied as the whole model has the empty path."""
     import flax.linen as nn
-    from jattri.func.layers import linear_layers, layer_io, layer_params
+    from jattri.func.layers import layer_inputs, layer_io, layer_params, linear_layers
     model = nn.Dense(3)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
     loss = lambda p, z: jnp.sum(model.apply({"params": p}, z[None]) ** 2)

@@ -37,11 +37,11 @@ def _damping(bench, default: float = 1e-3) -> float:
 def _last_layer_input(bench):
     """``features_fn(params, (x, y))``: the input of the model's last Dense layer (LR:
     the pixels; MLP: the fc2 activations), read hook-free by ``jattri.func.layers``."""
-    from jattri.func.layers import layer_io, linear_layers
+    from jattri.func.layers import layer_inputs, linear_layers
     z0 = jax.tree_util.tree_map(lambda a: a[0], bench.train)
     layers = linear_layers(bench.loss_fn, bench.models_full[0], z0)
     last = list(layers)[-1]
-    return lambda p, z: layer_io(bench.loss_fn, p, z, layers={last: layers[last]})[last][0][0]
+    return lambda p, z: layer_inputs(bench.loss_fn, p, z, layers={last: layers[last]})[last][0]
 
 
 def _rps(task, b):

@@ -196,6 +196,14 @@ def zero_deltas(layers: Dict[str, Layer]) -> Dict[str, list]:
             for name, layer in layers.items()}
 
 
+def layer_inputs(loss_fn: Callable, params: PyTree, example: PyTree, *args,
+                 layers: Dict[str, Layer]) -> Dict[str, jax.Array]:
+    """Input rows ``a: (T, d_in)`` of every layer in ``layers``, for ONE example, from
+    a forward pass only (``layer_io`` when the output gradients are needed too)."""
+    _, inputs = perturbed_loss(loss_fn, params, example, args, zero_deltas(layers))
+    return {name: input_rows(layer, inputs[name]) for name, layer in layers.items()}
+
+
 def layer_io(loss_fn: Callable, params: PyTree, example: PyTree, *args,
              layers: Dict[str, Layer] = None) -> Dict[str, Tuple[jax.Array, jax.Array]]:
     """Inputs ``a`` and output gradients ``s`` of every Dense/Conv layer, for ONE example.
