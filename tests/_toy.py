@@ -50,3 +50,21 @@ def assert_ggn_ekfac_is_exact(loss_fn, params, train, test, damping=1e-3):
     # the empirical Fisher is not this Kronecker product: EK-FAC-empirical is not exact
     emp = influence_ekfac(task, damping=damping)
     assert not np.allclose(emp.attribute(emp.cache(train), test), want, rtol=1e-3)
+
+
+def kronecker_eigenbasis(a_moment, s_moment):
+    """``(Q, λ_A ⊗ λ_S)``: Q = Q_A ⊗ Q_S (eigenvectors as columns) of one layer's
+    factors, for the row-major vec of its ``(d_in + b, d_out)`` gradient
+    (vec(Q_Aᵀ G Q_S) = Qᵀ vec(G)), and the K-FAC eigenvalues (clamped at 0)."""
+    import numpy as np
+
+    la, qa = np.linalg.eigh(np.asarray(a_moment))
+    ls, qs = np.linalg.eigh(np.asarray(s_moment))
+    return np.kron(qa, qs), np.kron(np.maximum(la, 0), np.maximum(ls, 0))
+
+
+def eigenbasis_scores(q, eigvals, g_train, g_test, damping):
+    """``(n_train, n_test)`` = g_train Q diag(1/(eigvals + λ)) Qᵀ g_testᵀ for one layer."""
+    import numpy as np
+
+    return (np.asarray(g_train) @ q / (eigvals + damping)) @ (np.asarray(g_test) @ q).T

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("x64")
 from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
 from _toy import assert_ggn_ekfac_is_exact  # noqa: E402
+from _toy import eigenbasis_scores, kronecker_eigenbasis  # noqa: E402
 from _toy import manual_mlp  # noqa: E402
 
 
@@ -76,14 +77,11 @@ def _dense_ggn_ekfac_scores(forward, out_shapes, params, train, test, damping):
     g_test = jax.jit(jax.vmap(layer_grads))(test)
     total = 0.0
     for k, name in enumerate(names):
-        qa = np.linalg.eigh(np.asarray(jnp.mean(a_mom[k], 0)))[1]
-        qs = np.linalg.eigh(np.asarray(jnp.mean(s_mom[k], 0)))[1]
-        q = np.kron(qa, qs)
+        q, _ = kronecker_eigenbasis(jnp.mean(a_mom[k], 0), jnp.mean(s_mom[k], 0))
         w0 = jnp.concatenate([params[name]["kernel"], params[name]["bias"][None]]).ravel()
         hess = np.asarray(jax.jit(jax.hessian(lambda w: block_loss(k, w)))(w0))
         lam = np.maximum(np.einsum("pi,pq,qi->i", q, hess, q), 0)
-        inv = (q / (lam + damping)) @ q.T
-        total = total + np.asarray(g_train[k]) @ inv @ np.asarray(g_test[k]).T
+        total = total + eigenbasis_scores(q, lam, g_train[k], g_test[k], damping)
     return total
 
 

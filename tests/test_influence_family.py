@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("x64")
 
 from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
+from _toy import eigenbasis_scores, kronecker_eigenbasis  # noqa: E402
 from _toy import manual_mlp  # noqa: E402
 
 
@@ -199,14 +200,10 @@ def _ekfac_reference_scores(params, data, test, damping):
     total = 0.0
     for k in range(len(names)):
         n = a[k].shape[0]
-        qa = np.linalg.eigh(np.asarray(a[k].T @ a[k] / n))[1]
-        qs = np.linalg.eigh(np.asarray(s[k].T @ s[k] / n))[1]
-        q = np.kron(qa, qs)  # row-major vec: vec(Q_Aᵀ G Q_S) = (Q_A ⊗ Q_S)ᵀ vec(G)
+        q, _ = kronecker_eigenbasis(a[k].T @ a[k] / n, s[k].T @ s[k] / n)
         g = np.einsum("ni,no->nio", a[k], s[k]).reshape(n, -1)
         gt = np.einsum("ni,no->nio", at[k], st[k]).reshape(len(at[k]), -1)
-        lam = np.mean((g @ q) ** 2, axis=0)
-        inv = (q / (lam + damping)) @ q.T
-        total = total + g @ inv @ gt.T
+        total = total + eigenbasis_scores(q, np.mean((g @ q) ** 2, axis=0), g, gt, damping)
     return total
 
 

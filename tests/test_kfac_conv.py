@@ -15,7 +15,7 @@ from jattri.func.layers import layer_io, layer_params, linear_layers
 from jattri.methods.influence import influence_ekfac
 from jattri.models import ResNet9
 
-from _toy import assert_ggn_ekfac_is_exact, f64
+from _toy import assert_ggn_ekfac_is_exact, eigenbasis_scores, f64, kronecker_eigenbasis
 
 # float64 throughout (the conftest fixture restores the setting afterwards)
 pytestmark = pytest.mark.usefixtures("x64")
@@ -168,19 +168,12 @@ def _reference_ekfac_scores(loss_fn, params, train, test, damping, correct):
     g_test = [grad(params, (test[0][i], test[1][i])) for i in range(len(test[1]))]
     total = 0.0
     for name in NAMES:
-        la, qa = np.linalg.eigh(a_mom[name])
-        ls, qs = np.linalg.eigh(s_mom[name])
-        d_out = qs.shape[0]
-        # vec of the (d_in + b, d_out) layer gradient, row-major: basis Q_A ⊗ Q_S.
-        q = np.kron(qa, qs)
+        q, kfac = kronecker_eigenbasis(a_mom[name], s_mom[name])
         gtr = np.stack([_block(g, name) for g in g_train])
         gte = np.stack([_block(g, name) for g in g_test])
-        assert gtr.shape[1] == qa.shape[0] * d_out
-        if correct:
-            lam = np.mean((gtr @ q) ** 2, axis=0)
-        else:
-            lam = np.kron(np.maximum(la, 0), np.maximum(ls, 0))
-        total = total + (gtr @ q) @ np.diag(1.0 / (lam + damping)) @ (gte @ q).T
+        assert gtr.shape[1] == q.shape[0]
+        lam = np.mean((gtr @ q) ** 2, axis=0) if correct else kfac
+        total = total + eigenbasis_scores(q, lam, gtr, gte, damping)
     return total
 
 
