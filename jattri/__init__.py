@@ -2,22 +2,31 @@
 
 Score convention (every method): ``scores[i, t] > 0`` means training on example i
 lowers the target (a loss: lower is better) on test example t, i.e. i helps t.
-Scores are ``(n_train, n_test)``.
+Scores are ``(n_train, n_test)``, or a :class:`TopK` when ``top_k`` is given.
+
+A method is built from a :class:`Task` (or a bare ``loss_fn``) and hyperparameters;
+checkpoints are :class:`Members`, passed with the data::
+
+    attr = jattri.trak(loss_fn, proj_dim=512)
+    state = attr.cache(params, train)          # or jattri.checkpoints([...]), a Stream
+    scores = attr.attribute(state, test)       # (n_train, n_test), or top_k=10
 """
 from jattri import func, metrics
+from jattri.engine import Stream, TopK, stream
+from jattri.task import Members, Task, checkpoints
 from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
                             influence_explicit, trak)
 from jattri.methods import knn_shapley, logra, rps, tracin
 from jattri.methods import (influence_arnoldi, influence_datainf, influence_ekfac,
                             influence_lissa)
-from jattri.task import Member, Task
-from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
+#TMP from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
 from jattri import interop, models  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attributor", "Member", "Task", "ensemble", "func", "interop", "metrics", "models",
+    "Attributor", "Members", "Stream", "Task", "TopK", "checkpoints", "ensemble", "func",
+    "interop", "metrics", "models", "stream",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
     "tracin", "rps", "knn_shapley", "logra",
     "influence_lissa", "influence_arnoldi", "influence_ekfac", "influence_datainf",

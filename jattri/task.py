@@ -1,9 +1,20 @@
-"""What is attributed: a Task holds ensemble members (params, loss_fn, target_fn)."""
+"""What is attributed, split the way optax splits a transformation from its params:
+
+* :class:`Task`: the functions (a loss, a target), pure, no arrays of the model;
+* :class:`Members`: the arrays (checkpoints, dropout keys, LoRA adapters and bases),
+  stacked on a leading member axis and passed to every stage as traced data.
+
+A method is built from a Task and hyperparameters; ``cache(members, train)`` takes the
+members as an argument, so one compiled program serves every checkpoint of an
+architecture and ``jax.make_jaxpr`` of a stage holds no parameter-sized constant.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
@@ -13,106 +24,185 @@ from jattri.func.grads import as_partial, shared
 PyTree = Any
 
 
-class Member(NamedTuple):
-    """One ensemble member.
-
-    ``loss_fn(params, example, index)`` and ``target_fn(params, example, index)`` return
-    a scalar for ONE unbatched example; ``index`` is the example's position (int32
-    scalar) in the dataset being processed, which lets members key per-example
-    randomness (dropout masks). Independent checkpoints, dropout masks and LoRA adapters
-    are all members.
-
-    The functions are ``jax.tree_util.Partial`` pytrees: what differs between members
-    (a dropout key, a LoRA base) is an array leaf, traced like the params, while the
-    code is in the treedef; members whose functions differ only in leaves share every
-    compiled program. ``Task.from_members`` wraps plain callables
-    (``jattri.func.grads.as_partial``).
-    """
-
-    params: PyTree
-    loss_fn: Callable
-    target_fn: Callable
+def _call_user(fn, params, example, index, aux):
+    del index, aux
+    return fn(params, example)
 
 
-_WITHOUT_INDEX: dict = {}
+_USER: dict = {}
 
 
-def _drop_index(fn: Callable) -> Partial:
-    """Adapt a user ``fn(params, example)`` to the member signature; one object per
-    ``fn``, so Tasks built from the same function share compiled code."""
-    def make():
-        def member_fn(params, example, index):
-            del index
-            return fn(params, example)
-
-        member_fn.__wrapped__ = fn
-        return Partial(member_fn)
-
-    return shared(_WITHOUT_INDEX, fn, make)
+def _member_signature(fn: Callable) -> Partial:
+    """A user ``fn(params, example)`` as a member function ``(params, example, index,
+    aux)``; one object per ``fn`` so Tasks of the same function share compiled code."""
+    return shared(_USER, fn, lambda: Partial(_call_user, as_partial(fn)))
 
 
 class Task:
-    """What to attribute: a loss, a target, and one or more ensemble members.
-
-    ``Task(loss_fn, checkpoints, target_fn=None)``:
+    """The functions attributed: ``Task(loss_fn, target_fn=None)``.
 
     * ``loss_fn(params, example) -> scalar``: training loss of ONE unbatched example.
-    * ``checkpoints``: a non-empty list of params pytrees of identical structure and
-      shapes (independent checkpoints, or checkpoints along one training run).
-    * ``target_fn(params, example) -> scalar``: the quantity attributed on test
-      examples, lower = better (defaults to ``loss_fn``). A positive score means that
-      training on the example lowers the target (helps).
+    * ``target_fn(params, example) -> scalar``: the quantity attributed on a test
+      example, lower = better (default ``loss_fn``). A positive score means training
+      on the example lowers the target (helps).
 
-    Ensemble constructors (``jattri.ensemble``) return new Tasks via ``from_members``.
+    Every method factory takes a Task or a bare ``loss_fn`` (shorthand for
+    ``Task(loss_fn)``). A Task holds no arrays of the model: checkpoints are
+    :class:`Members`, given to ``cache``.
+
+    Internally (and for ensembles, :meth:`from_member_fns`) the functions take
+    ``(params, example, index, aux)``: ``index`` is the example's int32 position in
+    the dataset, ``aux`` the member's non-differentiated arrays (a dropout key, a LoRA
+    base; see :class:`Members`). Both are ``jax.tree_util.Partial`` pytrees: their code
+    is static and their bound arrays traced.
     """
 
-    def __init__(self, loss_fn: Callable, checkpoints: Sequence[PyTree],
-                 target_fn: Optional[Callable] = None):
+    def __init__(self, loss_fn: Callable, target_fn: Optional[Callable] = None):
+        if isinstance(loss_fn, Task):
+            raise TypeError("`loss_fn` is already a Task")
         _checks.check_signature(loss_fn, "loss_fn")
         if target_fn is not None:
             _checks.check_signature(target_fn, "target_fn")
-        if not isinstance(checkpoints, (list, tuple)):
-            raise TypeError("`checkpoints` must be a list of params pytrees, got "
-                            f"{type(checkpoints).__name__}; wrap a single model as [params]")
-        loss = _drop_index(loss_fn)
-        target = loss if target_fn is None else _drop_index(target_fn)
-        members = tuple(Member(p, loss, target) for p in checkpoints)
-        self._init(members, target_is_loss=target_fn is None)
+        self.loss = _member_signature(loss_fn)
+        self.target = self.loss if target_fn is None else _member_signature(target_fn)
+        self.user_fns = (loss_fn, loss_fn if target_fn is None else target_fn)
 
     @classmethod
-    def from_members(cls, members: Sequence[Member], *, target_is_loss: bool = False) -> "Task":
-        """A Task from explicit members (functions take ``(params, example, index)``)."""
+    def from_member_fns(cls, loss: Callable, target: Optional[Callable] = None) -> "Task":
+        """A Task from functions of ``(params, example, index, aux)`` (ensembles)."""
         task = cls.__new__(cls)
-        def wrapped(m):
-            loss = as_partial(m.loss_fn)
-            target = loss if m.target_fn is m.loss_fn else as_partial(m.target_fn)
-            return Member(m.params, loss, target)
-
-        task._init(tuple(wrapped(Member(*m)) for m in members), target_is_loss=target_is_loss)
+        task.loss = as_partial(loss)
+        task.target = task.loss if target is None else as_partial(target)
+        task.user_fns = None
         return task
 
-    def _init(self, members, *, target_is_loss):
-        if not members:
-            raise ValueError("`checkpoints` is empty: a Task needs at least one member")
-        ref = jax.tree_util.tree_structure(members[0].params)
-        ref_shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(members[0].params)]
-        for k, m in enumerate(members):
-            _checks.check_params(m.params, f"checkpoints[{k}]")
-            if jax.tree_util.tree_structure(m.params) != ref:
-                raise ValueError(f"mismatched checkpoints: checkpoints[{k}] has pytree "
-                                 f"structure {jax.tree_util.tree_structure(m.params)}, "
-                                 f"checkpoints[0] has {ref}")
-            shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(m.params)]
-            if shapes != ref_shapes:
-                raise ValueError(f"mismatched checkpoints: checkpoints[{k}] has leaf "
-                                 f"shapes {shapes}, checkpoints[0] has {ref_shapes}")
-        self.members = members
-        self.target_is_loss = bool(target_is_loss)
-
     @property
-    def num_members(self) -> int:
-        return len(self.members)
+    def target_is_loss(self) -> bool:
+        return self.target is self.loss
 
     def __repr__(self) -> str:
-        n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.members[0].params))
-        return f"Task(members={self.num_members}, params_per_member={n})"
+        return f"Task(loss={self.loss.func}, target_is_loss={self.target_is_loss})"
+
+
+def as_task(task: Any) -> Task:
+    """A Task, or a bare ``loss_fn`` callable as ``Task(loss_fn)``."""
+    if isinstance(task, Task):
+        return task
+    if callable(task):
+        return Task(task)
+    raise TypeError(f"`task` must be a jattri.Task or a loss_fn(params, example) callable, "
+                    f"got {type(task).__name__}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Members:
+    """The M ensemble members, as arrays with a leading member axis.
+
+    * ``params``: what gradients are taken with respect to; every leaf has a leading
+      axis of size P, where P divides M. Member j uses row ``j // (M // P)``: P = M
+      for independent checkpoints; P = 1 for K dropout masks of one model.
+    * ``aux``: arrays the functions receive but are not differentiated (dropout keys,
+      LoRA bases), leading axis A dividing M (member j uses row ``j // (M // A)``), or
+      ``None``.
+    * ``num``: M (static).
+
+    Build one with :func:`checkpoints` (a list of params pytrees) or
+    ``Members(stacked_params, num=M)``; a bare params pytree given to ``cache`` is one
+    checkpoint. Members are a pytree: jit over them, shard them, save them.
+    """
+
+    params: PyTree
+    aux: PyTree = None
+    num: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.num == 0:
+            leaves = jax.tree_util.tree_leaves(self.params)
+            object.__setattr__(self, "num", int(np.shape(leaves[0])[0]) if leaves else 0)
+
+
+def _rows(tree: PyTree, name: str) -> Optional[int]:
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree_util.tree_leaves(tree)}
+    if not sizes:
+        return None
+    if -1 in sizes or len(sizes) != 1:
+        raise ValueError(f"`members.{name}` leaves must share one leading member axis, got "
+                         f"leading sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def check_members(members: Members) -> Members:
+    if not isinstance(members, Members):
+        raise TypeError(f"`members` must be jattri.Members, got {type(members).__name__}")
+    m = members.num
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"`members.num` must be a positive int, got {m!r}")
+    p = _rows(members.params, "params")
+    if p is None:
+        raise ValueError("`members.params` holds no arrays")
+    for name, rows in (("params", p), ("aux", _rows(members.aux, "aux"))):
+        if rows is not None and (rows < 1 or m % rows):
+            raise ValueError(f"`members.{name}` has {rows} rows on its member axis, which "
+                             f"does not divide the number of members {m}")
+    _checks.check_params(members.params, "members.params")
+    return members
+
+
+def as_members(members: Any) -> Members:
+    """:class:`Members` as they are, or a bare params pytree as one checkpoint."""
+    if isinstance(members, Members):
+        return check_members(members)
+    if isinstance(members, (list, tuple)) and members and all(
+            isinstance(p, dict) for p in members):
+        raise TypeError("`members` is a list of params pytrees: wrap it as "
+                        "jattri.checkpoints([...]) (or pass one params pytree)")
+    _checks.check_params(members, "members")
+    return Members(jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], members), num=1)
+
+
+def checkpoints(params_list: Sequence[PyTree]) -> Members:
+    """Members from a non-empty list of params pytrees of one structure and shapes
+    (independent checkpoints, or checkpoints along one training run)."""
+    if not isinstance(params_list, (list, tuple)) or not params_list:
+        raise TypeError("`checkpoints` takes a non-empty list of params pytrees, got "
+                        f"{type(params_list).__name__}")
+    ref = jax.tree_util.tree_structure(params_list[0])
+    ref_shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(params_list[0])]
+    for k, p in enumerate(params_list):
+        _checks.check_params(p, f"checkpoints[{k}]")
+        if jax.tree_util.tree_structure(p) != ref:
+            raise ValueError(f"mismatched checkpoints: checkpoints[{k}] has pytree structure "
+                             f"{jax.tree_util.tree_structure(p)}, checkpoints[0] has {ref}")
+        shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(p)]
+        if shapes != ref_shapes:
+            raise ValueError(f"mismatched checkpoints: checkpoints[{k}] has leaf shapes "
+                             f"{shapes}, checkpoints[0] has {ref_shapes}")
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
+                                     *params_list)
+    return Members(stacked, num=len(params_list))
+
+
+def _row(tree: PyTree, j, num: int) -> PyTree:
+    def take(x):
+        rows = x.shape[0]
+        return jax.lax.dynamic_index_in_dim(x, j // (num // rows), keepdims=False)
+    return jax.tree_util.tree_map(take, tree)
+
+
+def member(members: Members, j) -> tuple:
+    """``(params, aux)`` of member ``j`` (an int or a traced int32)."""
+    return _row(members.params, j, members.num), _row(members.aux, j, members.num)
+
+
+def first_member(members: Members) -> tuple:
+    return member(members, 0)
+
+
+def unstack(stacked: PyTree) -> list:
+    """A pytree with a leading axis -> a list of pytrees."""
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda a, k=k: a[k], stacked) for k in range(n)]
+
+
+__all__ = ["Members", "Task", "as_members", "as_task", "checkpoints", "member", "unstack"]

@@ -1,16 +1,16 @@
-"""Shared machinery of the attribution methods: the Attributor type, member gradients."""
+"""Shared machinery of the attribution methods: the Attributor type, member reductions,
+per-chunk gradients, and the generic scoring entry points over ``jattri.engine``."""
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jattri import _checks
-from jattri.func.grads import (as_partial, flat_fn, map_examples, per_example_grads_flat,
-                               unravel_fn)
-from jattri.task import Task
+from jattri import _checks, engine
+from jattri.task import Members, Task, as_members, first_member, member
 
 PyTree = Any
 
@@ -18,12 +18,20 @@ PyTree = Any
 class Attributor(NamedTuple):
     """A method: three pure functions over a pytree state.
 
-    * ``cache(train) -> state``: the train-side work (gradients, inverse-Hessian
-      products, projections), done once.
-    * ``attribute(state, test) -> (n_train, n_test)`` scores; larger = training
-      example i lowers test example t's target more (helps it).
-    * ``self_attribute(state) -> (n_train,)``: score(i, i), each training example
-      scored as its own test example.
+    * ``cache(members, train) -> state``: the train-side work (curvature, projected
+      features, factors), done once. ``members`` are :class:`jattri.Members` (or one
+      params pytree); ``train`` a pytree with a leading example axis or a
+      :class:`jattri.Stream` of batches.
+    * ``attribute(state, test, *, train=None, top_k=None, lowest=False)``:
+      ``(n_train, n_test)`` scores (larger = training example i lowers test example
+      t's target more, i.e. helps it), or with ``top_k=K`` a :class:`jattri.TopK`
+      computed in tiles without the dense matrix. ``train`` is needed only when the
+      state references no in-memory training set (it was streamed) and the method
+      recomputes training gradients at scoring time; it is ignored otherwise.
+    * ``self_attribute(state, *, train=None) -> (n_train,)``: score(i, i).
+
+    All three are jittable (for in-memory data): params and every array are traced
+    arguments, never constants.
     """
 
     cache: Callable
@@ -31,80 +39,98 @@ class Attributor(NamedTuple):
     self_attribute: Callable
 
 
-class FlatMember(NamedTuple):
-    """A member on flat parameters: ``loss(theta, example, index)``, likewise target
-    (``jattri.func.grads.flat_fn``: ``Partial`` pytrees, so members whose functions
-    differ only in arrays share every compiled program)."""
-
-    theta: jax.Array
-    loss: Callable
-    target: Callable
-    unravel: Callable
+def member_map(fn: Callable, members: Members) -> PyTree:
+    """``fn(params_j, aux_j)`` for every member j, stacked on a leading axis M;
+    sequential over members (``lax.map``) so memory is one member's."""
+    if members.num == 1:
+        return jax.tree_util.tree_map(lambda x: x[None], fn(*first_member(members)))
+    return jax.lax.map(lambda j: fn(*member(members, j)), jnp.arange(members.num))
 
 
-def flat_members(task: Task) -> tuple:
-    if not isinstance(task, Task):
-        raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
-    out = []
-    for m in task.members:
-        theta = ravel_pytree(m.params)[0]
-        loss = flat_fn(m.loss_fn, m.params)
-        target = loss if m.target_fn is m.loss_fn else flat_fn(m.target_fn, m.params)
-        out.append(FlatMember(theta, loss, target, unravel_fn(m.params)))
-    return tuple(out)
+def flat_grad(fn: Callable, params: PyTree, example: PyTree, index, aux) -> jax.Array:
+    """``(d,)`` gradient of ``fn(params, example, index, aux)`` w.r.t. params, raveled."""
+    return ravel_pytree(jax.grad(fn)(params, example, index, aux))[0]
 
 
-def check_train(task: Task, train: PyTree, name: str = "train") -> int:
-    n = _checks.check_data(train, name)
-    m0 = task.members[0]
-    idx = jnp.zeros((), jnp.int32)
-    _checks.check_scalar_fn(m0.loss_fn, m0.params, train, "loss_fn", idx)
+def chunk_grads(fn: Callable, params: PyTree, aux: PyTree, chunk: engine.Chunk,
+                transform: Optional[Callable] = None) -> jax.Array:
+    """``(size, d)`` per-example gradients of one chunk (zero on padding rows), or
+    ``(size, k)`` = ``transform(grads)``."""
+    g = jax.vmap(lambda z, i: flat_grad(fn, params, z, i, aux))(chunk.data, chunk.index)
+    if transform is not None:
+        g = transform(g)
+    return g * chunk.valid[:, None].astype(g.dtype)
+
+
+def num_params(members: Members) -> int:
+    return int(sum(np.prod(np.shape(x)[1:], dtype=np.int64)
+                   for x in jax.tree_util.tree_leaves(members.params)))
+
+
+def param_dtype(members: Members):
+    leaves = jax.tree_util.tree_leaves(members.params)
+    return jnp.result_type(*[jnp.result_type(x) for x in leaves], jnp.float32)
+
+
+def chunk_size_for(chunk_size: Optional[int], members: Members, data: Any = None,
+                   per_example_floats: Optional[int] = None) -> int:
+    """The user's ``chunk_size``, or :func:`jattri.engine.default_chunk_size` for
+    ``per_example_floats`` (default d, one gradient) floats per example."""
+    n = None if data is None else engine.num_examples(data)
+    if chunk_size is not None:
+        return chunk_size if n is None else max(1, min(chunk_size, n))
+    floats = num_params(members) if per_example_floats is None else per_example_floats
+    return engine.default_chunk_size(4 * floats, n)
+
+
+def setup(task: Task, members: Any, train: Any, name: str = "train") -> Members:
+    """Boundary checks of ``cache``: ``members`` validated (a bare params pytree is one
+    checkpoint); ``train`` checked (in memory: every leaf, and the loss on one example;
+    a stream: its first batch)."""
+    members = as_members(members)
+    check_data(task, members, train, name, target=False)
+    return members
+
+
+def check_data(task: Task, members: Members, data: Any, name: str, *, target: bool,
+               like: Any = None) -> Optional[int]:
+    """Validate a dataset (in memory or streamed) and the loss/target on one example."""
+    if data is None:
+        raise ValueError(f"`{name}` is required here")
+    n = None
+    if not engine.is_stream(data):
+        n = _checks.check_data(data, name)
+        if like is not None and not engine.is_stream(like):
+            _checks.check_like(data, like, name, "train")
+    if _concrete(members):
+        params, aux = first_member(members)
+        z = engine.first_example(data)
+        fn, fname = (task.target, "target_fn") if target else (task.loss, "loss_fn")
+        _checks.check_scalar_fn(fn, params, jax.tree_util.tree_map(lambda x: x[None], z),
+                                fname, jnp.zeros((), jnp.int32), aux)
     return n
 
 
-def check_test(task: Task, train: PyTree, test: PyTree, name: str = "test") -> int:
-    n = _checks.check_data(test, name)
-    _checks.check_like(test, train, name, "train")
-    m0 = task.members[0]
-    idx = jnp.zeros((), jnp.int32)
-    _checks.check_scalar_fn(m0.target_fn, m0.params, test, "target_fn", idx)
-    return n
+def _concrete(tree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
-def indices_for(data: PyTree) -> jax.Array:
-    return jnp.arange(_checks.num_examples(data), dtype=jnp.int32)
+def stored_train(train: Any) -> Any:
+    """What a state keeps of the training set: the in-memory pytree itself (a
+    reference, no copy) or ``None`` for a stream."""
+    return None if engine.is_stream(train) else train
 
 
-_grads_jit = jax.jit(per_example_grads_flat, static_argnames=("chunk_size",))
+def train_for(state_train: Any, train: Any) -> Any:
+    """The training set a scoring call reads: the one given, else the state's."""
+    if train is not None:
+        return train
+    if state_train is None:
+        raise ValueError("`train` is required: this state was cached from a stream, and "
+                         "the method recomputes training gradients at scoring time; pass "
+                         "the same stream again as attribute(..., train=...)")
+    return state_train
 
 
-def member_grads(fn: Callable, theta: jax.Array, data: PyTree, *,
-                 chunk_size: Optional[int] = None,
-                 transform: Optional[Callable] = None) -> jax.Array:
-    """``(n, d)`` gradients of ``fn(theta, z_i, i)``, or ``(n, k)`` = ``transform(grads)``.
-
-    ``fn`` is a ``Partial`` (a FlatMember's function) and ``transform`` is made one
-    (jattri's projections are, with their key as the traced leaf): neither is static, so
-    members and attributors that differ only in arrays share one compilation.
-
-    ``transform`` (e.g. a projection) is applied chunk by chunk of examples.
-    """
-    return _grads_jit(fn, theta, data, indices_for(data), chunk_size=chunk_size,
-                      transform=None if transform is None else as_partial(transform))
-
-
-def mean_loss(loss: Callable, theta: jax.Array, data: PyTree, *,
-              chunk_size: Optional[int] = None) -> jax.Array:
-    """(1/n) Σ_i loss(θ, z_i, i): the mean training loss over the WHOLE set."""
-    indices = indices_for(data)
-    vals = map_examples(lambda zi: loss(theta, zi[0], zi[1]), (data, indices), chunk_size)
-    return jnp.mean(vals)
-
-
-def member_mean(per_member: Callable, members: tuple) -> jax.Array:
-    """Average ``per_member(k, member)`` over the ensemble members."""
-    total = None
-    for k, m in enumerate(members):
-        s = per_member(k, m)
-        total = s if total is None else total + s
-    return total / len(members)
+__all__ = ["Attributor", "chunk_grads", "chunk_size_for", "check_data", "flat_grad",
+           "member_map", "num_params", "param_dtype", "setup", "stored_train", "train_for"]

@@ -9,6 +9,10 @@ with margin f = log p − log(1 − p) and Q = 1 − p, where p = exp(−loss) i
 probability of the correct label for a cross-entropy loss (or ``prob_fn``). The train
 side uses ``loss_fn``, the test side ``target_fn``. λ_m = ``damping`` × mean diagonal
 of Φ_mᵀΦ_m (relative, so the default fits any gradient scale).
+
+Stages: ``cache`` streams the training set once, keeping Φ (``(n, M, k)``), the
+kernels Φ_mᵀΦ_m and Q; ``attribute`` projects the test gradients, solves the
+``k × k`` systems and scores training rows tile by tile (dense or top-k).
 """
 from __future__ import annotations
 
@@ -18,22 +22,28 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from jattri import engine
 from jattri.func.grads import as_partial
-from jattri.func.projection import gaussian_projection
+from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
+                                     random_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Task
+from jattri.task import Members, as_task
 
 PyTree = Any
 
 
 class TrakState(NamedTuple):
-    """train: data. phi: ``(M, n, k)`` projected train margin gradients.
-    features: ``(M, n, k)`` = Φ_m (Φ_mᵀΦ_m + λI)⁻¹. q: ``(n,)`` mean_m (1 − p)."""
+    """members: the Members scored. train: the in-memory training set (a reference) or
+    ``None`` if streamed. phi: ``(n, M, k)`` projected train margin gradients.
+    kernel: ``(M, k, k)`` Φ_mᵀΦ_m. q: ``(n,)`` mean_m (1 − p).
 
+    Memory: n·M·k + M·k² floats (no ``(n, d)`` array)."""
+
+    members: Members
     train: PyTree
     phi: jax.Array
-    features: jax.Array
+    kernel: jax.Array
     q: jax.Array
 
 
@@ -48,97 +58,160 @@ def margin_from_loss(loss: jax.Array) -> jax.Array:
     return jnp.where(ok, -safe - jnp.log(-jnp.expm1(-safe)), 0.0)
 
 
-def _margin_of_loss(loss, t, z, i):
-    return margin_from_loss(loss(t, z, i))
+def _margin_of_loss(loss, params, z, i, aux):
+    return margin_from_loss(loss(params, z, i, aux))
 
 
-def _margin_of_prob(prob_fn, unravel, t, z, i):
-    p = prob_fn(unravel(t), z)
+def _margin_of_prob(prob_fn, params, z, i, aux):
+    p = prob_fn(params, z)
     return jnp.log(p) - jnp.log1p(-p)
 
 
-def _q_of_loss(loss, t, z, i):
-    return -jnp.expm1(-loss(t, z, i))
+def _q_of_loss(loss, params, z, i, aux):
+    return -jnp.expm1(-loss(params, z, i, aux))
 
 
-def _q_of_prob(prob_fn, unravel, t, z, i):
-    return 1.0 - prob_fn(unravel(t), z)
+def _q_of_prob(prob_fn, params, z, i, aux):
+    return 1.0 - prob_fn(params, z)
 
 
-def _member_fn(of_loss: Callable, of_prob: Callable, fn: Partial, unravel: Callable,
-               prob_fn: Optional[Callable]) -> Partial:
-    """The margin / Q function of a member as a ``Partial`` (code static, the member's
-    bound arrays traced): from its loss, or from ``prob_fn`` when given."""
+class _Fns(NamedTuple):
+    """The member functions of TRAK (Partials: code static, bound arrays traced)."""
+
+    train_margin: Callable
+    test_margin: Callable
+    q: Callable
+
+
+def _fns(task, prob_fn) -> _Fns:
     if prob_fn is None:
-        return Partial(of_loss, fn)
-    return Partial(of_prob, as_partial(prob_fn), unravel)
+        return _Fns(Partial(_margin_of_loss, task.loss), Partial(_margin_of_loss, task.target),
+                    Partial(_q_of_loss, task.loss))
+    p = as_partial(prob_fn)
+    return _Fns(Partial(_margin_of_prob, p), Partial(_margin_of_prob, p), Partial(_q_of_prob, p))
 
 
-@jax.jit
-def _q_values(q_fn: Partial, theta: jax.Array, data: PyTree, idx: jax.Array) -> jax.Array:
-    return jax.vmap(q_fn, (None, 0, 0))(theta, data, idx)
+def _projection(config, key):
+    kind, d, k, proj_chunk = config
+    if k is None:
+        return None
+    return random_projection(kind, key, d, k, chunk_size=proj_chunk)
 
 
-def trak(task: Task, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
+def _phi(proj_config, fn, params, aux, key, chunk):
+    return _common.chunk_grads(fn, params, aux, chunk, _projection(proj_config, key))
+
+
+def _cache_step(config, args, kernel, chunk):
+    fns, members, key = args
+
+    def one(params, aux):
+        phi = _phi(config, fns.train_margin, params, aux, key, chunk)  # (size, k)
+        q = jax.vmap(fns.q, (None, 0, 0, None))(params, chunk.data, chunk.index, aux)
+        return phi, q
+
+    phi, q = _common.member_map(one, members)  # (M, size, k), (M, size)
+    kernel = kernel + jnp.einsum("mbk,mbl->mkl", phi, phi)
+    return kernel, (jnp.swapaxes(phi, 0, 1), jnp.mean(q, axis=0))
+
+
+def _test_phi(config, args, chunk):
+    fns, members, key = args
+    phi = _common.member_map(
+        lambda p, a: _phi(config, fns.test_margin, p, a, key, chunk), members)
+    return jnp.swapaxes(phi, 0, 1)  # (size, M, k)
+
+
+def _tile(config, args, chunk):
+    solved, num = args  # (M, k, n_test)
+    phi, q = chunk.data
+    return jnp.einsum("bmk,mkt->bt", phi, solved) / num * q[:, None]
+
+
+def _self_tile(config, inverse, chunk):
+    phi, q, right = chunk.data  # right: the test-side φ of the same examples
+    return jnp.einsum("bmk,mkl,bml->b", phi, inverse, right) / phi.shape[1] * q
+
+
+def damped_kernel(kernel: jax.Array, damping) -> jax.Array:
+    """Φ_mᵀΦ_m + λ_m I with λ_m = damping · tr(Φ_mᵀΦ_m) / k, for every member."""
+    k = kernel.shape[-1]
+    lam = damping * jnp.trace(kernel, axis1=-2, axis2=-1) / k
+    return kernel + lam[:, None, None] * jnp.eye(k, dtype=kernel.dtype)
+
+
+def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
          key: Optional[jax.Array] = None, prob_fn: Optional[Callable] = None,
-         chunk_size: Optional[int] = None, proj_chunk_size: Optional[int] = 4096) -> Attributor:
-    """TRAK over the task's members (each a checkpoint / ensemble member).
+         projection: str = "gaussian", chunk_size: Optional[int] = None,
+         proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
+    """TRAK over the members given to ``cache`` (checkpoints / ensemble members).
 
     Args:
-      task: the Task; its loss must be a negative log-probability of the correct
-        label (cross-entropy) unless ``prob_fn`` is given.
-      proj_dim: k, the JL projection dimension (Gaussian, one keyed projection shared
-        by all members); ``None`` uses raw gradients.
+      task: a :class:`jattri.Task` or a ``loss_fn(params, example)``; the loss must be
+        a negative log-probability of the correct label (cross-entropy) unless
+        ``prob_fn`` is given.
+      proj_dim: k, the JL projection dimension (one keyed projection shared by all
+        members); ``None`` uses raw gradients.
       damping: relative λ ≥ 0 (see module docstring); must be > 0 when k exceeds n.
-      key: PRNG key of the projections (default ``PRNGKey(0)``).
+        ``attribute(..., damping=...)`` overrides it without re-caching.
+      key: PRNG key of the projection (default ``PRNGKey(0)``).
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
-      chunk_size: examples per vectorised chunk; proj_chunk_size: projection rows
-        generated at a time.
+      projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` (sparse, O(d) per
+        example: the one to use at millions of parameters).
+      chunk_size: examples per compiled step (default: 256 MiB of gradients).
+      proj_chunk_size: projection rows generated at a time.
+
+    Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
+    the projection's ``proj_chunk_size × k`` block.
     """
     if not damping >= 0:
         raise ValueError(f"`damping` must be >= 0, got {damping}")
-    if proj_dim is not None and int(proj_dim) <= 0:
-        raise ValueError(f"`proj_dim` must be a positive int or None, got {proj_dim}")
-    members = _common.flat_members(task)
+    check_projection_args(projection, proj_dim=proj_dim)
+    chunk_size = engine.check_chunk_size(chunk_size)
+    task = as_task(task)
     key = jax.random.PRNGKey(0) if key is None else key
-    d = members[0].theta.shape[0]
-    # One projection shared by all members (as in TRAK): identical members then give
-    # exactly the single-member scores.
-    projection = (None if proj_dim is None else
-                  gaussian_projection(key, d, int(proj_dim), chunk_size=proj_chunk_size))
-    margins = tuple((_member_fn(_margin_of_loss, _margin_of_prob, m.loss, m.unravel, prob_fn),
-                     _member_fn(_margin_of_loss, _margin_of_prob, m.target, m.unravel, prob_fn))
-                    for m in members)
-    qs = tuple(_member_fn(_q_of_loss, _q_of_prob, m.loss, m.unravel, prob_fn) for m in members)
 
-    def phi(k, data, target):
-        m = members[k]
-        return _common.member_grads(margins[k][1 if target else 0], m.theta, data,
-                                    chunk_size=chunk_size, transform=projection)
+    def config(members):
+        d = _common.num_params(members)
+        return (projection, d, None if proj_dim is None else int(proj_dim), proj_chunk_size)
 
-    def cache(train: PyTree) -> TrakState:
-        _common.check_train(task, train)
-        idx = _common.indices_for(train)
-        phis, feats, q = [], [], 0.0
-        for k, m in enumerate(members):
-            p = phi(k, train, False)
-            kernel = p.T @ p
-            lam = damping * jnp.trace(kernel) / kernel.shape[0]
-            kernel = kernel + lam * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
-            feats.append(jnp.linalg.solve(kernel, p.T).T)
-            phis.append(p)
-            q = q + _q_values(qs[k], m.theta, train, idx)
-        return TrakState(train, jnp.stack(phis), jnp.stack(feats), q / len(members))
+    def size(members, data, floats=None):
+        return _common.chunk_size_for(chunk_size, members, data, floats)
 
-    def attribute(state: TrakState, test: PyTree) -> jax.Array:
-        _common.check_test(task, state.train, test)
-        s = _common.member_mean(lambda k, m: state.features[k] @ phi(k, test, True).T, members)
-        return s * state.q[:, None]
+    def cache(members, train) -> TrakState:
+        members = _common.setup(task, members, train)
+        fns = _fns(task, prob_fn)
+        cfg = config(members)
+        k = cfg[1] if cfg[2] is None else cfg[2]
+        kernel0 = jnp.zeros((members.num, k, k), _common.param_dtype(members))
+        kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, key), kernel0,
+                                          train, size(members, train))
+        return TrakState(members, _common.stored_train(train), phi, kernel, q)
 
-    def self_attribute(state: TrakState) -> jax.Array:
-        def one(k, m):
-            right = state.phi[k] if task.target_is_loss else phi(k, state.train, True)
-            return jnp.sum(state.features[k] * right, axis=-1)
-        return _common.member_mean(one, members) * state.q
+    def test_phi(state, data):
+        return engine.per_example(_test_phi, config(state.members),
+                                  (_fns(task, prob_fn), state.members, key), data,
+                                  size(state.members, data))
+
+    def attribute(state: TrakState, test, *, train=None, top_k=None, lowest=False,
+                  damping=damping):
+        _common.check_data(task, state.members, test, "test", target=True,
+                           like=state.train)
+        phi_t = test_phi(state, test)  # (n_test, M, k)
+        solved = jnp.linalg.solve(damped_kernel(state.kernel, damping),
+                                  jnp.transpose(phi_t, (1, 2, 0)))  # (M, k, n_test)
+        rows = (state.phi, state.q)
+        n_test = phi_t.shape[0]
+        return engine.score(_tile, None, (solved, state.members.num), rows,
+                            size(state.members, rows, state.phi[0].size + n_test), n_test,
+                            phi_t.dtype, top_k=top_k, lowest=lowest)
+
+    def self_attribute(state: TrakState, *, train=None, damping=damping):
+        inverse = jnp.linalg.inv(damped_kernel(state.kernel, damping))
+        right = (state.phi if task.target_is_loss else
+                 test_phi(state, _common.train_for(state.train, train)))
+        rows = (state.phi, state.q, right)
+        return engine.per_example(_self_tile, None, inverse, rows,
+                                  size(state.members, rows, 2 * state.phi[0].size))
 
     return Attributor(cache, attribute, self_attribute)

@@ -1,0 +1,309 @@
+"""How work flows, once for every method: data in chunks (in memory or streamed), a
+method's per-chunk math folded over them, scores out in tiles (dense or top-k).
+
+A method states only its per-chunk math as module-level functions
+``step(config, args, carry, chunk) -> (carry, out)`` (``config`` static and hashable,
+``args`` and ``carry`` pytrees of arrays). :func:`scan` runs it over every chunk of a
+dataset: for an in-memory pytree inside one compiled ``lax.scan`` (so stages stay
+jittable end to end), for a :class:`Stream` as a Python loop over batches calling one
+compiled step. Both paths see the same fixed-size chunks, padded at the end and
+masked by ``chunk.valid``, so streamed and in-memory results agree to rounding.
+
+Memory: one chunk of ``size`` examples is live at a time; what a step emits per example
+is what a method keeps (projected features, a scalar), never ``(n, d)`` gradients
+unless the method asks for them.
+"""
+from __future__ import annotations
+
+import collections.abc
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattri import _checks
+
+PyTree = Any
+
+#: Bytes of per-example gradients one chunk may hold when ``chunk_size`` is not given.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+MAX_DEFAULT_CHUNK = 1024
+
+
+class Chunk(NamedTuple):
+    """``size`` examples: ``data`` (leading axis ``size``), ``index`` their int32
+    positions in the dataset, ``valid`` False on the padding of the last chunk."""
+
+    data: PyTree
+    index: jax.Array
+    valid: jax.Array
+
+
+class Stream:
+    """A training (or test) set streamed as batches that do not fit in memory at once.
+
+    ``source`` is a re-iterable of batches (a list of pytrees, each with a leading
+    example axis) or a zero-argument callable returning a fresh iterator of them, so a
+    method can read the set more than once (EK-FAC reads it twice; scoring against
+    recomputed training gradients reads it again). A one-shot iterator (a generator)
+    is accepted for a single pass and refused, with a clear error, on a second.
+    Batches may have any sizes; they are re-cut into a method's fixed chunks.
+    """
+
+    def __init__(self, source: Any):
+        if isinstance(source, Stream):
+            source = source.source
+        if not (callable(source) or isinstance(source, collections.abc.Iterable)):
+            raise TypeError("`Stream` takes a re-iterable of batches or a zero-argument "
+                            f"callable returning an iterator, got {type(source).__name__}")
+        self.source = source
+        self._used = False
+
+    def __iter__(self) -> Iterator[PyTree]:
+        it = self.source() if callable(self.source) else self.source
+        if isinstance(it, collections.abc.Iterator) and not callable(self.source):
+            if self._used:
+                raise ValueError("this Stream wraps a one-shot iterator that was already "
+                                 "consumed; pass a list of batches or a zero-argument "
+                                 "callable returning a fresh iterator")
+            self._used = True
+        return iter(it)
+
+
+def stream(source: Any) -> Stream:
+    """Wrap batches as a :class:`Stream` (see there)."""
+    return Stream(source)
+
+
+def is_stream(data: Any) -> bool:
+    return isinstance(data, Stream) or isinstance(data, collections.abc.Iterator)
+
+
+def as_stream(data: Any) -> Stream:
+    return data if isinstance(data, Stream) else Stream(data)
+
+
+def default_chunk_size(bytes_per_example: int, n: Optional[int] = None) -> int:
+    """Examples per chunk when the user gives none: as many as fit
+    :data:`DEFAULT_CHUNK_BYTES` of per-example arrays (gradients: 4·d bytes each), at
+    most :data:`MAX_DEFAULT_CHUNK` and at most ``n``."""
+    size = max(1, min(MAX_DEFAULT_CHUNK, DEFAULT_CHUNK_BYTES // max(int(bytes_per_example), 1)))
+    return size if n is None else max(1, min(size, int(n)))
+
+
+def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
+        raise ValueError(f"`{name}` must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+# ----------------------------------------------------------------------------- chunks
+
+def _pad_rows(x, size):
+    n = x.shape[0]
+    if n == size:
+        return x
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.concatenate([x, xp.repeat(x[:1], size - n, axis=0)])
+
+
+def _stacked_chunks(data: PyTree, size: int) -> tuple:
+    """The in-memory dataset as ``(n_chunks, size, ...)`` chunks (padded), with its
+    index and valid arrays likewise."""
+    n = _checks.num_examples(data)
+    n_chunks = -(-n // size)
+    total = n_chunks * size
+    padded = jax.tree_util.tree_map(lambda x: _pad_rows(jnp.asarray(x), total), data)
+    stacked = jax.tree_util.tree_map(lambda x: x.reshape((n_chunks, size) + x.shape[1:]),
+                                     padded)
+    pos = jnp.arange(total, dtype=jnp.int32)
+    index = jnp.where(pos < n, pos, 0).reshape(n_chunks, size)
+    valid = (pos < n).reshape(n_chunks, size)
+    return Chunk(stacked, index, valid), n
+
+
+def stream_chunks(data: Stream, size: int) -> Iterator[tuple]:
+    """``(Chunk, count)`` of a stream, re-cut into chunks of ``size`` (the last padded)."""
+    pending, have, start = [], 0, 0
+
+    def emit(parts, count):
+        nonlocal start
+        if len(parts) == 1:
+            block = parts[0]
+        else:
+            block = jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
+                                           *parts)
+        block = jax.tree_util.tree_map(lambda x: _pad_rows(x, size), block)
+        pos = np.arange(start, start + size, dtype=np.int32)
+        valid = np.arange(size) < count
+        start += count
+        return Chunk(block, np.where(valid, pos, 0).astype(np.int32), valid), count
+
+    def take(batch, k):
+        return (jax.tree_util.tree_map(lambda x: x[:k], batch),
+                jax.tree_util.tree_map(lambda x: x[k:], batch))
+
+    seen_any = False
+    for b, batch in enumerate(data):
+        n_b = _checks.check_data(batch, f"batch {b} of the stream")
+        seen_any = True
+        while n_b:
+            k = min(size - have, n_b)
+            head, batch = take(batch, k) if k < n_b else (batch, None)
+            pending.append(head)
+            have += k
+            n_b -= k
+            if have == size:
+                yield emit(pending, size)
+                pending, have = [], 0
+    if have:
+        yield emit(pending, have)
+    if not seen_any:
+        raise ValueError("the stream yielded no batches")
+
+
+def first_example(data: Any) -> PyTree:
+    """One example of an in-memory dataset or a stream (reads its first batch)."""
+    if is_stream(data):
+        return _checks.first_example(next(iter(as_stream(data))))
+    return _checks.first_example(data)
+
+
+# ------------------------------------------------------------------------------ scan
+
+@partial(jax.jit, static_argnames=("step", "config"))
+def _scan_jit(step, config, args, carry, chunks):
+    return jax.lax.scan(lambda c, x: step(config, args, c, x), carry, chunks)
+
+
+@partial(jax.jit, static_argnames=("step", "config"))
+def _step_jit(step, config, args, carry, chunk):
+    return step(config, args, carry, chunk)
+
+
+def _trim(outs, n):
+    return jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], outs)
+
+
+def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
+         size: int, *, progress: Optional[Callable[[int], None]] = None) -> tuple:
+    """Run ``step(config, args, carry, chunk) -> (carry, out)`` over every chunk of
+    ``data`` (a pytree in memory, or a :class:`Stream`).
+
+    ``out`` is a pytree of per-example arrays with leading axis ``size``; they come
+    back concatenated over the dataset and trimmed to n (``None`` leaves nothing).
+    Returns ``(carry, outs, n)``. ``progress(n_done)`` is called after each chunk of
+    a stream.
+    """
+    if not is_stream(data):
+        chunks, n = _stacked_chunks(data, size)
+        carry, outs = _scan_jit(step, config, args, carry, chunks)
+        return carry, _trim(outs, n), n
+    outs, n = [], 0
+    for chunk, count in stream_chunks(as_stream(data), size):
+        carry, out = _step_jit(step, config, args, carry, chunk)
+        outs.append(jax.tree_util.tree_map(lambda y, c=count: y[:c], out))
+        n += count
+        if progress is not None:
+            progress(n)
+    outs = jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys), *outs) if outs else None
+    return carry, outs, n
+
+
+def num_examples(data: Any) -> Optional[int]:
+    """n of an in-memory dataset; ``None`` for a stream (unknown until read)."""
+    return None if is_stream(data) else _checks.num_examples(data)
+
+
+# ----------------------------------------------------------------------------- scores
+
+class TopK(NamedTuple):
+    """The ``k`` highest-scoring training examples per test example, best first:
+    ``indices`` ``(n_test, k)`` int32 training positions, ``scores`` ``(n_test, k)``.
+    With ``lowest=True``, ``lowest_indices`` / ``lowest_scores`` hold the k lowest
+    (most harmful first); else ``None``."""
+
+    indices: jax.Array
+    scores: jax.Array
+    lowest_indices: Optional[jax.Array] = None
+    lowest_scores: Optional[jax.Array] = None
+
+
+def check_top_k(top_k: Any) -> Optional[int]:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}")
+    return int(top_k)
+
+
+def _merge(best, tile, index, valid, k, sign):
+    """Running top-k ``(scores (t, k), indices (t, k))`` merged with a tile
+    ``(size, t)`` of scores of training rows ``index`` (``sign`` -1 for the lowest)."""
+    scores, indices = best
+    fill = jnp.asarray(-jnp.inf, tile.dtype)
+    s = jnp.where(valid[:, None], sign * tile, fill).T  # (t, size)
+    all_s = jnp.concatenate([scores, s], axis=1)
+    all_i = jnp.concatenate([indices, jnp.broadcast_to(index, s.shape)], axis=1)
+    top, pos = jax.lax.top_k(all_s, k)
+    return top, jnp.take_along_axis(all_i, pos, axis=1)
+
+
+def _score_step(config, args, carry, chunk):
+    tile_fn, tile_config, k, lowest = config
+    tile = tile_fn(tile_config, args, chunk)  # (size, n_test)
+    if k is None:
+        return carry, tile
+    top = _merge(carry[0], tile, chunk.index, chunk.valid, k, 1.0)
+    bottom = _merge(carry[1], tile, chunk.index, chunk.valid, k, -1.0) if lowest else None
+    return (top, bottom), None
+
+
+def score(tile_fn: Callable, tile_config: Any, args: PyTree, rows: Any, size: int,
+          n_test: int, dtype, *, top_k: Optional[int] = None, lowest: bool = False):
+    """Scores of every training row against every test example, tile by tile.
+
+    ``tile_fn(tile_config, args, chunk) -> (size, n_test)`` scores one chunk of
+    ``rows`` (stored per-example training arrays, or training data whose gradients the
+    tile recomputes). Dense: the ``(n_train, n_test)`` matrix. ``top_k=K``: a
+    :class:`TopK`, merged tile by tile, so memory is ``O((K + size) · n_test)`` and
+    never the dense matrix.
+    """
+    k = check_top_k(top_k)
+    if k is None:
+        _, dense, _ = scan(_score_step, (tile_fn, tile_config, None, False), args, None,
+                           rows, size)
+        return dense
+    n = num_examples(rows)
+    if n is not None and k > n:
+        raise ValueError(f"`top_k`={k} exceeds the number of training examples {n}")
+    empty = (jnp.full((n_test, k), -jnp.inf, dtype), jnp.full((n_test, k), -1, jnp.int32))
+    carry = (empty, empty if lowest else None)
+    (top, bottom), _, n = scan(_score_step, (tile_fn, tile_config, k, bool(lowest)), args,
+                               carry, rows, size)
+    if k > n:
+        raise ValueError(f"`top_k`={k} exceeds the number of training examples {n}")
+    if bottom is None:
+        return TopK(top[1], top[0])
+    return TopK(top[1], top[0], bottom[1], -bottom[0])
+
+
+def _self_step(config, args, carry, chunk):
+    fn, fn_config = config
+    return carry, fn(fn_config, args, chunk)
+
+
+def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int):
+    """``fn(fn_config, args, chunk) -> (size, ...)`` over every chunk, concatenated."""
+    _, out, _ = scan(_self_step, (fn, fn_config), args, None, rows, size)
+    return out
+
+
+__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Stream", "TopK", "check_chunk_size",
+           "check_top_k", "default_chunk_size", "first_example", "is_stream",
+           "num_examples", "per_example", "scan", "score", "stream", "stream_chunks"]
