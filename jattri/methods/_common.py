@@ -39,12 +39,22 @@ class Attributor(NamedTuple):
     self_attribute: Callable
 
 
-def member_map(fn: Callable, members: Members) -> PyTree:
-    """``fn(params_j, aux_j)`` for every member j, stacked on a leading axis M;
-    sequential over members (``lax.map``) so memory is one member's."""
+def member_map(fn: Callable, members: Members, *per_member: PyTree) -> PyTree:
+    """``fn(params_j, aux_j, *per_member_j)`` for every member j, stacked on a leading
+    axis M; sequential over members (``lax.map``) so memory is one member's.
+    ``per_member``: pytrees with a leading axis M (e.g. each member's projection key)."""
+    def one(j):
+        rows = jax.tree_util.tree_map(lambda x: x[j], per_member)
+        return fn(*member(members, j), *rows)
+
     if members.num == 1:
-        return jax.tree_util.tree_map(lambda x: x[None], fn(*first_member(members)))
-    return jax.lax.map(lambda j: fn(*member(members, j)), jnp.arange(members.num))
+        return jax.tree_util.tree_map(lambda x: x[None], one(0))
+    return jax.lax.map(one, jnp.arange(members.num))
+
+
+def member_keys(key: jax.Array, num: int) -> jax.Array:
+    """``(num,)`` keys ``fold_in(key, j)``: member j's own projection (or mask) key."""
+    return jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num))
 
 
 def flat_grad(fn: Callable, params: PyTree, example: PyTree, index, aux) -> jax.Array:

@@ -1,7 +1,7 @@
 """TracInCP (Pruthi et al., 2020, "Estimating Training Data Influence by Tracing
 Gradient Descent"), with Grad-Dot and Grad-Cos as its one-checkpoint cases.
 
-Over the task's members k (checkpoints along a training run, or any ensemble):
+Over the members k (checkpoints along a training run, or any ensemble):
 
     score(i, t) = Σ_k w_k ⟨P_k g_i^k, P_k g_t^k⟩
 
@@ -9,6 +9,10 @@ with g_i^k = ∇loss(z_i) and g_t^k = ∇target(z_t) at member k, P_k an optiona
 projection (one keyed projection per member) and, with ``normalize=True``, each
 (projected) gradient divided by its norm (cosine similarity). A positive score means a
 gradient step on z_i lowers the target on z_t (to first order), i.e. i helps t.
+
+Stages: with a projection, ``cache`` keeps the projected training gradients
+``(n, M, k)``; without one it keeps nothing of size n·d: ``attribute`` recomputes
+training gradients chunk by chunk against the test gradients ``(n_test, M, d)``.
 """
 from __future__ import annotations
 
@@ -16,24 +20,28 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.tree_util import Partial
 
+from jattri import engine
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Task
+from jattri.task import Members, as_task
 
 PyTree = Any
 
 
 class TracInState(NamedTuple):
-    """train: the training data. train_grads: ``(M, n, k)`` per-member training
-    gradients, projected (k = proj_dim, else d) and normalised if asked.
-    weights: ``(M,)`` checkpoint weights w_k."""
+    """members: the Members scored. train: the in-memory training set (a reference) or
+    ``None`` if streamed. train_grads: ``(n, M, k)`` projected (and normalised if asked)
+    training gradients, or ``None`` without a projection (recomputed when scoring).
+    weights: ``(M,)`` member weights w_k.
 
+    Memory: n·M·k floats with a projection; none proportional to n without."""
+
+    members: Members
     train: PyTree
-    train_grads: jax.Array
+    train_grads: Optional[jax.Array]
     weights: jax.Array
 
 
@@ -49,8 +57,8 @@ def _check_weights(weights, num_members: int) -> jax.Array:
         return jnp.full((num_members,), 1.0 / num_members)
     w = jnp.asarray(weights)
     if w.shape != (num_members,):
-        raise ValueError(f"`weights` must have one entry per task member, shape "
-                         f"({num_members},), got shape {w.shape}")
+        raise ValueError(f"`weights` must have one entry per member, shape ({num_members},), "
+                         f"got shape {w.shape}")
     if not jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(w.dtype, jnp.integer):
         raise TypeError(f"`weights` must be real numbers, got dtype {w.dtype}")
     if not bool(jnp.all(jnp.isfinite(w))):
@@ -58,82 +66,119 @@ def _check_weights(weights, num_members: int) -> jax.Array:
     return w
 
 
-def _normalized(proj, g):
-    return _normalize(g if proj is None else proj(g))
+def _features(config, fn, params, aux, key, chunk):
+    """``(size, k)``: one member's gradients of a chunk, projected and normalised as
+    configured (``(size, d)`` without a projection)."""
+    kind, d, k, proj_chunk, normalize = config
+    proj = None if k is None else random_projection(kind, key, d, k, chunk_size=proj_chunk)
+    g = _common.chunk_grads(fn, params, aux, chunk, proj)
+    return _normalize(g) if normalize else g
 
 
-def _transform(key, d, config) -> Optional[Partial]:
-    """The projection (key as a traced leaf) then, if asked, the normalisation."""
-    projection, proj_dim, proj_chunk_size, normalize = config
-    proj = (None if proj_dim is None else
-            random_projection(projection, key, d, proj_dim, chunk_size=proj_chunk_size))
-    return Partial(_normalized, proj) if normalize else proj
+def _feature_step(config, args, chunk):
+    fn, members, keys = args
+    out = _common.member_map(lambda p, a, key: _features(config, fn, p, a, key, chunk),
+                             members, keys)
+    return jnp.swapaxes(out, 0, 1)  # (size, M, k)
 
 
-def tracin(task: Task, *, weights: Optional[Sequence[float]] = None,
+def _stored_tile(config, args, chunk):
+    test, weights = args  # (n_test, M, k), (M,)
+    return jnp.einsum("bmk,tmk,m->bt", chunk.data, test, weights.astype(test.dtype))
+
+
+def _recomputed_tile(config, args, chunk):
+    loss, members, keys, test, weights = args
+    per_member = _common.member_map(
+        lambda p, a, key, t: _features(config, loss, p, a, key, chunk) @ t.T,
+        members, keys, jnp.swapaxes(test, 0, 1))  # (M, size, n_test)
+    return jnp.einsum("mbt,m->bt", per_member, weights.astype(per_member.dtype))
+
+
+def _self_tile(config, args, chunk):
+    weights = args
+    left, right = chunk.data
+    return jnp.einsum("bmk,bmk,m->b", left, right, weights.astype(left.dtype))
+
+
+def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
            proj_dim: Optional[int] = None, projection: str = "gaussian",
            normalize: bool = False, key: Optional[jax.Array] = None,
            chunk_size: Optional[int] = None,
            proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
-    """TracInCP: score(i, t) = Σ_k w_k ⟨P_k g_i^k, P_k g_t^k⟩ over the task's members.
+    """TracInCP: score(i, t) = Σ_k w_k ⟨P_k g_i^k, P_k g_t^k⟩ over the members.
 
     Members vs weights: with ``weights=None`` every member gets w_k = 1/M, so the
     score is the MEAN over members of the one-checkpoint score, like every jattri
-    method, and a one-member Task gives Grad-Dot exactly. Given ``weights`` (the
-    learning rates η_k of the checkpoints, as in the paper) they are used as they are,
-    with no further division by M: the score is the paper's sum Σ_k η_k ⟨·,·⟩. Pass
+    method, and one member gives Grad-Dot exactly. Given ``weights`` (the learning
+    rates η_k of the checkpoints, as in the paper) they are used as they are, with no
+    further division by M: the score is the paper's sum Σ_k η_k ⟨·,·⟩. Pass
     ``weights = η / M`` for a learning-rate-weighted mean.
 
     Args:
-      task: the Task; its members are the checkpoints.
-      weights: ``(M,)`` per-member weights w_k, or ``None`` for 1/M each.
+      task: a :class:`jattri.Task` or a ``loss_fn(params, example)``.
+      weights: ``(M,)`` per-member weights w_k (checked against the members given to
+        ``cache``), or ``None`` for 1/M each.
       proj_dim: k, the projection dimension; ``None`` uses the raw gradients.
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` (``jattri.func``); each
         is scaled so inner products are preserved in expectation. Member k uses
         ``fold_in(key, k)``.
       normalize: divide each (projected) gradient by its norm: cosine similarity.
       key: PRNG key of the projections (default ``PRNGKey(0)``).
-      chunk_size: examples per vectorised chunk; proj_chunk_size: parameters projected
-        at a time.
-    Returns:
-      An Attributor; ``cache`` stores the ``(M, n, k)`` training gradients.
+      chunk_size: examples per compiled step (default: 256 MiB of gradients);
+        proj_chunk_size: parameters projected at a time.
+
+    Memory: state n·M·k floats with a projection, none proportional to n without;
+    ``attribute`` holds the test side n_test·M·k (k = d without a projection) and one
+    chunk of ``chunk_size`` gradients.
     """
     check_projection_args(projection, proj_dim=proj_dim)
-    if not isinstance(task, Task):
-        raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
-    members = _common.flat_members(task)
-    w = _check_weights(weights, len(members))
+    chunk_size = engine.check_chunk_size(chunk_size)
+    task = as_task(task)
     key = jax.random.PRNGKey(0) if key is None else key
-    config = (projection, None if proj_dim is None else int(proj_dim), proj_chunk_size,
-              bool(normalize))
-    transforms = [_transform(jax.random.fold_in(key, k), m.theta.shape[0], config)
-                  for k, m in enumerate(members)]
+    k = None if proj_dim is None else int(proj_dim)
 
-    def grads(k, data, target):
-        m = members[k]
-        return _common.member_grads(m.target if target else m.loss, m.theta, data,
-                                    chunk_size=chunk_size, transform=transforms[k])
+    def config(members):
+        return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize))
 
-    def weighted_sum(weights, per_member):
-        total = 0.0
-        for k in range(len(members)):
-            s = per_member(k)
-            total = total + weights[k].astype(s.dtype) * s
-        return total
+    def size(members, data, floats=None):
+        return _common.chunk_size_for(chunk_size, members, data, floats)
 
-    def cache(train: PyTree) -> TracInState:
-        _common.check_train(task, train)
-        return TracInState(train, jnp.stack([grads(k, train, False)
-                                             for k in range(len(members))]), w)
+    def features(members, fn, data):
+        args = (fn, members, _common.member_keys(key, members.num))
+        return engine.per_example(_feature_step, config(members), args, data,
+                                  size(members, data))
 
-    def attribute(state: TracInState, test: PyTree) -> jax.Array:
-        _common.check_test(task, state.train, test)
-        return weighted_sum(state.weights, lambda k: state.train_grads[k] @ grads(k, test, True).T)
+    def cache(members, train) -> TracInState:
+        members = _common.setup(task, members, train)
+        w = _check_weights(weights, members.num)
+        grads = None if k is None else features(members, task.loss, train)
+        return TracInState(members, _common.stored_train(train), grads, w)
 
-    def self_attribute(state: TracInState) -> jax.Array:
-        def one(k):
-            right = state.train_grads[k] if task.target_is_loss else grads(k, state.train, True)
-            return jnp.sum(state.train_grads[k] * right, axis=-1)
-        return weighted_sum(state.weights, one)
+    def attribute(state: TracInState, test, *, train=None, top_k=None, lowest=False):
+        members = state.members
+        _common.check_data(task, members, test, "test", target=True, like=state.train)
+        t = features(members, task.target, test)  # (n_test, M, k)
+        if state.train_grads is not None:
+            rows = state.train_grads
+            return engine.score(_stored_tile, None, (t, state.weights), rows,
+                                size(members, rows, rows[0].size + t.shape[0]), t.shape[0],
+                                t.dtype, top_k=top_k, lowest=lowest)
+        rows = _common.train_for(state.train, train)
+        args = (task.loss, members, _common.member_keys(key, members.num), t, state.weights)
+        return engine.score(_recomputed_tile, config(members), args, rows,
+                            size(members, rows), t.shape[0], t.dtype, top_k=top_k,
+                            lowest=lowest)
+
+    def self_attribute(state: TracInState, *, train=None):
+        members = state.members
+        data = (None if state.train_grads is not None and task.target_is_loss else
+                _common.train_for(state.train, train))
+        left = (state.train_grads if state.train_grads is not None else
+                features(members, task.loss, data))
+        right = left if task.target_is_loss else features(members, task.target, data)
+        rows = (left, right)
+        return engine.per_example(_self_tile, None, state.weights, rows,
+                                  size(members, rows, 2 * left[0].size))
 
     return Attributor(cache, attribute, self_attribute)
