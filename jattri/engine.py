@@ -16,6 +16,8 @@ unless the method asks for them.
 from __future__ import annotations
 
 import collections.abc
+import itertools
+import weakref
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
@@ -48,28 +50,62 @@ class Stream:
     example axis) or a zero-argument callable returning a fresh iterator of them, so a
     method can read the set more than once (EK-FAC reads it twice; scoring against
     recomputed training gradients reads it again). A one-shot iterator (a generator)
-    is accepted for a single pass and refused, with a clear error, on a second.
+    is accepted for a single pass and refused, with a clear error, on a second; its
+    first batch may be looked at (:meth:`peek`, for input checks) without being lost.
     Batches may have any sizes; they are re-cut into a method's fixed chunks.
     """
 
-    def __init__(self, source: Any):
+    _ONE_SHOT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __new__(cls, source: Any):
         if isinstance(source, Stream):
-            source = source.source
+            return source
+        if isinstance(source, collections.abc.Iterator):
+            try:  # one Stream per iterator, so its consumption is remembered
+                return cls._ONE_SHOT.setdefault(source, super().__new__(cls))
+            except TypeError:
+                pass
+        return super().__new__(cls)
+
+    def __init__(self, source: Any):
+        if isinstance(source, Stream) or getattr(self, "source", None) is source:
+            return
         if not (callable(source) or isinstance(source, collections.abc.Iterable)):
             raise TypeError("`Stream` takes a re-iterable of batches or a zero-argument "
                             f"callable returning an iterator, got {type(source).__name__}")
         self.source = source
+        self.one_shot = isinstance(source, collections.abc.Iterator)
         self._used = False
+        self._peeked: list = []
+
+    def peek(self) -> PyTree:
+        """The first batch, without consuming a one-shot source."""
+        if self.one_shot:
+            if self._used:
+                raise self._consumed()
+            if not self._peeked:
+                try:
+                    self._peeked.append(next(self.source))
+                except StopIteration:
+                    raise ValueError("the stream yielded no batches") from None
+            return self._peeked[0]
+        for batch in self:
+            return batch
+        raise ValueError("the stream yielded no batches")
+
+    @staticmethod
+    def _consumed() -> ValueError:
+        return ValueError("this Stream wraps a one-shot iterator that was already consumed; "
+                          "pass a list of batches (jattri.stream([...])) or a zero-argument "
+                          "callable returning a fresh iterator")
 
     def __iter__(self) -> Iterator[PyTree]:
-        it = self.source() if callable(self.source) else self.source
-        if isinstance(it, collections.abc.Iterator) and not callable(self.source):
-            if self._used:
-                raise ValueError("this Stream wraps a one-shot iterator that was already "
-                                 "consumed; pass a list of batches or a zero-argument "
-                                 "callable returning a fresh iterator")
-            self._used = True
-        return iter(it)
+        if not self.one_shot:
+            return iter(self.source() if callable(self.source) else self.source)
+        if self._used:
+            raise self._consumed()
+        self._used = True
+        return itertools.chain(self._peeked, self.source)
 
 
 def stream(source: Any) -> Stream:
@@ -82,7 +118,7 @@ def is_stream(data: Any) -> bool:
 
 
 def as_stream(data: Any) -> Stream:
-    return data if isinstance(data, Stream) else Stream(data)
+    return Stream(data)
 
 
 def default_chunk_size(bytes_per_example: int, n: Optional[int] = None) -> int:
@@ -170,7 +206,7 @@ def stream_chunks(data: Stream, size: int) -> Iterator[tuple]:
 def first_example(data: Any) -> PyTree:
     """One example of an in-memory dataset or a stream (reads its first batch)."""
     if is_stream(data):
-        return _checks.first_example(next(iter(as_stream(data))))
+        return _checks.first_example(as_stream(data).peek())
     return _checks.first_example(data)
 
 

@@ -1,0 +1,215 @@
+"""The method contract's machinery: Members, streams, chunking, tiled top-k scoring.
+
+References are the dense formulas written out with numpy in float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jattri
+from jattri import engine
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+def loss(p, z):
+    x, y = z
+    return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y)
+
+
+def target(p, z):
+    return 2.0 * loss(p, z) + jnp.sum(p["w"]) * 0.0
+
+
+def data(seed, n, d=5, c=3):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    return (jax.random.normal(kx, (n, d)), jax.random.randint(ky, (n,), 0, c))
+
+
+def params(seed, d=5, c=3):
+    kw, kb = jax.random.split(jax.random.PRNGKey(100 + seed))
+    return {"w": jax.random.normal(kw, (d, c)), "b": 0.1 * jax.random.normal(kb, (c,))}
+
+
+def grads(p, fn, z):
+    theta, unravel = ravel_pytree(p)
+    return np.asarray(jax.vmap(jax.grad(lambda t, e: fn(unravel(t), e)), (None, 0))(theta, z))
+
+
+def batches(z, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(jax.tree_util.tree_map(lambda a: a[start:start + s], z))
+        start += s
+    assert start == len(z[1])
+    return out
+
+
+# --------------------------------------------------------------------------- members
+
+def test_members_share_params_rows():
+    """P = 1 params row for M = 3 members (a dropout ensemble's layout): every member
+    uses that row, so the mean over members equals the single model's scores."""
+    p = params(0)
+    train, test = data(1, 12), data(2, 4)
+    shared = jattri.Members(jax.tree_util.tree_map(lambda a: a[None], p), num=3)
+    attr = jattri.grad_dot(loss)
+    one = attr.attribute(attr.cache(p, train), test)
+    three = attr.attribute(attr.cache(shared, train), test)
+    np.testing.assert_allclose(three, one, rtol=1e-12)
+    np.testing.assert_allclose(one, grads(p, loss, train) @ grads(p, loss, test).T, rtol=1e-12)
+
+
+def test_member_rows_follow_groups():
+    """params with P = 2 rows for M = 4 members: members 0, 1 use row 0, members 2, 3
+    row 1 (``j // (M // P)``), aux with M rows is taken row by row."""
+    stacked = jattri.checkpoints([params(0), params(1)]).params
+    members = jattri.Members(stacked, aux=jnp.arange(4.0), num=4)
+    for j, (row, aux) in enumerate(((0, 0.0), (0, 1.0), (1, 2.0), (1, 3.0))):
+        p, a = jattri.task.member(members, j)
+        np.testing.assert_array_equal(p["w"], stacked["w"][row])
+        assert float(a) == aux
+
+
+def test_members_errors():
+    with pytest.raises(ValueError, match="does not divide"):
+        jattri.task.check_members(jattri.Members(jattri.checkpoints(
+            [params(0), params(1)]).params, num=3))
+    with pytest.raises(ValueError, match="mismatched checkpoints"):
+        jattri.checkpoints([params(0), params(1, d=4)])
+    with pytest.raises(TypeError, match="jattri.checkpoints"):
+        jattri.grad_dot(loss).cache([params(0), params(1)], data(1, 5))
+    with pytest.raises(TypeError, match="non-empty list"):
+        jattri.checkpoints([])
+
+
+# --------------------------------------------------------------------------- streams
+
+@pytest.mark.parametrize("sizes", [(7, 7, 7, 7, 2), (1, 20, 9), (30,)])
+def test_stream_chunks_recut_batches(sizes):
+    """Any batch sizes are re-cut into the same fixed chunks: indices are global
+    positions, the last chunk is padded and masked."""
+    z = data(0, 30)
+    got = list(engine.stream_chunks(jattri.stream(batches(z, sizes)), 8))
+    assert [c for _, c in got] == [8, 8, 8, 6]
+    index = np.concatenate([np.asarray(ch.index)[:c] for ch, c in got])
+    np.testing.assert_array_equal(index, np.arange(30))
+    x = np.concatenate([np.asarray(ch.data[0])[:c] for ch, c in got])
+    np.testing.assert_array_equal(x, z[0])
+    assert not np.asarray(got[-1][0].valid)[6:].any()
+
+
+def test_stream_equals_in_memory_tracin_and_trak():
+    """20 uneven batches give the in-memory state and scores (float32, 1e-6)."""
+    jax.config.update("jax_enable_x64", False)
+    p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params(0))
+    train = jax.tree_util.tree_map(lambda a: a.astype(a.dtype), data(1, 100))
+    test = data(2, 6)
+    sizes = [3, 7] * 10
+    for attr in (jattri.trak(loss, proj_dim=16, chunk_size=16),
+                 jattri.tracin(loss, proj_dim=16, projection="sjlt", chunk_size=16)):
+        full = attr.cache(p, train)
+        streamed = attr.cache(p, jattri.stream(batches(train, sizes)))
+        for a, b in zip(jax.tree_util.tree_leaves(full[2:]), jax.tree_util.tree_leaves(streamed[2:])):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * float(jnp.abs(a).max()))
+        np.testing.assert_allclose(attr.attribute(streamed, test), attr.attribute(full, test),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_one_shot_iterator_refused_on_second_pass():
+    """A generator serves one pass (its first batch peeked for the checks is not
+    lost); a second pass is refused with a clear error, nothing silently empty."""
+    p, z, test = params(0), data(1, 20), data(2, 3)
+    attr = jattri.grad_dot(loss)
+    state = attr.cache(p, (b for b in batches(z, (10, 10))))  # reads only the first batch
+    assert state.train is None
+    with pytest.raises(ValueError, match="`train` is required"):
+        attr.attribute(state, test)
+    gen = (b for b in batches(z, (10, 10)))
+    got = attr.attribute(state, test, train=gen)
+    np.testing.assert_allclose(got, grads(p, loss, z) @ grads(p, loss, test).T, rtol=1e-12)
+    with pytest.raises(ValueError, match="one-shot"):
+        attr.attribute(state, test, train=gen)
+    trak = jattri.trak(loss, proj_dim=4)
+    gen = (b for b in batches(z, (10, 10)))
+    trak.cache(p, gen)
+    with pytest.raises(ValueError, match="one-shot"):
+        trak.cache(p, gen)
+
+
+def test_streamed_state_scores_with_train_given():
+    p, train, test = params(0), data(1, 20), data(2, 3)
+    attr = jattri.grad_dot(jattri.Task(loss, target))
+    ref = grads(p, loss, train) @ grads(p, target, test).T
+    state = attr.cache(p, jattri.stream(lambda: iter(batches(train, (5, 15)))))
+    got = attr.attribute(state, test, train=jattri.stream(batches(train, (11, 9))))
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    self_ref = np.sum(grads(p, loss, train) * grads(p, target, train), 1)
+    np.testing.assert_allclose(attr.self_attribute(state, train=jattri.stream(
+        batches(train, (20,)))), self_ref, rtol=1e-12)
+
+
+def test_empty_stream_and_bad_batches():
+    attr = jattri.grad_dot(loss)
+    with pytest.raises(ValueError, match="no batches"):
+        attr.cache(params(0), jattri.stream([]))
+    bad = [data(1, 4), (jnp.ones((3, 5)), jnp.zeros((2,), jnp.int32))]
+    with pytest.raises(ValueError, match="batch 1"):
+        jattri.trak(loss, proj_dim=4).cache(params(0), jattri.stream(bad))
+
+
+# ----------------------------------------------------------------------------- top-k
+
+@pytest.mark.parametrize("make", [lambda: jattri.grad_dot(loss),
+                                  lambda: jattri.trak(loss, proj_dim=8, chunk_size=6)])
+def test_top_k_equals_sorted_dense(make):
+    p, train, test = params(0), data(1, 37), data(2, 5)
+    attr = make()
+    state = attr.cache(p, train)
+    dense = np.asarray(attr.attribute(state, test))
+    top = attr.attribute(state, test, top_k=4, lowest=True)
+    order = np.argsort(-dense, axis=0, kind="stable")[:4].T
+    np.testing.assert_array_equal(top.indices, order)
+    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), rtol=1e-12)
+    low = np.argsort(dense, axis=0, kind="stable")[:4].T
+    np.testing.assert_array_equal(top.lowest_indices, low)
+    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
+                               rtol=1e-12)
+    assert attr.attribute(state, test, top_k=3).lowest_indices is None
+
+
+def test_top_k_argument_errors():
+    attr = jattri.grad_dot(loss)
+    state = attr.cache(params(0), data(1, 6))
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="top_k"):
+            attr.attribute(state, data(2, 2), top_k=bad)
+    with pytest.raises(ValueError, match="exceeds the number of training examples 6"):
+        attr.attribute(state, data(2, 2), top_k=7)
+
+
+def test_chunk_size_argument_errors():
+    for bad in (0, -3, True, 1.5, "8"):
+        with pytest.raises(ValueError, match="chunk_size"):
+            jattri.tracin(loss, chunk_size=bad)
+
+
+def test_default_chunk_size_from_memory_budget():
+    assert engine.default_chunk_size(4 * 10, n=50) == 50
+    assert engine.default_chunk_size(4 * 10_700_000) == engine.DEFAULT_CHUNK_BYTES // (
+        4 * 10_700_000)
+    assert engine.default_chunk_size(4 * 10**10) == 1
+
+
+def test_jit_attribute_compiles_once_across_checkpoints():
+    """One compiled ``attribute`` serves any checkpoint of the architecture."""
+    train, test = data(1, 16), data(2, 3)
+    attr = jattri.trak(loss, proj_dim=8)
+    states = [attr.cache(params(s), train) for s in (0, 1)]
+    fn = jax.jit(attr.attribute)
+    out = [fn(s, test) for s in states]
+    assert fn._cache_size() == 1
+    np.testing.assert_allclose(out[1], attr.attribute(states[1], test), rtol=1e-10)
+    assert not np.allclose(out[0], out[1])
