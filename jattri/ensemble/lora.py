@@ -26,8 +26,9 @@ import numpy as np
 import optax
 
 from jattri import _checks
-from jattri.ensemble.members import EnsembleCosts, param_bytes, timed, unstack
-from jattri.task import Member, Task
+from jattri.ensemble.members import EnsembleCosts, param_bytes, timed
+from jattri.methods import _common
+from jattri.task import Members, Task, as_members, as_task, check_members, first_member, member
 
 PyTree = Any
 
@@ -86,29 +87,33 @@ def merge(base: PyTree, adapters: Dict[str, Dict[str, jax.Array]], scale: float)
     return jax.tree_util.tree_map_with_path(one, base)
 
 
-def _adapted_call(fn, base, scale, adapters, example, index):
-    return fn(merge(base, adapters, scale), example, index)
+def _adapted_call(fn, scale, adapters, example, index, base):
+    return fn(merge(base, adapters, scale), example, index, None)
 
 
-def _adapted(fn: Callable, base: PyTree, scale: float) -> Partial:
-    """The member function of an adapter on ``base``: base params and scale are traced
-    leaves, so adapters on different bases share compiled code too."""
-    return Partial(_adapted_call, fn, base, scale)
+def _adapted(fn: Callable, scale: float) -> Partial:
+    """The member function of an adapter: ``(adapters, example, index, base)`` ->
+    ``fn(base + scale·AB, example, index)``; the base params are the member's ``aux``
+    (traced), so adapters on different bases share compiled code."""
+    return Partial(_adapted_call, fn, scale)
 
 
-def lora(task: Task, train: PyTree, num_adapters: int, key: jax.Array, *, rank: int = 4,
-         layers: Optional[Sequence[str]] = None, alpha: Optional[float] = None,
+def lora(task: Any, members: Any, train: PyTree, num_adapters: int, key: jax.Array, *,
+         rank: int = 4, layers: Optional[Sequence[str]] = None, alpha: Optional[float] = None,
          steps: int = 200, batch_size: int = 50, learning_rate: float = 1e-3,
-         base_train_seconds: float = 0.0) -> Tuple[Task, EnsembleCosts]:
+         base_train_seconds: float = 0.0) -> Tuple[Task, Members, EnsembleCosts]:
     """A LoRA ensemble: ``num_adapters`` adapters fine-tuned on each base member.
 
-    Each adapter k (key ``fold_in(key, k)``) is trained for ``steps`` Adam steps on
-    minibatches of the mean training loss ``(1/b) Σ loss(W + (α/r)A_k B_k; z_i)``, the
-    base frozen; all K adapters train in one vmapped program.
+    Each adapter k of base member c (key ``fold_in(key, c·K + k)``) is trained for
+    ``steps`` Adam steps on minibatches of the mean training loss
+    ``(1/b) Σ loss(W + (α/r)A_k B_k; z_i)``, the base frozen; the K adapters of a base
+    train in one vmapped program.
 
     Args:
-      task: the base model(s); its members' functions are reused (``loss_fn`` for
-        fine-tuning and train gradients, ``target_fn`` on test examples).
+      task: a :class:`jattri.Task` (or a bare ``loss_fn``) of the base model: ``loss``
+        for fine-tuning and train gradients, ``target`` on test examples.
+      members: the C base models (:class:`jattri.Members` without ``aux``, or one params
+        pytree).
       train: training data (pytree, leading example axis).
       num_adapters: K. key: PRNG key of the adapters (init and data order).
       rank: r. layers: layer names to adapt (default: every 2-d kernel).
@@ -116,12 +121,18 @@ def lora(task: Task, train: PyTree, num_adapters: int, key: jax.Array, *, rank: 
       steps, batch_size, learning_rate: the fine-tuning.
       base_train_seconds: training time of the base model, added to the reported cost.
     Returns:
-      ``(task, costs)``: a Task of ``len(task.members) × K`` members whose params are
-      adapters; ``costs.train_seconds`` = base + measured fine-tuning (compilation
-      included), ``stored_bytes`` = base models + all adapters.
+      ``(task, members, costs)``: a Task whose functions merge base and adapter; Members
+      of C·K members with ``params`` = the adapters (``(C·K, ...)`` leaves: every method
+      differentiates with respect to them only) and ``aux`` = the base params (C rows,
+      not copied: member j uses base ``j // K``); ``costs.train_seconds`` = base +
+      measured fine-tuning (compilation included), ``stored_bytes`` = base models + all
+      adapters.
     """
-    if not isinstance(task, Task):
-        raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
+    task = as_task(task)
+    members = as_members(members)
+    if members.aux is not None:
+        raise ValueError("`members` of a LoRA ensemble are plain checkpoints (no `aux`); "
+                         "these carry aux arrays of another ensemble")
     for name, v in (("num_adapters", num_adapters), ("rank", rank), ("steps", steps),
                     ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -129,7 +140,7 @@ def lora(task: Task, train: PyTree, num_adapters: int, key: jax.Array, *, rank: 
     if not learning_rate > 0:
         raise ValueError(f"`learning_rate` must be > 0, got {learning_rate}")
     n = _checks.check_data(train, "train")
-    targets = lora_targets(task.members[0].params, layers)
+    targets = lora_targets(first_member(members)[0], layers)
     for path, leaf in targets.items():
         if rank > min(leaf.shape):
             raise ValueError(f"`rank`={rank} exceeds min(d_in, d_out)={min(leaf.shape)} of "
@@ -140,41 +151,44 @@ def lora(task: Task, train: PyTree, num_adapters: int, key: jax.Array, *, rank: 
     opt = optax.adam(learning_rate)
     train = jax.tree_util.tree_map(jnp.asarray, train)
     indices = jnp.arange(n, dtype=jnp.int32)
+    loss = _adapted(task.loss, scale)
+    target = None if task.target_is_loss else _adapted(task.target, scale)
 
-    members, seconds, stored = [], 0.0, 0
-    for c, base_member in enumerate(task.members):
-        base = base_member.params
-        loss = _adapted(base_member.loss_fn, base, scale)
-        target = loss if task.target_is_loss else _adapted(base_member.target_fn, base, scale)
+    def objective(adapters, base, batch, idx):
+        return jnp.mean(jax.vmap(loss, (None, 0, 0, None))(adapters, batch, idx, base))
 
-        def objective(adapters, batch, idx, loss=loss):
-            return jnp.mean(jax.vmap(loss, (None, 0, 0))(adapters, batch, idx))
+    def fit(k, base):
+        k_init, k_order = jax.random.split(k)
+        adapters = init_adapters(k_init, targets, rank)
 
-        def fit(k, objective=objective):
-            k_init, k_order = jax.random.split(k)
-            adapters = init_adapters(k_init, targets, rank)
+        def step(carry, s):
+            adapters, state = carry
+            order = jax.random.permutation(jax.random.fold_in(k_order, s // per_epoch), n)
+            idx = jax.lax.dynamic_slice_in_dim(order, (s % per_epoch) * bs, bs)
+            batch = jax.tree_util.tree_map(lambda x: x[idx], train)
+            grads = jax.grad(objective)(adapters, base, batch, indices[idx])
+            updates, state = opt.update(grads, state, adapters)
+            return (optax.apply_updates(adapters, updates), state), None
 
-            def step(carry, s):
-                adapters, state = carry
-                order = jax.random.permutation(jax.random.fold_in(k_order, s // per_epoch), n)
-                idx = jax.lax.dynamic_slice_in_dim(order, (s % per_epoch) * bs, bs)
-                batch = jax.tree_util.tree_map(lambda x: x[idx], train)
-                grads = jax.grad(objective)(adapters, batch, indices[idx])
-                updates, state = opt.update(grads, state, adapters)
-                return (optax.apply_updates(adapters, updates), state), None
+        (adapters, _), _ = jax.lax.scan(step, (adapters, opt.init(adapters)),
+                                        jnp.arange(steps))
+        return adapters
 
-            (adapters, _), _ = jax.lax.scan(step, (adapters, opt.init(adapters)),
-                                            jnp.arange(steps))
-            return adapters
-
-        keys = jax.vmap(lambda k: jax.random.fold_in(key, c * num_adapters + k))(
-            jnp.arange(num_adapters))
-        stacked, t = timed(jax.jit(jax.vmap(fit)), keys)
+    fit_all = jax.jit(jax.vmap(fit, (0, None)))
+    stacks, seconds = [], 0.0
+    for c in range(members.num):  # training only; attribution sees one stacked Members
+        base = member(members, c)[0]
+        keys = _common.member_keys(key, members.num * num_adapters)[
+            c * num_adapters:(c + 1) * num_adapters]
+        stacked, t = timed(fit_all, keys, base)
+        stacks.append(stacked)
         seconds += t
-        stored += param_bytes(base) + param_bytes(stacked)
-        members += [Member(a, loss, target) for a in unstack(stacked)]
-    out = Task.from_members(members, target_is_loss=task.target_is_loss)
-    return out, EnsembleCosts(float(base_train_seconds) + seconds, stored)
+    adapters = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *stacks)
+    num = members.num * num_adapters
+    out = check_members(Members(adapters, aux=members.params, num=num))
+    stored = param_bytes(members.params) + param_bytes(adapters)
+    return (Task.from_member_fns(loss, target), out,
+            EnsembleCosts(float(base_train_seconds) + seconds, stored))
 
 
 __all__ = ["init_adapters", "lora", "lora_targets", "merge"]

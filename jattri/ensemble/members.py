@@ -1,11 +1,11 @@
 """Ensemble bookkeeping: the cost record, independent (naive) ensembles, and access to
-the user's functions behind a Task's members.
+the user's functions behind a Task.
 
 Deng et al. (2024), "Efficient Ensembles Improve Training Data Attribution", judge an
 ensemble on three costs besides attribution quality: training time, serving
 (attribution) time and bytes of parameters stored. Every constructor in
-``jattri.ensemble`` returns an :class:`EnsembleCosts` with the first and the last; the
-serving time depends on the method and is measured by :func:`timed`.
+``jattri.ensemble`` that trains returns an :class:`EnsembleCosts` with the first and the
+last; the serving time depends on the method and is measured by :func:`timed`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from jattri.task import Member, Task
+from jattri.task import Members, Task, as_task, check_members, unstack
 
 PyTree = Any
 
@@ -54,14 +54,8 @@ def timed(fn: Callable, *args, **kwargs) -> Tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def unstack(stacked: PyTree) -> list:
-    """A params pytree with a leading model axis -> a list of params pytrees."""
-    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    return [jax.tree_util.tree_map(lambda a, k=k: a[k], stacked) for k in range(n)]
-
-
 def independent(train_fn: Callable, seeds: Sequence[int], loss_fn: Callable,
-                target_fn: Optional[Callable] = None) -> Tuple[Task, EnsembleCosts]:
+                target_fn: Optional[Callable] = None) -> Tuple[Task, Members, EnsembleCosts]:
     """The naive ensemble: K models trained independently, one per seed.
 
     Args:
@@ -70,42 +64,39 @@ def independent(train_fn: Callable, seeds: Sequence[int], loss_fn: Callable,
       seeds: ``(K,)`` ints, one per model.
       loss_fn, target_fn: the user's per-example functions, as for :class:`Task`.
     Returns:
-      ``(task, costs)``: a Task of K members; ``costs.train_seconds`` is the measured
-      time of ``train_fn`` (compilation included), ``stored_bytes`` K models.
+      ``(task, members, costs)``: ``Task(loss_fn, target_fn)``; ``Members`` of the K
+      stacked models as ``train_fn`` returned them (no copy); ``costs.train_seconds``
+      is the measured time of ``train_fn`` (compilation included), ``stored_bytes`` K
+      models.
     """
     seeds = np.asarray(seeds)
     if seeds.ndim != 1 or seeds.size == 0:
         raise ValueError(f"`seeds` must be a non-empty 1-d sequence, got shape {seeds.shape}")
+    task = Task(loss_fn, target_fn)
     stacked, seconds = timed(train_fn, seeds)
-    models = unstack(stacked)
-    if len(models) != seeds.size:
-        raise ValueError(f"`train_fn` returned {len(models)} models for {seeds.size} seeds")
-    task = Task(loss_fn, models, target_fn)
-    return task, EnsembleCosts(float(seconds), param_bytes(stacked))
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1
+             for x in jax.tree_util.tree_leaves(stacked)}
+    if sizes != {int(seeds.size)}:
+        raise ValueError(f"`train_fn` returned models with leading axis sizes {sorted(sizes)} "
+                         f"for {seeds.size} seeds")
+    members = check_members(Members(stacked, num=int(seeds.size)))
+    return task, members, EnsembleCosts(float(seconds), param_bytes(stacked))
 
 
-def user_functions(task: Task) -> list:
-    """``[(params, loss_fn, target_fn)]`` with the user's ``fn(params, example, ...)``.
+def user_functions(task: Any, name: str = "this ensemble") -> Tuple[Callable, Callable]:
+    """``(loss_fn, target_fn)``: the user's ``fn(params, example, ...)`` behind a Task.
 
-    A :class:`Task` built from ``Task(loss_fn, checkpoints, target_fn)`` wraps the
-    user's functions to the member signature ``(params, example, index)`` and keeps
-    the original as ``__wrapped__``; ensembles that need to call the model differently
-    (with a dropout key) unwrap it.
+    Ensembles that call the model differently (with a dropout key) need them; a Task
+    built by :meth:`Task.from_member_fns` (another ensemble) has none.
     """
-    out = []
-    for k, m in enumerate(task.members):
-        fns = []
-        for f, name in ((m.loss_fn, "loss_fn"), (m.target_fn, "target_fn")):
-            user = getattr(getattr(f, "func", f), "__wrapped__", None)
-            if user is None:
-                raise TypeError(
-                    f"member {k}'s {name} has no `__wrapped__` user function: this ensemble "
-                    "needs a Task built as Task(loss_fn, checkpoints, target_fn) whose "
-                    "functions accept an `rng` keyword")
-            fns.append(user)
-        out.append((m.params, fns[0], fns[1]))
-    return out
+    task = as_task(task)
+    if task.user_fns is None:
+        raise TypeError(f"{name} needs the user's functions: a Task built as "
+                        "jattri.Task(loss_fn, target_fn) (or a bare loss_fn), not one made "
+                        "by Task.from_member_fns (another ensemble), whose functions take "
+                        "(params, example, index, aux)")
+    return task.user_fns
 
 
-__all__ = ["EnsembleCosts", "Member", "independent", "param_bytes", "timed", "unstack",
+__all__ = ["EnsembleCosts", "independent", "param_bytes", "timed", "unstack",
            "user_functions"]
