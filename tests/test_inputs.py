@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jattri
+from test_ensemble import pending
 
 
 def loss(p, z):
@@ -17,18 +18,24 @@ def setup():
     x = jax.random.normal(jax.random.PRNGKey(0), (12, 3))
     y = jax.random.normal(jax.random.PRNGKey(1), (12, 2))
     params = {"w": 0.1 * jnp.ones((3, 2))}
-    return jattri.Task(loss, [params]), (x, y)
+    return jattri.Task(loss), params, (x, y)
 
 
-ALL = [jattri.grad_dot, jattri.grad_cos, jattri.influence_explicit, jattri.influence_cg,
-       lambda t: jattri.trak(t, proj_dim=4)]
+ALL = {"grad_dot": jattri.grad_dot, "grad_cos": jattri.grad_cos,
+       "influence_explicit": jattri.influence_explicit, "influence_cg": jattri.influence_cg,
+       "trak": lambda t: jattri.trak(t, proj_dim=4)}
 
 
-@pytest.mark.parametrize("make", ALL)
-def test_mismatched_train_test(setup, make):
-    task, (x, y) = setup
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_mismatched_train_test(setup, name):
+    with pending(name):
+        _mismatched_train_test(*setup, ALL[name])
+
+
+def _mismatched_train_test(task, params, data, make):
+    x, y = data
     attr = make(task)
-    state = attr.cache((x, y))
+    state = attr.cache(params, (x, y))
     with pytest.raises(ValueError, match="`test` has per-example shape"):
         attr.attribute(state, (x[:, :2], y))
     with pytest.raises(ValueError, match="`test` has pytree structure"):
@@ -37,70 +44,94 @@ def test_mismatched_train_test(setup, make):
     assert attr.attribute(state, (x[:2], y[:2])).shape == (12, 2)
 
 
-@pytest.mark.parametrize("make", ALL)
-def test_bad_train(setup, make):
-    task, (x, y) = setup
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_bad_train(setup, name):
+    with pending(name):
+        _bad_train(*setup, ALL[name])
+
+
+def _bad_train(task, params, data, make):
+    x, y = data
     attr = make(task)
     with pytest.raises(ValueError, match="`train` leaves disagree"):
-        attr.cache((x, y[:5]))
+        attr.cache(params, (x, y[:5]))
     with pytest.raises(ValueError, match="`train` has no examples"):
-        attr.cache((x[:0], y[:0]))
+        attr.cache(params, (x[:0], y[:0]))
     with pytest.raises(ValueError, match="`train` contains NaN"):
-        attr.cache((x.at[3, 1].set(jnp.nan), y))
+        attr.cache(params, (x.at[3, 1].set(jnp.nan), y))
     with pytest.raises(ValueError, match="`train` is empty"):
-        attr.cache(())
+        attr.cache(params, ())
     with pytest.raises(ValueError, match="`test` contains NaN"):
-        attr.attribute(attr.cache((x, y)), (x[:2], y[:2].at[0, 0].set(jnp.inf)))
+        attr.attribute(attr.cache(params, (x, y)), (x[:2], y[:2].at[0, 0].set(jnp.inf)))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_bad_members(setup, name):
+    with pending(name):
+        _bad_members(*setup, ALL[name])
+
+
+def _bad_members(task, params, data, make):
+    x, y = data
+    attr = make(task)
+    with pytest.raises(ValueError, match="`members` contains NaN"):
+        attr.cache({"w": jnp.full((3, 2), jnp.nan)}, (x, y))
+    with pytest.raises(TypeError, match="wrap it as jattri.checkpoints"):
+        attr.cache([params, params], (x, y))
+    with pytest.raises(ValueError, match="does not divide"):
+        attr.cache(jattri.Members({"w": jnp.ones((2, 3, 2))}, num=3), (x, y))
 
 
 def test_non_scalar_loss(setup):
-    _, (x, y) = setup
+    _, _, (x, y) = setup
     batched = lambda p, z: (z[0] @ p["w"] - z[1]) ** 2  # returns (2,)
-    task = jattri.Task(batched, [{"w": jnp.ones((3, 2))}])
+    task = jattri.Task(batched)
     with pytest.raises(TypeError, match="`loss_fn` must return a scalar"):
-        jattri.grad_dot(task).cache((x, y))
+        jattri.grad_dot(task).cache({"w": jnp.ones((3, 2))}, (x, y))
     with pytest.raises(TypeError, match="`loss_fn` must return a scalar"):
         jattri.func.per_example_grads(batched, {"w": jnp.ones((3, 2))}, (x, y))
 
 
 def test_loss_that_fails_on_one_example(setup):
-    _, (x, y) = setup
+    _, _, (x, y) = setup
     wrong = lambda p, z: jnp.sum(z[0] @ p["w"] @ jnp.ones((5,)))  # shape error
-    task = jattri.Task(wrong, [{"w": jnp.ones((3, 2))}])
+    task = jattri.Task(wrong)
     with pytest.raises(TypeError, match="`loss_fn` failed on one unbatched example"):
-        jattri.grad_dot(task).cache((x, y))
+        jattri.grad_dot(task).cache({"w": jnp.ones((3, 2))}, (x, y))
 
 
 def test_bad_target(setup):
-    _, (x, y) = setup
-    task = jattri.Task(loss, [{"w": jnp.ones((3, 2))}], target_fn=lambda p, z: z[0] @ p["w"])
+    _, _, (x, y) = setup
+    task = jattri.Task(loss, target_fn=lambda p, z: z[0] @ p["w"])
     attr = jattri.grad_dot(task)
     with pytest.raises(TypeError, match="`target_fn` must return a scalar"):
-        attr.attribute(attr.cache((x, y)), (x, y))
+        attr.attribute(attr.cache({"w": jnp.ones((3, 2))}, (x, y)), (x, y))
 
 
 def test_task_errors():
     p = {"w": jnp.ones((3, 2))}
-    with pytest.raises(ValueError, match="`checkpoints` is empty"):
-        jattri.Task(loss, [])
-    with pytest.raises(TypeError, match="wrap a single model"):
-        jattri.Task(loss, p)
+    with pytest.raises(TypeError, match="non-empty list"):
+        jattri.checkpoints([])
+    with pytest.raises(TypeError, match="wrap it as jattri.checkpoints"):
+        jattri.task.as_members([p, p])
     with pytest.raises(ValueError, match="mismatched checkpoints"):
-        jattri.Task(loss, [p, {"w": jnp.ones((3, 3))}])
+        jattri.checkpoints([p, {"w": jnp.ones((3, 3))}])
     with pytest.raises(ValueError, match="mismatched checkpoints"):
-        jattri.Task(loss, [p, {"v": jnp.ones((3, 2))}])
+        jattri.checkpoints([p, {"v": jnp.ones((3, 2))}])
     with pytest.raises(ValueError, match=r"`checkpoints\[1\]` contains NaN"):
-        jattri.Task(loss, [p, {"w": jnp.full((3, 2), jnp.nan)}])
+        jattri.checkpoints([p, {"w": jnp.full((3, 2), jnp.nan)}])
     with pytest.raises(TypeError, match="floating point"):
-        jattri.Task(loss, [{"w": jnp.ones((3, 2), jnp.int32)}])
+        jattri.checkpoints([{"w": jnp.ones((3, 2), jnp.int32)}])
     with pytest.raises(TypeError, match="must accept \\(params, example\\)"):
-        jattri.Task(lambda p: 0.0, [p])
+        jattri.Task(lambda p: 0.0)
     with pytest.raises(TypeError, match="callable"):
-        jattri.Task("loss", [p])
+        jattri.Task("loss")
+    with pytest.raises(TypeError, match="already a Task"):
+        jattri.Task(jattri.Task(loss))
 
 
 def test_bad_hyperparameters(setup):
-    task, _ = setup
+    task, _, _ = setup
     with pytest.raises(ValueError, match="damping"):
         jattri.influence_explicit(task, damping=-1.0)
     with pytest.raises(ValueError, match="damping"):
@@ -108,11 +139,11 @@ def test_bad_hyperparameters(setup):
     with pytest.raises(ValueError, match="proj_dim"):
         jattri.trak(task, proj_dim=0)
     with pytest.raises(TypeError, match="jattri.Task"):
-        jattri.grad_dot(lambda p, z: 0.0)
+        jattri.grad_dot(42)  # neither a Task nor a loss_fn (a bare loss_fn is a Task)
 
 
 def test_per_example_grads_bad_params(setup):
-    _, (x, y) = setup
+    _, _, (x, y) = setup
     with pytest.raises(ValueError, match="`params` contains NaN"):
         jattri.func.per_example_grads(loss, {"w": jnp.full((3, 2), jnp.nan)}, (x, y))
 
