@@ -84,25 +84,23 @@ def reference(loss_fn, params, train, test, damping, project=None):
 @pytest.mark.parametrize("pool", [False, True])
 def test_identity_projection_equals_block_diagonal_fisher_influence(pool):
     loss_fn, params, train, test = make(pool=pool)
-    task = jattri.Task(loss_fn, params)
-    attr = jattri.logra(task, proj_dim_in=None, proj_dim_out=None, damping=0.05)
-    state = attr.cache(train)
+    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, damping=0.05)
+    state = attr.cache(params[0], train)
     expect = reference(loss_fn, params[0], train, test, 0.05)
     np.testing.assert_allclose(attr.attribute(state, test), expect, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(attr.self_attribute(state),
                                np.diag(reference(loss_fn, params[0], train, train, 0.05)),
                                rtol=1e-8)
     # The exact per-layer gradients: full layer blocks (bias as the last input row).
-    assert state.phi.shape == (1, 14, 4 * 5 + 5 * 4 + 5 * 3)
+    assert state.phi.shape == (14, 1, 4 * 5 + 5 * 4 + 5 * 3)
 
 
 def test_projected_equals_dense_kronecker_projection_of_full_gradients():
     loss_fn, params, train, _ = make(members=2)
     key = jax.random.PRNGKey(3)
-    task = jattri.Task(loss_fn, params)
-    attr = jattri.logra(task, proj_dim_in=3, proj_dim_out=2, damping=0.1, key=key,
+    attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.1, key=key,
                         projection="rademacher")
-    state = attr.cache(train)
+    state = attr.cache(jattri.checkpoints(params), train)
     dims = {"fc1": (4, 5), "fc2": (5, 4), "fc3": (5, 3)}  # (d_in (+1 for bias), d_out)
     per_member = []
     for m, p in enumerate(params):
@@ -119,7 +117,7 @@ def test_projected_equals_dense_kronecker_projection_of_full_gradients():
         per_member.append(reference(loss_fn, p, train, train, 0.1, project=proj))
     scores = attr.attribute(state, train)
     np.testing.assert_allclose(scores, np.mean(per_member, axis=0), rtol=1e-8, atol=1e-12)
-    assert state.phi.shape == (2, 14, 3 * 6)
+    assert state.phi.shape == (14, 2, 3 * 6)
     np.testing.assert_allclose(attr.self_attribute(state), np.diag(scores), rtol=1e-8)
 
 
@@ -128,10 +126,10 @@ def test_layer_selection_and_target_fn():
     # A target different from the loss: minus the correct logit.
     net = Net()
     target_fn = lambda p, z: -net.apply({"params": p}, z[0][None])[0, z[1]]
-    task = jattri.Task(loss_fn, params, target_fn=target_fn)
+    task = jattri.Task(loss_fn, target_fn=target_fn)
     attr = jattri.logra(task, proj_dim_in=None, proj_dim_out=None, damping=0.05,
                         layers=["fc3"])
-    state = attr.cache(train)
+    state = attr.cache(params[0], train)
     g_train = layer_block_grads(loss_fn, params[0], train, layers=["fc3"])["fc3"]
     g_test = layer_block_grads(target_fn, params[0], test, layers=["fc3"])["fc3"]
     fisher = g_train.T @ g_train / 14
@@ -146,14 +144,55 @@ def test_layer_selection_and_target_fn():
 
 
 def test_bad_arguments():
-    loss_fn, params, train, _ = make()
-    task = jattri.Task(loss_fn, params)
+    loss_fn, params, train, test = make()
     with pytest.raises(ValueError, match="damping"):
-        jattri.logra(task, damping=0.0)
+        jattri.logra(loss_fn, damping=0.0)
     with pytest.raises(ValueError, match="proj_dim_in"):
-        jattri.logra(task, proj_dim_in=0)
+        jattri.logra(loss_fn, proj_dim_in=0)
     with pytest.raises(ValueError, match="layers"):
-        jattri.logra(task, layers=["conv1"]).cache(train)
-    plain = jattri.Task(lambda p, z: jnp.sum((z[0] @ p["w"]) ** 2), [{"w": jnp.ones((3, 2))}])
+        jattri.logra(loss_fn, layers=["conv1"]).cache(params[0], train)
+    plain = lambda p, z: jnp.sum((z[0] @ p["w"]) ** 2)
     with pytest.raises(ValueError, match="Dense"):
-        jattri.logra(plain).cache(train)
+        jattri.logra(plain).cache({"w": jnp.ones((3, 2))}, train)
+    attr = jattri.logra(loss_fn)
+    state = attr.cache(params[0], train)
+    with pytest.raises(ValueError, match="damping"):
+        attr.attribute(state, test, damping=-1.0)
+
+
+def test_streamed_cache_damping_override_and_top_k():
+    loss_fn, params, train, test = make(members=2)
+    members = jattri.checkpoints(params)
+    attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.1, chunk_size=4)
+    state = attr.cache(members, train)
+    # Five batches of uneven sizes, re-cut into chunks of 4: the same φ and Fisher.
+    cuts = [0, 3, 5, 9, 10, 14]
+    batches = [jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], train)
+               for a, b in zip(cuts, cuts[1:])]
+    streamed = attr.cache(members, jattri.stream(batches))
+    assert streamed.train is None
+    np.testing.assert_allclose(streamed.phi, state.phi, rtol=1e-12, atol=1e-14)
+    for f, g in zip(streamed.fisher, state.fisher):
+        np.testing.assert_allclose(f, g, rtol=1e-12, atol=1e-14)
+    dense = np.asarray(attr.attribute(state, test))
+    np.testing.assert_allclose(attr.attribute(streamed, test), dense, rtol=1e-10, atol=1e-14)
+    # Damping changed at scoring time == a fresh cache at that damping.
+    fresh = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.01, chunk_size=4)
+    fresh_state = fresh.cache(members, train)
+    np.testing.assert_allclose(attr.attribute(state, test, damping=0.01),
+                               fresh.attribute(fresh_state, test), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(attr.self_attribute(state, damping=0.01),
+                               fresh.self_attribute(fresh_state), rtol=1e-10)
+    assert not np.allclose(attr.attribute(state, test, damping=0.01), dense)
+    # top-k (and lowest) merged tile by tile == the dense matrix's argsort.
+    top = attr.attribute(state, test, top_k=3, lowest=True)
+    order = np.argsort(-dense, axis=0, kind="stable")
+    np.testing.assert_array_equal(top.indices, order[:3].T)
+    np.testing.assert_allclose(top.scores, np.take_along_axis(dense, order[:3], 0).T,
+                               rtol=1e-12)
+    low = np.argsort(dense, axis=0, kind="stable")[:3].T
+    np.testing.assert_array_equal(top.lowest_indices, low)
+    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
+                               rtol=1e-12)
+    # The stage is jittable with the members traced.
+    np.testing.assert_allclose(jax.jit(attr.attribute)(state, test), dense, rtol=1e-12)

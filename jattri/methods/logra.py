@@ -3,8 +3,8 @@ with Influence Functions").
 
 For every Dense or Conv layer ℓ (y = a W + b; Conv: a = the input patch) the per-example
 gradient is G_ℓ = Σ_τ ã_τ ⊗ s_τ, with ã = [a, 1] (the bias as a constant input) and
-s = ∂loss/∂y. LoGra projects it by
-the Kronecker product of two small random projections without ever forming it,
+s = ∂loss/∂y. LoGra projects it by the Kronecker product of two small random
+projections without ever forming it,
 
     φ_ℓ = vec(G_ℓ) (P_in ⊗ P_out) = vec(Σ_τ (ã_τ P_in) ⊗ (s_τ P_out))     (k_in·k_out,)
 
@@ -12,43 +12,53 @@ and scores with the damped empirical Fisher of each layer in that projected spac
 
     score(i, t) = Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,t,   F_ℓ = (1/n) Σ_j φ_ℓ,j φ_ℓ,jᵀ,
 
-ψ being the same projection of ∇target(z_t). This is influence (jattri's orientation:
-positive = i lowers the target on t) under a block-diagonal (per-layer) Fisher.
-λ_ℓ = ``damping`` × tr(F_ℓ)/dim(F_ℓ), relative like TRAK's, so one default fits every
-layer's gradient scale. Layer inputs and output gradients come hook-free from
-``jattri.func.layers`` (Flax ``intercept_methods``); only ``nn.Dense`` and ``nn.Conv`` layers
-are attributed through (other parameters are left out, as in LoGra).
+ψ being the same projection of ∇target(z_t), averaged over members. This is influence
+(jattri's orientation: positive = i lowers the target on t) under a block-diagonal
+(per-layer) Fisher. λ_ℓ = ``damping`` × tr(F_ℓ)/dim(F_ℓ), relative like TRAK's, so one
+default fits every layer's gradient scale. Layer inputs and output gradients come
+hook-free from ``jattri.func.layers`` (Flax ``intercept_methods``); only ``nn.Dense`` and
+``nn.Conv`` layers are attributed through (other parameters are left out, as in LoGra).
+
+Stages: ``cache`` streams the training set once, keeping φ ``(n, M, K)`` and the
+undamped Fisher blocks F_ℓ; ``attribute`` projects the test gradients, preconditions
+them by (F_ℓ + λ_ℓ I)⁻¹ (damping can change here without re-caching) and scores the
+stored rows tile by tile (dense or top-k).
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jattri import _checks
-from jattri.func.grads import map_examples
+from jattri import engine
 from jattri.func.layers import layer_io, linear_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      kronecker_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Task
+from jattri.task import Members, as_task
 
 PyTree = Any
 
 
 class LograState(NamedTuple):
-    """train: data. phi: ``(M, n, K)`` projected train gradients of all layers
-    (K = Σ_ℓ k_ℓ). features: ``(M, n, K)`` = φ (F + λ)⁻¹ per layer block.
-    fisher: tuple over layers of ``(M, k_ℓ, k_ℓ)`` damped Fisher blocks."""
+    """members: the Members scored. train: the in-memory training set (a reference) or
+    ``None`` if streamed. phi: ``(n, M, K)`` projected train loss gradients of all
+    layers (K = Σ_ℓ k_ℓ, k_ℓ = k_in·k_out). fisher: tuple over layers of ``(M, k_ℓ,
+    k_ℓ)`` undamped F_ℓ = (1/n) Σ_j φ_ℓ,j φ_ℓ,jᵀ.
 
+    Memory: n·M·K + M·Σ_ℓ k_ℓ² floats (no ``(n, d)`` array)."""
+
+    members: Members
     train: PyTree
     phi: jax.Array
-    features: jax.Array
     fisher: tuple
 
+
+# config = (layers: tuple of func.layers.Layer, proj_dim_in, proj_dim_out, projection,
+#           proj_chunk_size): static and hashable.
 
 def _layer_dims(layer, proj_dim_in, proj_dim_out):
     d_in = layer.d_in + int(layer.use_bias)
@@ -57,24 +67,27 @@ def _layer_dims(layer, proj_dim_in, proj_dim_out):
     return d_in, k_in, k_out
 
 
-@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
-def _projected_layer_grads(fn, params, data, key, layers, proj_dim_in, proj_dim_out,
-                           projection, proj_chunk_size, chunk_size):
-    """``(n, Σ_ℓ k_in·k_out)``: every example's Kronecker-projected layer gradients.
+def _block_sizes(config) -> tuple:
+    """k_ℓ = k_in·k_out of every layer: the sizes of φ's layer blocks."""
+    layers, proj_dim_in, proj_dim_out = config[:3]
+    return tuple(k_in * k_out for _, k_in, k_out in
+                 (_layer_dims(layer, proj_dim_in, proj_dim_out) for layer in layers))
 
-    ``layers`` is a static tuple of ``jattri.func.layers.Layer``; layer ℓ uses the
-    projections of ``fold_in(key, ℓ)``.
-    """
+
+def _member_phi(config, fn, params, aux, key, chunk):
+    """``(size, K)`` Kronecker-projected layer gradients of one member (zero on
+    padding); layer ℓ projects with ``fold_in(key, ℓ)``."""
+    layers, proj_dim_in, proj_dim_out, kind, proj_chunk = config
     projections = []
     for l, layer in enumerate(layers):
         d_in, _, _ = _layer_dims(layer, proj_dim_in, proj_dim_out)
         projections.append(kronecker_projection(
             jax.random.fold_in(key, l), d_in, layer.d_out, proj_dim_in, proj_dim_out,
-            kind=projection, chunk_size=proj_chunk_size))
+            kind=kind, chunk_size=proj_chunk))
     by_name = {layer.name: layer for layer in layers}
 
-    def one(zi):
-        io = layer_io(fn, params, zi[0], zi[1], layers=by_name)
+    def one(z, i):
+        io = layer_io(fn, params, z, i, aux, layers=by_name)
         out = []
         for layer, proj in zip(layers, projections):
             a, s = io[layer.name]
@@ -83,21 +96,83 @@ def _projected_layer_grads(fn, params, data, key, layers, proj_dim_in, proj_dim_
             out.append(proj(a, s))
         return jnp.concatenate(out)
 
-    return map_examples(one, (data, _common.indices_for(data)), chunk_size)
+    phi = jax.vmap(one)(chunk.data, chunk.index)
+    return phi * chunk.valid[:, None].astype(phi.dtype)
 
 
-@jax.jit
-def _damped_fisher_solve(phi, damping):
-    """``(φ (F + λI)⁻¹, F + λI)`` with F = φᵀφ / n and λ = damping · tr(F) / k."""
-    n, k = phi.shape
-    fisher = phi.T @ phi / n
-    lam = damping * jnp.trace(fisher) / k
-    fisher = fisher + lam * jnp.eye(k, dtype=fisher.dtype)
-    chol = jax.scipy.linalg.cho_factor(fisher, lower=True)
-    return jax.scipy.linalg.cho_solve(chol, phi.T).T, fisher
+def _phi(config, args, chunk):
+    """``(size, M, K)``: φ of every member for one chunk (member j projects with its own
+    key ``fold_in(key, j)``)."""
+    fn, members, keys = args
+    phi = _common.member_map(lambda p, a, k: _member_phi(config, fn, p, a, k, chunk),
+                             members, keys)
+    return jnp.swapaxes(phi, 0, 1)
 
 
-def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[int] = 16,
+def _cache_step(config, args, fisher, chunk):
+    phi = _phi(config, args, chunk)
+    fisher = tuple(f + jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b])
+                   for f, (a, b) in zip(fisher, _blocks(fisher)))
+    return fisher, phi
+
+
+def _tile(config, solved, chunk):
+    return jnp.einsum("bmk,mkt->bt", chunk.data, solved) / solved.shape[0]
+
+
+def _self_tile(edges, inverses, chunk):
+    phi, right = chunk.data
+    total = sum(jnp.einsum("bmk,mkl,bml->b", phi[..., a:b], inv, right[..., a:b])
+                for inv, (a, b) in zip(inverses, edges))
+    return total / phi.shape[1]
+
+
+def damped_fisher(fisher: jax.Array, damping) -> jax.Array:
+    """F + λ I with λ = damping · tr(F) / k, for every member (``(M, k, k)``)."""
+    k = fisher.shape[-1]
+    lam = damping * jnp.trace(fisher, axis1=-2, axis2=-1) / k
+    return fisher + lam[:, None, None] * jnp.eye(k, dtype=fisher.dtype)
+
+
+def _blocks(fisher) -> tuple:
+    """``((start, stop), ...)``: layer ℓ's coordinates of φ, from the Fisher blocks."""
+    stops = np.cumsum([f.shape[-1] for f in fisher])
+    return tuple((int(b - f.shape[-1]), int(b)) for f, b in zip(fisher, stops))
+
+
+def _inverse(spd: jax.Array) -> jax.Array:
+    """``(M, k, k)`` inverses of symmetric positive definite blocks, by Cholesky."""
+    eye = jnp.broadcast_to(jnp.eye(spd.shape[-1], dtype=spd.dtype), spd.shape)
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(spd, lower=True), eye)
+
+
+def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
+    """``(M, K, t)``: (F_ℓ + λ_ℓ I)⁻¹ applied to layer ℓ's rows of ``rhs`` ``(M, K, t)``,
+    by Cholesky, block by block."""
+    out = []
+    for f, (a, b) in zip(fisher, _blocks(fisher)):
+        chol = jax.scipy.linalg.cho_factor(damped_fisher(f, damping), lower=True)
+        out.append(jax.scipy.linalg.cho_solve(chol, rhs[:, a:b]))
+    return jnp.concatenate(out, axis=1)
+
+
+def _check_damping(damping):
+    if not isinstance(damping, jax.core.Tracer) and not np.all(np.asarray(damping) > 0):
+        raise ValueError(f"`damping` must be > 0 (the Fisher of n < k examples is "
+                         f"singular), got {damping}")
+
+
+def _row_spec(tree):
+    """Shapes and dtypes of one row (leading axis dropped): one example, one member."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
+
+
+def _example_spec(data):
+    return _row_spec(engine.as_stream(data).peek() if engine.is_stream(data) else data)
+
+
+def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[int] = 16,
           damping: float = 0.1, key: Optional[jax.Array] = None,
           projection: str = "gaussian", layers: Optional[Sequence[str]] = None,
           chunk_size: Optional[int] = None,
@@ -105,98 +180,101 @@ def logra(task: Task, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional
     """LoGra influence: Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,t, mean over members.
 
     Args:
-      task: the Task; its loss must call Flax ``nn.Dense`` / ``nn.Conv`` layers through
-        ``Module.apply`` (they are found by ``jattri.func.layers``).
+      task: a :class:`jattri.Task` or a ``loss_fn(params, example)``; the loss must call
+        Flax ``nn.Dense`` / ``nn.Conv`` layers through ``Module.apply`` (they are found
+        by ``jattri.func.layers``).
       proj_dim_in, proj_dim_out: k_in, k_out of the Kronecker factors P_in
         ``(d_in + 1, k_in)`` and P_out ``(d_out, k_out)`` of every layer; ``None`` is the
         identity on that side (both ``None``: exact per-layer gradients).
-      damping: relative λ > 0: λ_ℓ = damping · tr(F_ℓ) / dim(F_ℓ).
+      damping: relative λ > 0: λ_ℓ = damping · tr(F_ℓ) / dim(F_ℓ);
+        ``attribute(..., damping=...)`` overrides it without re-caching.
       key: PRNG key (member m, layer ℓ: ``fold_in(fold_in(key, m), ℓ)``); default
         ``PRNGKey(0)``.
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` for both factors.
       layers: names of the Dense/Conv layers to use (default: all, in call order).
-      chunk_size: examples per vectorised chunk; proj_chunk_size: input coordinates
-        projected at a time.
-    Returns:
-      An Attributor whose state holds the projected gradients, φ(F + λ)⁻¹ and the
-      damped Fisher blocks.
-    """
-    if not damping > 0:
-        raise ValueError(f"`damping` must be > 0 (the Fisher of n < k examples is "
-                         f"singular), got {damping}")
-    check_projection_args(projection, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out)
-    if not isinstance(task, Task):
-        raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
-    members = task.members
-    key = jax.random.PRNGKey(0) if key is None else key
-    found = {}
+      chunk_size: examples per compiled step (default: 256 MiB of d-float gradients);
+        proj_chunk_size: input coordinates projected at a time.
 
-    def layers_of(fn, data, name):
-        z = _checks.first_example(data)
-        idx = jnp.zeros((), jnp.int32)
-        all_layers = linear_layers(fn, members[0].params, z, idx)
-        if not all_layers:
+    Memory: state n·M·K + M·Σ_ℓ k_ℓ² floats (K = Σ_ℓ k_ℓ, k_ℓ = k_in·k_out); peak
+    ``chunk_size`` examples' layer inputs and output gradients (Σ_ℓ T_ℓ·(d_in,ℓ +
+    d_out,ℓ) floats each, never the ``d``-float gradient) plus one projection block; a
+    scoring tile is ``chunk_size × n_test``.
+    """
+    _check_damping(damping)
+    check_projection_args(projection, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out)
+    chunk_size = engine.check_chunk_size(chunk_size)
+    task = as_task(task)
+    key = jax.random.PRNGKey(0) if key is None else key
+    wanted = None if layers is None else tuple(layers)
+
+    def discover(members, data, target):
+        fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
+        found = linear_layers(fn, _row_spec(members.params), _example_spec(data),
+                              jax.ShapeDtypeStruct((), jnp.int32), _row_spec(members.aux))
+        if not found:
             raise ValueError(f"`{name}` calls no flax.linen.Dense or Conv layer: LoGra "
                              "attributes through those layers only")
-        wanted = list(all_layers) if layers is None else list(layers)
-        missing = [w for w in wanted if w not in all_layers]
+        names = list(found) if wanted is None else list(wanted)
+        missing = [w for w in names if w not in found]
         if missing:
             raise ValueError(f"`layers` names {missing}, not Dense/Conv layers of `{name}`; "
-                             f"found {list(all_layers)}")
-        return tuple(all_layers[w] for w in wanted)
+                             f"found {list(found)}")
+        return tuple(found[w] for w in names)
 
-    def layer_specs(data, target):
-        name = "target_fn" if target else "loss_fn"
-        if name not in found:
-            found[name] = layers_of(members[0].target_fn if target else members[0].loss_fn,
-                                    data, name)
-            other = found.get("loss_fn")
-            if target and [(l.name, l.d_in, l.d_out, l.use_bias) for l in found[name]] != \
-                    [(l.name, l.d_in, l.d_out, l.use_bias) for l in other]:
-                raise ValueError("`target_fn` must use the same Dense/Conv layers as `loss_fn`")
-        return found[name]
+    def config(members, data, target):
+        specs = discover(members, data, target)
+        if target and not task.target_is_loss:
+            shape = lambda ls: [(l.name, l.kind, l.d_in, l.d_out, l.use_bias) for l in ls]
+            if shape(specs) != shape(discover(members, data, False)):
+                raise ValueError("`target_fn` must use the same Dense/Conv layers as "
+                                 "`loss_fn`")
+        return (specs, proj_dim_in, proj_dim_out, projection, proj_chunk_size)
 
-    def grads(m, data, target):
-        member = members[m]
-        fn = member.target_fn if target else member.loss_fn
-        return _projected_layer_grads(fn, member.params, data, jax.random.fold_in(key, m),
-                                      layer_specs(data, target), proj_dim_in, proj_dim_out,
-                                      projection, proj_chunk_size, chunk_size)
+    def size(members, data, floats=None):
+        return _common.chunk_size_for(chunk_size, members, data, floats)
 
-    def blocks():
-        sizes = [k_in * k_out for _, k_in, k_out in
-                 (_layer_dims(l, proj_dim_in, proj_dim_out) for l in found["loss_fn"])]
-        edges = [0]
-        for s in sizes:
-            edges.append(edges[-1] + s)
-        return list(zip(edges[:-1], edges[1:]))
+    def cache(members, train) -> LograState:
+        members = _common.setup(task, members, train)
+        cfg = config(members, train, False)
+        dtype = _common.param_dtype(members)
+        fisher0 = tuple(jnp.zeros((members.num, k, k), dtype) for k in _block_sizes(cfg))
+        args = (task.loss, members, _common.member_keys(key, members.num))
+        fisher, phi, n = engine.scan(_cache_step, cfg, args, fisher0, train,
+                                     size(members, train))
+        fisher = tuple(f / n for f in fisher)
+        return LograState(members, _common.stored_train(train), phi, fisher)
 
-    def cache(train: PyTree) -> LograState:
-        _common.check_train(task, train)
-        layer_specs(train, False)
-        phis, feats, fishers = [], [], []
-        for m in range(len(members)):
-            phi = grads(m, train, False)
-            solved = [_damped_fisher_solve(phi[:, a:b], damping) for a, b in blocks()]
-            phis.append(phi)
-            feats.append(jnp.concatenate([s for s, _ in solved], axis=1))
-            fishers.append([f for _, f in solved])
-        fisher = tuple(jnp.stack([f[l] for f in fishers]) for l in range(len(blocks())))
-        return LograState(train, jnp.stack(phis), jnp.stack(feats), fisher)
+    def target_phi(state, data):
+        cfg = config(state.members, data, True)
+        args = (task.target, state.members, _common.member_keys(key, state.members.num))
+        return engine.per_example(_phi, cfg, args, data, size(state.members, data))
 
-    def attribute(state: LograState, test: PyTree) -> jax.Array:
-        _common.check_test(task, state.train, test)
-        layer_specs(state.train, False)
-        return _common.member_mean(
-            lambda m, _: state.features[m] @ grads(m, test, True).T, members)
+    def attribute(state: LograState, test, *, train=None, top_k=None, lowest=False,
+                  damping=damping):
+        """``(n_train, n_test)`` scores (or a TopK); ``damping`` overrides the factory's.
+        ``train`` is not needed (φ is stored) and ignored."""
+        del train
+        _check_damping(damping)
+        _common.check_data(task, state.members, test, "test", target=True,
+                           like=state.train)
+        psi = target_phi(state, test)  # (n_test, M, K)
+        solved = _precondition(state.fisher, damping, jnp.transpose(psi, (1, 2, 0)))
+        n_test = psi.shape[0]
+        return engine.score(_tile, None, solved, state.phi,
+                            size(state.members, state.phi, state.phi[0].size + n_test),
+                            n_test, psi.dtype, top_k=top_k, lowest=lowest)
 
-    def self_attribute(state: LograState) -> jax.Array:
-        layer_specs(state.train, False)
-
-        def one(m, _):
-            right = state.phi[m] if task.target_is_loss else grads(m, state.train, True)
-            return jnp.sum(state.features[m] * right, axis=-1)
-
-        return _common.member_mean(one, members)
+    def self_attribute(state: LograState, *, train=None, damping=damping):
+        """score(i, i) = Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,i (ψ = φ when the target is the
+        loss; else recomputed from ``train``, required if the state was streamed)."""
+        _check_damping(damping)
+        right = state.phi
+        if not task.target_is_loss:
+            right = target_phi(state, _common.train_for(state.train, train))
+        inverses = tuple(_inverse(damped_fisher(f, damping)) for f in state.fisher)
+        rows = (state.phi, right)
+        return engine.per_example(_self_tile, _blocks(state.fisher), inverses, rows,
+                                  size(state.members, rows, 2 * state.phi[0].size))
 
     return Attributor(cache, attribute, self_attribute)
+
