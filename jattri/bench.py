@@ -54,11 +54,12 @@ def run_method(bench, name: str) -> dict:
     if len(bench.models_full) < spec.num_checkpoints:
         row["note"] = f"skipped: needs {spec.num_checkpoints} checkpoints"
         return row
-    task = jattri.Task(bench.loss_fn, bench.models_full[:spec.num_checkpoints], bench.target_fn)
+    task = jattri.Task(bench.loss_fn, bench.target_fn)
+    members = jattri.checkpoints(bench.models_full[:spec.num_checkpoints])
     attr = spec.build(task, bench)
     t0 = time.perf_counter()
     try:
-        state = jax.block_until_ready(attr.cache(bench.train))
+        state = jax.block_until_ready(attr.cache(members, bench.train))
         t1 = time.perf_counter()
         scores = np.asarray(jax.block_until_ready(attr.attribute(state, bench.test)))
     except ValueError as err:

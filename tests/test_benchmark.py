@@ -9,6 +9,7 @@ import pytest
 import jattri
 from jattri import bench, benchmark
 from jattri.benchmark import _cache, digits
+from test_ensemble import pending
 
 TINY = digits.DigitsConfig(model="lr", epochs=30, batch_size=None, learning_rate=0.1,
                            weight_decay=1e-2, num_full=2, num_subsets=6, num_seeds=2,
@@ -79,8 +80,9 @@ def test_load_tiny_setting_and_cli(tmp_path, monkeypatch):
     assert float(b.loss_fn(b.models_full[0], z)) == float(b.loss_fn(b.models_full[0], z, None))
 
     out = tmp_path / "rows.json"
-    rc = bench.main(["--setting", "digits_tiny", "--methods", "grad_dot,influence_explicit",
-                     "--cache", str(tmp_path), "--json", str(out)])
+    with pending("influence_explicit"):
+        rc = bench.main(["--setting", "digits_tiny", "--methods", "grad_dot,influence_explicit",
+                         "--cache", str(tmp_path), "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["grad_dot", "influence_explicit"]
@@ -108,7 +110,7 @@ def test_a_method_that_refuses_the_setting_gets_a_row_not_a_crash(tmp_path, monk
     from jattri.benchmark import registry
     monkeypatch.setitem(digits.SETTINGS, "digits_tiny", TINY)
 
-    def refuse(train):
+    def refuse(members, train):
         raise ValueError("Hessian + damping*I is singular or indefinite\nmore")
 
     monkeypatch.setitem(registry.METHODS, "refuses", registry.MethodSpec(

@@ -34,10 +34,10 @@ def lr_bench():
 
 
 def _scores(bench, method=jattri.grad_dot, models=None):
-    task = jattri.Task(bench.loss_fn, models or [bench.models_full[0]],
-                       target_fn=bench.target_fn)
+    task = jattri.Task(bench.loss_fn, target_fn=bench.target_fn)
     attr = method(task)
-    return np.asarray(attr.attribute(attr.cache(bench.train), bench.test))
+    members = jattri.checkpoints(models or [bench.models_full[0]])
+    return np.asarray(attr.attribute(attr.cache(members, bench.train), bench.test))
 
 
 # --- a small hand-written .pt writer (for ground-truth files; no torch) ------------

@@ -17,7 +17,7 @@ import numpy as np
 import jattri
 from jattri.benchmark import digits
 from jattri.benchmark._types import Benchmark
-from jattri.ensemble.members import unstack
+from jattri.task import unstack
 
 
 def flip_labels(y: np.ndarray, fraction: float, num_classes: int, seed: int):
@@ -66,8 +66,9 @@ def run_mislabel(setting: str = "digits_lr", methods: Optional[Sequence[str]] = 
     """Mislabel-detection AUC of registered methods on a digits setting.
 
     Flips ``fraction`` of the training labels (seeded), retrains the setting's model on
-    the noisy labels, computes each method's self-influence ``self_attribute(cache(train))``
-    and its ROC AUC against the flipped set (highest self-influence first).
+    the noisy labels, computes each method's self-influence
+    ``self_attribute(cache(checkpoints, train))`` and its ROC AUC against the flipped
+    set (highest self-influence first).
 
     Args:
       setting: ``"digits_lr"`` or ``"digits_mlp"``.
@@ -99,13 +100,13 @@ def run_mislabel(setting: str = "digits_lr", methods: Optional[Sequence[str]] = 
         elif spec.num_checkpoints > len(bench.models_full):
             row["note"] = f"skipped: needs {spec.num_checkpoints} checkpoints"
         else:
-            task = jattri.Task(bench.loss_fn, bench.models_full[:spec.num_checkpoints],
-                               bench.target_fn)
+            task = jattri.Task(bench.loss_fn, bench.target_fn)
+            members = jattri.checkpoints(bench.models_full[:spec.num_checkpoints])
             t0 = time.perf_counter()
             try:
                 attr = spec.build(task, bench)
                 self_scores = np.asarray(jax.block_until_ready(
-                    attr.self_attribute(attr.cache(bench.train))))
+                    attr.self_attribute(attr.cache(members, bench.train))))
                 row["auc"] = jattri.metrics.mislabel_auc(self_scores, is_noisy)
             except Exception as err:  # report, keep the other methods running
                 row["note"] = f"failed: {type(err).__name__}: {err}"[:200]

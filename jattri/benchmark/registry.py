@@ -1,7 +1,8 @@
 """The methods ``python -m jattri.bench`` knows, by name.
 
-Each entry builds an Attributor from a Task made of ``num_checkpoints`` of the
-benchmark's ``models_full``. ``max_params`` skips a method on models too large for it
+Each entry builds an Attributor from the benchmark's :class:`jattri.Task` (its loss and
+target functions, no arrays); ``python -m jattri.bench`` caches it on
+``jattri.checkpoints(models_full[:num_checkpoints])`` and scores the test set. ``max_params`` skips a method on models too large for it
 (the dense Hessian of ``influence_explicit``, say) with a note instead of a crash.
 """
 from __future__ import annotations
