@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
 
-from jattri import _checks
-from jattri.func.grads import map_examples
+from jattri import _checks, engine
+from jattri.func.grads import as_partial, map_examples
 from jattri.func.hessian import damped_inverse
 from jattri.func.layers import (Layer, input_rows, layer_io, layer_params, linear_layers,
                                  perturbed_loss)
@@ -161,18 +162,6 @@ def _augment(a: jax.Array, use_bias: bool) -> jax.Array:
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1) if use_bias else a
 
 
-def _layer_grad(layer: Layer, sub: PyTree) -> jax.Array:
-    """[kernel; bias] ``(d_in + b, d_out)`` of one layer's params (or gradient) sub-tree
-    (a Conv kernel flattened to ``(prod(kernel_size)·in_features, features)``)."""
-    g = sub["kernel"]
-    if tuple(g.shape) != tuple(layer.kernel_shape):
-        raise ValueError(f"layer {layer.name!r}: params kernel has shape {g.shape}, the "
-                         f"layer computes {layer.kernel_shape}; params must be laid "
-                         "out by module path")
-    g = g.reshape(layer.d_in, layer.d_out)
-    return jnp.concatenate([g, sub["bias"][None]], 0) if layer.use_bias else g
-
-
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -193,17 +182,18 @@ CURVATURES = ("empirical", "ggn")
 
 
 def _layer_output_hessians(loss_fn: Callable, params: PyTree, example: PyTree,
-                           layers: Dict[str, Layer]) -> Dict[str, tuple]:
+                           layers: Dict[str, Layer], *args) -> Dict[str, tuple]:
     """Inputs ``a: (T, d_in)`` and output Hessians ``H: (T, d_out, T, d_out)`` of every
-    layer, for ONE example: H = ∂²loss/∂δ² at δ = 0, δ the zero perturbation of the
-    layer's outputs at its T positions (the handle ``layer_io`` differentiates once;
-    here forward-over-reverse, one jvp of the gradient per output coordinate)."""
+    layer, for ONE example of ``loss_fn(params, example, *args)``: H = ∂²loss/∂δ² at
+    δ = 0, δ the zero perturbation of the layer's outputs at its T positions (the handle
+    ``layer_io`` differentiates once; here forward-over-reverse, one jvp of the gradient
+    per output coordinate)."""
     def flat_loss(name, flat):
         layer = layers[name]
         sizes = [int(np.prod(s[:-1], dtype=np.int64)) for s, _ in layer.out_shapes]
         parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=0)
         mine = [p.reshape(s) for p, (s, _) in zip(parts, layer.out_shapes)]
-        loss, inputs = perturbed_loss(loss_fn, params, example, (), {name: mine})
+        loss, inputs = perturbed_loss(loss_fn, params, example, args, {name: mine})
         return loss, inputs[name]
 
     out = {}
@@ -215,7 +205,175 @@ def _layer_output_hessians(loss_fn: Callable, params: PyTree, example: PyTree,
     return out
 
 
-def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
+# The fit runs in streamable stages (as Kronfluence's): (1) the covariance sums A, S
+# (and the diagonal Fisher of other parameters) over chunks of the training set,
+# (2) their eigendecompositions, (3) the eigenvalue correction, a second pass over the
+# chunks in the fixed eigenbasis. Each chunk function below is pure over ONE member's
+# ``loss(params, example, index, aux)``, ``params``, ``aux`` and an ``engine.Chunk``,
+# and returns sums over the chunk's valid examples; ``ekfac_factors`` (one params
+# pytree) and ``jattri.influence_ekfac`` (stacked members) fold them with
+# ``jattri.engine.scan``, so a Stream is read chunk by chunk, twice.
+
+class EKFACCovariances(NamedTuple):
+    """Sums over examples i (divide by n for the means of ``ekfac_factors``):
+    a: ``{name: (d_in + b, d_in + b)}`` Σ_i (1/T) Σ_t a'_t a'_tᵀ. s: ``{name: (d_out,
+    d_out)}`` Σ_i Σ_t s_t s_tᵀ (``"ggn"``: Σ_i Σ_t H_i[t, t]). diag: pytree like params,
+    Σ_i g_i² on leaves outside the factored layers (zeros on theirs)."""
+
+    a: Dict[str, jax.Array]
+    s: Dict[str, jax.Array]
+    diag: PyTree
+
+
+def ekfac_layers(loss_fn: Callable, params: PyTree, example: PyTree, *args) -> tuple:
+    """The Dense/Conv layers ``loss_fn(params, example, *args)`` calls, as a tuple of
+    ``jattri.func.layers.Layer`` (static, hashable); ``params``, ``example`` and ``args``
+    may be arrays or ``jax.ShapeDtypeStruct``s. Raises ``ValueError`` if there are none
+    or the params are not laid out by module path."""
+    layers = linear_layers(loss_fn, params, example, *args)
+    if not layers:
+        raise ValueError("`loss_fn` calls no flax.linen.Dense or Conv layer: K-FAC/EK-FAC "
+                         "need such layers applied through Module.apply")
+    for layer in layers.values():
+        kernel = layer_params(params, layer.name)["kernel"]
+        if tuple(np.shape(kernel)) != tuple(layer.kernel_shape):
+            raise ValueError(f"layer {layer.name!r}: params kernel has shape "
+                             f"{np.shape(kernel)}, the layer computes {layer.kernel_shape}; "
+                             "params must be laid out by module path")
+    return tuple(layers.values())
+
+
+def _covered(params: PyTree, layers: tuple) -> PyTree:
+    """Bool pytree like params: True on the kernel/bias leaves of a factored layer."""
+    by_name = {layer.name: layer for layer in layers}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: _layer_leaf(p, by_name) is not None, params)
+
+
+def ekfac_zero_covariances(layers: tuple, params: PyTree, dtype) -> EKFACCovariances:
+    """Zero :class:`EKFACCovariances` (the start of a sum); ``params`` may be
+    ``jax.ShapeDtypeStruct``s."""
+    dims = {l.name: (l.d_in + int(l.use_bias), l.d_out) for l in layers}
+    return EKFACCovariances({k: jnp.zeros((a, a), dtype) for k, (a, _) in dims.items()},
+                            {k: jnp.zeros((s, s), dtype) for k, (_, s) in dims.items()},
+                            jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                   params))
+
+
+def _chunk_io(loss, params, aux, chunk, layers, curvature):
+    """``{name: (a' (size, T, d_in + b), s (size, T, d_out) | H (size, T, d_out, T, d_out))}``."""
+    by_name = {layer.name: layer for layer in layers}
+
+    def one(z, i):
+        if curvature == "ggn":
+            io = _layer_output_hessians(loss, params, z, by_name, i, aux)
+        else:
+            io = layer_io(loss, params, z, i, aux, layers=by_name)
+        return {k: (_augment(a, by_name[k].use_bias), s) for k, (a, s) in io.items()}
+
+    return jax.vmap(one)(chunk.data, chunk.index)
+
+
+def ekfac_covariance_sums(loss: Callable, params: PyTree, aux: PyTree, chunk, layers: tuple,
+                          curvature: str = "empirical") -> EKFACCovariances:
+    """Stage 1 on one chunk: :class:`EKFACCovariances` summed over its valid examples.
+
+    ``loss(params, example, index, aux)``; peak memory one chunk's layer inputs and
+    output gradients (``"ggn"``: output Hessians, (T·d_out)² per example and layer)."""
+    io = _chunk_io(loss, params, aux, chunk, layers, curvature)
+    a_sum, s_sum = {}, {}
+    for layer in layers:
+        a, s = io[layer.name]
+        w = chunk.valid.astype(a.dtype)
+        a_sum[layer.name] = jnp.einsum("n,nti,ntj->ij", w / a.shape[1], a, a)
+        if curvature == "ggn":  # Σ_t H[t, t]: the curvature analogue of Σ_t s_t s_tᵀ
+            s_sum[layer.name] = jnp.einsum("n,ntatb->ab", w.astype(s.dtype), s)
+        else:
+            s_sum[layer.name] = jnp.einsum("n,nta,ntb->ab", w.astype(s.dtype), s, s)
+    covered = _covered(params, layers)
+    if all(jax.tree_util.tree_leaves(covered)):
+        diag = jax.tree_util.tree_map(jnp.zeros_like, params)
+    else:
+        g = jax.vmap(lambda z, i: jax.grad(loss)(params, z, i, aux))(chunk.data, chunk.index)
+        diag = jax.tree_util.tree_map(
+            lambda c, x: jnp.zeros(x.shape[1:], x.dtype) if c else jnp.einsum(
+                "n,n...->...", chunk.valid.astype(x.dtype), x ** 2), covered, g)
+    return EKFACCovariances(a_sum, s_sum, diag)
+
+
+def ekfac_eigenbasis(cov: EKFACCovariances, n) -> tuple:
+    """Stage 2: ``(qa, qs, la, ls)`` dicts by layer: the eigenvectors (COLUMNS) and
+    eigenvalues of A = cov.a / n and S = cov.s / n (``eigh``; batched over any leading
+    member axis)."""
+    ea = {k: jnp.linalg.eigh(v / n) for k, v in cov.a.items()}
+    es = {k: jnp.linalg.eigh(v / n) for k, v in cov.s.items()}
+    return ({k: e[1] for k, e in ea.items()}, {k: e[1] for k, e in es.items()},
+            {k: e[0] for k, e in ea.items()}, {k: e[0] for k, e in es.items()})
+
+
+def ekfac_eigenvalue_sums(loss: Callable, params: PyTree, aux: PyTree, chunk, layers: tuple,
+                          qa: Dict[str, jax.Array], qs: Dict[str, jax.Array],
+                          curvature: str = "empirical") -> Dict[str, jax.Array]:
+    """Stage 3 on one chunk: ``{name: (d_in + b, d_out)}`` Σ_i (Q_Aᵀ G_i Q_S)² over its
+    valid examples (``"ggn"``: Σ_i Σ_{t,t'} (q_Aʲᵀa'_t)(q_Aʲᵀa'_t') q_Sᵏᵀ H_i[t, t'] q_Sᵏ)."""
+    io = _chunk_io(loss, params, aux, chunk, layers, curvature)
+    out = {}
+    for layer in layers:
+        name = layer.name
+        a, s = io[name]
+        w = chunk.valid.astype(a.dtype)
+        if curvature == "ggn":
+            u = a @ qa[name]  # (size, T, d_in + b)
+            hq = jnp.einsum("ntauc,ak,ck->ntuk", s, qs[name], qs[name])  # (size, T, T, d_out)
+            out[name] = jnp.einsum("n,ntj,nuj,ntuk->jk", w, u, u, hq)
+        else:
+            g = jnp.einsum("nti,nto->nio", a, s)  # per-example [kernel; bias] gradients
+            rot = jnp.einsum("ij,nio,ok->njk", qa[name], g, qs[name])
+            out[name] = jnp.einsum("n,njk->jk", w, rot ** 2)
+    return out
+
+
+def ekfac_finish(qa: Dict[str, jax.Array], qs: Dict[str, jax.Array], la, ls,
+                 eig_sums: Optional[Dict[str, jax.Array]], diag_sum: PyTree, n,
+                 curvature: str = "empirical") -> EKFACFactors:
+    """The factors: EK-FAC eigenvalues eig_sums / n (``"ggn"``: clamped at 0, a smooth
+    activation can make H indefinite and Λ* < 0 would flip the inverse), or K-FAC's
+    max(λ_A, 0) ⊗ max(λ_S, 0) when ``eig_sums`` is ``None``; diag = diag_sum / n."""
+    if eig_sums is None:
+        eigvals = {k: jnp.maximum(la[k], 0)[..., :, None] * jnp.maximum(ls[k], 0)[..., None, :]
+                   for k in qa}
+    else:
+        eigvals = {k: v / n for k, v in eig_sums.items()}
+        if curvature == "ggn":
+            eigvals = {k: jnp.maximum(v, 0) for k, v in eigvals.items()}
+    diag = jax.tree_util.tree_map(lambda x: x / n, diag_sum)
+    return EKFACFactors({k: EKFACLayer(qa[k], qs[k], eigvals[k]) for k in qa}, diag)
+
+
+def _user_loss(fn, params, example, index, aux):
+    del index, aux
+    return fn(params, example)
+
+
+def _covariance_step(config, args, acc, chunk):
+    layers, curvature = config
+    loss, params = args
+    new = ekfac_covariance_sums(loss, params, None, chunk, layers, curvature)
+    return jax.tree_util.tree_map(jnp.add, acc, new), None
+
+
+def _eigenvalue_step(config, args, acc, chunk):
+    layers, curvature = config
+    loss, params, qa, qs = args
+    new = ekfac_eigenvalue_sums(loss, params, None, chunk, layers, qa, qs, curvature)
+    return jax.tree_util.tree_map(jnp.add, acc, new), None
+
+
+def _spec(x):
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+
+def ekfac_factors(loss_fn: Callable, params: PyTree, data: Any, *,
                   correct_eigenvalues: bool = True, curvature: str = "empirical",
                   chunk_size: Optional[int] = None) -> EKFACFactors:
     """K-FAC / EK-FAC factors of every Dense and Conv layer, from layer inputs and output
@@ -262,78 +420,49 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: PyTree, *,
     prohibitive for wide layers over long sequences (an LM head over T tokens) and for
     Conv layers over large feature maps (T = H'·W').
 
+    Stages (each a pass of ``jattri.engine.scan`` over chunks, so ``data`` may be a
+    ``jattri.Stream``, read twice for EK-FAC and once for K-FAC):
+    ``ekfac_covariance_sums`` → ``ekfac_eigenbasis`` → ``ekfac_eigenvalue_sums`` →
+    ``ekfac_finish``.
+
+    Memory: the factors, Σ_l [(d_in,l + b)² + d_out,l² + (d_in,l + b)·d_out,l] floats
+    (+ d for the diagonal Fisher); peak one chunk's layer inputs and output gradients
+    (and, with parameters outside the layers, ``chunk_size`` gradients of d floats).
+
     Args:
       loss_fn: per-example loss calling Flax ``nn.Dense`` / ``nn.Conv`` layers via
-        ``Module.apply`` with ``{"params": params}``. data: n examples. correct_eigenvalues: EK-FAC
-        (True) or K-FAC (False). curvature: ``"empirical"`` (E[s sᵀ] of the observed
-        loss gradients) or ``"ggn"`` (E[∂²loss/∂δ²], above). chunk_size: examples per chunk.
+        ``Module.apply`` with ``{"params": params}``. data: n examples (a pytree with a
+        leading example axis, or a ``jattri.Stream`` of such batches).
+        correct_eigenvalues: EK-FAC (True) or K-FAC (False). curvature: ``"empirical"``
+        (E[s sᵀ] of the observed loss gradients) or ``"ggn"`` (E[∂²loss/∂δ²], above).
+        chunk_size: examples per chunk (default: all of an in-memory ``data`` at once,
+        ``jattri.engine.default_chunk_size`` for a stream).
     Returns:
       ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no Dense/Conv layer or
       ``curvature`` is unknown.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
-    example = _checks.first_example(data)
-    layers = linear_layers(loss_fn, params, example)
-    if not layers:
-        raise ValueError("`loss_fn` calls no flax.linen.Dense or Conv layer: K-FAC/EK-FAC "
-                         "need such layers applied through Module.apply")
-    for layer in layers.values():
-        _layer_grad(layer, layer_params(params, layer.name))  # layout check
-    if curvature == "ggn":
-        io = lambda z: _layer_output_hessians(loss_fn, params, z, layers)
-        # Σ_t H[t, t]: the output-side factor, the curvature analogue of Σ_t s_t s_tᵀ.
-        output_moment = lambda h: jnp.einsum("tatb->ab", h)
+    chunk_size = engine.check_chunk_size(chunk_size)
+    loss = Partial(_user_loss, as_partial(loss_fn))
+    example = jax.tree_util.tree_map(_spec, engine.first_example(data))
+    layers = ekfac_layers(loss, params, example, jax.ShapeDtypeStruct((), jnp.int32), None)
+    n = engine.num_examples(data)
+    if chunk_size is not None:
+        size = chunk_size if n is None else min(chunk_size, n)
     else:
-        io = lambda z: layer_io(loss_fn, params, z, layers=layers)
-        output_moment = lambda s: s.T @ s
-
-    def moments(z):
-        out = {}
-        for name, (a, s) in io(z).items():
-            a = _augment(a, layers[name].use_bias)
-            out[name] = (a.T @ a / a.shape[0], output_moment(s))
-        return out
-
-    second = chunked_mean(moments, data, chunk_size)
-    eig = {name: (jnp.linalg.eigh(a), jnp.linalg.eigh(s)) for name, (a, s) in second.items()}
-    qa = {name: e[0][1] for name, e in eig.items()}  # eigenvectors are the COLUMNS
-    qs = {name: e[1][1] for name, e in eig.items()}
-    if correct_eigenvalues and curvature == "ggn":
-        def rotated_curvature(z):
-            out = {}
-            for name, (a, h) in io(z).items():
-                u = _augment(a, layers[name].use_bias) @ qa[name]  # (T, d_in + b)
-                hq = jnp.einsum("tauc,ak,ck->tuk", h, qs[name], qs[name])  # (T, T, d_out)
-                out[name] = jnp.einsum("tj,uj,tuk->jk", u, u, hq)
-            return out
-        # A smooth activation can make H indefinite; Λ* < 0 would flip the inverse.
-        eigvals = jax.tree_util.tree_map(
-            lambda x: jnp.maximum(x, 0), chunked_mean(rotated_curvature, data, chunk_size))
-    elif correct_eigenvalues:
-        def rotated_sq(z):
-            out = {}
-            for name, (a, s) in io(z).items():
-                g = _augment(a, layers[name].use_bias).T @ s  # (d_in + b, d_out)
-                out[name] = (qa[name].T @ g @ qs[name]) ** 2
-            return out
-        eigvals = chunked_mean(rotated_sq, data, chunk_size)
-    else:
-        eigvals = {name: jnp.outer(jnp.maximum(e[0][0], 0), jnp.maximum(e[1][0], 0))
-                   for name, e in eig.items()}
-    factors = {name: EKFACLayer(qa[name], qs[name], eigvals[name]) for name in layers}
-
-    covered = jax.tree_util.tree_map_with_path(
-        lambda p, x: _layer_leaf(p, layers) is not None, params)
-    if all(jax.tree_util.tree_leaves(covered)):
-        diag = jax.tree_util.tree_map(jnp.zeros_like, params)
-    else:
-        diag = chunked_mean(
-            lambda z: jax.tree_util.tree_map(jnp.square, jax.grad(loss_fn)(params, z)),
-            data, chunk_size)
-        diag = jax.tree_util.tree_map(lambda c, x: jnp.where(c, 0.0, x).astype(x.dtype),
-                                      covered, diag)
-    return EKFACFactors(factors, diag)
+        size = n if n is not None else engine.default_chunk_size(
+            4 * sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params)))
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params), jnp.float32)
+    cov, _, n = engine.scan(_covariance_step, (layers, curvature), (loss, params),
+                            ekfac_zero_covariances(layers, params, dtype), data, size)
+    qa, qs, la, ls = ekfac_eigenbasis(cov, n)
+    sums = None
+    if correct_eigenvalues:
+        zero = {k: jnp.zeros((q.shape[0], qs[k].shape[0]), q.dtype) for k, q in qa.items()}
+        sums, _, _ = engine.scan(_eigenvalue_step, (layers, curvature), (loss, params, qa, qs),
+                                 zero, data, size)
+    return ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature)
 
 
 def _safe_inverse(x: jax.Array) -> jax.Array:
@@ -380,7 +509,7 @@ def parameter_groups(params: PyTree) -> Dict[str, np.ndarray]:
     groups: Dict[str, list] = {}
     offset = 0
     for path, x in leaves:
-        size = int(np.size(x))
+        size = int(np.prod(np.shape(x), dtype=np.int64))
         name = "/".join(_key_name(k) for k in path[:-1])
         groups.setdefault(name, []).append(np.arange(offset, offset + size))
         offset += size

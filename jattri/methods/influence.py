@@ -1,37 +1,54 @@
 """Influence functions (Koh & Liang, 2017, "Understanding Black-box Predictions via
 Influence Functions"): score(i, t) = g_iᵀ (H + λI)⁻¹ g_t, where H is the Hessian of the
 MEAN training loss over the whole training set (never per batch), g_i = ∇loss(z_i) and
-g_t = ∇target(z_t). Positive = up-weighting z_i lowers the target on z_t.
+g_t = ∇target(z_t). Positive = up-weighting z_i lowers the target on z_t. Over members
+m (checkpoints, ensemble members) scores are averaged: mean_m g_i,mᵀ (H_m + λI)⁻¹ g_t,m.
 
-The family differs only in how (H + λI)⁻¹ is applied: dense solve (``influence_explicit``),
-conjugate gradients (``influence_cg``), LiSSA (``influence_lissa``), top eigenpairs by
-Arnoldi (``influence_arnoldi``), or a curvature approximation: EK-FAC
-(``influence_ekfac``), DataInf (``influence_datainf``). Every train-side product
-(H + λI)⁻¹ g_i is computed once in ``cache``; ``attribute`` only takes test gradients
-and inner products.
+The family differs only in how (H + λI)⁻¹ is applied: dense eigendecomposition
+(``influence_explicit``), conjugate gradients (``influence_cg``), LiSSA
+(``influence_lissa``), top eigenpairs by Arnoldi (``influence_arnoldi``), or a curvature
+approximation: EK-FAC / K-FAC (``influence_ekfac``), DataInf (``influence_datainf``).
+
+Stages, as in Kronfluence: ``cache(members, train)`` fits what the method is made of
+(nothing but the members for CG and LiSSA; the dense Hessian's eigendecomposition; the
+top eigenpairs and the coordinates Vᵀg_i; the EK-FAC factors; DataInf's per-layer
+statistics), each Hessian a sum over chunks of the whole training set.
+``attribute(state, test)`` preconditions the TEST side, u_t = (H + λI)⁻¹ g_t for the
+n_test test gradients, then scores the training set tile by tile
+(``jattri.engine.score``, dense or ``top_k``), recomputing g_i chunk by chunk from the
+training data (``state.train``, or ``train=`` for a state cached from a stream). No
+state holds ``(n, d)`` gradients or inverse-Hessian products, and ``damping`` can be
+changed at ``attribute`` / ``self_attribute`` time without refitting.
 
 RelatIF (Barshan et al., 2020, "RelatIF: Identifying Explanatory Training Examples via
 Relative Influence") is an option of every method: ``relatif="l"`` divides score(i, ·)
 by √(g_iᵀ(H + λI)⁻¹g_i), ``relatif="theta"`` by ‖(H + λI)⁻¹g_i‖ (per member, before the
-member average). A zero normaliser leaves the (then zero) score unchanged.
+member average). A zero normaliser leaves the (then zero) score unchanged. The ``(n, M)``
+normalisers are computed in ``cache`` by one more pass over the training chunks (and
+again at ``attribute`` time only when ``damping`` is overridden).
+
+Memory (d parameters, M members, n train, n_test test examples, b = ``chunk_size``):
+every ``attribute`` holds the M·n_test·d preconditioned test gradients, b gradients of
+d floats and a b × n_test score tile (``top_k``: (K + b)·n_test, never n·n_test); each
+method's state is given in its docstring (+ n·M with RelatIF).
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
-from jax.tree_util import Partial
 
+from jattri import engine
 from jattri.func import fisher
-from jattri.func.grads import map_examples
+from jattri.func.grads import unravel_fn
 from jattri.func.hessian import (arnoldi_eigenpairs, arnoldi_inverse_weights, arnoldi_sizes,
-                                 cg_solve, check_finite_solve, damped_inverse, hvp, lissa_flat)
+                                 cg_solve, check_finite_solve, hvp, top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Task
+from jattri.task import Members, as_task
 
 PyTree = Any
 
@@ -41,63 +58,117 @@ _RELATIF = (None, "l", "theta")
 class InfluenceState(NamedTuple):
     """State of the influence family (M members, n train examples).
 
-    train: the training data. train_grads: ``(M, n, p)`` training-loss gradients in
-    the method's coordinates. ihvp_train: ``(M, n, p)`` (H + λI)⁻¹ g_i in the same
-    coordinates. basis: ``None`` (coordinates = parameters, p = d) or ``(M, d, p)``
-    with orthonormal columns (Arnoldi's eigenvectors); a gradient g has coordinates
-    g @ basis. norms: ``(M, n)`` RelatIF normalisers (ones without RelatIF).
+    members: the Members scored. train: the in-memory training set (a reference) or
+    ``None`` if it was streamed. curvature: what the method is made of, every leaf with
+    a leading member axis M (see each method). coords: ``(n, M, r)`` Arnoldi's
+    coordinates Vᵀg_i, else ``None``. norms: ``(n, M)`` RelatIF normalisers at the
+    factory's damping, else ``None``.
     """
 
+    members: Members
     train: PyTree
-    train_grads: jax.Array
-    ihvp_train: jax.Array
-    basis: Optional[jax.Array]
-    norms: jax.Array
+    curvature: PyTree
+    coords: Optional[jax.Array]
+    norms: Optional[jax.Array]
 
 
-class CGInfluenceState(NamedTuple):
-    """train: the training data. train_grads: ``(M, n, d)``."""
+# ------------------------------------------------------------------- member helpers
 
-    train: PyTree
-    train_grads: jax.Array
-
-
-def _batch_mean_loss(loss, theta, batch):
-    """Mean of ``loss(theta, z_i, i)`` over a batch ``(examples, indices)``."""
-    z, i = batch
-    return jnp.mean(jax.vmap(loss, (None, 0, 0))(theta, z, i))
+def _grads(config, args, chunk) -> jax.Array:
+    """``(M, size, d)`` gradients of ``fn`` for one chunk (zero on padding)."""
+    fn, members = args
+    return _common.member_map(lambda p, a: _common.chunk_grads(fn, p, a, chunk), members)
 
 
-def _mean_loss_fn(loss, data, chunk_size):
-    return lambda t: _common.mean_loss(loss, t, data, chunk_size=chunk_size)
+def _example_grads(config, args, chunk) -> jax.Array:
+    return jnp.swapaxes(_grads(config, args, chunk), 0, 1)  # (size, M, d)
 
 
-@partial(jax.jit, static_argnums=(3,))
-def _mean_loss_hessian(loss, theta, data, chunk_size):
-    return jax.hessian(_mean_loss_fn(loss, data, chunk_size))(theta)
+_grads_jit = jax.jit(_grads, static_argnums=0)
 
 
-@partial(jax.jit, static_argnums=(4, 5, 6))
-def _cg_ihvp(loss, theta, data, vectors, maxiter, tol, chunk_size, damping):
-    f = _mean_loss_fn(loss, data, chunk_size)
-    matvec = lambda x: hvp(f, theta, x) + damping * x
-    return cg_solve(matvec, vectors, maxiter=maxiter, tol=tol)
+def _is_concrete(tree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
-@partial(jax.jit, static_argnums=(3, 4, 6))
-def _arnoldi_hessian(loss, theta, data, rank, num_iters, key, chunk_size):
-    f = _mean_loss_fn(loss, data, chunk_size)
-    return arnoldi_eigenpairs(lambda x: hvp(f, theta, x), theta.shape[0], rank=rank,
-                              num_iters=num_iters, key=key, dtype=theta.dtype)
+def _member_spec(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
 
 
-def _target_grads(members, data, chunk_size, k):
-    m = members[k]
-    return _common.member_grads(m.target, m.theta, data, chunk_size=chunk_size)
+def _example_spec(data):
+    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    return jax.tree_util.tree_map(spec, engine.first_example(data))
+
+
+# ------------------------------------------------- Hessian of the mean training loss
+
+def _chunk_loss(loss, params, aux, chunk, indexed):
+    """Σ of ``loss`` over the chunk's valid examples; ``indexed``: the chunk's data is
+    ``(examples, dataset indices)`` (a gathered minibatch)."""
+    data, index = chunk.data if indexed else (chunk.data, chunk.index)
+    losses = jax.vmap(loss, (None, 0, 0, None))(params, data, index, aux)
+    return jnp.sum(jnp.where(chunk.valid, losses, 0.0))
+
+
+def _hvp_step(indexed, args, acc, chunk):
+    loss, params, aux, vs = args
+    unravel = unravel_fn(params)
+    f = lambda p: _chunk_loss(loss, p, aux, chunk, indexed)
+    return acc + jax.vmap(lambda v: ravel_pytree(hvp(f, params, unravel(v)))[0])(vs), None
+
+
+def _mean_hvp(loss, params, aux, data, vs, size, indexed=False) -> jax.Array:
+    """``(k, d)``: H v for every row v of ``vs``, H the Hessian of the mean loss over
+    ``data`` (in memory), summed chunk by chunk."""
+    acc, _, n = engine.scan(_hvp_step, indexed, (loss, params, aux, vs), jnp.zeros_like(vs),
+                            data, size)
+    return acc / n
+
+
+def _hessian_step(config, args, acc, chunk):
+    loss, members = args
+
+    def one(p, a):
+        unravel = unravel_fn(p)
+        return jax.hessian(lambda t: _chunk_loss(loss, unravel(t), a, chunk, False))(
+            ravel_pytree(p)[0])
+
+    return acc + _common.member_map(one, members), None
+
+
+# ------------------------------------------------------------ the shared Attributor
+
+class _Spec(NamedTuple):
+    """One method of the family.
+
+    fit(task, members, train, size) -> (curvature, coords): the cache-side fit;
+      ``size(floats=None)`` is the chunk size for ``floats`` per example (default d).
+    apply(config, args, v): module-level, ``(M, b, d)`` vectors -> ``(M, b, k)``
+      (H + λI)⁻¹ v in the method's coordinates; args = (loss, members, curvature,
+      damping, train), train only when ``reads_train``.
+    config(members, size) -> the static config of ``apply``.
+    project(curvature, g): module-level, ``(M, b, d)`` -> ``(M, b, k)`` coordinates
+      of gradients (None: the parameters themselves).
+    diagonal(curvature, damping) -> ``(M, k)``: with stored ``coords``, (H + λI)⁻¹ in
+      those coordinates (Arnoldi); None otherwise.
+    check(curvature, damping, v, u): raises ValueError on a failed solve (concrete).
+    """
+
+    name: str
+    damping: float
+    fit: Callable
+    apply: Callable
+    config: Callable
+    project: Optional[Callable] = None
+    diagonal: Optional[Callable] = None
+    check: Optional[Callable] = None
+    in_memory: bool = False    # its Hessian-vector products read the whole training set
+    reads_train: bool = False  # apply reads the training set
 
 
 def _check_damping(damping, name="damping"):
-    if not damping >= 0:
+    if not isinstance(damping, jax.core.Tracer) and not np.all(np.asarray(damping) >= 0):
         raise ValueError(f"`{name}` must be >= 0, got {damping}")
 
 
@@ -106,187 +177,413 @@ def _check_relatif(relatif):
         raise ValueError(f"`relatif` must be None, 'l' or 'theta', got {relatif!r}")
 
 
-def _relatif_norms(grads, ihvps, relatif):
-    """(n,) normalisers; ``ihvps`` live in coordinates with an orthonormal basis, so
-    ‖(H + λI)⁻¹ g_i‖ is the norm of the coordinates."""
-    if relatif is None:
-        return jnp.ones(grads.shape[0], grads.dtype)
-    if relatif == "l":
-        norm = jnp.sqrt(jnp.maximum(jnp.sum(grads * ihvps, -1), 0.0))
+def _norm(mode, left, u):
+    """RelatIF normalisers over the last axis (0 -> 1): √max(leftᵀu, 0) or ‖u‖."""
+    if mode == "l":
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(left * u, -1), 0.0))
     else:
-        norm = jnp.linalg.norm(ihvps, axis=-1)
+        norm = jnp.linalg.norm(u, axis=-1)
     return jnp.where(norm > 0, norm, 1.0)
 
 
-def _influence(task: Task, train_side: Callable, *, chunk_size: Optional[int],
-               relatif: Optional[str]) -> Attributor:
-    """The shared Attributor of the family.
+def _combine(config, left, u, norms, index):
+    """``(size,)`` self-scores mean_m left·u / norm (``mode == "self"``), or ``(size, M)``
+    normalisers."""
+    mode = config
+    if mode != "self":
+        return jnp.swapaxes(_norm(mode, left, u), 0, 1)
+    s = jnp.sum(left * u, axis=-1)  # (M, size)
+    if norms is not None:
+        s = s / jnp.swapaxes(norms[index], 0, 1)
+    return jnp.mean(s, axis=0)
 
-    ``train_side(k, member, train, grads) -> (coords, ihvp, basis)``: for member k and
-    its ``(n, d)`` training gradients, the gradients in the method's coordinates, the
-    train-side inverse products in those coordinates, and the basis (or ``None``).
-    """
+
+_combine_jit = jax.jit(_combine, static_argnums=0)
+
+
+def _self_fn(config, args, chunk, eager=False):
+    """Per chunk of training examples i: mode ``"self"``: mean_m g_iᵀ (H + λI)⁻¹ g'_i
+    (g' the target gradient) over the normaliser; ``"l"`` / ``"theta"``: the RelatIF
+    normalisers ``(size, M)``. ``eager``: the apply runs outside jit (it streams)."""
+    mode, same_target, apply, apply_config, project = config
+    loss, target, members, curvature, damping, train, norms = args
+    grads = _grads_jit if eager else _grads
+    g = grads(None, (loss, members), chunk)
+    right = g if mode != "self" or same_target else grads(None, (target, members), chunk)
+    u = apply(apply_config, (loss, members, curvature, damping, train), right)
+    left = g if project is None else project(curvature, g)
+    return (_combine_jit if eager else _combine)(mode, left, u, norms, chunk.index)
+
+
+def _grad_tile(config, args, chunk):
+    """``(size, n_test)``: mean_m g_i,mᵀ u_t,m (/ norm_i,m), g recomputed for the chunk."""
+    loss, members, u, norms = args  # u (M, n_test, d)
+    s = _common.member_map(lambda p, a, uj: _common.chunk_grads(loss, p, a, chunk) @ uj.T,
+                     members, u)  # (M, size, n_test)
+    if norms is not None:
+        s = s / jnp.swapaxes(norms[chunk.index], 0, 1)[:, :, None]
+    return jnp.mean(s, axis=0)
+
+
+def _coord_tile(config, u, chunk):
+    """``(size, n_test)`` from stored coordinates ``(size, M, r)`` and ``u (M, n_test, r)``."""
+    coords, norms = chunk.data
+    s = jnp.einsum("bmr,mtr->bmt", coords, u)
+    if norms is not None:
+        s = s / norms[..., None]
+    return jnp.mean(s, axis=1)
+
+
+def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
+               chunk_size: Optional[int]) -> Attributor:
+    """The Attributor of the family from a method's :class:`_Spec`."""
     _check_relatif(relatif)
-    members = _common.flat_members(task)
+    chunk_size = engine.check_chunk_size(chunk_size)
+    task = as_task(task)
 
-    def cache(train: PyTree) -> InfluenceState:
-        _common.check_train(task, train)
-        coords, ihvps, bases, norms = [], [], [], []
-        for k, m in enumerate(members):
-            g = _common.member_grads(m.loss, m.theta, train, chunk_size=chunk_size)
-            c, h, b = train_side(k, m, train, g)
-            check_finite_solve(h, "the inverse-Hessian product")
-            coords.append(c)
-            ihvps.append(h)
-            bases.append(b)
-            norms.append(_relatif_norms(c, h, relatif))
-        basis = None if bases[0] is None else jnp.stack(bases)
-        return InfluenceState(train, jnp.stack(coords), jnp.stack(ihvps), basis,
-                              jnp.stack(norms))
+    def size(members, data, floats=None):
+        return _common.chunk_size_for(chunk_size, members, data, floats)
 
-    def test_coords(state, k, data):
-        g = _target_grads(members, data, chunk_size, k)
-        return g if state.basis is None else g @ state.basis[k]
+    def need_memory(data, where):
+        if spec.in_memory and engine.is_stream(data):
+            raise ValueError(
+                f"{spec.name} needs the training set in memory (its Hessian-vector "
+                f"products read the whole set at every iteration); {where} got a Stream: "
+                "pass a pytree with a leading example axis, or use influence_ekfac / "
+                "influence_datainf / influence_explicit, which stream")
 
-    def attribute(state: InfluenceState, test: PyTree) -> jax.Array:
-        _common.check_test(task, state.train, test)
-        return _common.member_mean(
-            lambda k, m: (state.ihvp_train[k] / state.norms[k][:, None])
-            @ test_coords(state, k, test).T, members)
+    def damping_of(damping):
+        if damping is None:
+            return spec.damping
+        _check_damping(damping)
+        return damping
 
-    def self_attribute(state: InfluenceState) -> jax.Array:
-        def one(k, m):
-            right = (state.train_grads[k] if task.target_is_loss else
-                     test_coords(state, k, state.train))
-            return jnp.sum(state.ihvp_train[k] * right, axis=-1) / state.norms[k]
-        return _common.member_mean(one, members)
+    def self_map(mode, state, data, damping, norms):
+        """``_self_fn`` over every training chunk: one compiled scan, or (a stream read
+        again inside every chunk, DataInf) a Python loop over the stream's chunks."""
+        members = state.members
+        d = _common.num_params(members)
+        config = (mode, task.target_is_loss, spec.apply, spec.config(members, size(members, data)),
+                  spec.project)
+        args = (task.loss, task.target, members, state.curvature, damping,
+                data if spec.reads_train else None, norms)
+        b = size(members, data, 3 * members.num * d)
+        if not (spec.reads_train and engine.is_stream(data)):
+            return engine.per_example(_self_fn, config, args, data, b)
+        outs = [_self_fn(config, args, chunk, eager=True)[:count]
+                for chunk, count in engine.stream_chunks(engine.as_stream(data), b)]
+        return jnp.concatenate(outs)
+
+    def normalisers(state, data, damping):
+        if spec.diagonal is not None:
+            u = state.coords * spec.diagonal(state.curvature, damping)[None]
+            return _norm(relatif, state.coords, u)
+        norms = self_map(relatif, state, data, damping, None)
+        if _is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
+            raise ValueError("the RelatIF normalisers are non-finite: H + damping*I is "
+                             "singular or indefinite; increase `damping`")
+        return norms
+
+    def norms_at(state, data, damping):
+        if relatif is None:
+            return None
+        if damping is None:
+            return state.norms
+        return normalisers(state, data, damping_of(damping))
+
+    def cache(members, train) -> InfluenceState:
+        members = _common.setup(task, members, train)
+        need_memory(train, "cache")
+        curvature, coords = spec.fit(task, members, train,
+                                     lambda floats=None: size(members, train, floats))
+        state = InfluenceState(members, _common.stored_train(train), curvature, coords, None)
+        if spec.check is not None and _is_concrete(curvature):
+            spec.check(curvature, spec.damping, None, None)
+        if relatif is not None:
+            state = state._replace(norms=normalisers(state, train, spec.damping))
+        return state
+
+    def attribute(state: InfluenceState, test, *, train=None, top_k=None, lowest=False,
+                  damping=None):
+        """``(n_train, n_test)`` scores, or a ``TopK`` with ``top_k``; ``damping``
+        (default: the factory's) changes λ without refitting. ``train``: the training
+        set, needed only when the state was cached from a stream."""
+        _common.check_data(task, state.members, test, "test", target=True,
+                           like=state.train)
+        members = state.members
+        lam = damping_of(damping)
+        data = None if spec.diagonal is not None else _common.train_for(state.train, train)
+        need_memory(data, "attribute")
+        d = _common.num_params(members)
+        g = engine.per_example(_example_grads, None, (task.target, members), test,
+                               size(members, test, members.num * d))
+        v = jnp.swapaxes(g, 0, 1)  # (M, n_test, d)
+        u = spec.apply(spec.config(members, size(members, data)),
+                       (task.loss, members, state.curvature, lam,
+                        data if spec.reads_train else None), v)
+        if spec.check is not None and _is_concrete(u):
+            spec.check(state.curvature, lam, v, u)
+        norms = norms_at(state, data, damping)
+        n_test = v.shape[1]
+        if spec.diagonal is not None:
+            rows = (state.coords, norms)
+            return engine.score(_coord_tile, None, u, rows,
+                                size(members, rows, 2 * u[0].size), n_test, u.dtype,
+                                top_k=top_k, lowest=lowest)
+        return engine.score(_grad_tile, None, (task.loss, members, u, norms), data,
+                            size(members, data, d + n_test), n_test, u.dtype,
+                            top_k=top_k, lowest=lowest)
+
+    def self_attribute(state: InfluenceState, *, train=None, damping=None):
+        """``(n_train,)`` score(i, i) (the diagonal of ``attribute(state, train)``)."""
+        lam = damping_of(damping)
+        if spec.diagonal is not None and task.target_is_loss:
+            norms = norms_at(state, None, damping)
+            s = jnp.sum(state.coords ** 2 * spec.diagonal(state.curvature, lam)[None], -1)
+            return jnp.mean(s if norms is None else s / norms, axis=1)
+        data = _common.train_for(state.train, train)
+        need_memory(data, "self_attribute")
+        return self_map("self", state, data, lam, norms_at(state, data, damping))
 
     return Attributor(cache, attribute, self_attribute)
 
 
-# ----------------------------------------------------------------------- explicit / CG
+# ---------------------------------------------------------------------- explicit
 
-def influence_explicit(task: Task, *, damping: float = 1e-3,
+def _explicit_fit(task, members, train, size):
+    d = _common.num_params(members)
+    h0 = jnp.zeros((members.num, d, d), _common.param_dtype(members))
+    # d tangents per example: chunks of (256 MiB)/(4 d²) examples by default
+    h, _, n = engine.scan(_hessian_step, None, (task.loss, members), h0, train, size(d * d))
+    h = h / n
+    return jnp.linalg.eigh(0.5 * (h + jnp.swapaxes(h, -1, -2))), None
+
+
+def _explicit_apply(config, args, v):
+    _, _, (w, q), damping, _ = args
+    c = jnp.einsum("mbd,mde->mbe", v, q) / (w + damping)[:, None, :]
+    return jnp.einsum("mbe,mde->mbd", c, q)
+
+
+def _explicit_check(curvature, damping, v, u):
+    w = np.asarray(curvature[0]) + np.asarray(damping)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("the Hessian has non-finite entries")
+    scale = np.max(np.abs(w), axis=-1)
+    wmin = np.min(w, axis=-1)
+    if np.any(wmin <= 1e-12 * np.maximum(scale, 1e-30)):
+        raise ValueError(
+            f"Hessian + damping*I is singular or indefinite (smallest eigenvalue "
+            f"{float(np.min(wmin)):.3g} with damping={damping}); increase `damping`")
+
+
+def influence_explicit(task: Any, *, damping: float = 1e-3,
                        chunk_size: Optional[int] = None,
                        relatif: Optional[str] = None) -> Attributor:
     """Influence with the dense Hessian: score(i, t) = g_iᵀ (H + λI)⁻¹ g_t.
 
-    For small models (d ≲ 10⁴ parameters): builds the ``(d, d)`` Hessian of the mean
-    training loss for every member, inverts it by eigendecomposition (a singular
-    ``H + λI`` raises ``ValueError``) and stores ``(H + λI)⁻¹ g_i`` for every training
-    example in ``cache``. Scores are averaged over the task's members.
+    For small models (d ≲ 10⁴ parameters): ``cache`` sums the ``(d, d)`` Hessian of
+    the mean training loss over chunks (a ``jattri.Stream`` works) for every member and
+    keeps its eigendecomposition H = Q diag(w) Qᵀ; ``attribute`` applies
+    Q diag(1/(w + λ)) Qᵀ to the test gradients. A singular or indefinite ``H + λI``
+    raises ``ValueError``.
 
     Args:
-      task: the Task. damping: λ ≥ 0. chunk_size: examples per vectorised chunk.
-      relatif: ``None``, ``"l"`` or ``"theta"`` (see the module docstring).
+      task: a :class:`jattri.Task` or a ``loss_fn(params, example)``. damping: λ ≥ 0
+        (``attribute(..., damping=...)`` overrides it). chunk_size: examples per
+        compiled step. relatif: ``None``, ``"l"`` or ``"theta"`` (module docstring).
+
+    Memory: state M·d·(d + 1) floats; the fit holds one chunk's Hessian (d tangents).
     """
     _check_damping(damping)
-
-    def train_side(k, m, train, g):
-        inv = damped_inverse(_mean_loss_hessian(m.loss, m.theta, train, chunk_size), damping)
-        return g, g @ inv, None
-
-    return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
+    spec = _Spec("influence_explicit", damping, _explicit_fit, _explicit_apply,
+                 lambda members, size: None, check=_explicit_check)
+    return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-def influence_cg(task: Task, *, damping: float = 1e-3, maxiter: int = 100, tol: float = 1e-6,
+# --------------------------------------------------------------------------- CG
+
+def _cg_apply(config, args, v):
+    maxiter, tol, size = config
+    loss, members, _, damping, train = args
+
+    def one(p, a, vj):
+        matvec = lambda x: _mean_hvp(loss, p, a, train, x[None], size)[0] + damping * x
+        return cg_solve(matvec, vj, maxiter=maxiter, tol=tol)
+
+    return _common.member_map(one, members, v)
+
+
+def _cg_check(curvature, damping, v, u):
+    if u is not None:
+        check_finite_solve(u, "CG")
+
+
+def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: float = 1e-6,
                  chunk_size: Optional[int] = None,
                  relatif: Optional[str] = None) -> Attributor:
-    """Influence with (H + λI)⁻¹ g by conjugate gradients on exact HVPs.
+    """Influence with (H + λI)⁻¹ g_t by conjugate gradients on exact HVPs.
 
-    Without RelatIF, ``cache`` stores the training gradients and ``attribute`` solves
-    one CG system per TEST example (vmapped; cheaper when tests are few), each
-    Hessian-vector product taken over the whole training set
-    (``jax.scipy.sparse.linalg.cg``). With ``relatif``, the normalisers need
-    (H + λI)⁻¹ g_i for every training example, so those are solved once in ``cache``
+    ``cache`` keeps nothing but the members (and the training set's reference);
+    ``attribute`` solves one CG system per TEST example (vmapped,
+    ``jax.scipy.sparse.linalg.cg``), each Hessian-vector product summed over chunks of
+    the whole training set, then scores the training chunks. With ``relatif`` (and for
+    ``self_attribute``) the systems of the training examples are solved chunk by chunk
     instead. H + λI must be positive definite: on a non-convex loss choose λ above
     minus the smallest Hessian eigenvalue; a solve that breaks down raises
-    ``ValueError`` instead of returning NaN.
+    ``ValueError`` instead of returning NaN. The training set must be in memory.
 
     Args:
-      task: the Task. damping: λ ≥ 0. maxiter: CG iterations. tol: relative residual.
-      chunk_size: examples per vectorised chunk (gradients and HVPs).
-      relatif: ``None``, ``"l"`` or ``"theta"``.
+      task: a Task or a loss. damping: λ ≥ 0 (overridable at ``attribute``).
+      maxiter: CG iterations. tol: relative residual. chunk_size: examples per chunk
+        (gradients and HVPs). relatif: ``None``, ``"l"`` or ``"theta"``.
+
+    Memory: state nothing (+ n·M with RelatIF); ``attribute`` a few n_test·d CG vectors
+    per member plus one chunk's HVPs for n_test tangents.
     """
     _check_damping(damping)
-    _check_relatif(relatif)
-
-    if relatif is not None:
-        def train_side(k, m, train, g):
-            return g, _cg_ihvp(m.loss, m.theta, train, g, maxiter, tol, chunk_size,
-                               damping), None
-        return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
-
-    members = _common.flat_members(task)
-
-    def cache(train: PyTree) -> CGInfluenceState:
-        _common.check_train(task, train)
-        grads = [_common.member_grads(m.loss, m.theta, train, chunk_size=chunk_size)
-                 for m in members]
-        return CGInfluenceState(train, jnp.stack(grads))
-
-    def _solve(state, k, vectors):
-        m = members[k]
-        return check_finite_solve(_cg_ihvp(m.loss, m.theta, state.train, vectors, maxiter,
-                                           tol, chunk_size, damping), "CG")
-
-    def attribute(state: CGInfluenceState, test: PyTree) -> jax.Array:
-        _common.check_test(task, state.train, test)
-        return _common.member_mean(
-            lambda k, m: state.train_grads[k] @ _solve(
-                state, k, _target_grads(members, test, chunk_size, k)).T,
-            members)
-
-    def self_attribute(state: CGInfluenceState) -> jax.Array:
-        def one(k, m):
-            right = (state.train_grads[k] if task.target_is_loss else
-                     _target_grads(members, state.train, chunk_size, k))
-            return jnp.sum(state.train_grads[k] * _solve(state, k, right), axis=-1)
-        return _common.member_mean(one, members)
-
-    return Attributor(cache, attribute, self_attribute)
+    spec = _Spec("influence_cg", damping, lambda task, members, train, size: (None, None),
+                 _cg_apply, lambda members, size: (maxiter, tol, size), check=_cg_check,
+                 in_memory=True, reads_train=True)
+    return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-# ------------------------------------------------------------------------------ LiSSA
+# ------------------------------------------------------------------------ LiSSA
 
-def influence_lissa(task: Task, *, damping: float = 1e-3, depth: int = 1000,
+_LISSA_FACTOR = 1.5
+
+
+def _lissa_scale(scale, top, damping):
+    return scale if scale is not None else _LISSA_FACTOR * (jnp.abs(top) + damping)
+
+
+def _lissa_apply(config, args, v):
+    depth, repeats, batch_size, scale, size = config
+    loss, members, (top, keys), damping, train = args
+    n = engine.num_examples(train)
+    bs = n if batch_size is None else min(int(batch_size), n)
+
+    def one(p, a, t, key, vj):
+        s = _lissa_scale(scale, t, damping)
+
+        def hvp_batch(skey, x):
+            if bs >= n:
+                return _mean_hvp(loss, p, a, train, x, size)
+            idx = jax.random.choice(skey, n, (bs,), replace=False)
+            batch = (jax.tree_util.tree_map(lambda z: z[idx], train), idx.astype(jnp.int32))
+            return _mean_hvp(loss, p, a, batch, x, min(size, bs), indexed=True)
+
+        def one_repeat(rkey):
+            def step(h, skey):
+                # h <- v + h - (H_S + λI) h / scale: the fixed point is scale (H + λI)⁻¹ v.
+                return vj + h - (hvp_batch(skey, h) + damping * h) / s, None
+
+            h, _ = jax.lax.scan(step, vj, jax.random.split(rkey, depth))
+            return h / s
+
+        return jnp.mean(jax.lax.map(one_repeat, jax.random.split(key, repeats)), axis=0)
+
+    return _common.member_map(one, members, top, keys, v)
+
+
+def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
                     repeats: int = 1, batch_size: Optional[int] = None,
                     scale: Optional[float] = None, key: Optional[jax.Array] = None,
                     chunk_size: Optional[int] = None,
                     relatif: Optional[str] = None) -> Attributor:
-    """Influence with (H + λI)⁻¹ g_i by LiSSA (``jattri.func.ihvp_lissa``).
+    """Influence with (H + λI)⁻¹ g_t by LiSSA (Agarwal et al., 2017; ``jattri.func.ihvp_lissa``):
 
-    ``cache`` runs the stochastic Neumann recursion once for all training gradients
-    together (the same minibatches for every vector, so one linear map approximates
-    (H + λI)⁻¹), with minibatches drawn from the whole training set; H_S is the Hessian
-    of the mean loss over S.
+        h₀ = v,   h_{j+1} = v + h_j − (H_S h_j + λ h_j) / scale,   result = h_depth / scale,
+
+    averaged over ``repeats`` runs, with S a minibatch drawn (without replacement) from
+    the whole training set for each step (H_S the Hessian of its mean loss, summed over
+    chunks). ``attribute`` runs the recursion for all test gradients together (the
+    same minibatches for every vector, so one linear map approximates (H + λI)⁻¹);
+    ``self_attribute`` and RelatIF run the same map on training chunks. ``cache``
+    keeps the members, the per-member keys and, for the default scale, λ̂_max(H) by 30
+    power iterations. The training set must be in memory.
 
     Args:
-      task: the Task. damping: λ ≥ 0 (Tikhonov, as in every IF method).
+      task: a Task or a loss. damping: λ ≥ 0 (Tikhonov, as in every IF method;
+        overridable at ``attribute``).
       depth: recursion steps; the error decays like (1 − (μ_min + λ)/scale)^depth.
       repeats: independent recursions averaged. batch_size: |S| (``None``: the whole
         training set, a deterministic Neumann series). scale: > λ_max(H_S) + λ
-        (default 1.5 (λ̂_max(H) + λ) by power iteration; a divergent run raises
-        ``ValueError``). key: minibatch key (default ``PRNGKey(0)``; member k uses
-        ``fold_in(key, k)``). chunk_size: examples per vectorised gradient chunk.
-      relatif: ``None``, ``"l"`` or ``"theta"``.
+        (default 1.5 (λ̂_max(H) + λ); a divergent run raises ``ValueError``).
+      key: minibatch key (default ``PRNGKey(0)``; member m uses ``fold_in(key, m)``).
+      chunk_size: examples per chunk. relatif: ``None``, ``"l"`` or ``"theta"``.
+
+    Memory: state 3·M floats (+ n·M with RelatIF); ``attribute`` 2·n_test·d per member
+    plus one chunk's HVPs for n_test tangents.
     """
     _check_damping(damping)
+    if int(depth) < 1 or int(repeats) < 1:
+        raise ValueError(f"`depth` and `repeats` must be >= 1, got {depth}, {repeats}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"`scale` must be > 0, got {scale}")
     key = jax.random.PRNGKey(0) if key is None else key
 
-    def train_side(k, m, train, g):
-        data = (train, _common.indices_for(train))
-        h = lissa_flat(Partial(_batch_mean_loss, m.loss), m.theta, g, data,
-                       key=jax.random.fold_in(key, k), damping=damping, scale=scale,
-                       depth=depth, repeats=repeats, batch_size=batch_size)
-        return g, h, None
+    def fit(task, members, train, size):
+        # member m: fold_in(key, m), split into its scale key and its run key
+        keys = jax.vmap(jax.random.split)(_common.member_keys(key, members.num))
+        d = _common.num_params(members)
+        if scale is None:
+            top = _common.member_map(
+                lambda p, a, k: top_eigenvalue(
+                    lambda x: _mean_hvp(task.loss, p, a, train, x[None], size())[0], d, key=k,
+                    dtype=_common.param_dtype(members)), members, keys[:, 0])
+        else:
+            top = jnp.zeros(members.num, _common.param_dtype(members))
+        return (top, keys[:, 1]), None
 
-    return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
+    def check(curvature, damping, v, u):
+        if u is None:
+            return
+        s = np.asarray(_lissa_scale(scale, curvature[0], damping)).reshape(-1, 1)
+        # With scale > λ_max(H_S) + λ every factor of the series is a contraction, so
+        # ‖h‖ ≤ (depth + 1)‖v‖; anything above that is divergence, not data.
+        bound = (depth + 1) * np.linalg.norm(np.asarray(v), axis=-1) / s
+        norms = np.linalg.norm(np.asarray(u), axis=-1)
+        if not np.all(np.isfinite(u)) or np.any(norms > 1.01 * bound + 1e-30):
+            raise ValueError(
+                "LiSSA diverged: `scale` must exceed the largest eigenvalue of the "
+                "minibatch Hessian plus damping (increase `scale` or `batch_size`), and "
+                "H + damping*I must be positive definite")
+
+    config = lambda members, size: (int(depth), int(repeats), batch_size,
+                                    None if scale is None else float(scale), size)
+    spec = _Spec("influence_lissa", damping, fit, _lissa_apply, config, check=check,
+                 in_memory=True, reads_train=True)
+    return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-# ---------------------------------------------------------------------------- Arnoldi
+# ---------------------------------------------------------------------- Arnoldi
 
-def influence_arnoldi(task: Task, *, rank: int = 100, num_iters: Optional[int] = None,
+def _arnoldi_weights(curvature, damping, tol):
+    eigvals = curvature[0]
+    return jax.vmap(arnoldi_inverse_weights, (0, None, None))(eigvals, damping, tol)
+
+
+def _arnoldi_project(curvature, g):
+    return jnp.einsum("mbd,mdr->mbr", g, curvature[1])
+
+
+def _arnoldi_apply(config, args, v):
+    tol = config
+    _, _, curvature, damping, _ = args
+    return _arnoldi_project(curvature, v) * _arnoldi_weights(curvature, damping, tol)[:, None]
+
+
+def _arnoldi_coords(config, args, chunk):
+    loss, members, eigvecs = args
+    c = _common.member_map(lambda p, a, vecs: _common.chunk_grads(loss, p, a, chunk) @ vecs,
+                     members, eigvecs)
+    return jnp.swapaxes(c, 0, 1)  # (size, M, r)
+
+
+def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = None,
                       damping: float = 1e-3, tol: float = 1e-6,
                       key: Optional[jax.Array] = None, chunk_size: Optional[int] = None,
                       relatif: Optional[str] = None) -> Attributor:
@@ -294,44 +591,100 @@ def influence_arnoldi(task: Task, *, rank: int = 100, num_iters: Optional[int] =
     Influence Functions"): score(i, t) = (Vᵀg_i)ᵀ diag(1/(μ + λ)) (Vᵀg_t).
 
     ``cache`` runs Arnoldi (full reorthogonalisation) on HVPs of the mean training
-    loss, keeps the top-``rank`` eigenpairs (μ, V) and stores the ``rank``-dim
-    coordinates Vᵀg_i of the training gradients. Damped eigenvalues μ + λ ≤
+    loss (summed over chunks), keeps the top-``rank`` eigenpairs (μ, V) and the
+    ``rank``-dim coordinates Vᵀg_i of the training gradients; ``attribute`` scores
+    from those coordinates (no training pass). Damped eigenvalues μ + λ ≤
     ``tol``·max(μ + λ), and non-positive ones, are dropped (weight 0), so no score is
-    ever NaN. A ``rank``
-    above the parameter count is clipped with a warning.
+    ever NaN. A ``rank`` above the parameter count is clipped with a warning (at
+    ``cache``). The training set must be in memory.
 
     Args:
-      task: the Task. rank: eigenpairs kept. num_iters: Krylov steps (default
-        ``min(d, max(2·rank, rank + 20))``). damping: λ ≥ 0. tol: relative cut-off.
-      key: start-vector key (default ``PRNGKey(0)``; member k uses ``fold_in(key, k)``).
-      chunk_size: examples per vectorised chunk. relatif: ``None``, ``"l"``, ``"theta"``.
+      task: a Task or a loss. rank: eigenpairs kept. num_iters: Krylov steps (default
+        ``min(d, max(2·rank, rank + 20))``). damping: λ ≥ 0 (overridable at
+        ``attribute``). tol: relative cut-off. key: start-vector key (default
+        ``PRNGKey(0)``; member m uses ``fold_in(key, m)``). chunk_size: examples per
+        chunk. relatif: ``None``, ``"l"``, ``"theta"``.
+
+    Memory: state M·rank·(d + 1) + n·M·rank floats; the fit holds num_iters·d floats
+    (the Krylov basis) per member.
     """
     _check_damping(damping)
-    d = _common.flat_members(task)[0].theta.shape[0]
-    rank, iters = arnoldi_sizes(rank, num_iters, d, who="influence_arnoldi", stacklevel=2)
     key = jax.random.PRNGKey(0) if key is None else key
 
-    def train_side(k, m, train, g):
-        eigvals, eigvecs = _arnoldi_hessian(m.loss, m.theta, train, rank, iters,
-                                            jax.random.fold_in(key, k), chunk_size)
-        coords = g @ eigvecs
-        return coords, coords * arnoldi_inverse_weights(eigvals, damping, tol), eigvecs
+    def fit(task, members, train, size):
+        d = _common.num_params(members)
+        r, iters = arnoldi_sizes(rank, num_iters, d, who="influence_arnoldi", stacklevel=4)
+        keys = _common.member_keys(key, members.num)
+        dtype = _common.param_dtype(members)
+        eigvals, eigvecs = _common.member_map(
+            lambda p, a, k: arnoldi_eigenpairs(
+                lambda x: _mean_hvp(task.loss, p, a, train, x[None], size())[0], d, rank=r,
+                num_iters=iters, key=k, dtype=dtype), members, keys)
+        coords = engine.per_example(_arnoldi_coords, None, (task.loss, members, eigvecs),
+                                    train, size())
+        return (eigvals, eigvecs), coords
 
-    return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
+    spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
+                 lambda members, size: float(tol), project=_arnoldi_project,
+                 diagonal=lambda curvature, lam: _arnoldi_weights(curvature, lam, float(tol)),
+                 in_memory=True)
+    return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-# ---------------------------------------------------------------------- EK-FAC, DataInf
+# ------------------------------------------------------------------------ EK-FAC
 
-def _indexed_call(fn, params, zi):
-    return fn(params, zi[0], zi[1])
+def _ekfac_covariance_step(config, args, acc, chunk):
+    layers, curvature, _ = config
+    loss, members = args
+    new = _common.member_map(
+        lambda p, a: fisher.ekfac_covariance_sums(loss, p, a, chunk, layers, curvature),
+        members)
+    return jax.tree_util.tree_map(jnp.add, acc, new), None
 
 
-def _pytree_loss(member) -> Partial:
-    """A member's loss on pytree params with the example carrying its index."""
-    return Partial(_indexed_call, member.loss_fn)
+def _ekfac_eigenvalue_step(config, args, acc, chunk):
+    layers, curvature, _ = config
+    loss, members, qa, qs = args
+    new = _common.member_map(
+        lambda p, a, qa_j, qs_j: fisher.ekfac_eigenvalue_sums(loss, p, a, chunk, layers,
+                                                              qa_j, qs_j, curvature),
+        members, qa, qs)
+    return jax.tree_util.tree_map(jnp.add, acc, new), None
 
 
-def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: bool = True,
+def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFactors:
+    """The EK-FAC / K-FAC factors of every member (leading axis M), in the stages of
+    ``jattri.func.ekfac_factors``: (1) covariance sums A, S (and the diagonal Fisher of
+    other parameters) over the training chunks, (2) their eigendecompositions, (3) for
+    EK-FAC the eigenvalue correction, a second pass. Each pass reads the data once for
+    all members; a Stream is read chunk by chunk."""
+    layers, curvature, correct = config
+    m = members.num
+    stacked = lambda tree: jax.tree_util.tree_map(
+        lambda x: jnp.zeros((m,) + x.shape, x.dtype), tree)
+    zero = stacked(fisher.ekfac_zero_covariances(layers, _member_spec(members.params),
+                                                 _common.param_dtype(members)))
+    cov, _, n = engine.scan(_ekfac_covariance_step, config, (loss, members), zero, train, size)
+    qa, qs, la, ls = fisher.ekfac_eigenbasis(cov, n)
+    sums = None
+    if correct:
+        zero = {k: jnp.zeros(q.shape[:-1] + (qs[k].shape[-1],), q.dtype) for k, q in qa.items()}
+        sums, _, _ = engine.scan(_ekfac_eigenvalue_step, config, (loss, members, qa, qs), zero,
+                                 train, size)
+    return fisher.ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature)
+
+
+def _ekfac_apply(config, args, v):
+    _, members, factors, damping, _ = args
+
+    def one(p, a, f, vj):
+        unravel = unravel_fn(p)
+        return jax.vmap(lambda x: ravel_pytree(fisher.ekfac_ihvp(f, unravel(x), damping))[0])(vj)
+
+    return _common.member_map(one, members, factors, v)
+
+
+def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bool = True,
                     curvature: str = "empirical", chunk_size: Optional[int] = None,
                     relatif: Optional[str] = None) -> Attributor:
     """Influence with the EK-FAC approximation of the curvature (George et al., 2018;
@@ -350,45 +703,110 @@ def influence_ekfac(task: Task, *, damping: float = 1e-3, correct_eigenvalues: b
     ``ekfac_factors``; it costs d_out backward passes per layer and example instead of
     one). Parameters outside Dense/Conv layers get the diagonal empirical Fisher.
     Curvature that does not flow through layer outputs (an L2 term inside the loss)
-    is not seen: fold it into ``damping``. ``cache`` computes the factors once over the
-    whole training set and applies the inverse to every training gradient.
+    is not seen: fold it into ``damping``.
+
+    Stages: ``cache`` fits the factors of every member once, over the whole training
+    set (a ``jattri.Stream`` works: two passes over its chunks for EK-FAC, one for
+    K-FAC) and keeps them; ``attribute`` applies
+    Q_A [(Q_Aᵀ V Q_S) ⊘ (Λ* + λ)] Q_Sᵀ to the test gradients, with λ the factory's
+    ``damping`` or ``attribute(..., damping=...)``: a new damping never refits.
 
     Args:
-      task: the Task (its loss must call ``nn.Dense`` / ``nn.Conv`` through
+      task: a Task or a loss (it must call ``nn.Dense`` / ``nn.Conv`` through
         ``Module.apply`` with ``{"params": params}``). damping: λ ≥ 0 (directions with
-        zero curvature and λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or K-FAC.
-      curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"`` (Gauss-Newton).
-      chunk_size: examples per vectorised chunk. relatif: ``None``, ``"l"``, ``"theta"``.
+        zero curvature and λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or
+        K-FAC. curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"``
+        (Gauss-Newton). chunk_size: examples per chunk. relatif: ``None``, ``"l"``,
+        ``"theta"``.
+
+    Memory: state M·[Σ_l ((d_in,l + b)² + d_out,l² + (d_in,l + b)·d_out,l) + d] floats
+    (the eigenbases, the corrected eigenvalues and the diagonal Fisher); the fit holds
+    one chunk's layer inputs and output gradients per member.
     """
     _check_damping(damping)
     if curvature not in fisher.CURVATURES:
         raise ValueError(f"`curvature` must be one of {fisher.CURVATURES}, got {curvature!r}")
 
-    def train_side(k, m, train, g):
-        member = task.members[k]
-        data = (train, _common.indices_for(train))
-        factors = _ekfac_factors_jit(_pytree_loss(member), member.params, data,
-                                     correct_eigenvalues, curvature, chunk_size)
-        return g, _ekfac_ihvps(factors, g, damping, m.unravel, chunk_size), None
+    def fit(task, members, train, size):
+        layers = fisher.ekfac_layers(task.loss, _member_spec(members.params),
+                                     _example_spec(train), jax.ShapeDtypeStruct((), jnp.int32),
+                                     _member_spec(members.aux))
+        return _fit_ekfac((layers, curvature, bool(correct_eigenvalues)), task.loss, members,
+                          train, size()), None
 
-    return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
-
-
-@partial(jax.jit, static_argnums=(3, 4))
-def _ekfac_ihvps(factors, g, damping, unravel, chunk_size):
-    """``(n, d)``: (F_EKFAC + λI)⁻¹ g_i for every row of ``g``."""
-    one = lambda x: ravel_pytree(fisher.ekfac_ihvp(factors, unravel(x), damping))[0]
-    return map_examples(one, g, chunk_size)
+    spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: None)
+    return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-_ekfac_factors_jit = jax.jit(
-    lambda loss, params, data, correct, curvature, chunk: fisher.ekfac_factors(
-        loss, params, data, correct_eigenvalues=correct, curvature=curvature,
-        chunk_size=chunk),
-    static_argnums=(3, 4, 5))
+# ----------------------------------------------------------------------- DataInf
+
+def _param_groups(members: Members) -> tuple:
+    """Layers as parameter groups (``fisher.parameter_groups``) as static runs
+    ``((start, stop), ...)`` of the flat parameter vector, one tuple per group."""
+    out = []
+    for idx in fisher.parameter_groups(_member_spec(members.params)).values():
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+        out.append(tuple((int(r[0]), int(r[-1]) + 1) for r in np.split(idx, cuts)))
+    return tuple(out)
 
 
-def influence_datainf(task: Task, *, damping: float = 0.1,
+def _take(x, runs):
+    return jnp.concatenate([x[..., a:b] for a, b in runs], axis=-1)
+
+
+def _put(parts, groups):
+    """Per-group ``(..., d_l)`` arrays back into ``(..., d)`` in parameter order."""
+    pieces = []
+    for part, runs in zip(parts, groups):
+        off = 0
+        for a, b in runs:
+            pieces.append((a, part[..., off:off + b - a]))
+            off += b - a
+    return jnp.concatenate([p for _, p in sorted(pieces, key=lambda t: t[0])], axis=-1)
+
+
+def _datainf_stats_step(groups, args, acc, chunk):
+    loss, members = args
+
+    def one(p, a):
+        g = _common.chunk_grads(loss, p, a, chunk)
+        return jnp.stack([jnp.sum(_take(g, runs) ** 2) for runs in groups])
+
+    return acc + _common.member_map(one, members), None
+
+
+def _datainf_step(groups, args, acc, chunk):
+    """Σ_j g_jl (g_jlᵀ v_l) / (λ_l + ‖g_jl‖²) over the chunk, per member and layer."""
+    loss, members, lam, v = args
+
+    def one(p, a, lam_j, vj):
+        g = _common.chunk_grads(loss, p, a, chunk)  # (size, d), zero on padding
+        parts = []
+        for l, runs in enumerate(groups):
+            gl, vl = _take(g, runs), _take(vj, runs)
+            coef = (gl @ vl.T) / (lam_j[l] + jnp.sum(gl ** 2, -1))[:, None]  # (size, b)
+            parts.append(coef.T @ gl)
+        return _put(parts, groups)
+
+    return acc + _common.member_map(one, members, lam, v), None
+
+
+def _datainf_lambdas(stats, damping):
+    return jnp.maximum(damping * stats, jnp.finfo(stats.dtype).tiny)
+
+
+def _datainf_apply(config, args, v):
+    groups, size = config
+    loss, members, stats, damping, train = args
+    lam = _datainf_lambdas(stats, damping)  # (M, L)
+    corr, _, n = engine.scan(_datainf_step, groups, (loss, members, lam, v), jnp.zeros_like(v),
+                             train, size)
+    parts = [(_take(v, runs) - _take(corr, runs) / n) / lam[:, l, None, None]
+             for l, runs in enumerate(groups)]
+    return _put(parts, groups)
+
+
+def influence_datainf(task: Any, *, damping: float = 0.1,
                       chunk_size: Optional[int] = None,
                       relatif: Optional[str] = None) -> Attributor:
     """DataInf (Kwon et al., 2023): per layer l, the inverse of the damped Fisher is
@@ -398,29 +816,37 @@ def influence_datainf(task: Task, *, damping: float = 0.1,
 
     Layers are parameter groups: leaves with the same parent path (a Dense layer's
     kernel and bias). λ_l = ``damping`` · (1/(n d_l)) Σ_i ‖g_il‖², the paper's
-    default, > 0 (the reference's default of 0 divides by zero). ``cache`` applies
-    the operator to every training gradient (O(n² d)).
+    default, > 0 (the reference's default of 0 divides by zero). ``cache`` keeps the
+    per-layer statistics (1/(n d_l)) Σ_i ‖g_il‖² (one pass over the training chunks);
+    ``attribute`` applies the operator to the test gradients (one pass, recomputing
+    g_j), then scores (another). ``self_attribute`` and RelatIF apply it to every
+    training gradient: O(n² d) time, as the closed form costs. A ``jattri.Stream``
+    works everywhere.
 
     Args:
-      task: the Task. damping: relative regularisation > 0 (default 0.1).
-      chunk_size: rows per chunk (gradients, and the ``(chunk, n)`` temporaries).
+      task: a Task or a loss. damping: relative regularisation > 0 (default 0.1;
+        overridable at ``attribute``). chunk_size: examples per chunk.
       relatif: ``None``, ``"l"`` or ``"theta"``.
+
+    Memory: state M·L floats (L layers); ``attribute`` 2·M·n_test·d (the test gradients
+    and their correction).
     """
     if not damping > 0:
         raise ValueError(f"`damping` must be > 0 for DataInf (λ_l = damping · mean "
                          f"squared gradient), got {damping}")
-    groups = fisher.parameter_groups(task.members[0].params)
 
-    def train_side(k, m, train, g):
-        h = jnp.zeros_like(g)
-        for idx in groups.values():
-            gl = g[:, idx]
-            lam = fisher.datainf_damping(gl, damping)
-            h = h.at[:, idx].set(_datainf_jit(gl, lam, chunk_size))
-        return g, h, None
+    def fit(task, members, train, size):
+        groups = _param_groups(members)
+        zero = jnp.zeros((members.num, len(groups)), _common.param_dtype(members))
+        sums, _, n = engine.scan(_datainf_stats_step, groups, (task.loss, members), zero,
+                                 train, size())
+        dims = np.array([sum(b - a for a, b in runs) for runs in groups], np.float64)
+        return sums / (n * dims), None
 
-    return _influence(task, train_side, chunk_size=chunk_size, relatif=relatif)
+    spec = _Spec("influence_datainf", damping, fit, _datainf_apply,
+                 lambda members, size: (_param_groups(members), size), reads_train=True)
+    return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-_datainf_jit = jax.jit(lambda g, lam, chunk: fisher.datainf_ihvp(g, g, lam, chunk_size=chunk),
-                       static_argnums=(2,))
+__all__ = ["InfluenceState", "influence_arnoldi", "influence_cg", "influence_datainf",
+           "influence_ekfac", "influence_explicit", "influence_lissa"]
