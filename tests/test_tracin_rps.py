@@ -82,9 +82,10 @@ def reference_tracin(checkpoints, weights, train, test, target=loss_fn, cos=Fals
 def test_tracin_equals_explicit_weighted_sum(setup):
     checkpoints, train, test = setup
     lrs = [0.5, 0.3, 0.1]
-    task = jattri.Task(loss_fn, checkpoints, target_fn=target_fn)
+    task = jattri.Task(loss_fn, target_fn=target_fn)
+    members = jattri.checkpoints(checkpoints)
     attr = jattri.tracin(task, weights=lrs)
-    state = attr.cache(train)
+    state = attr.cache(members, train)
     ref = reference_tracin(checkpoints, lrs, train, test, target=target_fn)
     np.testing.assert_allclose(attr.attribute(state, test), ref, rtol=1e-10, atol=1e-12)
     self_ref = np.diag(reference_tracin(checkpoints, lrs, train, train, target=target_fn))
@@ -93,29 +94,29 @@ def test_tracin_equals_explicit_weighted_sum(setup):
     # Default weights: the mean over members.
     mean = jattri.tracin(task)
     np.testing.assert_allclose(
-        mean.attribute(mean.cache(train), test),
+        mean.attribute(mean.cache(members, train), test),
         reference_tracin(checkpoints, [1 / 3] * 3, train, test, target=target_fn),
         rtol=1e-10, atol=1e-12)
 
 
 def test_grad_dot_and_grad_cos_are_one_checkpoint_tracin(setup):
     checkpoints, train, test = setup
-    one = jattri.Task(loss_fn, checkpoints[:1])
+    one = checkpoints[0]
     ref = reference_tracin(checkpoints[:1], [1.0], train, test)
-    for attr in (jattri.grad_dot(one), jattri.tracin(one)):
-        state = attr.cache(train)
+    for attr in (jattri.grad_dot(loss_fn), jattri.tracin(loss_fn)):
+        state = attr.cache(one, train)
         np.testing.assert_allclose(attr.attribute(state, test), ref, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(attr.self_attribute(state),
                                    np.diag(attr.attribute(state, train)), rtol=1e-10)
     ref_cos = reference_tracin(checkpoints[:1], [1.0], train, test, cos=True)
-    for attr in (jattri.grad_cos(one), jattri.tracin(one, normalize=True)):
-        state = attr.cache(train)
+    for attr in (jattri.grad_cos(loss_fn), jattri.tracin(loss_fn, normalize=True)):
+        state = attr.cache(one, train)
         np.testing.assert_allclose(attr.attribute(state, test), ref_cos, rtol=1e-10)
         np.testing.assert_allclose(attr.self_attribute(state), 1.0, rtol=1e-10)
     # Several members: grad_dot averages, i.e. tracin with equal weights 1/M.
-    many = jattri.Task(loss_fn, checkpoints)
-    gd = jattri.grad_dot(many)
-    np.testing.assert_allclose(gd.attribute(gd.cache(train), test),
+    gd = jattri.grad_dot(loss_fn)
+    np.testing.assert_allclose(gd.attribute(gd.cache(jattri.checkpoints(checkpoints), train),
+                                            test),
                                reference_tracin(checkpoints, [1 / 3] * 3, train, test),
                                rtol=1e-10, atol=1e-12)
 
@@ -123,17 +124,17 @@ def test_grad_dot_and_grad_cos_are_one_checkpoint_tracin(setup):
 @pytest.mark.parametrize("projection", ["gaussian", "rademacher", "sjlt"])
 def test_projected_tracin_converges(setup, projection):
     checkpoints, train, _ = setup
-    task = jattri.Task(loss_fn, checkpoints[:2])
-    exact_attr = jattri.tracin(task)
-    exact = np.asarray(exact_attr.attribute(exact_attr.cache(train), train))
+    members = jattri.checkpoints(checkpoints[:2])
+    exact_attr = jattri.tracin(loss_fn)
+    exact = np.asarray(exact_attr.attribute(exact_attr.cache(members, train), train))
     dims = (8, 128, 2048)
     keys = [jax.random.PRNGKey(s) for s in range(3)]
     errors = []
     for k in dims:
         errs = []
         for key in keys:  # the same fixed keys at every k
-            attr = jattri.tracin(task, proj_dim=k, projection=projection, key=key)
-            approx = np.asarray(attr.attribute(attr.cache(train), train))
+            attr = jattri.tracin(loss_fn, proj_dim=k, projection=projection, key=key)
+            approx = np.asarray(attr.attribute(attr.cache(members, train), train))
             errs.append(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
         errors.append(np.mean(errs))
     # Error ~ 1/√k: it must fall at every step (×16 in k: ≈ ×0.25 expected) and by
@@ -144,15 +145,16 @@ def test_projected_tracin_converges(setup, projection):
 
 def test_tracin_bad_arguments(setup):
     checkpoints, train, _ = setup
-    task = jattri.Task(loss_fn, checkpoints)
+    members = jattri.checkpoints(checkpoints)
+    # weights: one per member, checked when the members arrive (at cache)
     with pytest.raises(ValueError, match="weights"):
-        jattri.tracin(task, weights=[1.0, 2.0])
+        jattri.tracin(loss_fn, weights=[1.0, 2.0]).cache(members, train)
     with pytest.raises(ValueError, match="weights"):
-        jattri.tracin(task, weights=[1.0, np.nan, 1.0])
+        jattri.tracin(loss_fn, weights=[1.0, np.nan, 1.0]).cache(members, train)
     with pytest.raises(ValueError, match="projection"):
-        jattri.tracin(task, proj_dim=8, projection="dense")
+        jattri.tracin(loss_fn, proj_dim=8, projection="dense")
     with pytest.raises(ValueError, match="proj_dim"):
-        jattri.tracin(task, proj_dim=0)
+        jattri.tracin(loss_fn, proj_dim=0)
 
 
 # ----------------------------------------------------------------------------- RPS
@@ -173,16 +175,16 @@ def test_rps_representer_decomposition_on_a_linear_model():
     train = make_data(jax.random.PRNGKey(0), 40)
     test = make_data(jax.random.PRNGKey(1), 6)
     l2, tol = 1e-2, 1e-9
-    task = jattri.Task(lr_loss, [lr_params(jax.random.PRNGKey(2))])
-    attr = jattri.rps(task, features_fn=lambda p, z: z[0], logits_fn=lr_logits,
+    params = lr_params(jax.random.PRNGKey(2))
+    attr = jattri.rps(features_fn=lambda p, z: z[0], logits_fn=lr_logits,
                       label_fn=lambda z: z[1], l2=l2, tol=tol)
-    state = attr.cache(train)
+    state = attr.cache(params, train)
     w = np.asarray(state.weights[0])  # (p + 1, C) with the bias row last
     assert float(state.grad_norm[0]) <= tol
 
     # The refit is stationary for an independently written objective.
     f_train = np.concatenate([np.asarray(train[0]), np.ones((40, 1))], axis=1)
-    probs = np.asarray(jax.nn.softmax(lr_logits(task.members[0].params, train)))
+    probs = np.asarray(jax.nn.softmax(lr_logits(params, train)))
 
     def objective(w):
         logp = jax.nn.log_softmax(f_train @ w)
@@ -193,7 +195,7 @@ def test_rps_representer_decomposition_on_a_linear_model():
 
     # α from the stationarity condition; the refit's logits = Σ_i α_i ⟨f_i, f_t⟩.
     alpha = (probs - np.asarray(jax.nn.softmax(f_train @ w))) / (2 * l2 * 40)
-    np.testing.assert_allclose(state.alpha[0], alpha, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(state.alpha[:, 0], alpha, rtol=1e-8, atol=1e-12)
     f_test = np.concatenate([np.asarray(test[0]), np.ones((6, 1))], axis=1)
     refit_logits = f_test @ w
     decomposed = (f_test @ f_train.T) @ alpha  # (m, C)
@@ -214,35 +216,60 @@ def test_rps_representer_decomposition_on_a_linear_model():
 
 def test_rps_features_of_a_deep_model_and_member_average(setup):
     checkpoints, train, test = setup
-    task = jattri.Task(loss_fn, checkpoints[:2])
+    members = jattri.checkpoints(checkpoints[:2])
     kw = dict(features_fn=features, logits_fn=logits, l2=1e-2, tol=1e-9)
-    both = jattri.rps(task, **kw)
-    scores = both.attribute(both.cache(train), test)
+    both = jattri.rps(**kw)
+    state = both.cache(members, train)
+    scores = both.attribute(state, test)
     singles = []
     for p in checkpoints[:2]:
-        a = jattri.rps(jattri.Task(loss_fn, [p]), **kw)
-        singles.append(a.attribute(a.cache(train), test))
+        a = jattri.rps(loss_fn, **kw)  # a loss may be passed first; RPS does not use it
+        singles.append(a.attribute(a.cache(p, train), test))
     np.testing.assert_allclose(scores, np.mean(singles, axis=0), rtol=1e-10, atol=1e-14)
     # Default label: the model's predicted class.
-    state = both.cache(train)
     np.testing.assert_allclose(both.self_attribute(state),
                                np.diag(both.attribute(state, train)), rtol=1e-10)
     # Without the bias feature the features have the model's width only.
-    nb = jattri.rps(task, bias=False, **kw)
-    assert nb.cache(train).features.shape == (2, 12, 5)
+    nb = jattri.rps(bias=False, **kw)
+    assert nb.cache(members, train).features.shape == (12, 2, 5)
 
 
 def test_rps_bad_arguments(setup):
     checkpoints, train, _ = setup
-    task = jattri.Task(loss_fn, checkpoints)
+    members = jattri.checkpoints(checkpoints)
     with pytest.raises(ValueError, match="l2"):
-        jattri.rps(task, features_fn=features, logits_fn=logits, l2=0.0)
+        jattri.rps(features_fn=features, logits_fn=logits, l2=0.0)
     with pytest.raises(TypeError, match="features_fn"):
-        jattri.rps(task, features_fn=None, logits_fn=logits)
-    bad = jattri.rps(task, features_fn=features, logits_fn=lambda p, z: logits(p, z)[None])
+        jattri.rps(features_fn=None, logits_fn=logits)
+    bad = jattri.rps(features_fn=features, logits_fn=lambda p, z: logits(p, z)[None])
     with pytest.raises(TypeError, match="logits_fn"):
-        bad.cache(train)
-    bad_label = jattri.rps(task, features_fn=features, logits_fn=logits,
-                           label_fn=lambda z: z[0])
+        bad.cache(members, train)
+    bad_label = jattri.rps(features_fn=features, logits_fn=logits, label_fn=lambda z: z[0])
     with pytest.raises(TypeError, match="label_fn"):
-        bad_label.cache(train)
+        bad_label.cache(members, train)
+
+
+def test_rps_streamed_cache_top_k_and_jit(setup):
+    checkpoints, train, test = setup
+    members = jattri.checkpoints(checkpoints[:2])
+    attr = jattri.rps(features_fn=features, logits_fn=logits, l2=1e-2, tol=1e-9,
+                      chunk_size=5)
+    state = attr.cache(members, train)
+    streamed = attr.cache(members, jattri.stream(
+        [jax.tree_util.tree_map(lambda x, a=a: x[a:a + 4], train) for a in (0, 4, 8)]))
+    assert streamed.train is None
+    for got, want in zip(streamed[2:], state[2:]):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    dense = np.asarray(attr.attribute(state, test))
+    np.testing.assert_allclose(attr.attribute(streamed, test), dense, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="train"):
+        attr.self_attribute(streamed)
+    np.testing.assert_allclose(attr.self_attribute(streamed, train=train),
+                               attr.self_attribute(state), rtol=1e-12)
+    top = attr.attribute(state, test, top_k=4, lowest=True)
+    order = np.argsort(-dense, axis=0, kind="stable")[:4].T
+    np.testing.assert_array_equal(top.indices, order)
+    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), rtol=1e-12)
+    low = np.argsort(dense, axis=0, kind="stable")[:4].T
+    np.testing.assert_array_equal(top.lowest_indices, low)
+    np.testing.assert_allclose(jax.jit(attr.attribute)(state, test), dense, rtol=1e-12)

@@ -14,30 +14,43 @@ decomposition of the refit's logits,
 and score(i, t) = α_i[y_t] ⟨f_i, f_t⟩ is training example i's contribution to the
 test example's logit of class y_t. Sign convention: positive = i raises the logit of
 y_t, i.e. pushes the prediction towards y_t (helps it when y_t is the true label),
-the orientation of every jattri method.
+the orientation of every jattri method. Members are averaged: each member m has its
+own features, refit and α (score = mean_m α_m,i[y_t,m] ⟨f_m,i, f_m,t⟩).
+
+Stages: ``cache`` reads the training set once (forward passes: features and logits of
+every member), then refits every member's last layer on the stored features;
+``attribute`` featurises the test set and scores stored rows tile by tile (dense or
+top-k). No gradients of the model are taken.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jattri import _checks
-from jattri.func.grads import map_examples
+from jattri import _checks, engine
+from jattri.func.grads import as_partial
+from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Task
+from jattri.task import Members, as_members, as_task
 
 PyTree = Any
 
 
 class RPSState(NamedTuple):
-    """train: data. features: ``(M, n, p)`` train features (with the bias 1).
-    alpha: ``(M, n, C)`` representer values. weights: ``(M, p, C)`` refit last layers.
+    """members: the Members scored. train: the in-memory training set (a reference) or
+    ``None`` if streamed. features: ``(n, M, p)`` train features (with the bias 1).
+    alpha: ``(n, M, C)`` representer values. weights: ``(M, p, C)`` refit last layers.
     grad_norm: ``(M,)`` norm of the refit objective's gradient at ``weights`` (how far
-    from stationary, i.e. how exact the decomposition is)."""
+    from stationary, i.e. how exact the decomposition is).
 
+    Memory: n·M·(p + C) + M·p·C floats."""
+
+    members: Members
     train: PyTree
     features: jax.Array
     alpha: jax.Array
@@ -84,11 +97,6 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     return w, jnp.linalg.norm(jax.grad(objective)(w))
 
 
-_refit = jax.jit(lambda f, p, l2, maxiter, tol: refit_last_layer(f, p, l2, maxiter=maxiter,
-                                                                  tol=tol),
-                 static_argnums=(3,))
-
-
 def representer_values(features: jax.Array, probs: jax.Array, w: jax.Array,
                        l2: float) -> jax.Array:
     """α_i = (p_i − softmax(f_i W)) / (2λn): ``(n, C)`` (see the module docstring)."""
@@ -96,7 +104,70 @@ def representer_values(features: jax.Array, probs: jax.Array, w: jax.Array,
     return (probs - jax.nn.softmax(features @ w, axis=-1)) / (2.0 * l2 * n)
 
 
-def rps(task: Task, *, features_fn: Callable, logits_fn: Callable,
+@partial(jax.jit, static_argnames=("maxiter",))
+def _refit_members(features, logits, l2, tol, *, maxiter):
+    """Every member's refit: features ``(n, M, p)``, logits ``(n, M, C)`` ->
+    ``(alpha (n, M, C), weights (M, p, C), grad_norm (M,))``, one member at a time."""
+    def one(fl):
+        f, lg = fl
+        probs = jax.nn.softmax(lg, axis=-1)
+        w, gnorm = refit_last_layer(f, probs, l2, maxiter=maxiter, tol=tol)
+        return representer_values(f, probs, w, l2), w, gnorm
+
+    alpha, w, gnorm = jax.lax.map(one, (jnp.swapaxes(features, 0, 1),
+                                        jnp.swapaxes(logits, 0, 1)))
+    return jnp.swapaxes(alpha, 0, 1), w, gnorm
+
+
+# config = bias (static); args = (features_fn, logits_fn, label_fn or None, members).
+
+def _features_logits(bias, args, chunk):
+    """``(size, M, p)`` features (with the bias 1) and ``(size, M, C)`` logits."""
+    features_fn, logits_fn, _, members = args
+
+    def one(params, aux):
+        del aux  # RPS sees the members' params only
+        def example(z):
+            f = jnp.ravel(features_fn(params, z))
+            if bias:
+                f = jnp.concatenate([f, jnp.ones((1,), f.dtype)])
+            return f, logits_fn(params, z)
+        return jax.vmap(example)(chunk.data)
+
+    f, lg = _common.member_map(one, members)
+    return jnp.swapaxes(f, 0, 1), jnp.swapaxes(lg, 0, 1)
+
+
+def _classes(args, chunk, logits):
+    """``(size, M)`` classes explained: ``label_fn(z)`` for every member, or (logits
+    given, no ``label_fn``) each member's prediction."""
+    label_fn, members = args[2:]
+    if label_fn is None:
+        return jnp.argmax(logits, axis=-1)
+    y = jax.vmap(label_fn)(chunk.data)
+    return jnp.broadcast_to(y[:, None], (y.shape[0], members.num))
+
+
+def _test_side(bias, args, chunk):
+    f, lg = _features_logits(bias, args, chunk)
+    return f, _classes(args, chunk, lg)
+
+
+def _train_classes(bias, args, chunk):
+    needs_logits = args[2] is None
+    return _classes(args, chunk, _features_logits(bias, args, chunk)[1] if needs_logits
+                    else None)
+
+
+def _tile(config, args, chunk):
+    """score[b, t] = mean_m α_b,m[y_t,m] ⟨f_b,m, f_t,m⟩ for one chunk of stored rows."""
+    f_test, y_test = args  # (n_test, M, p), (n_test, M)
+    f, alpha = chunk.data  # (b, M, p), (b, M, C)
+    a = jnp.take_along_axis(alpha, y_test.T[None], axis=2)  # (b, M, n_test)
+    return jnp.mean(a * jnp.einsum("bmp,tmp->bmt", f, f_test), axis=1)
+
+
+def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         label_fn: Optional[Callable] = None, l2: float = 1e-3, bias: bool = True,
         maxiter: int = 1000, tol: float = 1e-6,
         chunk_size: Optional[int] = None) -> Attributor:
@@ -105,22 +176,25 @@ def rps(task: Task, *, features_fn: Callable, logits_fn: Callable,
     The user names the last layer by functions, not module names:
 
     Args:
-      task: the Task; only its members' params are used (the loss is not).
+      task: optional and unused (a Task or a loss callable may be passed first, like
+        every method, but RPS needs no loss: only the members' params given to
+        ``cache`` reach ``features_fn`` / ``logits_fn``).
       features_fn: ``features_fn(params, example) -> (p,)``: the input of the last
-        layer for ONE example (e.g. the penultimate activations).
+        layer for ONE example (e.g. the penultimate activations); ``params`` are one
+        member's.
       logits_fn: ``logits_fn(params, example) -> (C,)``: the model's logits for ONE
         example; their softmax is the refit's target ("the model's own predictions").
       label_fn: ``label_fn(example) -> int`` class y_t explained on a test example
-        (e.g. ``lambda z: z[1]`` for the true label). ``None``: the model's predicted
+        (e.g. ``lambda z: z[1]`` for the true label). ``None``: each member's predicted
         class argmax logits.
       l2: λ > 0, the refit's L2 regularisation (α scales as 1/λ).
       bias: append a constant 1 feature (the last layer's bias, refit and regularised
         like the weights).
       maxiter, tol: L-BFGS iterations and gradient-norm tolerance of the refit.
-      chunk_size: examples per vectorised chunk of the feature extraction.
-    Returns:
-      An Attributor; its state holds α, the refit weights and the refit's final
-      gradient norm.
+      chunk_size: examples per compiled step of the feature extraction and scoring.
+
+    Memory: state n·M·(p + C) + M·p·C floats (the refit holds one member's n·(p + C)
+    at a time); a scoring tile ``chunk_size·M·n_test``; the test side n_test·M·p.
     """
     if not l2 > 0:
         raise ValueError(f"`l2` must be > 0 (α divides by it), got {l2}")
@@ -129,22 +203,24 @@ def rps(task: Task, *, features_fn: Callable, logits_fn: Callable,
             raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
     if label_fn is not None and not callable(label_fn):
         raise TypeError(f"`label_fn` must be callable, got {type(label_fn).__name__}")
-    if not isinstance(task, Task):
-        raise TypeError(f"`task` must be a jattri.Task, got {type(task).__name__}")
-    params = [m.params for m in task.members]
+    if task is not None:
+        as_task(task)  # validated for uniformity; RPS does not use the loss
+    chunk_size = engine.check_chunk_size(chunk_size)
+    fns = (as_partial(features_fn), as_partial(logits_fn),
+           None if label_fn is None else as_partial(label_fn))
 
-    def one_features(p, z):
-        f = jnp.ravel(features_fn(p, z))
-        return jnp.concatenate([f, jnp.ones((1,), f.dtype)]) if bias else f
-
-    @jax.jit
-    def feats_logits(p, data):
-        return map_examples(lambda z: (one_features(p, z), logits_fn(p, z)), data, chunk_size)
-
-    def check(p, data, name):
-        z = _checks.first_example(data)
+    def check(members, data, name, like=None):
+        if not engine.is_stream(data):
+            _checks.check_data(data, name)
+            if like is not None and not engine.is_stream(like):
+                _checks.check_like(data, like, name, "train")
+        params = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
+            members.params)
+        z = engine.first_example(data)
         try:
-            f, lg = jax.eval_shape(lambda z: (jnp.ravel(features_fn(p, z)), logits_fn(p, z)), z)
+            f, lg = jax.eval_shape(lambda p, z: (jnp.ravel(features_fn(p, z)),
+                                                 logits_fn(p, z)), params, z)
         except Exception as err:
             raise TypeError(f"`features_fn`/`logits_fn` failed on one unbatched example of "
                             f"`{name}`: {type(err).__name__}: {err}") from err
@@ -157,48 +233,39 @@ def rps(task: Task, *, features_fn: Callable, logits_fn: Callable,
                 raise TypeError(f"`label_fn` must return an integer scalar, got shape "
                                 f"{y.shape} dtype {y.dtype}")
 
-    def labels(data, logits):
-        if label_fn is None:
-            return jnp.argmax(logits, axis=-1)
-        return jax.vmap(label_fn)(data)
+    def size(members, data, floats=None):
+        return _common.chunk_size_for(chunk_size, members, data, floats)
 
-    def cache(train: PyTree) -> RPSState:
-        _checks.check_data(train, "train")
-        check(params[0], train, "train")
-        feats, alphas, ws, norms = [], [], [], []
-        for p in params:
-            f, lg = feats_logits(p, train)
-            probs = jax.nn.softmax(lg, axis=-1)
-            w, gnorm = _refit(f, probs, l2, maxiter, tol)
-            feats.append(f)
-            alphas.append(representer_values(f, probs, w, l2))
-            ws.append(w)
-            norms.append(gnorm)
-        return RPSState(train, jnp.stack(feats), jnp.stack(alphas), jnp.stack(ws),
-                        jnp.stack(norms))
+    def cache(members, train) -> RPSState:
+        members = as_members(members)
+        check(members, train, "train")
+        f, lg = engine.per_example(_features_logits, bool(bias), fns + (members,), train,
+                                   size(members, train))
+        alpha, w, gnorm = _refit_members(f, lg, l2, tol, maxiter=int(maxiter))
+        return RPSState(members, _common.stored_train(train), f, alpha, w, gnorm)
 
-    def scores(alpha, f_train, f_test, y_test):
-        return alpha[:, y_test] * (f_train @ f_test.T)  # (n, m) ⊙ (n, m)
+    def attribute(state: RPSState, test, *, train=None, top_k=None, lowest=False):
+        """``(n_train, n_test)`` scores (or a TopK); ``train`` is not needed (the
+        features and α are stored) and ignored."""
+        del train
+        check(state.members, test, "test", like=state.train)
+        f_test, y_test = engine.per_example(_test_side, bool(bias),
+                                            fns + (state.members,), test,
+                                            size(state.members, test))
+        rows = (state.features, state.alpha)
+        n_test = f_test.shape[0]
+        floats = state.members.num * (state.features.shape[-1] + n_test)
+        return engine.score(_tile, None, (f_test, y_test), rows,
+                            size(state.members, rows, floats), n_test, f_test.dtype,
+                            top_k=top_k, lowest=lowest)
 
-    def attribute(state: RPSState, test: PyTree) -> jax.Array:
-        _checks.check_data(test, "test")
-        _checks.check_like(test, state.train, "test", "train")
-        check(params[0], test, "test")
-        total = 0.0
-        for k, p in enumerate(params):
-            f, lg = feats_logits(p, test)
-            total = total + scores(state.alpha[k], state.features[k], f, labels(test, lg))
-        return total / len(params)
-
-    def self_attribute(state: RPSState) -> jax.Array:
-        total = 0.0
-        for k, p in enumerate(params):
-            f = state.features[k]
-            # label_fn=None explains the ORIGINAL model's prediction, as in attribute.
-            y = labels(state.train, None if label_fn is not None else
-                       feats_logits(p, state.train)[1])
-            a = jnp.take_along_axis(state.alpha[k], y[:, None], axis=1)[:, 0]
-            total = total + a * jnp.sum(f * f, axis=-1)
-        return total / len(params)
+    def self_attribute(state: RPSState, *, train=None):
+        """score(i, i) with y_i = ``label_fn(z_i)`` or each member's prediction on z_i
+        (read from ``train``: the state's, or the one given if it was streamed)."""
+        data = _common.train_for(state.train, train)
+        y = engine.per_example(_train_classes, bool(bias), fns + (state.members,), data,
+                               size(state.members, data))  # (n, M)
+        a = jnp.take_along_axis(state.alpha, y[..., None], axis=2)[..., 0]
+        return jnp.mean(a * jnp.sum(state.features ** 2, axis=-1), axis=1)
 
     return Attributor(cache, attribute, self_attribute)
