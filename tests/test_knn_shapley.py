@@ -45,7 +45,7 @@ def test_matches_brute_force_shapley(k):
     x, y = data(0, 6)
     xt, yt = data(1, 4)
     attr = jattri.knn_shapley(k)
-    state = attr.cache((x, y))
+    state = attr.cache(None, (x, y))
     scores = np.asarray(attr.attribute(state, (xt, yt)))
     assert scores.shape == (6, 4)
     for t in range(4):
@@ -58,7 +58,7 @@ def test_efficiency_axiom(k):
     x, y = data(2, 100, classes=3, dim=4)
     xt, yt = data(3, 30, classes=3, dim=4)
     attr = jattri.knn_shapley(k, chunk_size=7)
-    scores = np.asarray(attr.attribute(attr.cache((x, y)), (xt, yt)))
+    scores = np.asarray(attr.attribute(attr.cache(None, (x, y)), (xt, yt)))
     full = np.array([utility(x, y, xt[t], yt[t], range(100), k) for t in range(30)])
     # Σ_i s_i = U(N) − U(∅), U(∅) = 0; the values are multiples of 1/(K·lcm) summed
     # in float64, so equality holds to rounding.
@@ -74,11 +74,11 @@ def test_self_attribute_and_ties():
     x, y = data(4, 9)
     x[3] = x[5]  # a tie: broken by training index, the same rule everywhere
     attr = jattri.knn_shapley(2)
-    state = attr.cache((x, y))
+    state = attr.cache(None, (x, y))
     full = np.asarray(attr.attribute(state, (x, y)))
     np.testing.assert_allclose(attr.self_attribute(state), np.diag(full), atol=1e-15)
     small = jattri.knn_shapley(2)
-    vals = np.asarray(small.attribute(small.cache((x[:6], y[:6])), (x[5:6], y[5:6])))[:, 0]
+    vals = np.asarray(small.attribute(small.cache(None, (x[:6], y[:6])), (x[5:6], y[5:6])))[:, 0]
     np.testing.assert_allclose(vals, brute_force_shapley(x[:6], y[:6], x[5], y[5], 2),
                                atol=1e-12)
 
@@ -88,19 +88,18 @@ def test_features_from_a_task_average_over_members():
     xt, yt = data(6, 4, dim=3)
     members = [{"w": jnp.asarray(np.random.default_rng(s).normal(size=(3, 2)))}
                for s in range(2)]
-    task = jattri.Task(lambda p, z: jnp.sum(z[0] @ p["w"]) * 0.0, members)
     feats = lambda p, z: jnp.tanh(z[0] @ p["w"])
-    both = jattri.knn_shapley(3, features_fn=feats, task=task)
-    scores = both.attribute(both.cache((x, y)), (xt, yt))
+    both = jattri.knn_shapley(3, features_fn=feats)
+    scores = both.attribute(both.cache(jattri.checkpoints(members), (x, y)), (xt, yt))
     singles = []
     for p in members:
         one = jattri.knn_shapley(3, features_fn=lambda _, z, p=p: feats(p, z))
-        singles.append(one.attribute(one.cache((x, y)), (xt, yt)))
+        singles.append(one.attribute(one.cache(None, (x, y)), (xt, yt)))
     np.testing.assert_allclose(scores, np.mean(singles, axis=0), atol=1e-15)
     # A custom distance (L1) and label function on a dict example.
     l1 = jattri.knn_shapley(1, features_fn=lambda _, z: z["x"], label_fn=lambda z: z["y"],
                             distance=lambda a, b: jnp.sum(jnp.abs(a - b)))
-    s = np.asarray(l1.attribute(l1.cache({"x": x, "y": y}), {"x": xt, "y": yt}))
+    s = np.asarray(l1.attribute(l1.cache(None, {"x": x, "y": y}), {"x": xt, "y": yt}))
     nearest = np.argmin(np.abs(x[None] - xt[:, None]).sum(-1), axis=1)
     # K = 1: the nearest neighbour alone decides the test label, and its value is at
     # least that of every other point.
@@ -114,9 +113,36 @@ def test_bad_arguments():
         jattri.knn_shapley(0)
     with pytest.raises(TypeError, match="label_fn"):
         a = jattri.knn_shapley(1, label_fn=lambda z: z[0])
-        a.cache((x, y))
-    with pytest.raises(TypeError, match="task"):
-        jattri.knn_shapley(1, task="model")
+        a.cache(None, (x, y))
+    # members: None (model-free), a params pytree or jattri.Members
+    with pytest.raises(TypeError, match="members"):
+        jattri.knn_shapley(1).cache("model", (x, y))
     a = jattri.knn_shapley(1)
     with pytest.raises(ValueError, match="test"):
-        a.attribute(a.cache((x, y)), (np.ones((3, 4)), y[:3]))
+        a.attribute(a.cache(None, (x, y)), (np.ones((3, 4)), y[:3]))
+
+
+def test_top_k_streamed_cache_and_jit():
+    x, y = data(7, 40, classes=3, dim=3)
+    xt, yt = data(8, 6, classes=3, dim=3)
+    attr = jattri.knn_shapley(4, chunk_size=4)
+    state = attr.cache(None, (x, y))
+    dense = np.asarray(attr.attribute(state, (xt, yt)))
+    # Top-k per test point (ties: lower training index first) == the dense argsort.
+    top = attr.attribute(state, (xt, yt), top_k=5, lowest=True)
+    order = np.argsort(-dense, axis=0, kind="stable")[:5].T
+    np.testing.assert_array_equal(top.indices, order)
+    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), atol=1e-15)
+    low = np.argsort(dense, axis=0, kind="stable")[:5].T
+    np.testing.assert_array_equal(top.lowest_indices, low)
+    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
+                               atol=1e-15)
+    with pytest.raises(ValueError, match="top_k"):
+        attr.attribute(state, (xt, yt), top_k=41)
+    # A stream of batches gives the same features and values.
+    streamed = attr.cache(None, jattri.stream([(x[a:a + 9], y[a:a + 9])
+                                               for a in range(0, 40, 9)]))
+    assert streamed.train is None
+    np.testing.assert_array_equal(streamed.features, state.features)
+    np.testing.assert_allclose(attr.attribute(streamed, (xt, yt)), dense, atol=1e-15)
+    np.testing.assert_allclose(jax.jit(attr.attribute)(state, (xt, yt)), dense, atol=1e-15)

@@ -16,6 +16,12 @@ Shapley values of U_t are given exactly by the recursion
 computed here as a reversed cumulative sum, vmapped over test points. Positive = i
 raises the K-NN probability of t's label (helps), jattri's orientation; the values of
 one test point sum to U_t(all) − U_t(∅) (efficiency).
+
+Stages: ``cache`` stores the training features (model-free, or each member's
+``features_fn`` output) and labels; ``attribute`` values every training point for a
+chunk of test points at a time (each test point needs its distance to every training
+point), keeping the dense matrix or only each test point's top-k. With members, each
+member defines its own neighbours and the values are averaged.
 """
 from __future__ import annotations
 
@@ -23,19 +29,26 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jattri import _checks
-from jattri.func.grads import map_examples
+from jattri import _checks, engine
+from jattri.func.grads import as_partial
+from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Task
+from jattri.task import Members, as_members
 
 PyTree = Any
 
 
 class KnnShapleyState(NamedTuple):
-    """train: data. features: ``(M, n, p)`` train features per member (M = 1 without a
-    task). labels: ``(n,)`` integer train labels."""
+    """members: the Members whose params feed ``features_fn``, or ``None`` (model-free).
+    train: the in-memory training set (a reference) or ``None`` if streamed.
+    features: ``(n, M, p)`` train features per member (M = 1 model-free).
+    labels: ``(n,)`` integer train labels.
 
+    Memory: n·M·p floats + n ints."""
+
+    members: Optional[Members]
     train: PyTree
     features: jax.Array
     labels: jax.Array
@@ -75,69 +88,127 @@ def knn_utility(distances: jax.Array, match: jax.Array, subset: jax.Array, k: in
     return jnp.sum(inside & (rank <= k) & match[order]) / k
 
 
+def _default_features(params, z):
+    del params
+    return jnp.ravel(z[0])
+
+
+def _default_label(z):
+    return z[1]
+
+
+# args of the stage functions: (features_fn, label_fn, distance) as Partials, then arrays.
+
+def _featurize(config, args, chunk):
+    """``(size, M, p)`` features and ``(size,)`` labels of one chunk."""
+    (features_fn, label_fn, _), members = args
+
+    def one(params, aux=None):
+        del aux
+        return jax.vmap(lambda z: jnp.ravel(features_fn(params, z)))(chunk.data)
+
+    if members is None:
+        f = one(None)[:, None]
+    else:
+        f = jnp.swapaxes(_common.member_map(one, members), 0, 1)
+    return f, jax.vmap(label_fn)(chunk.data)
+
+
+def _values(k, args, f_test, y_test):
+    """``(b, n_train)``: the Shapley values of every training point for b test points
+    ``f_test (b, M, p)``, ``y_test (b,)``, averaged over members one at a time."""
+    (_, _, distance), f_train, y_train = args
+    num = f_train.shape[1]
+
+    def member(m, total):
+        ft = f_train[:, m]
+
+        def column(fq, yq):
+            dist = jax.vmap(distance, (0, None))(ft, fq)
+            return knn_shapley_values(dist, y_train == yq, k)
+
+        return total + jax.vmap(column)(f_test[:, m], y_test)
+
+    zero = jnp.zeros((f_test.shape[0], f_train.shape[0]), jnp.result_type(float))
+    return jax.lax.fori_loop(0, num, member, zero) / num
+
+
+def _dense_rows(k, args, chunk):
+    f_test, y_test = chunk.data
+    return _values(k, args, f_test, y_test)
+
+
+def _top_rows(config, args, chunk):
+    k, top_k, lowest = config
+    values = _values(k, args, *chunk.data)
+    top, idx = jax.lax.top_k(values, top_k)
+    if not lowest:
+        return top, idx
+    low, low_idx = jax.lax.top_k(-values, top_k)
+    return top, idx, -low, low_idx
+
+
+def _self_rows(k, args, chunk):
+    f, y = chunk.data
+    values = _values(k, args, f, y)
+    return jnp.take_along_axis(values, chunk.index[:, None], axis=1)[:, 0]
+
+
 def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
                 label_fn: Optional[Callable] = None, distance: Optional[Callable] = None,
-                task: Optional[Task] = None, chunk_size: Optional[int] = 128) -> Attributor:
+                chunk_size: Optional[int] = 128) -> Attributor:
     """Exact KNN-Shapley values: scores[i, t] = Shapley value of training point i in
-    the K-NN utility of test point t (see the module docstring). Model-free: no
-    gradients; a Task is only used when the features come from a model.
+    the K-NN utility of test point t (see the module docstring). No gradients; a
+    model is only used when the features come from one.
+
+    ``cache(members, train)``: ``members`` = ``None`` (model-free: ``features_fn`` gets
+    ``params=None``), one params pytree or :class:`jattri.Members` (values averaged over
+    members, each with its own neighbours).
 
     Args:
       k: K, the number of neighbours (≥ 1).
       features_fn: ``features_fn(params, example) -> (p,)`` features of ONE example;
-        ``params`` is a member's params when ``task`` is given, else ``None``. Default:
-        the flattened first field of an ``(x, y)`` example, ``ravel(example[0])``.
+        ``params`` is one member's params, or ``None`` model-free. Default: the
+        flattened first field of an ``(x, y)`` example, ``ravel(example[0])``.
       label_fn: ``label_fn(example) -> int`` label of ONE example (default
         ``example[1]``).
       distance: ``distance(f_train (p,), f_test (p,)) -> scalar``, smaller = nearer
         (default squared Euclidean).
-      task: optional Task whose members' params feed ``features_fn``; the values are
-        averaged over members (each member defines its own neighbours).
-      chunk_size: test points valued at a time (memory ``chunk_size × n_train × p``
-        for the default distance); ``None``: all at once.
-    Returns:
-      An Attributor with ``(n_train, n_test)`` scores; ``self_attribute`` values each
-      training point as its own test point (it is its own nearest neighbour).
+      chunk_size: test points valued at a time (also examples featurised at a time);
+        ``None``: as many as fit 256 MiB of pairwise differences.
+
+    Memory: state n·M·p floats. Each test point needs its distance to every training
+    point: a chunk holds ``chunk_size × n_train × p`` floats (default distance) and
+    ``chunk_size × n_train`` values; dense scoring returns the ``n_train × n_test``
+    matrix, ``top_k=K`` keeps only ``n_test × K`` (× 2 with ``lowest``).
+    ``self_attribute`` values each training point as its own test point (it is its own
+    nearest neighbour).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be a positive int, got {k!r}")
-    if task is not None and not isinstance(task, Task):
-        raise TypeError(f"`task` must be a jattri.Task or None, got {type(task).__name__}")
     for name, fn in (("features_fn", features_fn), ("label_fn", label_fn),
                      ("distance", distance)):
         if fn is not None and not callable(fn):
             raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
-    features_fn = features_fn or (lambda params, z: jnp.ravel(z[0]))
-    label_fn = label_fn or (lambda z: z[1])
-    distance = distance or squared_euclidean
-    params = [None] if task is None else [m.params for m in task.members]
+    chunk_size = engine.check_chunk_size(chunk_size)
+    fns = (as_partial(features_fn or _default_features), as_partial(label_fn or _default_label),
+           as_partial(distance or squared_euclidean))
 
-    @jax.jit
-    def featurize(p, data):
-        return map_examples(lambda z: jnp.ravel(features_fn(p, z)), data, None)
-
-    def column(f_train, y_train, ft, yt):
-        dist = jax.vmap(distance, (0, None))(f_train, ft)
-        return knn_shapley_values(dist, y_train == yt, k)
-
-    @jax.jit
-    def value_matrix(f_train, y_train, f_test, y_test):
-        one = lambda fy: column(f_train, y_train, *fy)
-        return map_examples(one, (f_test, y_test), chunk_size).T  # (n_train, n_test)
-
-    @jax.jit
-    def self_values(f_train, y_train):
-        one = lambda fyi: column(f_train, y_train, fyi[0], fyi[1])[fyi[2]]
-        idx = jnp.arange(f_train.shape[0])
-        return map_examples(one, (f_train, y_train, idx), chunk_size)
-
-    def check(data, name):
-        _checks.check_data(data, name)
-        z = _checks.first_example(data)
+    def check(members, data, name, like=None):
+        if data is None:
+            raise ValueError(f"`{name}` is required here")
+        if not engine.is_stream(data):
+            _checks.check_data(data, name)
+            if like is not None and not engine.is_stream(like):
+                _checks.check_like(data, like, name, "train")
+        z = engine.first_example(data)
+        params = None if members is None else jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
+            members.params)
         try:
-            y = jax.eval_shape(label_fn, z)
-            f = jax.eval_shape(lambda z: jnp.ravel(features_fn(params[0], z)), z)
-            dist = jax.eval_shape(distance, f, f)
+            y = jax.eval_shape(fns[1], z)
+            f = jax.eval_shape(lambda p, z: jnp.ravel(fns[0](p, z)), params, z)
+            dist = jax.eval_shape(fns[2], f, f)
         except Exception as err:
             raise TypeError(f"`features_fn`/`label_fn`/`distance` failed on one unbatched "
                             f"example of `{name}`: {type(err).__name__}: {err}") from err
@@ -147,25 +218,47 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
         if dist.shape != ():
             raise TypeError(f"`distance` must return a scalar, got shape {dist.shape}")
 
-    def cache(train: PyTree) -> KnnShapleyState:
-        check(train, "train")
-        feats = jnp.stack([featurize(p, train) for p in params])
-        return KnnShapleyState(train, feats, jax.vmap(label_fn)(train))
+    def size(data, floats):
+        n = engine.num_examples(data)
+        if chunk_size is not None:
+            return chunk_size if n is None else max(1, min(chunk_size, n))
+        return engine.default_chunk_size(4 * floats, n)
 
-    def attribute(state: KnnShapleyState, test: PyTree) -> jax.Array:
-        check(test, "test")
-        _checks.check_like(test, state.train, "test", "train")
-        y_test = jax.vmap(label_fn)(test)
-        total = 0.0
-        for m, p in enumerate(params):
-            total = total + value_matrix(state.features[m], state.labels,
-                                         featurize(p, test), y_test)
-        return total / len(params)
+    def featurize(members, data):
+        floats = 1 if members is None else _common.num_params(members)
+        return engine.per_example(_featurize, None, (fns, members), data, size(data, floats))
 
-    def self_attribute(state: KnnShapleyState) -> jax.Array:
-        total = 0.0
-        for m in range(len(params)):
-            total = total + self_values(state.features[m], state.labels)
-        return total / len(params)
+    def cache(members, train) -> KnnShapleyState:
+        members = None if members is None else as_members(members)
+        check(members, train, "train")
+        f, y = featurize(members, train)
+        return KnnShapleyState(members, _common.stored_train(train), f, y)
+
+    def attribute(state: KnnShapleyState, test, *, train=None, top_k=None, lowest=False):
+        """``(n_train, n_test)`` values, or a TopK per test point; ``train`` is not
+        needed (the features are stored) and ignored."""
+        del train
+        check(state.members, test, "test", like=state.train)
+        rows = featurize(state.members, test)
+        args = (fns, state.features, state.labels)
+        n_train, _, p = state.features.shape
+        chunk = size(rows, n_train * (p + 1))
+        top_k = engine.check_top_k(top_k)
+        if top_k is None:
+            return engine.per_example(_dense_rows, k, args, rows, chunk).T
+        if top_k > n_train:
+            raise ValueError(f"`top_k`={top_k} exceeds the number of training examples "
+                             f"{n_train}")
+        out = engine.per_example(_top_rows, (k, top_k, bool(lowest)), args, rows, chunk)
+        if not lowest:
+            return engine.TopK(out[1], out[0])
+        return engine.TopK(out[1], out[0], out[3], out[2])
+
+    def self_attribute(state: KnnShapleyState, *, train=None):
+        del train
+        rows = (state.features, state.labels)
+        n_train, _, p = state.features.shape
+        return engine.per_example(_self_rows, k, (fns, state.features, state.labels), rows,
+                                  size(rows, n_train * (p + 1)))
 
     return Attributor(cache, attribute, self_attribute)
