@@ -106,3 +106,20 @@ def test_bare_dense_model():
     g = jax.grad(loss)(params, z)
     np.testing.assert_allclose(layer_params(g, "")["kernel"], a.T @ s, rtol=1e-6)
     np.testing.assert_allclose(layer_params(g, "")["bias"], s.sum(0), rtol=1e-6)
+
+
+def test_extra_arguments_and_abstract_discovery():
+    """Member functions ``loss(params, example, index, aux)`` (as methods call them):
+    the extra arguments pass through; discovery works on shapes alone."""
+    base, params, (x, y) = _mlp_setup()
+    loss = lambda p, z, i, aux: aux * base(p, z) * (1.0 + i)
+    z, i, aux = (x[0], y[0]), jnp.int32(2), jnp.float64(0.5)
+    spec = lambda t: jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), t)
+    layers = linear_layers(loss, spec(params), spec(z), spec(i), spec(aux))
+    assert layers == linear_layers(loss, params, z, i, aux)
+    io = layer_io(loss, params, z, i, aux, layers=layers)
+    g = jax.grad(loss)(params, z, i, aux)
+    for name in layers:
+        a, s = io[name]
+        np.testing.assert_allclose(a.T @ s, g[name]["kernel"], rtol=1e-10, atol=1e-14)
