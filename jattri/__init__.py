@@ -19,7 +19,7 @@ from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
 from jattri.methods import knn_shapley, logra, rps, tracin
 from jattri.methods import (influence_arnoldi, influence_datainf, influence_ekfac,
                             influence_lissa)
-#TMP from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
+from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
 from jattri import interop, models  # noqa: E402
 
 __version__ = "0.1.0"
