@@ -230,7 +230,7 @@ METHODS = {
     "rps": lambda t: jattri.rps(t, features_fn=mlp_features,
                                 logits_fn=lambda p, z: mlp_logits(p, z[0]),
                                 label_fn=lambda z: z[1], l2=1e-2),
-    "knn_shapley": lambda t: jattri.knn_shapley(3, features_fn=mlp_features, task=t),
+    "knn_shapley": lambda t: jattri.knn_shapley(3, features_fn=mlp_features),
 }
 # Not here: influence_lissa (stochastic by design: member k draws its own minibatches).
 CHEAP = ("grad_dot",)

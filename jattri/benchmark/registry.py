@@ -89,7 +89,7 @@ METHODS = {
         num_checkpoints=5, description="TracInCP, SJLT k=512, 5 checkpoints"),
     "rps": MethodSpec(_rps, description="representer points, l2=1e-3, true label"),
     "knn_shapley": MethodSpec(
-        lambda task, b: jattri.knn_shapley(10, features_fn=_last_layer_input(b), task=task),
+        lambda task, b: jattri.knn_shapley(10, features_fn=_last_layer_input(b)),
         description="KNN-Shapley K=10 on last-layer inputs (model-free for LR)"),
     "logra": MethodSpec(lambda task, b: jattri.logra(task, proj_dim_in=16, proj_dim_out=16),
                         description="LoGra, 16x16 Kronecker projection per Dense layer"),
