@@ -29,6 +29,11 @@ class CorruptFileError(ValueError):
     """A file is truncated, malformed or not in the expected format."""
 
 
+class ExpansionLimitError(ValueError):
+    """Loading a file would decompress or materialise more bytes than its size allows
+    (a resource bomb, or a legitimate expansion that needs a higher limit)."""
+
+
 class _Global:
     """An allow-listed global: an immutable callable (or a non-callable token)."""
 
@@ -167,33 +172,54 @@ class _Unpickler(pickle.Unpickler):
         return self._persistent(pid)
 
 
-def _check_result(obj, where: str) -> Any:
-    """Replace value tokens (torch dtypes) by their values; refuse object arrays."""
+def _check_result(obj, leaf: Optional[Callable[[Any, tuple], Any]] = None) -> Any:
+    """Replace value tokens (torch dtypes) by their values, and every other leaf ``x``
+    at key path ``path`` (a tuple) by ``leaf(x, path)``; refuse object arrays."""
     seen = set()
 
-    def walk(x):
+    def walk(x, path):
         if isinstance(x, _Global):
             return x if x.value is None else x.value
         if isinstance(x, np.ndarray) and x.dtype.hasobject:
-            raise UnsafePickleError(f"{where}: object arrays are refused")
+            raise UnsafePickleError("object arrays are refused")
         if id(x) in seen:
             return x
         if isinstance(x, dict):
             seen.add(id(x))
-            for k in list(x):
-                x[k] = walk(x[k])
+            items = [(walk(k, path + ("<key>",)), walk(v, path + (k,))) for k, v in x.items()]
+            try:
+                x.clear()
+                x.update(items)
+            except TypeError:  # a key that became unhashable: a tensor used as a key
+                raise CorruptFileError(f"unsupported dict key at {path_name(path)} (a tensor "
+                                       "used as a dict key)") from None
         elif isinstance(x, list):
             seen.add(id(x))
-            x[:] = [walk(v) for v in x]
-        elif isinstance(x, tuple):
-            return type(x)(walk(v) for v in x) if type(x) is tuple else x
+            x[:] = [walk(v, path + (i,)) for i, v in enumerate(x)]
+        elif type(x) is tuple:
+            return tuple(walk(v, path + (i,)) for i, v in enumerate(x))
+        elif type(x) in (set, frozenset):
+            members = [walk(v, path + ("<member>",)) for v in x]
+            try:
+                return type(x)(members)
+            except TypeError:
+                raise CorruptFileError(f"unsupported set member at {path_name(path)} (a tensor "
+                                       "in a set)") from None
+        elif leaf is not None:
+            return leaf(x, path)
         return x
 
-    return walk(obj)
+    return walk(obj, ())
+
+
+def path_name(path: tuple) -> str:
+    """A key path ``("model", "fc.weight")`` as ``model/fc.weight``."""
+    return "/".join(str(k) for k in path) if path else "<top level>"
 
 
 def safe_loads(data: bytes, *, allowed: Allowed, where: str,
-               persistent: Optional[Callable] = None, encoding: str = "ASCII") -> Any:
+               persistent: Optional[Callable] = None, encoding: str = "ASCII",
+               leaf: Optional[Callable[[Any, tuple], Any]] = None) -> Any:
     """Unpickle ``data`` resolving globals only through ``allowed``.
 
     Args:
@@ -201,17 +227,19 @@ def safe_loads(data: bytes, *, allowed: Allowed, where: str,
       where: the file (and record) named in error messages.
       persistent: handler of persistent ids (``None``: a persistent id is an error).
       encoding: how Python-2 ``str`` objects decode (``"latin1"`` for numpy py2 pickles).
+      leaf: replaces each non-container value ``x`` of the loaded object by
+        ``leaf(x, path)``, ``path`` the tuple of keys/indices leading to it (how the
+        torch reader turns tensor records into arrays, knowing their names).
     Raises:
       UnsafePickleError: a global outside the allow-list (nothing was called).
       CorruptFileError: any other failure (truncated or malformed pickle).
+      ExpansionLimitError: raised by ``persistent`` or ``leaf``, passed on.
     """
     try:
         obj = _Unpickler(io.BytesIO(data), allowed, persistent, encoding).load()
-        return _check_result(obj, where)
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"{where}: {err}") from None
-    except CorruptFileError as err:
-        raise CorruptFileError(f"{where}: {err}") from None
+        return _check_result(obj, leaf)
+    except (UnsafePickleError, CorruptFileError, ExpansionLimitError) as err:
+        raise type(err)(f"{where}: {err}") from None
     except RecursionError:
         raise CorruptFileError(f"{where}: pickle nests too deeply") from None
     except Exception as err:  # noqa: BLE001 - every other failure means a bad pickle
