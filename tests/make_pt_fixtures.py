@@ -3,7 +3,7 @@
 Run by hand, with a CPU build of torch that is NOT a dependency of jattri:
 
     pip install --target /tmp/torch_target torch==2.13.0     # CPU wheel, local disk
-    PYTHONPATH=/tmp/torch_target python tests/make_pt_fixtures.py
+    PYTHONPATH=/tmp/torch_target python tests/make_pt_fixtures.py [dtypes]
 
 It rewrites tests/fixtures/pt/ (about 1 MB, deterministic given the torch version):
 
@@ -16,6 +16,13 @@ It rewrites tests/fixtures/pt/ (about 1 MB, deterministic given the torch versio
 * ``nanogpt_ckpt.pt``: the dict nanoGPT's train.py saves (``model`` with the
   ``_orig_mod.`` prefix of ``torch.compile``, ``optimizer`` state of AdamW,
   ``model_args``, ``iter_num``, ``best_val_loss``, ``config``), tiny sizes.
+* ``dtypes.pt``: every torch dtype numpy or ml_dtypes can hold (float8 variants and
+  uint16-64 go through ``_rebuild_tensor_v3`` over an untyped storage; ``bits*`` are
+  opaque bytes), strided and expanded views of them, and tensors saved with a pending
+  conjugation or negation bit (``conj()``, ``conj().imag``, ``_neg_view``).
+  ``dtypes.npz``: per name, the resolved (conj/neg applied) tensor's bytes, its shape
+  and its dtype name; ``dtypes_unsupported/<dtype>.pt``: one tensor each of the dtypes
+  numpy cannot hold (complex32, float4_e2m1fn_x2, qint8), which the reader refuses.
 * ``legacy.pt``: the pre-1.6 non-zip format (the reader refuses it with a message).
 * ``dattri_mnist_lr/`` and ``dattri_mnist_mlp/``: dattri's benchmark layout
   (``models_full/<i>/model_weights_0.pt``, ``models_half/<i>/model_weights_0.pt``,
@@ -148,6 +155,61 @@ def nanogpt_fixture():
              exp_avg_0=_np(opt.state_dict()["state"][0]["exp_avg"]))
 
 
+def dtypes_fixture():
+    f = torch.tensor([0.0, 1.5, -2.25, 3e-3, 57344.0, -0.0, 1e-7, 448.0])
+    c = torch.tensor([[1 + 2j, -3.5 + 0.25j], [0.5 - 1j, 4j]], dtype=torch.complex64)
+    u8 = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    obj = {name: f.to(getattr(torch, name)) for name in [
+        "float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+        "float8_e4m3fnuz", "float8_e5m2fnuz"]}
+    obj.update({
+        "float8_e8m0fnu": torch.tensor([1.0, 2.0, 0.5, 2.0 ** 100]).to(torch.float8_e8m0fnu),
+        "int8": torch.tensor([-128, 127], dtype=torch.int8),
+        "int16": torch.tensor([-32768, 32767], dtype=torch.int16),
+        "int32": torch.tensor([-(2 ** 31), 2 ** 31 - 1], dtype=torch.int32),
+        "int64": torch.tensor([-(2 ** 63), 2 ** 63 - 1], dtype=torch.int64),
+        "uint8": u8,
+        "uint16": torch.tensor([0, 1, 65535], dtype=torch.uint16),
+        "uint32": torch.tensor([0, 1, 2 ** 32 - 1], dtype=torch.uint32),
+        "uint64": torch.tensor([0, 1, 2 ** 64 - 1], dtype=torch.uint64),
+        "bool": torch.tensor([True, False]),
+        "complex64": c,
+        "complex128": c.to(torch.complex128),
+        # (torch.save refuses two dtypes over one storage: each view gets its own copy)
+        "bits8": u8.clone().view(torch.bits8), "bits1x8": u8.clone().view(torch.bits1x8),
+        "bits2x4": u8.clone().view(torch.bits2x4), "bits4x2": u8.clone().view(torch.bits4x2),
+        "bits16": torch.tensor([0, 1, 65535], dtype=torch.uint16).view(torch.bits16),
+        # views of the v3 dtypes: offset, step, stride 0
+        "e5m2_stepped": f.to(torch.float8_e5m2)[1::3],
+        "e4m3_expanded": f.to(torch.float8_e4m3fn)[2:3].expand(2, 3),
+        "uint16_transposed": torch.arange(6).to(torch.uint16).reshape(2, 3).t(),
+        # pending conjugation / negation bits (torch resolves them lazily)
+        "conj": c.conj(),
+        "conj_transposed": c.t().conj(),
+        "conj128": c.to(torch.complex128).conj(),
+        "conj_imag": c.clone().conj().imag,  # a float view with the negation bit
+        "neg_view": torch._neg_view(f),
+        "neg_int": torch._neg_view(torch.tensor([3, -4, 0], dtype=torch.int64)),
+        "conj_neg": torch._neg_view(c.conj()),
+        "conj_expanded": c[0, :1].conj().expand(3, 2),
+    })
+    assert obj["conj"].is_conj() and obj["conj_imag"].is_neg() and obj["neg_view"].is_neg()
+    assert obj["conj_neg"].is_conj() and obj["conj_neg"].is_neg()
+    torch.save(obj, OUT / "dtypes.pt")
+    flat = {}
+    for name, t in obj.items():
+        t = t.resolve_conj().resolve_neg().contiguous()
+        flat[f"bytes/{name}"] = t.view(torch.uint8).numpy().copy()
+        flat[f"shape/{name}"] = np.array(t.shape, np.int64)
+        flat[f"dtype/{name}"] = np.array(str(t.dtype).split(".")[1])
+    np.savez(OUT / "dtypes.npz", **flat)
+    bad = OUT / "dtypes_unsupported"
+    bad.mkdir(exist_ok=True)
+    torch.save({"t": f.to(torch.complex32)}, bad / "complex32.pt")
+    torch.save({"t": u8.view(torch.float4_e2m1fn_x2)}, bad / "float4_e2m1fn_x2.pt")
+    torch.save({"t": torch.quantize_per_tensor(f, 0.1, 0, torch.qint8)}, bad / "qint8.pt")
+
+
 def legacy_fixture():
     torch.save({"w": torch.ones(2)}, OUT / "legacy.pt", _use_new_zipfile_serialization=False)
 
@@ -273,10 +335,16 @@ def dattri_fixture(name, make, num_full, num_half, num_lds, loo, steps, lr):
 
 
 if __name__ == "__main__":
+    import sys
+
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["dtypes"]:  # only the dtype fixtures, leaving the others as they are
+        dtypes_fixture()
+        sys.exit()
     tensors_fixture()
+    dtypes_fixture()
     nanogpt_fixture()
     legacy_fixture()
     dattri_fixture("mnist_lr", LogisticRegressionMnist, num_full=3, num_half=3, num_lds=12,
