@@ -78,6 +78,7 @@ _NO_NEGATION = (np.dtype(ml_dtypes.float8_e8m0fnu),)
 # honest expanded tensor); beyond it, at most max_expansion × the file's size.
 _LIMIT_FLOOR = 16 << 20
 _CHUNK = 16 << 20
+_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
 def _fmt(n: float) -> str:
@@ -331,6 +332,12 @@ class _Reader:
         read stops at the size the zip directory declares, whatever the stream holds."""
         info = self.info(name)
         size = info.file_size
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # zipfile decompresses bzip2/lzma without an output bound: a few bytes of the
+            # stream could expand to gigabytes before the declared size cuts them
+            method = _METHODS.get(info.compress_type, f"method {info.compress_type}")
+            raise CorruptFileError(f"record {info.filename!r} is {method}-compressed; only "
+                                   "stored (as torch.save writes) or deflated records are read")
         how = ("stored" if info.compress_type == zipfile.ZIP_STORED
                else f"compressed to {_fmt(info.compress_size)} in the file")
         self.take(size, f"{what}: record {info.filename} ({_fmt(size)}, {how})")
@@ -357,8 +364,8 @@ class _Reader:
             raise CorruptFileError(f"unsupported persistent id {pid!r}")
         _, kind, key, location, numel = pid
         if isinstance(kind, _up._Global) and isinstance(kind.value, str):
-            raise CorruptFileError(f"storage type {kind.name}: "
-                                   f"{_UNSUPPORTED[kind.name.split('.')[-1]]}")
+            why = _UNSUPPORTED.get(kind.name.split(".")[-1], "not a storage type")
+            raise CorruptFileError(f"storage type {kind.name}: {why}")
         if not (isinstance(kind, _up._Global) and isinstance(kind.value, np.dtype)
                 and "Storage" in kind.name):
             raise CorruptFileError(f"unknown storage type {kind!r}")
@@ -411,19 +418,18 @@ class _Reader:
             # the bits apply to a copy of the storage, so the view still costs no more
             self.take(raw.nbytes, f"{what} (conj/neg of storage data/{t.storage.key})")
             raw = _apply_bits(raw.view(t.dtype).copy(), t).view(np.uint8)
+        if not self.views:
+            hint = ""
+            if n > t.span:
+                hint = (f" It is an expanded view (stride 0 or overlapping) that reads only "
+                        f"{t.span} element(s) of storage data/{t.storage.key}; "
+                        "load_pt(..., views=True) keeps tensors as read-only views of their "
+                        "storages, at no cost.")
+            self.take(n * t.dtype.itemsize, f"{what} ({t.describe()})", hint)
         view = _numpy(what, t, lambda: np.ndarray(
             t.size, t.dtype, buffer=raw, offset=t.offset * t.dtype.itemsize,
             strides=[s * t.dtype.itemsize for s in t.stride]), writeable=False)
-        if self.views:
-            return view
-        hint = ""
-        if n > t.span:
-            hint = (f" It is an expanded view (stride 0 or overlapping) that reads only "
-                    f"{t.span} element(s) of storage data/{t.storage.key}; "
-                    "load_pt(..., views=True) keeps tensors as read-only views of their "
-                    "storages, at no cost.")
-        self.take(n * t.dtype.itemsize, f"{what} ({t.describe()})", hint)
-        return _apply_bits(np.array(view, order="C"), t)
+        return view if self.views else _apply_bits(np.array(view, order="C"), t)
 
 
 def _numpy(what: str, t: _Tensor, make, writeable: bool) -> np.ndarray:
