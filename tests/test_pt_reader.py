@@ -600,6 +600,18 @@ def test_lying_zip_header_cannot_unlock_the_stream(tmp_path, zeros_gib):
     np.testing.assert_array_equal(out["w"], [0.0])
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_unbounded_compression_methods_are_refused(tmp_path, method):
+    # zipfile inflates bzip2/lzma without an output bound (208 bytes of bzip2 hold 256 MiB
+    # of zeros, all decompressed before a lying size cuts them): refused unread
+    p = tmp_path / "m.pt"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("archive/data.pkl", _dumps({"w": _t((1,), (1,))}))
+        zf.writestr("archive/data/0", bytes(4), compress_type=method)
+    with pytest.raises(CorruptFileError, match=r"data/0' is (bzip2|lzma)-compressed"):
+        load_pt(p)
+
+
 def test_bombs_keep_peak_memory_small_in_a_fresh_process(tmp_path, zeros_gib):
     """Peak RSS, which also sees what zlib and the OS allocate outside Python."""
     payload, crc = zeros_gib
