@@ -141,18 +141,17 @@ def test_arnoldi_rank_clipped_with_warning():
     with pytest.warns(UserWarning, match="clipped to 6"):
         out = ihvp_arnoldi(f, params, params, rank=50)
     assert np.all(np.isfinite(out["w"]))
-    task = jattri.Task(loss, [params])
+    attr = influence_arnoldi(loss, rank=50)  # d is known at cache time
     with pytest.warns(UserWarning, match="clipped to 6"):
-        influence_arnoldi(task, rank=50)
+        attr.cache(params, data)
 
 
 def test_arnoldi_float32_truncated_no_nan():
     _, loss, params, data, damping = problems()[2]
     p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
     d32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, data)
-    task = jattri.Task(loss, [p32])
-    attr = influence_arnoldi(task, rank=10, damping=0.0)
-    scores = attr.attribute(attr.cache(d32), d32)
+    attr = influence_arnoldi(loss, rank=10, damping=0.0)
+    scores = attr.attribute(attr.cache(p32, d32), d32)
     assert scores.dtype == jnp.float32 and np.all(np.isfinite(scores))
 
 
@@ -212,9 +211,8 @@ def test_ekfac_matches_dense_reference(hidden):
     model = MLP(hidden=hidden, num_classes=3)
     x, y = _classification_data(30, 4, 3, seed=4)
     params = _f64(model.init(jax.random.PRNGKey(5), x[:1])["params"])
-    task = jattri.Task(_flax_loss(model), [params])
-    attr = influence_ekfac(task, damping=1e-2, curvature="empirical")
-    state = attr.cache((x[:24], y[:24]))
+    attr = influence_ekfac(_flax_loss(model), damping=1e-2, curvature="empirical")
+    state = attr.cache(params, (x[:24], y[:24]))
     got = attr.attribute(state, (x[24:], y[24:]))
     want = _ekfac_reference_scores(params, (x[:24], y[:24]), (x[24:], y[24:]), 1e-2)
     np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
@@ -244,9 +242,8 @@ def test_datainf_matches_closed_form():
     x, y = _classification_data(12, 3, 2, seed=8)
     params = _f64(model.init(jax.random.PRNGKey(9), x[:1])["params"])
     loss = _flax_loss(model)
-    task = jattri.Task(loss, [params])
-    attr = influence_datainf(task, damping=0.1)
-    state = attr.cache((x[:9], y[:9]))
+    attr = influence_datainf(loss, damping=0.1)
+    state = attr.cache(params, (x[:9], y[:9]))
     got = np.asarray(attr.attribute(state, (x[9:], y[9:])))
     # slow reference: per layer, average of explicitly inverted rank-one matrices
     g = jax.jit(jax.vmap(lambda z: jax.grad(loss)(params, z)))
@@ -261,26 +258,25 @@ def test_datainf_matches_closed_form():
         want = want + a @ inv @ b.T
     np.testing.assert_allclose(got, want, rtol=1e-8)
     with pytest.raises(ValueError, match="damping"):
-        influence_datainf(task, damping=0.0)
+        influence_datainf(loss, damping=0.0)
 
 
 # ----------------------------------------------------- methods, RelatIF, self-scores
 
 def test_methods_agree_and_self_scores_are_diagonals():
     _, loss, params, data, damping = problems()[2]
-    task = jattri.Task(loss, [params])
     train = jax.tree_util.tree_map(lambda a: a[:30], data)
     test = jax.tree_util.tree_map(lambda a: a[30:], data)
     d = ravel_pytree(params)[0].shape[0]
     attrs = {
-        "explicit": influence_explicit(task, damping=damping),
-        "cg": influence_cg(task, damping=damping, tol=1e-12, maxiter=500),
-        "arnoldi": influence_arnoldi(task, damping=damping, rank=d, tol=1e-12),
-        "lissa": influence_lissa(task, damping=damping, depth=3000),
+        "explicit": influence_explicit(loss, damping=damping),
+        "cg": influence_cg(loss, damping=damping, tol=1e-12, maxiter=500),
+        "arnoldi": influence_arnoldi(loss, damping=damping, rank=d, tol=1e-12),
+        "lissa": influence_lissa(loss, damping=damping, depth=3000),
     }
     scores = {}
     for name, attr in attrs.items():
-        state = attr.cache(train)
+        state = attr.cache(params, train)
         scores[name] = np.asarray(attr.attribute(state, test))
         np.testing.assert_allclose(attr.self_attribute(state),
                                    np.diag(attr.attribute(state, train)), rtol=1e-8, atol=1e-12)
@@ -291,7 +287,6 @@ def test_methods_agree_and_self_scores_are_diagonals():
 
 def test_relatif_normalisers():
     _, loss, params, data, _ = problems()[1]
-    task = jattri.Task(loss, [params])
     train = jax.tree_util.tree_map(lambda a: a[:30], data)
     test = jax.tree_util.tree_map(lambda a: a[30:], data)
     f = _mean_loss(loss, train)
@@ -306,13 +301,220 @@ def test_relatif_normalisers():
     for method in (influence_explicit, influence_cg):
         for mode, norm in (("l", norm_l), ("theta", norm_theta)):
             kw = {"tol": 1e-12, "maxiter": 500} if method is influence_cg else {}
-            attr = method(task, damping=1e-2, relatif=mode, **kw)
-            state = attr.cache(train)
+            attr = method(loss, damping=1e-2, relatif=mode, **kw)
+            state = attr.cache(params, train)
             np.testing.assert_allclose(attr.attribute(state, test), plain / norm[:, None], rtol=1e-6)
             np.testing.assert_allclose(attr.self_attribute(state), np.diag(gtr @ hinv @ gtr.T) / norm,
                                        rtol=1e-6)
     with pytest.raises(ValueError, match="relatif"):
-        influence_explicit(task, relatif="x")
+        influence_explicit(loss, relatif="x")
+
+
+def test_relatif_l_is_score_over_root_self_influence():
+    """relatif="l" divides score(i, ·) by √(g_iᵀ(H + λI)⁻¹g_i), the square root of the
+    plain method's self-influence (target = loss); explicit and CG against dense
+    references in ``test_relatif_normalisers``."""
+    _, loss, params, data, damping = problems()[2]
+    train = jax.tree_util.tree_map(lambda a: a[:20], data)
+    test = jax.tree_util.tree_map(lambda a: a[20:25], data)
+    makes = {
+        "lissa": lambda **kw: influence_lissa(loss, damping=damping, depth=50, **kw),
+        "arnoldi": lambda **kw: influence_arnoldi(loss, damping=damping, rank=8, **kw),
+        "ekfac": lambda **kw: influence_ekfac(loss, damping=damping, **kw),
+        "datainf": lambda **kw: influence_datainf(loss, **kw),
+    }
+    for name, make in makes.items():
+        plain, rel = make(), make(relatif="l")
+        state, rstate = plain.cache(params, train), rel.cache(params, train)
+        norm = np.sqrt(np.asarray(plain.self_attribute(state)))
+        np.testing.assert_allclose(rstate.norms[:, 0], norm, rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(rel.attribute(rstate, test),
+                                   plain.attribute(state, test) / norm[:, None],
+                                   rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(rel.self_attribute(rstate), norm, rtol=1e-9, err_msg=name)
+
+
+# ------------------------------------------- the contract: damping, streams, top-k, jit
+
+def _ekfac_problem():
+    model = MLP(hidden=(6,), num_classes=3)
+    x, y = _classification_data(30, 4, 3, seed=4)
+    params = _f64(model.init(jax.random.PRNGKey(5), x[:1])["params"])
+    return _flax_loss(model), params, (x[:24], y[:24]), (x[24:], y[24:])
+
+
+def test_ekfac_damping_at_attribute_time_needs_no_refit(monkeypatch):
+    """attribute(state, test, damping=λ) equals a fresh cache at λ (and the dense
+    reference), and the factors are fitted once: counted calls of the fit."""
+    from jattri.methods import influence
+    loss, params, train, test = _ekfac_problem()
+    fits = []
+    fit = influence._fit_ekfac
+    monkeypatch.setattr(influence, "_fit_ekfac", lambda *a: fits.append(1) or fit(*a))
+    for relatif in (None, "l"):
+        fits.clear()
+        attr = influence_ekfac(loss, damping=1e-2, relatif=relatif)
+        state = attr.cache(params, train)
+        assert len(fits) == 1
+        got = attr.attribute(state, test, damping=0.3)
+        self_got = attr.self_attribute(state, damping=0.3)
+        top = attr.attribute(state, test, damping=0.3, top_k=3)
+        assert len(fits) == 1  # a new damping never refits
+        fresh = influence_ekfac(loss, damping=0.3, relatif=relatif)
+        fresh_state = fresh.cache(params, train)
+        assert len(fits) == 2
+        want = fresh.attribute(fresh_state, test)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        np.testing.assert_allclose(self_got, fresh.self_attribute(fresh_state), rtol=1e-12)
+        np.testing.assert_allclose(top.scores, fresh.attribute(fresh_state, test, top_k=3).scores,
+                                   rtol=1e-12)
+        if relatif is None:
+            np.testing.assert_allclose(got, _ekfac_reference_scores(params, train, test, 0.3),
+                                       rtol=1e-7)
+        assert not np.allclose(got, attr.attribute(state, test), rtol=1e-3)
+
+
+def _batches(data, sizes):
+    out, start = [], 0
+    for size in sizes:
+        out.append(jax.tree_util.tree_map(lambda a: a[start:start + size], data))
+        start += size
+    assert start == len(data[1])
+    return out
+
+
+@pytest.mark.parametrize("method", ["ekfac", "ekfac_ggn", "kfac", "datainf", "explicit"])
+def test_streamed_cache_equals_in_memory(method):
+    """A jattri.stream of 5 uneven batches, re-cut into the same chunks: the same
+    factors / statistics, scores, self-scores, RelatIF normalisers and top-k."""
+    loss, params, train, test = _ekfac_problem()
+    make = {
+        "ekfac": lambda: influence_ekfac(loss, damping=1e-2, chunk_size=7, relatif="theta"),
+        "ekfac_ggn": lambda: influence_ekfac(loss, damping=1e-2, curvature="ggn",
+                                             chunk_size=7, relatif="l"),
+        "kfac": lambda: influence_ekfac(loss, damping=1e-2, correct_eigenvalues=False,
+                                        chunk_size=7),
+        "datainf": lambda: influence_datainf(loss, chunk_size=7, relatif="l"),
+        "explicit": lambda: influence_explicit(loss, damping=0.5, chunk_size=7),
+    }[method]
+    attr = make()
+    stream = jattri.stream(_batches(train, [3, 8, 1, 6, 6]))
+    mem, streamed = attr.cache(params, train), attr.cache(params, stream)
+    assert streamed.train is None
+    for a, b in zip(jax.tree_util.tree_leaves(streamed.curvature),
+                    jax.tree_util.tree_leaves(mem.curvature)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    if mem.norms is not None:
+        np.testing.assert_allclose(streamed.norms, mem.norms, rtol=1e-10)
+    want = np.asarray(attr.attribute(mem, test))
+    np.testing.assert_allclose(attr.attribute(streamed, test, train=stream), want, rtol=1e-9,
+                               atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(attr.self_attribute(streamed, train=stream),
+                               attr.self_attribute(mem), rtol=1e-9)
+    top = attr.attribute(streamed, test, train=stream, top_k=4)
+    np.testing.assert_array_equal(top.indices, attr.attribute(mem, test, top_k=4).indices)
+    with pytest.raises(ValueError, match="train"):
+        attr.attribute(streamed, test)  # the stream must be given again
+
+
+def test_streamed_cache_float32_rtol_1e6():
+    """float32: streamed EK-FAC and DataInf equal the in-memory ones to 1e-6."""
+    loss, params, train, test = _ekfac_problem()
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    f32 = lambda d: (d[0].astype(jnp.float32), d[1])
+    train, test = f32(train), f32(test)
+    stream = jattri.stream(_batches(train, [5, 5, 5, 5, 4]))
+    for attr in (influence_ekfac(loss, damping=1e-2, chunk_size=5),
+                 influence_datainf(loss, chunk_size=5)):
+        want = np.asarray(attr.attribute(attr.cache(p32, train), test))
+        got = attr.attribute(attr.cache(p32, stream), test, train=stream)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_hvp_methods_refuse_a_stream():
+    _, loss, params, data, _ = problems()[1]
+    stream = jattri.stream(_batches(data, [20, 20]))
+    for attr in (influence_cg(loss), influence_lissa(loss, depth=2),
+                 influence_arnoldi(loss, rank=2)):
+        with pytest.raises(ValueError, match="in memory"):
+            attr.cache(params, stream)
+
+
+@pytest.mark.parametrize("name", ["explicit", "ekfac", "arnoldi"])
+def test_top_k_equals_argsort_of_dense(name):
+    _, loss, params, data, damping = problems()[2]
+    train = jax.tree_util.tree_map(lambda a: a[:30], data)
+    test = jax.tree_util.tree_map(lambda a: a[30:], data)
+    attr = {"explicit": lambda: influence_explicit(loss, damping=damping, chunk_size=8),
+            "ekfac": lambda: influence_ekfac(loss, damping=damping, chunk_size=8),
+            "arnoldi": lambda: influence_arnoldi(loss, damping=damping, rank=10,
+                                                 chunk_size=8)}[name]()
+    state = attr.cache(params, train)
+    dense = np.asarray(attr.attribute(state, test))
+    top = attr.attribute(state, test, top_k=5, lowest=True)
+    order = np.argsort(-dense, axis=0, kind="stable")[:5].T
+    np.testing.assert_array_equal(top.indices, order)
+    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), rtol=1e-12)
+    low = np.argsort(dense, axis=0, kind="stable")[:5].T
+    np.testing.assert_array_equal(top.lowest_indices, low)
+    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
+                               rtol=1e-12)
+
+
+JIT_METHODS = {
+    "explicit": lambda loss: influence_explicit(loss, damping=2.0),
+    "cg": lambda loss: influence_cg(loss, damping=2.0, maxiter=5),
+    "lissa": lambda loss: influence_lissa(loss, damping=2.0, depth=5, scale=10.0),
+    "arnoldi": lambda loss: influence_arnoldi(loss, damping=2.0, rank=4),
+    "ekfac": lambda loss: influence_ekfac(loss, damping=0.5, relatif="l"),
+    "datainf": lambda loss: influence_datainf(loss),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JIT_METHODS))
+def test_jit_attribute_compiles_once_across_checkpoints(name):
+    """One compiled ``attribute`` serves two checkpoints; members are traced, so a
+    checkpoint pair (M = 2) is scored as the mean of the single ones."""
+    model = MLP(hidden=(4,), num_classes=3)
+    x, y = _classification_data(20, 3, 3, seed=2)
+    loss = _flax_loss(model)
+    params = [_f64(model.init(jax.random.PRNGKey(s), x[:1])["params"]) for s in (0, 1)]
+    train, test = (x[:16], y[:16]), (x[16:], y[16:])
+    attr = JIT_METHODS[name](loss)
+    states = [attr.cache(p, train) for p in params]
+    fn = jax.jit(attr.attribute)
+    out = [np.asarray(fn(s, test)) for s in states]
+    assert fn._cache_size() == 1
+    np.testing.assert_allclose(out[1], attr.attribute(states[1], test), rtol=1e-9)
+    assert not np.allclose(out[0], out[1])
+    if name in ("explicit", "cg"):  # M > 1: tests/test_methods_core.py
+        return
+    pair = attr.cache(jattri.checkpoints(params), train)
+    np.testing.assert_allclose(attr.attribute(pair, test), (out[0] + out[1]) / 2, rtol=1e-9)
+
+
+def test_stages_hold_no_parameter_sized_constant():
+    """``jax.make_jaxpr`` of ``cache`` and ``attribute`` on a 100k-parameter MLP holds no
+    constant with more than 10,000 elements (params are arguments, never closed over);
+    traced abstractly, nothing is computed."""
+    model = MLP(hidden=(256, 256), num_classes=10)
+    x = jnp.zeros((8, 128), jnp.float32)
+    y = jnp.zeros(8, jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+    assert sum(a.size for a in jax.tree_util.tree_leaves(params)) > 100_000
+    loss = _flax_loss(model)
+    train, test = (x, y), (x[:2], y[:2])
+    members = jattri.checkpoints([params])
+    for make in (lambda: influence_explicit(loss), lambda: influence_cg(loss, maxiter=2),
+                 lambda: influence_lissa(loss, depth=2), lambda: influence_arnoldi(loss, rank=2),
+                 lambda: influence_ekfac(loss, relatif="theta"), lambda: influence_datainf(loss)):
+        attr = make()
+        state = jax.eval_shape(attr.cache, members, train)
+        for jaxpr in (jax.make_jaxpr(attr.cache)(members, train),
+                      jax.make_jaxpr(attr.attribute)(state, test)):
+            sizes = [np.size(c) for c in jaxpr.consts]
+            assert max(sizes, default=0) <= 10_000, sizes
 
 
 # ------------------------------------------------------------------------ metrics

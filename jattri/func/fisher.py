@@ -359,14 +359,14 @@ def _covariance_step(config, args, acc, chunk):
     layers, curvature = config
     loss, params = args
     new = ekfac_covariance_sums(loss, params, None, chunk, layers, curvature)
-    return jax.tree_util.tree_map(jnp.add, acc, new), None
+    return jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), acc, new), None
 
 
 def _eigenvalue_step(config, args, acc, chunk):
     layers, curvature = config
     loss, params, qa, qs = args
     new = ekfac_eigenvalue_sums(loss, params, None, chunk, layers, qa, qs, curvature)
-    return jax.tree_util.tree_map(jnp.add, acc, new), None
+    return jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), acc, new), None
 
 
 def _spec(x):

@@ -34,6 +34,7 @@ method's state is given in its docstring (+ n·M with RelatIF).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -115,7 +116,8 @@ def _hvp_step(indexed, args, acc, chunk):
     loss, params, aux, vs = args
     unravel = unravel_fn(params)
     f = lambda p: _chunk_loss(loss, p, aux, chunk, indexed)
-    return acc + jax.vmap(lambda v: ravel_pytree(hvp(f, params, unravel(v)))[0])(vs), None
+    hv = jax.vmap(lambda v: ravel_pytree(hvp(f, params, unravel(v)))[0])(vs)
+    return acc + hv.astype(acc.dtype), None
 
 
 def _mean_hvp(loss, params, aux, data, vs, size, indexed=False) -> jax.Array:
@@ -134,7 +136,12 @@ def _hessian_step(config, args, acc, chunk):
         return jax.hessian(lambda t: _chunk_loss(loss, unravel(t), a, chunk, False))(
             ravel_pytree(p)[0])
 
-    return acc + _common.member_map(one, members), None
+    return acc + _common.member_map(one, members).astype(acc.dtype), None
+
+
+def _add(acc, new):
+    """``acc + new`` leaf by leaf, in the accumulator's dtypes."""
+    return jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), acc, new)
 
 
 # ------------------------------------------------------------ the shared Attributor
@@ -234,6 +241,18 @@ def _coord_tile(config, u, chunk):
     return jnp.mean(s, axis=1)
 
 
+_apply_jit = jax.jit(lambda apply, config, args, v: apply(config, args, v),
+                     static_argnums=(0, 1))
+
+
+def _apply(spec, config, args, v):
+    """``spec.apply`` compiled once per (method, config), or run eagerly when it
+    streams the training set (DataInf on a Stream)."""
+    if engine.is_stream(args[-1]):
+        return spec.apply(config, args, v)
+    return _apply_jit(spec.apply, config, args, v)
+
+
 def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
                chunk_size: Optional[int]) -> Attributor:
     """The Attributor of the family from a method's :class:`_Spec`."""
@@ -318,9 +337,9 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         g = engine.per_example(_example_grads, None, (task.target, members), test,
                                size(members, test, members.num * d))
         v = jnp.swapaxes(g, 0, 1)  # (M, n_test, d)
-        u = spec.apply(spec.config(members, size(members, data)),
-                       (task.loss, members, state.curvature, lam,
-                        data if spec.reads_train else None), v)
+        u = _apply(spec, spec.config(members, size(members, data)),
+                   (task.loss, members, state.curvature, lam,
+                    data if spec.reads_train else None), v)
         if spec.check is not None and _is_concrete(u):
             spec.check(state.curvature, lam, v, u)
         norms = norms_at(state, data, damping)
@@ -453,6 +472,17 @@ def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: f
 _LISSA_FACTOR = 1.5
 
 
+@partial(jax.jit, static_argnums=0)
+def _lissa_top(size, args):
+    """``(M,)`` λ̂_max(H) of every member by 30 power iterations on the mean-loss HVP."""
+    loss, members, train, keys = args
+    d, dtype = _common.num_params(members), _common.param_dtype(members)
+    return _common.member_map(
+        lambda p, a, k: top_eigenvalue(
+            lambda x: _mean_hvp(loss, p, a, train, x[None], size)[0], d, key=k, dtype=dtype),
+        members, keys)
+
+
 def _lissa_scale(scale, top, damping):
     return scale if scale is not None else _LISSA_FACTOR * (jnp.abs(top) + damping)
 
@@ -528,12 +558,8 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
     def fit(task, members, train, size):
         # member m: fold_in(key, m), split into its scale key and its run key
         keys = jax.vmap(jax.random.split)(_common.member_keys(key, members.num))
-        d = _common.num_params(members)
         if scale is None:
-            top = _common.member_map(
-                lambda p, a, k: top_eigenvalue(
-                    lambda x: _mean_hvp(task.loss, p, a, train, x[None], size())[0], d, key=k,
-                    dtype=_common.param_dtype(members)), members, keys[:, 0])
+            top = _lissa_top(size(), (task.loss, members, train, keys[:, 0]))
         else:
             top = jnp.zeros(members.num, _common.param_dtype(members))
         return (top, keys[:, 1]), None
@@ -583,6 +609,20 @@ def _arnoldi_coords(config, args, chunk):
     return jnp.swapaxes(c, 0, 1)  # (size, M, r)
 
 
+@partial(jax.jit, static_argnums=0)
+def _arnoldi_fit(config, args):
+    """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member."""
+    rank, iters, size = config
+    loss, members, train, keys = args
+    d, dtype = _common.num_params(members), _common.param_dtype(members)
+    eigvals, eigvecs = _common.member_map(
+        lambda p, a, k: arnoldi_eigenpairs(
+            lambda x: _mean_hvp(loss, p, a, train, x[None], size)[0], d, rank=rank,
+            num_iters=iters, key=k, dtype=dtype), members, keys)
+    coords = engine.per_example(_arnoldi_coords, None, (loss, members, eigvecs), train, size)
+    return (eigvals, eigvecs), coords
+
+
 def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = None,
                       damping: float = 1e-3, tol: float = 1e-6,
                       key: Optional[jax.Array] = None, chunk_size: Optional[int] = None,
@@ -612,17 +652,10 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     key = jax.random.PRNGKey(0) if key is None else key
 
     def fit(task, members, train, size):
-        d = _common.num_params(members)
-        r, iters = arnoldi_sizes(rank, num_iters, d, who="influence_arnoldi", stacklevel=4)
+        r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
+                                 who="influence_arnoldi", stacklevel=4)
         keys = _common.member_keys(key, members.num)
-        dtype = _common.param_dtype(members)
-        eigvals, eigvecs = _common.member_map(
-            lambda p, a, k: arnoldi_eigenpairs(
-                lambda x: _mean_hvp(task.loss, p, a, train, x[None], size())[0], d, rank=r,
-                num_iters=iters, key=k, dtype=dtype), members, keys)
-        coords = engine.per_example(_arnoldi_coords, None, (task.loss, members, eigvecs),
-                                    train, size())
-        return (eigvals, eigvecs), coords
+        return _arnoldi_fit((r, iters, size()), (task.loss, members, train, keys))
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
@@ -639,7 +672,7 @@ def _ekfac_covariance_step(config, args, acc, chunk):
     new = _common.member_map(
         lambda p, a: fisher.ekfac_covariance_sums(loss, p, a, chunk, layers, curvature),
         members)
-    return jax.tree_util.tree_map(jnp.add, acc, new), None
+    return _add(acc, new), None
 
 
 def _ekfac_eigenvalue_step(config, args, acc, chunk):
@@ -649,7 +682,7 @@ def _ekfac_eigenvalue_step(config, args, acc, chunk):
         lambda p, a, qa_j, qs_j: fisher.ekfac_eigenvalue_sums(loss, p, a, chunk, layers,
                                                               qa_j, qs_j, curvature),
         members, qa, qs)
-    return jax.tree_util.tree_map(jnp.add, acc, new), None
+    return _add(acc, new), None
 
 
 def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFactors:
@@ -772,7 +805,7 @@ def _datainf_stats_step(groups, args, acc, chunk):
         g = _common.chunk_grads(loss, p, a, chunk)
         return jnp.stack([jnp.sum(_take(g, runs) ** 2) for runs in groups])
 
-    return acc + _common.member_map(one, members), None
+    return _add(acc, _common.member_map(one, members)), None
 
 
 def _datainf_step(groups, args, acc, chunk):
@@ -788,7 +821,7 @@ def _datainf_step(groups, args, acc, chunk):
             parts.append(coef.T @ gl)
         return _put(parts, groups)
 
-    return acc + _common.member_map(one, members, lam, v), None
+    return _add(acc, _common.member_map(one, members, lam, v)), None
 
 
 def _datainf_lambdas(stats, damping):
@@ -841,7 +874,7 @@ def influence_datainf(task: Any, *, damping: float = 0.1,
         sums, _, n = engine.scan(_datainf_stats_step, groups, (task.loss, members), zero,
                                  train, size())
         dims = np.array([sum(b - a for a, b in runs) for runs in groups], np.float64)
-        return sums / (n * dims), None
+        return (sums / (n * dims)).astype(sums.dtype), None
 
     spec = _Spec("influence_datainf", damping, fit, _datainf_apply,
                  lambda members, size: (_param_groups(members), size), reads_train=True)
