@@ -36,20 +36,18 @@ def assert_ggn_ekfac_is_exact(loss_fn, params, train, test, damping=1e-3):
     layer is exactly a Kronecker product (a linear map with squared loss)."""
     import numpy as np
 
-    import jattri
     from jattri.methods.influence import influence_ekfac, influence_explicit
 
-    task = jattri.Task(loss_fn, [params])
-    exact = influence_explicit(task, damping=damping)
-    want = np.asarray(exact.attribute(exact.cache(train), test))
+    exact = influence_explicit(loss_fn, damping=damping)
+    want = np.asarray(exact.attribute(exact.cache(params, train), test))
     for correct in (True, False):
-        attr = influence_ekfac(task, damping=damping, curvature="ggn",
+        attr = influence_ekfac(loss_fn, damping=damping, curvature="ggn",
                                correct_eigenvalues=correct)
-        got = np.asarray(attr.attribute(attr.cache(train), test))
+        got = np.asarray(attr.attribute(attr.cache(params, train), test))
         np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
     # the empirical Fisher is not this Kronecker product: EK-FAC-empirical is not exact
-    emp = influence_ekfac(task, damping=damping)
-    assert not np.allclose(emp.attribute(emp.cache(train), test), want, rtol=1e-3)
+    emp = influence_ekfac(loss_fn, damping=damping)
+    assert not np.allclose(emp.attribute(emp.cache(params, train), test), want, rtol=1e-3)
 
 
 def kronecker_eigenbasis(a_moment, s_moment):

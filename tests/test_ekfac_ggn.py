@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-import jattri
 from jattri.func import fisher
 from jattri.methods.influence import influence_ekfac
 from jattri.models import MLP, LogisticRegression
@@ -93,10 +92,9 @@ def test_ggn_ekfac_matches_dense_reference(hidden):
     x, y = _classification_data(30, 4, 3, seed=1)
     params = _f64(model.init(jax.random.PRNGKey(2), x[:1])["params"])
     loss = _ce_loss(model)
-    task = jattri.Task(loss, [params])
-    attr = influence_ekfac(task, damping=1e-2, curvature="ggn")
+    attr = influence_ekfac(loss, damping=1e-2, curvature="ggn")
     train, test = (x[:24], y[:24]), (x[24:], y[24:])
-    state = attr.cache(train)
+    state = attr.cache(params, train)
     got = np.asarray(attr.attribute(state, test))
     names = sorted(params)
     shapes = [(params[n]["bias"].shape[0],) for n in names]
@@ -130,10 +128,9 @@ def test_ggn_ekfac_multi_position_layer_matches_dense_reference():
     params = _f64(model.init(jax.random.PRNGKey(8), x[0])["params"])
     loss = lambda p, z: optax.softmax_cross_entropy_with_integer_labels(
         model.apply({"params": p}, z[0]), z[1])
-    task = jattri.Task(loss, [params])
-    attr = influence_ekfac(task, damping=1e-2, curvature="ggn")
+    attr = influence_ekfac(loss, damping=1e-2, curvature="ggn")
     train, test = (x[:20], y[:20]), (x[20:], y[20:])
-    got = np.asarray(attr.attribute(attr.cache(train), test))
+    got = np.asarray(attr.attribute(attr.cache(params, train), test))
     want = _dense_ggn_ekfac_scores(_token_mlp_forward, [(4, 5), (3,)], params, train, test,
                                    1e-2)
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
@@ -171,7 +168,5 @@ def test_linear_mse_ggn_ekfac_is_exact_influence():
 
 def test_curvature_is_validated():
     model = LogisticRegression(num_classes=2)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))["params"]
-    task = jattri.Task(_ce_loss(model), [params])
     with pytest.raises(ValueError, match="curvature"):
-        influence_ekfac(task, curvature="fisher")
+        influence_ekfac(_ce_loss(model), curvature="fisher")

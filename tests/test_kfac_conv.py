@@ -180,12 +180,11 @@ def _reference_ekfac_scores(loss_fn, params, train, test, damping, correct):
 @pytest.mark.parametrize("correct", [True, False], ids=["ekfac", "kfac"])
 def test_cnn_ekfac_matches_dense_reference(correct):
     loss_fn, params, train, test = _cnn_problem()
-    task = jattri.Task(loss_fn, [params])
     layers = linear_layers(loss_fn, params, (train[0][0], train[1][0]))
     assert [(l.name, l.kind, l.d_in, l.positions) for l in layers.values()] == [
         ("conv1", "conv", 18, 36), ("conv2", "conv", 12, 9), ("fc", "dense", 18, 1)]
-    attr = influence_ekfac(task, damping=1e-3, correct_eigenvalues=correct)
-    got = np.asarray(attr.attribute(attr.cache(train), test))
+    attr = influence_ekfac(loss_fn, damping=1e-3, correct_eigenvalues=correct)
+    got = np.asarray(attr.attribute(attr.cache(params, train), test))
     want = _reference_ekfac_scores(loss_fn, params, train, test, 1e-3, correct)
     np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
 
@@ -219,9 +218,9 @@ def test_logra_identity_projection_on_cnn_equals_block_fisher_influence():
         f = gtr.T @ gtr / len(gtr)
         f += 0.05 * np.trace(f) / len(f) * np.eye(len(f))
         total = total + gtr @ np.linalg.solve(f, gte.T)
-    attr = jattri.logra(jattri.Task(loss_fn, [params]), proj_dim_in=None, proj_dim_out=None,
-                        damping=0.05)
-    np.testing.assert_allclose(attr.attribute(attr.cache(train), test), total, rtol=1e-8)
+    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, damping=0.05)
+    np.testing.assert_allclose(attr.attribute(attr.cache(params, train), test), total,
+                               rtol=1e-8)
 
 
 def test_resnet9_every_conv_is_factored():
@@ -251,6 +250,6 @@ def test_resnet9_every_conv_is_factored():
             assert np.all(np.asarray(leaf) >= 0)
         else:
             assert np.all(np.asarray(leaf) == 0), key
-    attr = influence_ekfac(jattri.Task(loss_fn, [params]), damping=1e-3)
-    scores = np.asarray(attr.attribute(attr.cache((x, y)), (x[:2], y[:2])))
+    attr = influence_ekfac(loss_fn, damping=1e-3)
+    scores = np.asarray(attr.attribute(attr.cache(params, (x, y)), (x[:2], y[:2])))
     assert scores.shape == (6, 2) and np.all(np.isfinite(scores))
