@@ -80,8 +80,7 @@ def member_grad(fn, params, example, index, aux=None):
 # Methods whose port to the Task/Members contract had not landed when these tests were
 # written: a failure of theirs is an expected failure (xfail), a pass a pass. Empty it
 # once every port has landed.
-PENDING = {"influence_explicit", "influence_cg", "influence_lissa", "influence_arnoldi",
-           "influence_ekfac", "influence_datainf", "logra", "rps", "knn_shapley"}
+PENDING = set()  # was: influence_*, logra, rps, knn_shapley (all landed)
 
 
 @contextlib.contextmanager

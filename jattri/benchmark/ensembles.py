@@ -4,12 +4,13 @@ Data Attribution", on ``digits_mlp``: LDS against ensemble size for the naive en
 TRAK's Q-only dropout variant and LoRA ensembles, with the three costs (training
 seconds, attribution seconds, bytes of parameters stored).
 
-Every method here averages its scores over members (TRAK: the feature term and Q are
-averaged separately), so the ensemble of size K is the first K members of one ensemble
-of size max(sizes): each member is attributed once, alone, and the sizes are prefix
-averages. Attribution seconds of size K are the sum of its members' times (compilation
-included: every member is its own compiled program). Training seconds are measured
-separately for every K (naive: K models vmapped; LoRA: base + K adapters vmapped).
+Every ensemble is a :class:`jattri.Members` (stacked arrays: checkpoints, dropout keys,
+LoRA adapters over their base) and every method averages over the members it is given
+inside one compiled program, so the ensemble of size K is scored as the first K members
+of one ensemble of size max(sizes) (:func:`prefix`: rows of the stacked arrays, no
+copies). Attribution seconds of size K are one ``cache`` + ``attribute`` call on those
+K members (compilation included). Training seconds are measured separately for every K
+(naive: K models vmapped; LoRA: base + K adapters vmapped).
 
 Run: ``python -m jattri.benchmark.ensembles`` (or ``python -m jattri.bench --ensemble``).
 """
@@ -28,9 +29,9 @@ import numpy as np
 import jattri
 from jattri import benchmark
 from jattri.benchmark import digits
-from jattri.ensemble import dropout, dropout_q, independent, lora, param_bytes
-from jattri.ensemble.members import timed
-from jattri.task import Task
+from jattri.ensemble import dropout, dropout_trak, independent, lora, param_bytes, timed
+from jattri.methods._common import num_params
+from jattri.task import Members, Task
 
 KINDS = ("naive", "dropout_member", "dropout_example", "trak_q_member", "trak_q_example",
          "lora")
@@ -41,42 +42,48 @@ def _stderr(msg: str) -> None:
     print(f"[jattri.ensembles] {msg}", file=sys.stderr, flush=True)
 
 
-def _one(member, target_is_loss: bool) -> Task:
-    return Task.from_members([member], target_is_loss=target_is_loss)
+def prefix(members: Members, k: int) -> Members:
+    """The first ``k`` of ``members`` as Members of their own.
 
-
-def _member_scores(method: str, task: Task, train, test, *, proj_dim: int, proj_key,
-                   damping: float):
-    """``(parts, seconds)``: the member's additive score parts and its serving time.
-
-    parts: ``(scores,)`` for Grad-Dot / IF; ``(features_term, q)`` for TRAK, whose
-    ensemble score is mean(features_term) ⊙ mean(q).
+    A leaf with R rows serves M/R consecutive members per row; the prefix keeps the
+    rows its members use (a slice, no copy; a shared single row stays as it is). Only
+    when M/R does not divide k are rows gathered per member.
     """
+    m = members.num
+    if not 1 <= k <= m:
+        raise ValueError(f"prefix of {k} members of an ensemble of {m}")
+
+    def take(x):
+        rows = x.shape[0]
+        per_row = m // rows
+        if rows == 1:
+            return x
+        if k % per_row == 0:
+            return x[:k // per_row]
+        return x[jnp.arange(k) // per_row]
+
+    aux = None if members.aux is None else jax.tree_util.tree_map(take, members.aux)
+    return Members(jax.tree_util.tree_map(take, members.params), aux=aux, num=k)
+
+
+def _attributor(method: str, task: Task, *, proj_dim: int, proj_key, damping: float):
     if method == "trak":
-        attr = jattri.trak(task, proj_dim=proj_dim, key=proj_key)
-
-        def run():
-            state = attr.cache(train)
-            a = attr.attribute(state._replace(q=jnp.ones_like(state.q)), test)
-            return a, state.q
-    elif method == "grad_dot":
-        attr = jattri.grad_dot(task)
-        run = lambda: (attr.attribute(attr.cache(train), test),)
-    elif method == "influence_cg":
-        attr = jattri.influence_cg(task, damping=damping)
-        run = lambda: (attr.attribute(attr.cache(train), test),)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    parts, seconds = timed(run)
-    return tuple(np.asarray(p, np.float64) for p in parts), seconds
+        return jattri.trak(task, proj_dim=proj_dim, key=proj_key)
+    if method == "grad_dot":
+        return jattri.grad_dot(task)
+    if method == "influence_cg":
+        return jattri.influence_cg(task, damping=damping)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def _combine(method: str, parts: list) -> np.ndarray:
-    if method == "trak":
-        a = np.mean([p[0] for p in parts], axis=0)
-        q = np.mean([p[1] for p in parts], axis=0)
-        return a * q[:, None]
-    return np.mean([p[0] for p in parts], axis=0)
+def ensemble_scores(method: str, task: Task, members: Members, train, test, *,
+                    proj_dim: int, proj_key, damping: float):
+    """``(scores, seconds)``: the method's scores averaged over ``members`` (one
+    ``cache`` + ``attribute``; the average is the method's own), and their serving
+    time."""
+    attr = _attributor(method, task, proj_dim=proj_dim, proj_key=proj_key, damping=damping)
+    scores, seconds = timed(lambda: attr.attribute(attr.cache(members, train), test))
+    return np.asarray(scores, np.float64), seconds
 
 
 def run_ensembles(setting: str = "digits_mlp", *, methods: Sequence[str] = METHODS,
@@ -111,36 +118,35 @@ def run_ensembles(setting: str = "digits_mlp", *, methods: Sequence[str] = METHO
         idx = np.tile(np.arange(len(ytr), dtype=np.int32), (len(seeds), 1))
         return digits.train_models(cfg, xtr, ytr, idx, seeds)
 
+    def naive_cost(k):
+        return independent(train_fn, np.arange(k), bench.loss_fn, bench.target_fn)[2]
+
     # naive ensemble: train K models once for the members; time every size separately
     say(f"training naive ensembles of sizes {list(sizes)}")
-    naive, _ = independent(train_fn, np.arange(K), bench.loss_fn, bench.target_fn)
-    naive_costs = {k: independent(train_fn, np.arange(k), bench.loss_fn, bench.target_fn)[1]
-                   for k in sizes}
-    base_task = _one(naive.members[0], naive.target_is_loss)
-    model_bytes = param_bytes(naive.members[0].params)
-    base_s = (naive_costs[1] if 1 in naive_costs else
-              independent(train_fn, np.arange(1), bench.loss_fn, bench.target_fn)[1]
-              ).train_seconds
+    task, naive, _ = independent(train_fn, np.arange(K), bench.loss_fn, bench.target_fn)
+    naive_costs = {k: naive_cost(k) for k in sizes}
+    base = prefix(naive, 1)
+    model_bytes = param_bytes(base.params)
+    base_s = (naive_costs[1] if 1 in naive_costs else naive_cost(1)).train_seconds
 
     ensembles, costs = {}, {}
     for kind in kinds:
         if kind == "naive":
-            ensembles[kind] = naive
+            ensembles[kind] = (task, naive)
             costs[kind] = {k: (naive_costs[k].train_seconds, naive_costs[k].stored_bytes)
                            for k in sizes}
         elif kind.startswith("dropout_"):
-            ensembles[kind] = dropout(base_task, K, k_drop, mode=kind.split("_")[1])
+            ensembles[kind] = dropout(task, base, K, k_drop, mode=kind.split("_")[1])
             costs[kind] = {k: (base_s, model_bytes) for k in sizes}
         elif kind.startswith("trak_q_"):
             costs[kind] = {k: (base_s, model_bytes) for k in sizes}
         elif kind == "lora":
             say(f"fine-tuning LoRA ensembles (rank {lora_rank}, {lora_steps} steps)")
-            ensembles[kind], _ = lora(base_task, train, K, k_lora, rank=lora_rank,
-                                      steps=lora_steps, learning_rate=lora_lr)
+            kw = dict(rank=lora_rank, steps=lora_steps, learning_rate=lora_lr)
+            ensembles[kind] = lora(task, base, train, K, k_lora, **kw)[:2]
             costs[kind] = {}
             for k in sizes:
-                c = lora(base_task, train, k, k_lora, rank=lora_rank, steps=lora_steps,
-                         learning_rate=lora_lr, base_train_seconds=base_s)[1]
+                c = lora(task, base, train, k, k_lora, base_train_seconds=base_s, **kw)[2]
                 costs[kind][k] = (c.train_seconds, c.stored_bytes)
 
     rows = []
@@ -152,44 +158,28 @@ def run_ensembles(setting: str = "digits_mlp", *, methods: Sequence[str] = METHO
         m_test = tuple(a[:n_test] for a in test)
         m_targets = targets[:, :n_test]
         note = "" if n_test == test[1].shape[0] else f"first {n_test} test examples"
-        base_parts = None
         for kind in kinds:
             if kind.startswith("trak_q_") and method != "trak":
                 continue
             say(f"{method} / {kind}")
-            if kind.startswith("trak_q_"):
-                if base_parts is None:
-                    base_parts = _member_scores(method, base_task, train, m_test,
-                                                proj_dim=proj_dim, proj_key=k_proj,
-                                                damping=damping)
-                (a, _), base_sec = base_parts
-                for k in m_sizes:
-                    q, q_sec = timed(dropout_q, base_task, k, k_drop, train,
-                                     mode=kind.split("_")[2])
-                    scores = a * np.asarray(q, np.float64)[:, None]
-                    rows.append(_row(method, kind, k, scores, subsets, m_targets,
-                                     costs[kind][k], base_sec + q_sec,
-                                     _grad_dim(base_task), n_test, note))
-                continue
-            ens = ensembles[kind]
-            parts, secs = [], []
-            for j in range(max(m_sizes)):
-                p, s = _member_scores(method, _one(ens.members[j], ens.target_is_loss), train,
-                                      m_test, proj_dim=proj_dim, proj_key=k_proj,
-                                      damping=damping)
-                parts.append(p)
-                secs.append(s)
             for k in m_sizes:
-                rows.append(_row(method, kind, k, _combine(method, parts[:k]), subsets,
-                                 m_targets, costs[kind][k], float(np.sum(secs[:k])),
-                                 _grad_dim(ens), n_test, note))
+                if kind.startswith("trak_q_"):
+                    attr = dropout_trak(task, k, k_drop, mode=kind.split("_")[2],
+                                        proj_dim=proj_dim, proj_key=k_proj)
+                    scores, seconds = timed(
+                        lambda: attr.attribute(attr.cache(base, train), m_test))
+                    scores, members = np.asarray(scores, np.float64), base
+                else:
+                    ens_task, ens_members = ensembles[kind]
+                    members = prefix(ens_members, k)
+                    scores, seconds = ensemble_scores(method, ens_task, members, train,
+                                                      m_test, proj_dim=proj_dim,
+                                                      proj_key=k_proj, damping=damping)
+                rows.append(_row(method, kind, k, scores, subsets, m_targets,
+                                 costs[kind][k], seconds, num_params(members), n_test, note))
             say(f"{method} / {kind}: " + ", ".join(
                 f"K={r['size']}: {r['lds']:.3f}" for r in rows[-len(m_sizes):]))
     return rows
-
-
-def _grad_dim(task: Task) -> int:
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(task.members[0].params)))
 
 
 def _row(method, kind, size, scores, subsets, targets, cost, seconds, grad_dim, n_test, note):
