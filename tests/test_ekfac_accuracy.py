@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-import jattri
 from jattri.models import MLP, LogisticRegression
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -26,8 +25,9 @@ _spec.loader.exec_module(acc)
 
 
 def _setup(problem, rels):
-    """``(task, train, test, [(rel, λ)], {rel: {ref: dense scores}}, Grad-Dot scores)``,
-    refs H (and G, B when the problem has a ``logits_fn``)."""
+    """``(fit, test, [(rel, λ)], {rel: {ref: dense scores}}, Grad-Dot scores)``, refs H
+    (and G, B when the problem has a ``logits_fn``); ``fit(curvature, correct)`` fits
+    EK-FAC / K-FAC once (every λ is then applied at attribute time)."""
     loss, params, train, test, logits_fn = problem
     curv = acc.dense_curvatures(loss, params, train, logits_fn)
     grid, _ = acc.dampings(curv["H"], rels)
@@ -35,7 +35,8 @@ def _setup(problem, rels):
     want = {rel: {r: acc.dense_scores(g_tr, g_te, c, lam) for r, c in curv.items()}
             for rel, lam in grid}
     want_dot = g_tr @ g_te.T
-    return jattri.Task(loss, [params]), train, test, grid, want, want_dot
+    fit = lambda curvature, correct: acc.ekfac_fit(loss, params, train, curvature, correct)
+    return fit, test, grid, want, want_dot
 
 
 def _pooled(got, want):
@@ -44,10 +45,11 @@ def _pooled(got, want):
 
 def test_linear_mse_ggn_ekfac_and_kfac_exact_at_every_damping():
     """H = E[ããᵀ] ⊗ I is a Kronecker product: measured 1 − corr ≤ 2.2e-16 at every λ."""
-    task, train, test, grid, want, _ = _setup(acc.linear_mse(), (0.001, 0.1, 10.0))
+    fit, test, grid, want, _ = _setup(acc.linear_mse(), (0.001, 0.1, 10.0))
+    fitted = {correct: fit("ggn", correct) for correct in (True, False)}
     for rel, lam in grid:
         for correct in (True, False):
-            got = acc.ekfac_scores(task, train, test, lam, "ggn", correct)
+            got = acc.ekfac_scores(fitted[correct], test, lam)
             corr = _pooled(got, want[rel]["H"])
             print(f"linear-mse rel {rel} λ {lam:.3g} correct={correct}: 1 - corr {1 - corr:.1e}")
             assert corr > 1 - 1e-10
@@ -62,13 +64,13 @@ def test_one_layer_softmax_agreement_grows_with_damping():
     0.884 / 0.817; rel 1 0.974 / 0.971 / 0.969 / 0.948; rel 3 0.992; rel 10 0.999."""
     rels = (0.001, 0.1, 1.0, 3.0, 10.0)
     problem = acc.toy_softmax(LogisticRegression(num_classes=4), 0)
-    task, train, test, grid, want, dot = _setup(problem, rels)
+    fit, test, grid, want, dot = _setup(problem, rels)
+    fitted = [fit("ggn", True), fit("ggn", False), fit("empirical", True)]
     ggn, kfac, emp = [], [], []
     for rel, lam in grid:
         w = want[rel]["H"]
-        ggn.append(_pooled(acc.ekfac_scores(task, train, test, lam, "ggn", True), w))
-        kfac.append(_pooled(acc.ekfac_scores(task, train, test, lam, "ggn", False), w))
-        emp.append(_pooled(acc.ekfac_scores(task, train, test, lam, "empirical", True), w))
+        for out, f in zip((ggn, kfac, emp), fitted):
+            out.append(_pooled(acc.ekfac_scores(f, test, lam), w))
         print(f"softmax s0 rel {rel} λ {lam:.3g}: ekfac-ggn {ggn[-1]:.4f} "
               f"kfac-ggn {kfac[-1]:.4f} ekfac-emp {emp[-1]:.4f} dot {_pooled(dot, w):.4f}")
         # EK-FAC beats its λ → ∞ limit (Grad-Dot) at every λ
@@ -99,12 +101,13 @@ def test_digits_lr_ekfac_far_better_than_grad_dot():
     loss = lambda p, z: digits.model_fns(cfg)[2](p, z)
     f64 = lambda a: np.asarray(a, np.float64)
     problem = (loss, params, (f64(xtr), ytr), (f64(xte[:20]), yte[:20]), None)
-    task, train, test, grid, want, dot = _setup(problem, (0.001, 10.0))
+    fit, test, grid, want, dot = _setup(problem, (0.001, 10.0))
     (_, small), (_, large) = grid
     w_small, w_large = want[0.001]["H"], want[10.0]["H"]
-    ggn = _pooled(acc.ekfac_scores(task, train, test, small, "ggn", True), w_small)
-    emp = _pooled(acc.ekfac_scores(task, train, test, small, "empirical", True), w_small)
-    ggn_large = _pooled(acc.ekfac_scores(task, train, test, large, "ggn", True), w_large)
+    fit_ggn = fit("ggn", True)
+    ggn = _pooled(acc.ekfac_scores(fit_ggn, test, small), w_small)
+    emp = _pooled(acc.ekfac_scores(fit("empirical", True), test, small), w_small)
+    ggn_large = _pooled(acc.ekfac_scores(fit_ggn, test, large), w_large)
     dot_small = _pooled(dot, w_small)
     print(f"digits-lr λ {small:.3g}: ekfac-ggn {ggn:.4f} ekfac-emp {emp:.4f} "
           f"dot {dot_small:.4f}; λ {large:.3g}: ekfac-ggn {ggn_large:.4f}")
@@ -122,14 +125,14 @@ def test_two_layer_mlp_error_sources(seed):
     at rel 0.001: seed 2 0.424 / 0.453 / 0.627 (G vs H 0.966, B vs G 0.889); seed 3
     0.449 / 0.535 / 0.663 (0.944, 0.909). At rel 3 against H: 0.918; 0.915."""
     problem = acc.toy_softmax(MLP(hidden=(8,), num_classes=4), seed, ggn_reference=True)
-    task, train, test, grid, want, _ = _setup(problem, (0.001, 3.0))
+    fit, test, grid, want, _ = _setup(problem, (0.001, 3.0))
     (small, lam_small), (large, lam_large) = grid
-    got = acc.ekfac_scores(task, train, test, lam_small, "ggn", True)
+    fitted = fit("ggn", True)
+    got = acc.ekfac_scores(fitted, test, lam_small)
     corr = {r: _pooled(got, w) for r, w in want[small].items()}
     g_h = _pooled(want[small]["G"], want[small]["H"])
     b_g = _pooled(want[small]["B"], want[small]["G"])
-    large_corr = _pooled(acc.ekfac_scores(task, train, test, lam_large, "ggn", True),
-                         want[large]["H"])
+    large_corr = _pooled(acc.ekfac_scores(fitted, test, lam_large), want[large]["H"])
     print(f"mlp seed {seed} λ {lam_small:.3g}: ekfac-ggn vs H {corr['H']:.4f} vs G {corr['G']:.4f} "
           f"vs B {corr['B']:.4f}; G vs H {g_h:.4f}, B vs G {b_g:.4f}; "
           f"λ {lam_large:.3g}: ekfac-ggn vs H {large_corr:.4f}")
