@@ -56,9 +56,8 @@ def test_influence_explicit_matches_leave_one_out(x64):
     xt, yt = make_data(jax.random.PRNGKey(1), n=6)
     n = len(x)
     params = fit(x, y, jnp.ones(n))
-    task = jattri.Task(lr_loss, [params])
-    attr = jattri.influence_explicit(task, damping=LAMBDA)
-    scores = np.asarray(attr.attribute(attr.cache((x, y)), (xt, yt)))
+    attr = jattri.influence_explicit(lr_loss, damping=LAMBDA)
+    scores = np.asarray(attr.attribute(attr.cache(params, (x, y)), (xt, yt)))
 
     loo = jax.vmap(lambda i: fit(x, y, jnp.ones(n).at[i].set(0.0)))(jnp.arange(n))
     loss_t = lambda p: jax.vmap(lambda a, b: lr_loss(p, (a, b)))(xt, yt)
@@ -75,25 +74,25 @@ def test_influence_explicit_matches_leave_one_out(x64):
 
 @functools.lru_cache(maxsize=None)
 def _tasks(seed, two_members=False, target=None):
+    """``(task, params list, train)``."""
     x, y = make_data(jax.random.PRNGKey(seed))
     params = fit(x, y, jnp.ones(len(x)))
     members = [params]
     if two_members:
         members.append(jax.tree_util.tree_map(lambda a: 0.7 * a + 0.01, params))
-    return jattri.Task(lr_loss, members, target_fn=target), (x, y)
+    return jattri.Task(lr_loss, target), members, (x, y)
 
 
-def dense_reference(task, train, test, kind):
+def dense_reference(task, params_list, train, test, kind):
     """score[i, t] by explicit Python loops of jax.grad, averaged over members."""
     (x, y), (xt, yt) = train, test
+    loss_fn, target_fn = task.user_fns
     out = 0
-    for m in task.members:
-        p = m.params
-        loss_fn, target_fn = m.loss_fn, m.target_fn
+    for p in params_list:
         theta, unravel = ravel_pytree(p)
         grad_l, grad_t = jax.jit(jax.grad(loss_fn)), jax.jit(jax.grad(target_fn))
-        g = np.stack([ravel_pytree(grad_l(p, (x[i], y[i]), 0))[0] for i in range(len(x))])
-        gt = np.stack([ravel_pytree(grad_t(p, (xt[j], yt[j]), 0))[0] for j in range(len(xt))])
+        g = np.stack([ravel_pytree(grad_l(p, (x[i], y[i])))[0] for i in range(len(x))])
+        gt = np.stack([ravel_pytree(grad_t(p, (xt[j], yt[j])))[0] for j in range(len(xt))])
         if kind == "grad_dot":
             s = g @ gt.T
         elif kind == "grad_cos":
@@ -101,10 +100,10 @@ def dense_reference(task, train, test, kind):
                 gt / np.linalg.norm(gt, axis=1, keepdims=True)).T
         else:  # influence
             h = np.asarray(jax.hessian(lambda t: jnp.mean(jax.vmap(
-                lambda a, b: loss_fn(unravel(t), (a, b), 0))(x, y)))(theta))
+                lambda a, b: loss_fn(unravel(t), (a, b)))(x, y)))(theta))
             s = g @ np.linalg.solve(h + LAMBDA * np.eye(len(theta)), gt.T)
         out = out + s
-    return out / len(task.members)
+    return out / len(params_list)
 
 
 METHODS = {
@@ -119,14 +118,14 @@ METHODS = {
 @pytest.mark.parametrize("two_members", [False, True])
 @pytest.mark.parametrize("target", [None, lr_target])
 def test_methods_match_dense_reference(x64, name, two_members, target):
-    task, train = _tasks(2, two_members, target)
+    task, params, train = _tasks(2, two_members, target)
     test = make_data(jax.random.PRNGKey(3), n=5)
     attr = METHODS[name](task)
-    state = attr.cache(train)
+    state = attr.cache(jattri.checkpoints(params), train)
     scores = attr.attribute(state, test)
     assert scores.shape == (40, 5)
     kind = "influence" if name.startswith("influence") else name
-    np.testing.assert_allclose(scores, dense_reference(task, train, test, kind),
+    np.testing.assert_allclose(scores, dense_reference(task, params, train, test, kind),
                                rtol=1e-7, atol=1e-10)
     # self_attribute is the diagonal of attribute(state, train).
     np.testing.assert_allclose(attr.self_attribute(state),
@@ -134,59 +133,58 @@ def test_methods_match_dense_reference(x64, name, two_members, target):
                                rtol=1e-7, atol=1e-10)
 
 
-def trak_reference(task, train, test, proj_dim, damping, key):
+def trak_reference(task, params_list, train, test, proj_dim, damping, key):
     """TRAK by hand: margins by loops, dense projection matrices, explicit formula."""
     (x, y), (xt, yt) = train, test
-    margin = lambda f: (lambda p, z: -f(p, z, 0) - jnp.log(-jnp.expm1(-f(p, z, 0))))
+    loss_fn, target_fn = task.user_fns
+    margin = lambda f: (lambda p, z: -f(p, z) - jnp.log(-jnp.expm1(-f(p, z))))
     acc, q = 0, 0
-    for k, m in enumerate(task.members):
-        p = m.params
+    for p in params_list:
         d = ravel_pytree(p)[0].size
         proj = jattri.func.gaussian_projection(key, d, proj_dim)
         pm = np.asarray(proj(jnp.eye(d)))  # the dense (d, k) matrix, for reference
-        grad_l = jax.jit(jax.grad(margin(m.loss_fn)))
-        grad_t = jax.jit(jax.grad(margin(m.target_fn)))
+        grad_l = jax.jit(jax.grad(margin(loss_fn)))
+        grad_t = jax.jit(jax.grad(margin(target_fn)))
         phi = np.stack([ravel_pytree(grad_l(p, (x[i], y[i])))[0] for i in range(len(x))]) @ pm
         phit = np.stack([ravel_pytree(grad_t(p, (xt[j], yt[j])))[0]
                          for j in range(len(xt))]) @ pm
         kern = phi.T @ phi
         kern += damping * np.trace(kern) / proj_dim * np.eye(proj_dim)
         acc = acc + phi @ np.linalg.inv(kern) @ phit.T
-        loss_i = jax.jit(m.loss_fn)
-        q = q + np.array([1 - np.exp(-float(loss_i(p, (x[i], y[i]), 0))) for i in range(len(x))])
-    return acc / len(task.members) * (q / len(task.members))[:, None]
+        loss_i = jax.jit(loss_fn)
+        q = q + np.array([1 - np.exp(-float(loss_i(p, (x[i], y[i])))) for i in range(len(x))])
+    return acc / len(params_list) * (q / len(params_list))[:, None]
 
 
 @pytest.mark.parametrize("two_members", [False, True])
 def test_trak_matches_formula(x64, two_members):
-    task, train = _tasks(4, two_members)
+    task, params, train = _tasks(4, two_members)
     test = make_data(jax.random.PRNGKey(5), n=5)
     key = jax.random.PRNGKey(9)
     attr = jattri.trak(task, proj_dim=8, damping=0.05, key=key)
-    state = attr.cache(train)
+    state = attr.cache(jattri.checkpoints(params), train)
     np.testing.assert_allclose(attr.attribute(state, test),
-                               trak_reference(task, train, test, 8, 0.05, key),
+                               trak_reference(task, params, train, test, 8, 0.05, key),
                                rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(attr.self_attribute(state),
                                np.diag(np.asarray(attr.attribute(state, train))), rtol=1e-7)
 
 
 def test_identical_members_give_single_member_scores(x64):
-    task, train = _tasks(2)
+    task, (p,), train = _tasks(2)
     test = make_data(jax.random.PRNGKey(7), n=3)
-    p = task.members[0].params
-    triple = jattri.Task(lr_loss, [p, p, p])
+    triple = jattri.checkpoints([p, p, p])
     for make in list(METHODS.values()) + [lambda t: jattri.trak(t, proj_dim=6)]:
-        one, three = make(task), make(triple)
-        np.testing.assert_allclose(three.attribute(three.cache(train), test),
-                                   one.attribute(one.cache(train), test), rtol=1e-10)
+        attr = make(task)
+        np.testing.assert_allclose(attr.attribute(attr.cache(triple, train), test),
+                                   attr.attribute(attr.cache(p, train), test), rtol=1e-10)
 
 
 def test_methods_jit_and_state_is_pytree(x64):
-    task, train = _tasks(2)
+    task, (p,), train = _tasks(2)
     test = make_data(jax.random.PRNGKey(9), n=3)
     attr = jattri.grad_dot(task)
-    state = attr.cache(train)
+    state = attr.cache(p, train)
     leaves = jax.tree_util.tree_leaves(state)
     assert all(isinstance(l, jax.Array) for l in leaves)
     jitted = jax.jit(attr.attribute)(state, test)
@@ -196,6 +194,6 @@ def test_methods_jit_and_state_is_pytree(x64):
 def test_influence_on_nonconvex_singular_hessian_raises():
     x, y = make_data(jax.random.PRNGKey(0))
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}  # softmax: Hessian is singular
-    attr = jattri.influence_explicit(jattri.Task(lr_loss, [params]), damping=0.0)
+    attr = jattri.influence_explicit(lr_loss, damping=0.0)
     with pytest.raises(ValueError, match="damping"):
-        attr.cache((x, y))
+        attr.cache(params, (x, y))
