@@ -235,6 +235,21 @@ def test_ekfac_exact_when_fisher_is_kronecker():
     assert _rel(got, want) < 1e-10
 
 
+def test_ekfac_factors_streamed_in_stages():
+    """``jattri.func.ekfac_factors`` over a Stream (its two passes chunk by chunk) equals
+    the one-chunk in-memory fit."""
+    model = MLP(hidden=(4,), num_classes=3)
+    x, y = _classification_data(13, 3, 3, seed=3)
+    params = _f64(model.init(jax.random.PRNGKey(1), x[:1])["params"])
+    loss = _flax_loss(model)
+    stream = jattri.stream([(x[:5], y[:5]), (x[5:6], y[5:6]), (x[6:], y[6:])])
+    for curvature in fisher.CURVATURES:
+        want = fisher.ekfac_factors(loss, params, (x, y), curvature=curvature)
+        got = fisher.ekfac_factors(loss, params, stream, curvature=curvature, chunk_size=4)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.abs(a), np.abs(b), rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------------ DataInf
 
 def test_datainf_matches_closed_form():

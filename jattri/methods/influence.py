@@ -172,11 +172,15 @@ class _Spec(NamedTuple):
     check: Optional[Callable] = None
     in_memory: bool = False    # its Hessian-vector products read the whole training set
     reads_train: bool = False  # apply reads the training set
+    positive: bool = False     # damping must be > 0 (DataInf)
 
 
-def _check_damping(damping, name="damping"):
-    if not isinstance(damping, jax.core.Tracer) and not np.all(np.asarray(damping) >= 0):
-        raise ValueError(f"`{name}` must be >= 0, got {damping}")
+def _check_damping(damping, positive=False):
+    if isinstance(damping, jax.core.Tracer):
+        return
+    value = np.asarray(damping)
+    if not np.all(value > 0 if positive else value >= 0):
+        raise ValueError(f"`damping` must be {'> 0' if positive else '>= 0'}, got {damping}")
 
 
 def _check_relatif(relatif):
@@ -226,7 +230,7 @@ def _grad_tile(config, args, chunk):
     """``(size, n_test)``: mean_m g_i,mᵀ u_t,m (/ norm_i,m), g recomputed for the chunk."""
     loss, members, u, norms = args  # u (M, n_test, d)
     s = _common.member_map(lambda p, a, uj: _common.chunk_grads(loss, p, a, chunk) @ uj.T,
-                     members, u)  # (M, size, n_test)
+                           members, u)  # (M, size, n_test)
     if norms is not None:
         s = s / jnp.swapaxes(norms[chunk.index], 0, 1)[:, :, None]
     return jnp.mean(s, axis=0)
@@ -274,7 +278,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
     def damping_of(damping):
         if damping is None:
             return spec.damping
-        _check_damping(damping)
+        _check_damping(damping, spec.positive)
         return damping
 
     def self_map(mode, state, data, damping, norms):
@@ -282,8 +286,8 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         again inside every chunk, DataInf) a Python loop over the stream's chunks."""
         members = state.members
         d = _common.num_params(members)
-        config = (mode, task.target_is_loss, spec.apply, spec.config(members, size(members, data)),
-                  spec.project)
+        config = (mode, task.target_is_loss, spec.apply,
+                  spec.config(members, size(members, data)), spec.project)
         args = (task.loss, task.target, members, state.curvature, damping,
                 data if spec.reads_train else None, norms)
         b = size(members, data, 3 * members.num * d)
@@ -605,7 +609,7 @@ def _arnoldi_apply(config, args, v):
 def _arnoldi_coords(config, args, chunk):
     loss, members, eigvecs = args
     c = _common.member_map(lambda p, a, vecs: _common.chunk_grads(loss, p, a, chunk) @ vecs,
-                     members, eigvecs)
+                           members, eigvecs)
     return jnp.swapaxes(c, 0, 1)  # (size, M, r)
 
 
@@ -877,7 +881,8 @@ def influence_datainf(task: Any, *, damping: float = 0.1,
         return (sums / (n * dims)).astype(sums.dtype), None
 
     spec = _Spec("influence_datainf", damping, fit, _datainf_apply,
-                 lambda members, size: (_param_groups(members), size), reads_train=True)
+                 lambda members, size: (_param_groups(members), size), reads_train=True,
+                 positive=True)
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
