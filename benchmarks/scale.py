@@ -8,9 +8,11 @@ Grad-Dot, every one scoring with ``top_k=10``. Then GPT-2 small (124M parameters
 weights) on 64 training sequences of 512 tokens (UTF-8 bytes of the same text) with TRAK.
 
 Every run is its own subprocess, so its peak resident memory (``ru_maxrss``) is that
-method's alone. Each stage is compiled ahead of time (``jax.jit(stage).lower(...)
-.compile()``) and then run once, so compile and run times are reported apart and time
-per example excludes compilation. Also measured:
+method's alone. Stages are called as a user calls them (``attr.cache(members, train)``,
+``attr.attribute(state, test, top_k=10)``); the time JAX spends tracing and compiling
+inside the call (reported by ``jax.monitoring``) is reported apart, so time per example
+excludes compilation. ``--mode jit`` instead compiles each whole stage ahead of time
+(``jax.jit(attr.attribute).lower(...).compile()``) and runs it once. Also measured:
 
 * the share of projection in TRAK's featurise time: the same chunk of per-example
   gradients with and without the projection, and the projection alone on a
@@ -106,14 +108,51 @@ def _block(tree):
                                   if hasattr(x, "block_until_ready") else x, tree)
 
 
-def _stage(fn, *args):
-    """``(out, compile_s, run_s)``: ``fn`` compiled ahead of time for ``args``, run once."""
+_COMPILE_SPANS: list = []
+
+
+def _on_event(event, duration, **_):
+    if event.startswith("/jax/core/compile/"):
+        end = time.perf_counter()
+        _COMPILE_SPANS.append((end - duration, end))
+
+
+def _union(spans) -> float:
+    total, reach = 0.0, -float("inf")
+    for a, b in sorted(spans):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def _stage(fn, *args, mode="eager"):
+    """``(out, compile_s, run_s)`` of one stage.
+
+    ``eager``: called as a user calls it (the method's own jitted pieces); compile_s is
+    the union of the time spans JAX reports for tracing, lowering and compiling during
+    the call (``jax.monitoring``), run_s the rest. ``jit``: the whole stage compiled
+    ahead of time (``jax.jit(fn).lower(*args).compile()``), then run once.
+    """
     import jax
+    if mode == "jit":
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        t1 = time.perf_counter()
+        out = _block(compiled(*args))
+        return out, t1 - t0, time.perf_counter() - t1
+    if _on_event not in _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _LISTENING.append(_on_event)
+    del _COMPILE_SPANS[:]
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    t1 = time.perf_counter()
-    out = _block(compiled(*args))
-    return out, t1 - t0, time.perf_counter() - t1
+    out = _block(fn(*args))
+    wall = time.perf_counter() - t0
+    compile_s = _union([(max(a, t0), b) for a, b in _COMPILE_SPANS if b > t0])
+    return out, compile_s, wall - compile_s
+
+
+_LISTENING: list = []
 
 
 def _model(spec):
@@ -164,12 +203,13 @@ def run_method(spec) -> dict:
     members = jattri.task.as_members(params)
     attr = _attributor(spec, loss)
     rss0 = _rss_bytes()
-    state, c_compile, c_run = _stage(attr.cache, members, train)
+    mode = spec.get("mode", "eager")
+    state, c_compile, c_run = _stage(attr.cache, members, train, mode=mode)
     out = dict(cache_compile_s=c_compile, cache_s=c_run, rss_before=rss0,
                rss_after_cache=_rss_bytes())
     if not spec.get("cache_only"):
         top, a_compile, a_run = _stage(
-            lambda s, t: attr.attribute(s, t, top_k=spec["top_k"]), state, test)
+            lambda s, t: attr.attribute(s, t, top_k=spec["top_k"]), state, test, mode=mode)
         out.update(attribute_compile_s=a_compile, attribute_s=a_run,
                    top1=[int(i) for i in jax.device_get(top.indices[:4, 0])])
     out.update(peak_rss=_rss_bytes(), device_peak=_device_peak(),
@@ -396,6 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpt2-seq", type=int, help="GPT-2 tokens per sequence (512)")
     p.add_argument("--gpt2-chunk-size", type=int, default=2, help="GPT-2 examples per step")
     p.add_argument("--gpt2-method", default="trak", choices=("trak", "logra"))
+    p.add_argument("--mode", default="eager", choices=("eager", "jit"),
+                   help="stages called as they are (eager) or each jitted whole")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--markdown", help="write the tables here")
@@ -457,7 +499,7 @@ def main(argv=None) -> int:
         return row
 
     nano = dict(base["nanogpt"], kind="method", n_train=n_train, n_test=n_test, top_k=TOP_K,
-                chunk_size=args.chunk_size)
+                chunk_size=args.chunk_size, mode=args.mode)
     trak_spec = dict(nano, method="trak", proj_dim=k, projection=args.projection)
     labels = dict(trak=f"TRAK k={k} {args.projection}", logra="LoGra 16x16",
                   ekfac="EK-FAC influence", grad_dot="Grad-Dot")
@@ -483,13 +525,15 @@ def main(argv=None) -> int:
         spec = dict(base["gpt2"], kind="method", n_train=args.gpt2_n_train or (16 if q else 64),
                     n_test=args.gpt2_n_test or (4 if q else 8), top_k=TOP_K,
                     chunk_size=args.gpt2_chunk_size, method=args.gpt2_method, proj_dim=k,
+                    mode=args.mode,
                     projection=args.projection)
         label = labels["trak"] if args.gpt2_method == "trak" else labels["logra"]
         method_rows.append(run(f"GPT-2 ({g_seq} tok)", label, spec))
 
     text = []
     if method_rows:
-        text += ["Per method (each in its own process; compile excluded from stage times):",
+        text += [f"Per method (each in its own process; stages {args.mode}; compile time "
+                 "apart, excluded from the stage times):",
                  "", method_table(method_rows), ""]
     if profile_res is not None:
         text += [profile_table(profile_res), ""]
