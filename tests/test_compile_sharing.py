@@ -1,80 +1,184 @@
-"""Members that differ only in arrays (dropout keys, LoRA adapters, checkpoints) share
-every compiled program: member functions are ``Partial`` pytrees, traced rather than
-static. Measured by the cache sizes of jattri's jitted programs, which must not grow
-when a second ensemble with more members and another key is scored."""
-import importlib
+"""Params are data, never constants (issue 10): for every method,
+
+* ``jax.jit(attr.attribute)`` (and ``cache``, ``self_attribute``) called on two
+  different checkpoints of one architecture compiles once, and the second call runs no
+  XLA compilation at all;
+* ensemble members that differ only in arrays (dropout keys, LoRA adapters, another
+  checkpoint) share every compiled program: a second ensemble of the same size compiles
+  nothing; a larger one compiles only for its new shapes;
+* ``jax.make_jaxpr`` of ``cache``, ``attribute`` and ``self_attribute`` on a model of
+  103,427 parameters holds no constant with more than 10,000 elements (consts of every
+  nested jaxpr and array literals included).
+
+Compilations are counted by jax's own monitoring event for backend compiles
+(``/jax/core/compile/backend_compile_duration``, one per XLA compilation) and by the
+jitted stage's ``_cache_size()``.
+"""
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jattri
-from jattri.ensemble import dropout, lora
-from jattri.func import hessian
-from jattri.methods import _common, influence
+from jattri.ensemble import dropout, dropout_trak, lora
+from jattri.models import MLP as MLPModule
+from test_ensemble import init_mlp, mlp_data, mlp_features, mlp_logits, mlp_loss, pending
 
-# modules, not the functions of the same names that jattri.methods re-exports
-logra, trak = (importlib.import_module(f"jattri.methods.{m}") for m in ("logra", "trak"))
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+MAX_CONST = 10_000
 
-from test_ensemble import init_mlp, mlp_data, mlp_loss
 
-# float64 throughout (the conftest fixture restores the setting afterwards)
-pytestmark = pytest.mark.usefixtures("x64")
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block (``.n``)."""
+    class Counter:
+        n = 0
 
-PROGRAMS = [_common._grads_jit, influence._mean_loss_hessian, influence._cg_ihvp,
-            influence._arnoldi_hessian, influence._ekfac_factors_jit, influence._ekfac_ihvps,
-            hessian._lissa_jit, hessian._top_eigenvalue_jit, logra._projected_layer_grads,
-            trak._q_values]
+    counter = Counter()
 
+    def listen(event, duration, **kwargs):
+        if event == BACKEND_COMPILE:
+            counter.n += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+# ---------------------------------------------------------------- the methods
+
+def small_logits(params, example):
+    return mlp_logits(params, example[0])
+
+
+def label(example):
+    return example[1]
+
+
+def _rps(task, logits):
+    # module-level functions: a new lambda per call would be a new function (new code)
+    return jattri.rps(task, features_fn=mlp_features, logits_fn=logits, label_fn=label,
+                      l2=1e-2)
+
+
+# name -> (task, logits_fn(params, example)) -> Attributor; small hyperparameters: only
+# programs are counted
 METHODS = {
-    "grad_dot": lambda t: jattri.grad_dot(t),
-    "tracin_sjlt": lambda t: jattri.tracin(t, proj_dim=8, projection="sjlt"),
-    "trak": lambda t: jattri.trak(t, proj_dim=8),
-    "influence_explicit": lambda t: jattri.influence_explicit(t, damping=1.0),
-    "influence_cg": lambda t: jattri.influence_cg(t, damping=1.0, maxiter=5),
-    "influence_lissa": lambda t: jattri.influence_lissa(t, damping=1.0, depth=5),
-    "influence_arnoldi": lambda t: jattri.influence_arnoldi(t, rank=4, damping=1.0),
-    "influence_ekfac": lambda t: jattri.influence_ekfac(t, damping=0.1),
-    "logra": lambda t: jattri.logra(t, proj_dim_in=3, proj_dim_out=2),
+    "grad_dot": lambda t, lg: jattri.grad_dot(t),
+    "grad_cos": lambda t, lg: jattri.grad_cos(t),
+    "tracin": lambda t, lg: jattri.tracin(t),
+    "tracin_sjlt": lambda t, lg: jattri.tracin(t, proj_dim=8, projection="sjlt"),
+    "trak": lambda t, lg: jattri.trak(t, proj_dim=8),
+    "dropout_trak": lambda t, lg: dropout_trak(t, 2, jax.random.PRNGKey(7), proj_dim=8),
+    "influence_explicit": lambda t, lg: jattri.influence_explicit(t, damping=1.0),
+    "influence_cg": lambda t, lg: jattri.influence_cg(t, damping=1.0, maxiter=5),
+    "influence_lissa": lambda t, lg: jattri.influence_lissa(t, damping=1.0, depth=5),
+    "influence_arnoldi": lambda t, lg: jattri.influence_arnoldi(t, rank=4, damping=1.0),
+    "influence_ekfac": lambda t, lg: jattri.influence_ekfac(t, damping=0.1),
+    "influence_datainf": lambda t, lg: jattri.influence_datainf(t),
+    "logra": lambda t, lg: jattri.logra(t, proj_dim_in=3, proj_dim_out=2),
+    "rps": lambda t, lg: _rps(t, lg),
+    "knn_shapley": lambda t, lg: jattri.knn_shapley(3, features_fn=mlp_features),
 }
 
 
-def _compiled():
-    return [p._cache_size() for p in PROGRAMS]
+def test_every_exported_method_is_covered():
+    exported = {n for n in jattri.methods.__all__ if n != "Attributor"}
+    assert exported <= set(METHODS), exported - set(METHODS)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_dropout_members_share_compilations(method):
-    params = init_mlp(jax.random.PRNGKey(0))
-    train, test = mlp_data(jax.random.PRNGKey(1), 12), mlp_data(jax.random.PRNGKey(2), 3)
-    base = jattri.Task(mlp_loss, [params])
-    make = METHODS[method]
+# ------------------------------------------------- one compile across checkpoints
 
-    def score(task):
-        attr = make(task)
-        return attr.attribute(attr.cache(train), test)
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_jitted_stages_compile_once_across_checkpoints(name):
+    with pending(name):
+        _compile_once_across_checkpoints(name)
 
-    score(dropout(base, 1, jax.random.PRNGKey(3)))
-    before = _compiled()
-    scores = score(dropout(base, 3, jax.random.PRNGKey(4)))
-    assert _compiled() == before, f"{method}: a dropout member compiled its own program"
-    assert scores.shape == (12, 3) and bool(jnp.all(jnp.isfinite(scores)))
+
+def _compile_once_across_checkpoints(name):
+    p1, p2 = init_mlp(jax.random.PRNGKey(0)), init_mlp(jax.random.PRNGKey(1))
+    train, test = mlp_data(jax.random.PRNGKey(2), 12), mlp_data(jax.random.PRNGKey(3), 3)
+    attr = METHODS[name](jattri.Task(mlp_loss), small_logits)
+
+    cache = jax.jit(attr.cache)
+    s1 = cache(jattri.checkpoints([p1]), train)
+    with count_compiles() as c:
+        s2 = cache(jattri.checkpoints([p2]), train)
+    assert cache._cache_size() == 1 and c.n == 0, f"{name}: cache compiled again"
+
+    attribute = jax.jit(attr.attribute)
+    r1 = attribute(s1, test)
+    with count_compiles() as c:
+        r2 = attribute(s2, test)
+    assert attribute._cache_size() == 1 and c.n == 0, f"{name}: attribute compiled again"
+    assert r2.shape == (12, 3) and bool(jnp.all(jnp.isfinite(r2)))
+    assert not np.allclose(r1, r2)  # the second checkpoint was really used
+    np.testing.assert_allclose(r2, attr.attribute(attr.cache(p2, train), test),
+                               rtol=2e-4, atol=1e-6)
+
+    self_attribute = jax.jit(attr.self_attribute)
+    self_attribute(s1)
+    with count_compiles() as c:
+        v2 = self_attribute(s2)
+    assert self_attribute._cache_size() == 1 and c.n == 0, \
+        f"{name}: self_attribute compiled again"
+    assert v2.shape == (12,)
+
+
+# ------------------------------------------------------ ensembles share programs
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"dropout_trak"}))  # its own masks
+def test_dropout_members_share_compilations(name):
+    with pending(name):
+        _dropout_members_share(name)
+
+
+def _dropout_members_share(name):
+    params, other = init_mlp(jax.random.PRNGKey(0)), init_mlp(jax.random.PRNGKey(1))
+    train, test = mlp_data(jax.random.PRNGKey(2), 12), mlp_data(jax.random.PRNGKey(3), 3)
+    task = jattri.Task(mlp_loss)
+    one = dropout(task, params, 1, jax.random.PRNGKey(3))
+    three = dropout(task, params, 3, jax.random.PRNGKey(4))
+    again = [dropout(task, params, 3, jax.random.PRNGKey(5)),  # other masks
+             dropout(task, other, 3, jax.random.PRNGKey(4))]   # another checkpoint
+    attr = METHODS[name](one[0], small_logits)  # one Task serves every dropout ensemble
+
+    # eager stages (jattri's own jitted steps inside)
+    attr.attribute(attr.cache(three[1], train), test)
+    for ens_task, members in again:
+        a = METHODS[name](ens_task, small_logits)
+        with count_compiles() as c:
+            scores = a.attribute(a.cache(members, train), test)
+        assert c.n == 0, f"{name}: a dropout ensemble of the same size compiled {c.n} programs"
+        assert scores.shape == (12, 3) and bool(jnp.all(jnp.isfinite(scores)))
+
+    # a jitted stage: 1 member, then 3 (new shapes: one compile), then 3 others (none)
+    cache, attribute = jax.jit(attr.cache), jax.jit(attr.attribute)
+    for k, (_, members) in enumerate([one, three] + again):
+        attribute(cache(members, train), test)
+        sizes = (cache._cache_size(), attribute._cache_size())
+        assert sizes == ((1, 1) if k == 0 else (2, 2)), f"{name}: {sizes} after {k + 1}"
 
 
 def test_lora_adapters_share_compilations():
     params = init_mlp(jax.random.PRNGKey(0))
     train, test = mlp_data(jax.random.PRNGKey(1), 12), mlp_data(jax.random.PRNGKey(2), 3)
-    base = jattri.Task(mlp_loss, [params])
-    tasks = [lora(base, train, k, jax.random.PRNGKey(k), rank=2, steps=3, batch_size=4)[0]
-             for k in (1, 3)]
-    for task in tasks[:1]:
-        attr = jattri.trak(task, proj_dim=8)
-        attr.attribute(attr.cache(train), test)
-    before = _compiled()
-    attr = jattri.trak(tasks[1], proj_dim=8)
-    attr.attribute(attr.cache(train), test)
-    assert _compiled() == before
+    task = jattri.Task(mlp_loss)
+    ensembles = [lora(task, params, train, 3, jax.random.PRNGKey(k), rank=2, steps=3,
+                      batch_size=4)[:2] for k in (1, 2)]
+    ensembles.append(lora(task, init_mlp(jax.random.PRNGKey(5)), train, 3,
+                          jax.random.PRNGKey(1), rank=2, steps=3, batch_size=4)[:2])
+    for k, (ens_task, members) in enumerate(ensembles):
+        attr = jattri.trak(ens_task, proj_dim=8)
+        with count_compiles() as c:
+            attr.attribute(attr.cache(members, train), test)
+        if k:
+            assert c.n == 0, f"LoRA ensemble {k} compiled {c.n} programs"
 
 
 class _UnhashableLoss:
@@ -92,22 +196,25 @@ class _UnhashableLoss:
         return self.scale * mlp_loss(params, example, rng)
 
 
+@pytest.mark.usefixtures("x64")
 def test_unhashable_loss_functions_work_uncached():
     params = init_mlp(jax.random.PRNGKey(0))
     train, test = mlp_data(jax.random.PRNGKey(1), 8), mlp_data(jax.random.PRNGKey(2), 2)
     loss = _UnhashableLoss(jnp.asarray(2.0))
     same = lambda p, z, rng=None: 2.0 * mlp_loss(p, z, rng)  # hashable twin
     key = jax.random.PRNGKey(0)
-    for build in (lambda f: jattri.Task(f, [params]),
-                  lambda f: dropout(jattri.Task(f, [params]), 2, key)):
-        got, want = [jattri.grad_dot(build(f)) for f in (loss, same)]
-        np.testing.assert_allclose(got.attribute(got.cache(train), test),
-                                   want.attribute(want.cache(train), test), rtol=1e-12)
+    for build in (lambda f: (jattri.Task(f), jattri.checkpoints([params])),
+                  lambda f: dropout(jattri.Task(f), params, 2, key)):
+        (t1, m1), (t2, m2) = build(loss), build(same)
+        got, want = jattri.grad_dot(t1), jattri.grad_dot(t2)
+        np.testing.assert_allclose(got.attribute(got.cache(m1, train), test),
+                                   want.attribute(want.cache(m2, train), test), rtol=1e-12)
 
 
+@pytest.mark.usefixtures("x64")
 def test_func_level_solvers_compile_once_for_one_function():
     """``ihvp_explicit`` / ``ihvp_cg`` / ``ihvp_arnoldi`` / ``ihvp_lissa`` called again
-    with the same ``f`` (other params values and vectors) reuse their programs."""
+    with the same ``f`` (other params values and vectors) compile nothing."""
     from jattri import func
     x = jax.random.normal(jax.random.PRNGKey(0), (20, 3))
     f = lambda p: jnp.mean((x @ p["w"] - 1.0) ** 2) + 0.5 * jnp.sum(p["w"] ** 2)
@@ -119,12 +226,108 @@ def test_func_level_solvers_compile_once_for_one_function():
         lambda p, v: func.ihvp_lissa(f_batch, p, v, data=x, key=jax.random.PRNGKey(1),
                                      damping=0.1, depth=20),
     ]
-    programs = [hessian._dense_hessian_jit, hessian._cg_jit, hessian._arnoldi_ihvp_jit,
-                hessian._lissa_jit, hessian._top_eigenvalue_jit]
     for call in calls:
         call({"w": jnp.ones(3)}, {"w": jnp.ones(3)})
-    before = [p._cache_size() for p in programs]
-    for call in calls:
-        out = call({"w": jnp.arange(3.0)}, {"w": jnp.arange(3.0) - 1.0})
+    p, v = {"w": jnp.arange(3.0)}, {"w": jnp.arange(3.0) - 1.0}  # (eager ops compile)
+    with count_compiles() as c:
+        outs = [call(p, v) for call in calls]
+    assert c.n == 0
+    for out in outs:
         assert bool(jnp.all(jnp.isfinite(out["w"])))
-    assert [p._cache_size() for p in programs] == before
+
+
+# --------------------------------------------- no parameter-sized constants
+
+BIG = MLPModule(hidden=(256,), num_classes=3, dropout_rate=0.3)
+BIG_IN = 400  # 400·256 + 256 + 256·3 + 3 = 103,427 parameters
+
+
+def big_logits(params, x, rng=None):
+    if rng is None:
+        return BIG.apply({"params": params}, x[None])[0]
+    return BIG.apply({"params": params}, x[None], deterministic=False,
+                     rngs={"dropout": rng})[0]
+
+
+def big_example_logits(params, example):
+    return big_logits(params, example[0])
+
+
+def big_loss(params, example, rng=None):
+    x, y = example
+    return optax.softmax_cross_entropy_with_integer_labels(big_logits(params, x, rng), y)
+
+
+def _sizes_of_constants(closed) -> list:
+    """Element counts of every constant of a ClosedJaxpr: its consts, array literals
+    among equation inputs, and the same in every nested jaxpr (scan/while/cond/pjit
+    bodies, custom derivatives)."""
+    from jax.extend import core as jcore
+    found = []
+
+    def visit_params(value):
+        if isinstance(value, jcore.ClosedJaxpr):
+            found.extend(int(np.size(c)) for c in value.consts)
+            visit(value.jaxpr)
+        elif isinstance(value, jcore.Jaxpr):
+            visit(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                visit_params(v)
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            for v in eqn.invars:
+                if isinstance(v, jcore.Literal):
+                    found.append(int(np.size(v.val)))
+            for value in eqn.params.values():
+                visit_params(value)
+
+    found.extend(int(np.size(c)) for c in closed.consts)
+    visit(closed.jaxpr)
+    return found
+
+
+def test_constant_inspection_finds_closed_over_params():
+    """The inspection itself: a closed-over array inside a scan inside a jit is found."""
+    w = jnp.ones((200, 100))
+
+    def f(x):
+        inner = jax.jit(lambda y: jax.lax.scan(lambda c, r: (c + jnp.sum(w @ r), None),
+                                               0.0, y)[0])
+        return inner(x)
+
+    assert max(_sizes_of_constants(jax.make_jaxpr(f)(jnp.ones((3, 100))))) == 20_000
+    assert max(_sizes_of_constants(jax.make_jaxpr(lambda w, x: jnp.sum(w @ x[0]))(
+        w, jnp.ones((3, 100)))), default=0) < MAX_CONST
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_parameter_sized_constants(name):
+    with pending(name):
+        _no_parameter_sized_constants(name)
+
+
+def _no_parameter_sized_constants(name):
+    params = BIG.init(jax.random.PRNGKey(0), jnp.zeros((1, BIG_IN)))["params"]
+    d = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    assert d >= 100_000
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    x, y = jax.random.normal(kx, (10, BIG_IN)), jax.random.randint(ky, (10,), 0, 3)
+    train, test = (x[:6], y[:6]), (x[6:], y[6:])
+    members = jattri.checkpoints([params])
+    attr = METHODS[name](jattri.Task(big_loss), big_example_logits)
+
+    stages = {"cache": jax.make_jaxpr(attr.cache)(members, train)}
+    if name == "influence_explicit":
+        # A dense (d, d) Hessian of 103,427 parameters (43 GB) is never computed: the
+        # state is abstract (jax.eval_shape), its stages only traced.
+        state = jax.eval_shape(attr.cache, members, train)
+    else:
+        state = attr.cache(members, train)
+    stages["attribute"] = jax.make_jaxpr(attr.attribute)(state, test)
+    stages["self_attribute"] = jax.make_jaxpr(attr.self_attribute)(state)
+    for stage, closed in stages.items():
+        biggest = max(_sizes_of_constants(closed), default=0)
+        assert biggest <= MAX_CONST, \
+            f"{name}.{stage}: a constant of {biggest} elements (model: {d} parameters)"
