@@ -209,7 +209,8 @@ def run_method(spec) -> dict:
                rss_after_cache=_rss_bytes())
     if not spec.get("cache_only"):
         top, a_compile, a_run = _stage(
-            lambda s, t: attr.attribute(s, t, top_k=spec["top_k"]), state, test, mode=mode)
+            lambda s, t: attr.attribute(s, t, top_k=min(spec["top_k"], spec["n_train"])),
+            state, test, mode=mode)
         out.update(attribute_compile_s=a_compile, attribute_s=a_run,
                    top1=[int(i) for i in jax.device_get(top.indices[:4, 0])])
     out.update(peak_rss=_rss_bytes(), device_peak=_device_peak(),
@@ -355,7 +356,8 @@ def method_table(rows) -> str:
             continue
         att = res.get("attribute_s")
         comp = res["cache_compile_s"] + (res.get("attribute_compile_s") or 0.0)
-        note = "cache only" if spec.get("cache_only") else f"top_k={spec['top_k']}"
+        note = ("cache only" if spec.get("cache_only") else
+                f"top_k={min(spec['top_k'], spec['n_train'])}")
         lines.append(
             f"| {r['model']} | {r['label']} | {n} | {spec['n_test']} | {_s(res['cache_s'])} "
             f"| {_ms(res['cache_s'] / n)} | {_s(att)} | {_ms(None if att is None else att / n)} "
