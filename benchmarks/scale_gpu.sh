@@ -4,8 +4,12 @@
 # From the repository root:
 #     bash benchmarks/scale_gpu.sh [OUT_DIR [scale.py flags...]]
 #     (default OUT_DIR: $OUT or /tmp/jattri_scale_gpu; e.g. `... /tmp/x --quick` to try it)
-# Through the device tool (one call, ~5-8 min on one H200, most of it compilation):
+# Through the device tool (one call; an estimate of 5-9 min on one H200, most of it
+# compiling the 11 subprocesses; not yet run):
 #     run(command="bash benchmarks/scale_gpu.sh $OUT", timeout_s=600)
+# or, to stay well inside the 10-minute limit of one call, two calls:
+#     run(command="bash benchmarks/scale_gpu.sh $OUT/a --parts nanogpt,profile", timeout_s=420)
+#     run(command="bash benchmarks/scale_gpu.sh $OUT/b --parts scaling,gpt2", timeout_s=420)
 #
 # Writes OUT_DIR/scale_gpu.md (the tables), OUT_DIR/scale_gpu.json (every figure) and
 # OUT_DIR/scale_gpu.log. Uses whatever jax is installed (jax with CUDA if present; the
