@@ -237,20 +237,20 @@ def _median_time(fn, *args, reps=3):
 
 
 def run_profile(spec) -> dict:
-    """Projection vs gradient time on one chunk of TRAK's featurise step."""
+    """Projection vs gradient time on one chunk of TRAK's featurise step, at the default
+    chunk size and at the one the benchmark uses; the SJLT hash alone; the dense
+    Gaussian."""
     import jax
     import jax.numpy as jnp
     import jattri
     from jattri import engine
-    from jattri.func.projection import random_projection
+    from jattri.func.projection import random_projection, sjlt_hash
     from jattri.methods import _common
     model = _model(spec)
     params = _load_params(spec, model)
     train, _ = _data(spec)
     members = jattri.task.as_members(params)
     d = _common.num_params(members)
-    size = _common.chunk_size_for(spec.get("chunk_size"), members, train)
-    chunk = engine.Chunk(train[:size], jnp.arange(size, dtype=jnp.int32), jnp.ones(size, bool))
     fn = jattri.Task(partial(lm_loss, model.module)).loss
     key = jax.random.PRNGKey(0)
     k = spec["proj_dim"]
@@ -258,17 +258,29 @@ def run_profile(spec) -> dict:
     grads = jax.jit(lambda p, c: _common.chunk_grads(fn, p, None, c))
     feats = jax.jit(lambda p, c, proj: _common.chunk_grads(fn, p, None, c, proj))
     project = jax.jit(lambda g, proj: proj(g))
-    t_grad = _median_time(grads, params, chunk)
-    t_feat = _median_time(feats, params, chunk, sjlt)
-    g = grads(params, chunk)
-    t_proj = _median_time(project, g, sjlt)
+    sizes = sorted({_common.chunk_size_for(c, members, train) for c in spec["chunks"]})
+    rows = []
+    for size in sizes:
+        chunk = engine.Chunk(train[:size], jnp.arange(size, dtype=jnp.int32),
+                             jnp.ones(size, bool))
+        g = grads(params, chunk)
+        rows.append(dict(chunk=size, grad_s=_median_time(grads, params, chunk),
+                         featurise_s=_median_time(feats, params, chunk, sjlt),
+                         projection_s=_median_time(project, g, sjlt)))
+        del g
+    # What every SJLT call recomputes: bucket and sign of all d coordinates.
+    hash_all = jax.jit(lambda key: sjlt_hash(key, jnp.arange(d, dtype=jnp.int32), k))
+    t_hash = _median_time(hash_all, key)
     # The dense Gaussian on a slice of d_sub coordinates, scaled to d (its cost is
     # linear in d: d·k normal draws and 2·d·k flops per example).
+    size = sizes[0]
+    chunk = engine.Chunk(train[:size], jnp.arange(size, dtype=jnp.int32), jnp.ones(size, bool))
+    g = grads(params, chunk)
     d_sub = min(d, spec["gaussian_coords"])
     gauss = random_projection("gaussian", key, d_sub, k)
     t_gauss_sub = _median_time(project, g[:, :d_sub], gauss, reps=1)
-    return dict(d=d, chunk=size, proj_dim=k, grad_s=t_grad, featurise_s=t_feat,
-                projection_s=t_proj, gaussian_coords=d_sub, gaussian_sub_s=t_gauss_sub,
+    return dict(d=d, proj_dim=k, rows=rows, hash_s=t_hash, gaussian_chunk=size,
+                gaussian_coords=d_sub, gaussian_sub_s=t_gauss_sub,
                 gaussian_s=t_gauss_sub * d / d_sub, peak_rss=_rss_bytes())
 
 
@@ -358,6 +370,7 @@ def method_table(rows) -> str:
         comp = res["cache_compile_s"] + (res.get("attribute_compile_s") or 0.0)
         note = ("cache only" if spec.get("cache_only") else
                 f"top_k={min(spec['top_k'], spec['n_train'])}")
+        note += f", chunk {spec.get('chunk_size') or 'default'}"
         lines.append(
             f"| {r['model']} | {r['label']} | {n} | {spec['n_test']} | {_s(res['cache_s'])} "
             f"| {_ms(res['cache_s'] / n)} | {_s(att)} | {_ms(None if att is None else att / n)} "
@@ -368,28 +381,27 @@ def method_table(rows) -> str:
 def profile_table(res) -> str:
     if "error" in res:
         return f"profile failed: {res['error']}"
-    share = (res["featurise_s"] - res["grad_s"]) / res["featurise_s"]
-    alone = res["projection_s"] / (res["grad_s"] + res["projection_s"])
-    c = res["chunk"]
-    return "\n".join([
-        f"TRAK featurise, one chunk of {c} training blocks (d = {res['d']:,}, k = "
-        f"{res['proj_dim']}), median of 3:",
-        "",
-        "| step | s per chunk | ms per example |",
-        "|---|---|---|",
-        f"| per-example gradients only | {res['grad_s']:.3f} | {1e3 * res['grad_s'] / c:.0f} |",
-        f"| gradients + SJLT projection (featurise) | {res['featurise_s']:.3f} | "
-        f"{1e3 * res['featurise_s'] / c:.0f} |",
-        f"| SJLT projection alone on the (chunk, d) gradients | {res['projection_s']:.3f} | "
-        f"{1e3 * res['projection_s'] / c:.0f} |",
-        f"| dense Gaussian projection alone, scaled from {res['gaussian_coords']:,} "
-        f"coordinates to d | {res['gaussian_s']:.1f} | {1e3 * res['gaussian_s'] / c:.0f} |",
-        "",
-        f"Projection share of featurise time (SJLT): {100 * share:.1f}% (featurise − "
-        f"gradients) / featurise; {100 * alone:.1f}% (projection alone) / (gradients + "
-        f"projection alone). A dense Gaussian would take "
-        f"{res['gaussian_s'] / res['grad_s']:.1f}× the gradient time.",
-    ])
+    lines = [
+        f"TRAK featurise on nanoGPT (d = {res['d']:,}, k = {res['proj_dim']}): one chunk of "
+        "training blocks, median of 3 runs, ms per example:", "",
+        "| chunk | gradients only | gradients + SJLT (featurise) | SJLT alone on the "
+        "gradients | projection share (featurise − gradients) / featurise | share "
+        "(alone) / (gradients + alone) |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c = r["chunk"]
+        ms = lambda x: f"{1e3 * x / c:.0f}"
+        lines.append(
+            f"| {c} | {ms(r['grad_s'])} | {ms(r['featurise_s'])} | {ms(r['projection_s'])} | "
+            f"{100 * (r['featurise_s'] - r['grad_s']) / r['featurise_s']:.1f}% | "
+            f"{100 * r['projection_s'] / (r['grad_s'] + r['projection_s']):.1f}% |")
+    grad = res["rows"][0]["grad_s"] / res["rows"][0]["chunk"]
+    gauss = res["gaussian_s"] / res["gaussian_chunk"]
+    lines += ["", f"SJLT hash of all d coordinates alone (recomputed by every projection "
+              f"call, whatever the chunk size): {res['hash_s']:.3f} s. Dense Gaussian "
+              f"projection (timed on {res['gaussian_coords']:,} coordinates, scaled to d): "
+              f"{1e3 * gauss:.0f} ms per example in a chunk of {res['gaussian_chunk']}, "
+              f"{gauss / grad:.0f}× the gradient."]
+    return "\n".join(lines)
 
 
 def scaling_table(rows) -> str:
@@ -430,6 +442,9 @@ def main(argv=None) -> int:
     p.add_argument("--projection", default="sjlt", help="TRAK projection (sjlt)")
     p.add_argument("--chunk-size", type=int, help="examples per step (default: the "
                    "methods' memory-based default)")
+    p.add_argument("--trak-chunk-size", type=int,
+                   help="nanoGPT TRAK examples per step (16: every SJLT call re-hashes all d "
+                   "coordinates, so larger chunks amortise it; the default chunk is 6)")
     p.add_argument("--adam-steps", type=int, default=0,
                    help="Adam steps (batch 8, lr 1e-3) on the training blocks before "
                    "attributing (0: random initial weights)")
@@ -502,7 +517,10 @@ def main(argv=None) -> int:
 
     nano = dict(base["nanogpt"], kind="method", n_train=n_train, n_test=n_test, top_k=TOP_K,
                 chunk_size=args.chunk_size, mode=args.mode)
-    trak_spec = dict(nano, method="trak", proj_dim=k, projection=args.projection)
+    trak_chunk = next((c for c in (args.trak_chunk_size, args.chunk_size) if c is not None),
+                      None if q else 16)
+    trak_spec = dict(nano, method="trak", proj_dim=k, projection=args.projection,
+                     chunk_size=trak_chunk)
     labels = dict(trak=f"TRAK k={k} {args.projection}", logra="LoGra 16x16",
                   ekfac="EK-FAC influence", grad_dot="Grad-Dot")
     method_rows, scaling_rows, profile_res = [], [], None
@@ -512,7 +530,7 @@ def main(argv=None) -> int:
             method_rows.append(run("nanoGPT", labels[m], spec))
     if "profile" in parts:
         spec = dict(base["nanogpt"], kind="profile", n_train=n_train, n_test=1, proj_dim=k,
-                    chunk_size=args.chunk_size, gaussian_coords=2**12 if q else 2**18)
+                    chunks=[args.chunk_size, trak_chunk], gaussian_coords=2**12 if q else 2**18)
         profile_res = run("nanoGPT", "projection profile", spec)["result"]
     if "scaling" in parts:
         done = {r["spec"]["n_train"]: r["result"] for r in method_rows
