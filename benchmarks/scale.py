@@ -286,9 +286,10 @@ def run_profile(spec) -> dict:
 
 def worker(spec) -> dict:
     import jax
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     out = run_profile(spec) if spec["kind"] == "profile" else run_method(spec)
-    out.update(wall_s=time.perf_counter() - t0, backend=jax.default_backend())
+    out.update(wall_s=time.perf_counter() - t0, backend=jax.default_backend(),
+               load=[load0, os.getloadavg()[0]])
     return out
 
 
@@ -371,6 +372,8 @@ def method_table(rows) -> str:
         note = ("cache only" if spec.get("cache_only") else
                 f"top_k={min(spec['top_k'], spec['n_train'])}")
         note += f", chunk {spec.get('chunk_size') or 'default'}"
+        if res.get("load"):
+            note += ", load " + " → ".join(f"{x:.1f}" for x in res["load"])
         lines.append(
             f"| {r['model']} | {r['label']} | {n} | {spec['n_test']} | {_s(res['cache_s'])} "
             f"| {_ms(res['cache_s'] / n)} | {_s(att)} | {_ms(None if att is None else att / n)} "
@@ -405,13 +408,15 @@ def profile_table(res) -> str:
 
 
 def scaling_table(rows) -> str:
-    lines = ["| n_train | cache s | ms / train example | peak RSS GiB |", "|---|---|---|---|"]
+    lines = ["| n_train | cache s | ms / train example | peak RSS GiB | load avg (1 min) "
+             "before, after |", "|---|---|---|---|---|"]
     for n, res in rows:
         if "error" in res:
-            lines.append(f"| {n} | - | - | failed: {res['error']} |")
+            lines.append(f"| {n} | - | - | - | failed: {res['error']} |")
         else:
+            load = ", ".join(f"{x:.1f}" for x in res.get("load", []))
             lines.append(f"| {n} | {res['cache_s']:.1f} | {1e3 * res['cache_s'] / n:.0f} "
-                         f"| {_gib(res['peak_rss'])} |")
+                         f"| {_gib(res['peak_rss'])} | {load} |")
     return "\n".join(lines)
 
 
