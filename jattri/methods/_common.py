@@ -82,14 +82,25 @@ def param_dtype(members: Members):
     return jnp.result_type(*[jnp.result_type(x) for x in leaves], jnp.float32)
 
 
+#: Chunk budget multiplier for steps that project gradients: a projection call has a
+#: fixed cost (the SJLT hash or the Gaussian rows of all d coordinates) that larger
+#: chunks amortise (nanoGPT 10.7M, k = 2048: 27% of featurise time at 6 examples a
+#: chunk, 17% at 16; benchmarks/RESULTS.md, "Scale").
+PROJECTED_CHUNK_FACTOR = 4
+
+
 def chunk_size_for(chunk_size: Optional[int], members: Members, data: Any = None,
-                   per_example_floats: Optional[int] = None) -> int:
+                   per_example_floats: Optional[int] = None, *,
+                   projected: bool = False) -> int:
     """The user's ``chunk_size``, or :func:`jattri.engine.default_chunk_size` for
-    ``per_example_floats`` (default d, one gradient) floats per example."""
+    ``per_example_floats`` (default d, one gradient) floats per example; with
+    ``projected``, a :data:`PROJECTED_CHUNK_FACTOR` times larger budget."""
     n = None if data is None else engine.num_examples(data)
     if chunk_size is not None:
         return chunk_size if n is None else max(1, min(chunk_size, n))
     floats = num_params(members) if per_example_floats is None else per_example_floats
+    if projected:
+        floats = max(1, floats // PROJECTED_CHUNK_FACTOR)
     return engine.default_chunk_size(4 * floats, n)
 
 

@@ -125,7 +125,8 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         ``fold_in(key, k)``.
       normalize: divide each (projected) gradient by its norm: cosine similarity.
       key: PRNG key of the projections (default ``PRNGKey(0)``).
-      chunk_size: examples per compiled step (default: 256 MiB of gradients);
+      chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
+        with a projection);
         proj_chunk_size: parameters projected at a time.
 
     Memory: state n·M·k floats with a projection, none proportional to n without;
@@ -142,7 +143,8 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize))
 
     def size(members, data, floats=None):
-        return _common.chunk_size_for(chunk_size, members, data, floats)
+        projected = floats is None and proj_dim is not None  # gradient steps that project
+        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected)
 
     def features(members, fn, data):
         args = (fn, members, _common.member_keys(key, members.num))

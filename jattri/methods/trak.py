@@ -158,7 +158,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` (sparse, O(d) per
         example: the one to use at millions of parameters).
-      chunk_size: examples per compiled step (default: 256 MiB of gradients).
+      chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
+        when projecting, to amortise the projection's per-call cost).
       proj_chunk_size: projection rows generated at a time.
 
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
@@ -176,7 +177,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
         return (projection, d, None if proj_dim is None else int(proj_dim), proj_chunk_size)
 
     def size(members, data, floats=None):
-        return _common.chunk_size_for(chunk_size, members, data, floats)
+        projected = floats is None and proj_dim is not None  # gradient steps that project
+        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected)
 
     def cache(members, train) -> TrakState:
         members = _common.setup(task, members, train)
