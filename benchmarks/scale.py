@@ -90,6 +90,15 @@ def lm_loss(module, params, block):
 # ------------------------------------------------------------------------- worker
 
 def _rss_bytes() -> int:
+    """Peak resident memory of this process: ``VmHWM`` (Linux; fresh at exec), else
+    ``ru_maxrss``, which a child inherits from the parent it was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
@@ -258,7 +267,13 @@ def run_profile(spec) -> dict:
     grads = jax.jit(lambda p, c: _common.chunk_grads(fn, p, None, c))
     feats = jax.jit(lambda p, c, proj: _common.chunk_grads(fn, p, None, c, proj))
     project = jax.jit(lambda g, proj: proj(g))
-    sizes = sorted({_common.chunk_size_for(c, members, train) for c in spec["chunks"]})
+    sizes = {_common.chunk_size_for(c, members, train) for c in spec["chunks"]}
+    sizes.add(_common.chunk_size_for(None, members, train))  # a plain gradient step's
+    try:  # TRAK's own default, where the library budgets projected steps apart
+        sizes.add(_common.chunk_size_for(None, members, train, projected=True))
+    except TypeError:
+        pass
+    sizes = sorted(sizes)
     rows = []
     for size in sizes:
         chunk = engine.Chunk(train[:size], jnp.arange(size, dtype=jnp.int32),
@@ -324,7 +339,7 @@ def prepare(spec) -> dict:
     with open(spec["params_file"], "wb") as f:
         f.write(serialization.to_bytes(params))
     d = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    return dict(d=int(d), loss_init=first, loss_final=last)
+    return dict(d=int(d), loss_init=first, loss_final=last, machine=machine())
 
 
 # ------------------------------------------------------------------------- driver
@@ -430,7 +445,7 @@ def machine() -> str:
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     return (f"{platform.platform()}, {os.cpu_count()} CPUs{mem}, python "
             f"{platform.python_version()}, jax {jax.__version__} on {jax.default_backend()} "
-            f"({devices}); load average at start {os.getloadavg()[0]:.2f}")
+            f"({devices})")
 
 
 def main(argv=None) -> int:
@@ -448,8 +463,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, help="examples per step (default: the "
                    "methods' memory-based default)")
     p.add_argument("--trak-chunk-size", type=int,
-                   help="nanoGPT TRAK examples per step (16: every SJLT call re-hashes all d "
-                   "coordinates, so larger chunks amortise it; the default chunk is 6)")
+                   help="nanoGPT TRAK examples per step (default: TRAK's own; every SJLT "
+                   "call re-hashes all d coordinates, so larger chunks amortise it)")
     p.add_argument("--adam-steps", type=int, default=0,
                    help="Adam steps (batch 8, lr 1e-3) on the training blocks before "
                    "attributing (0: random initial weights)")
@@ -488,9 +503,7 @@ def main(argv=None) -> int:
     ncfg, gcfg = (QUICK_NANOGPT, QUICK_GPT2) if q else (NANOGPT, GPT2)
     g_seq = args.gpt2_seq or (32 if q else 512)
     tmp = tempfile.mkdtemp(prefix="jattri_scale_")
-    print(f"machine: {machine()}", flush=True)
-
-    results = dict(machine=machine(), argv=sys.argv[1:], runs=[])
+    results = dict(argv=sys.argv[1:], runs=[], load_at_start=os.getloadavg()[0])
     base = {
         "nanogpt": dict(arch="nanogpt", config=ncfg, seq_len=ncfg["block_size"],
                         params_file=os.path.join(tmp, "nanogpt.msgpack"), seed=0),
@@ -505,6 +518,7 @@ def main(argv=None) -> int:
         res = _run_child(spec, args.timeout)
         if "error" in res:
             raise SystemExit(f"preparing {name} failed: {res['error']}")
+        results.setdefault("machine", res["machine"])
         print(f"{name}: {res['d']:,} params, loss {res['loss_init']:.3f} -> "
               f"{res['loss_final']:.3f} after {args.adam_steps} Adam steps", flush=True)
         results[f"{name}_params"] = res
@@ -523,7 +537,7 @@ def main(argv=None) -> int:
     nano = dict(base["nanogpt"], kind="method", n_train=n_train, n_test=n_test, top_k=TOP_K,
                 chunk_size=args.chunk_size, mode=args.mode)
     trak_chunk = next((c for c in (args.trak_chunk_size, args.chunk_size) if c is not None),
-                      None if q else 16)
+                      None)
     trak_spec = dict(nano, method="trak", proj_dim=k, projection=args.projection,
                      chunk_size=trak_chunk)
     labels = dict(trak=f"TRAK k={k} {args.projection}", logra="LoGra 16x16",
@@ -535,7 +549,8 @@ def main(argv=None) -> int:
             method_rows.append(run("nanoGPT", labels[m], spec))
     if "profile" in parts:
         spec = dict(base["nanogpt"], kind="profile", n_train=n_train, n_test=1, proj_dim=k,
-                    chunks=[args.chunk_size, trak_chunk], gaussian_coords=2**12 if q else 2**18)
+                    chunks=[c for c in (args.chunk_size, trak_chunk) if c is not None],
+                    gaussian_coords=2**12 if q else 2**18)
         profile_res = run("nanoGPT", "projection profile", spec)["result"]
     if "scaling" in parts:
         done = {r["spec"]["n_train"]: r["result"] for r in method_rows
@@ -565,7 +580,8 @@ def main(argv=None) -> int:
     if scaling_rows:
         text += ["TRAK cache time per training example as n_train doubles:", "",
                  scaling_table(scaling_rows), ""]
-    text.append(f"machine: {results['machine']}")
+    text.append(f"machine: {results['machine']}; 1-minute load average at start "
+                f"{results['load_at_start']:.2f}")
     report = "\n".join(text)
     print("\n" + report)
     if args.json:
