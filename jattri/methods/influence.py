@@ -716,7 +716,11 @@ def _ekfac_apply(config, args, v):
 
     def one(p, a, f, vj):
         unravel = unravel_fn(p)
-        return jax.vmap(lambda x: ravel_pytree(fisher.ekfac_ihvp(f, unravel(x), damping))[0])(vj)
+        # ``config`` test vectors at a time: the rotated temporaries of all n_test at
+        # once were 6 GiB on a 10.7M-parameter model (benchmarks/RESULTS.md, "Scale").
+        return jax.lax.map(
+            lambda x: ravel_pytree(fisher.ekfac_ihvp(f, unravel(x), damping))[0], vj,
+            batch_size=config)
 
     return _common.member_map(one, members, factors, v)
 
@@ -771,7 +775,7 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
         return _fit_ekfac((layers, curvature, bool(correct_eigenvalues)), task.loss, members,
                           train, size()), None
 
-    spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: None)
+    spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: size)
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
