@@ -7,12 +7,13 @@ training and 64 test blocks of characters of Python's own ``pydoc_data.topics`` 
 Grad-Dot, every one scoring with ``top_k=10``. Then GPT-2 small (124M parameters, random
 weights) on 64 training sequences of 512 tokens (UTF-8 bytes of the same text) with TRAK.
 
-Every run is its own subprocess, so its peak resident memory (``ru_maxrss``) is that
-method's alone. Stages are called as a user calls them (``attr.cache(members, train)``,
-``attr.attribute(state, test, top_k=10)``); the time JAX spends tracing and compiling
-inside the call (reported by ``jax.monitoring``) is reported apart, so time per example
-excludes compilation. ``--mode jit`` instead compiles each whole stage ahead of time
-(``jax.jit(attr.attribute).lower(...).compile()``) and runs it once. Also measured:
+Every run is its own subprocess, so its peak resident memory (``VmHWM``, else
+``ru_maxrss``) is that method's alone. Stages are called as a user calls them
+(``attr.cache(members, train)``, ``attr.attribute(state, test, top_k=10)``); the time
+JAX spends tracing and compiling inside the call (reported by ``jax.monitoring``) is
+reported apart, so time per example excludes compilation. ``--mode jit`` instead
+compiles each whole stage ahead of time (``jax.jit(attr.attribute).lower(...)
+.compile()``) and runs it once. Also measured:
 
 * the share of projection in TRAK's featurise time: the same chunk of per-example
   gradients with and without the projection, and the projection alone on a
@@ -22,7 +23,7 @@ excludes compilation. ``--mode jit`` instead compiles each whole stage ahead of 
 
 Usage::
 
-    python benchmarks/scale.py                       # everything (CPU: about an hour)
+    python benchmarks/scale.py                       # everything (2-core CPU: ~30 min)
     python benchmarks/scale.py --quick               # tiny smoke run (about a minute)
     python benchmarks/scale.py --parts nanogpt --methods trak,grad_dot
     python benchmarks/scale.py --json out.json --markdown out.md
@@ -165,7 +166,6 @@ _LISTENING: list = []
 
 
 def _model(spec):
-    import jax
     from jattri.models import build
     return build(spec["arch"], **spec["config"])
 
@@ -526,10 +526,10 @@ def main(argv=None) -> int:
     def run(model, label, spec):
         t0 = time.perf_counter()
         res = _run_child(spec, args.timeout)
-        print(f"  {model} {label} n_train={spec['n_train']}: "
-              f"{'FAILED ' + res['error'] if 'error' in res else ''}"
-              f"{'' if 'error' in res else json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})}"
-              f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        shown = ("FAILED " + res["error"] if "error" in res else json.dumps(
+            {key: round(v, 3) if isinstance(v, float) else v for key, v in res.items()}))
+        print(f"  {model} {label} n_train={spec['n_train']}: {shown} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
         row = dict(model=model, label=label, spec=spec, result=res)
         results["runs"].append(row)
         return row

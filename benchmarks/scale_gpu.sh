@@ -32,7 +32,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 {
     nvidia-smi -L 2>/dev/null || echo "nvidia-smi: none"
-    python -c "import jax, flax, optax; print('jax', jax.__version__, jax.default_backend(), jax.devices())" \
+    python -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())" \
         || { echo "jax/flax/optax not importable: nothing run"; exit 1; }
     # Full sizes (nanoGPT 10.7M: 512 train / 64 test blocks, k = 2048 SJLT, top-10; the
     # TRAK cache at 64..512; the projection profile; GPT-2 small on 64 x 512 tokens).

@@ -19,8 +19,8 @@ from jattri.models import build
 # linear model, 16,384 training x 16,384 test examples: the dense float32 score matrix
 # is 1 GiB, every other array a few MiB. Each query is compiled ahead of time so the
 # measurement sees only the run: the high-water mark is reset just before it
-# (/proc/self/clear_refs) and read right after (VmHWM), against resident memory before. Both top-k queries
-# run before the one dense query (the control), since the high-water mark only rises.
+# (/proc/self/clear_refs) and read right after (VmHWM), against resident memory before.
+# Both top-k queries run before the one dense query (the control).
 _SCRIPT = textwrap.dedent(r"""
     import json, os, resource, sys
     import jax, jax.numpy as jnp, numpy as np, optax
