@@ -66,3 +66,17 @@ def eigenbasis_scores(q, eigvals, g_train, g_test, damping):
     import numpy as np
 
     return (np.asarray(g_train) @ q / (eigvals + damping)) @ (np.asarray(g_test) @ q).T
+
+
+def assert_top_k_matches_dense(top, dense, k, atol=0.0, rtol=1e-12):
+    """``top`` (a ``jattri.TopK`` with ``lowest=True``) equals the stable argsort of the
+    dense ``(n_train, n_test)`` scores: highest and lowest k, indices and values."""
+    import numpy as np
+
+    dense = np.asarray(dense)
+    for indices, scores, sign in ((top.indices, top.scores, -1),
+                                  (top.lowest_indices, top.lowest_scores, 1)):
+        order = np.argsort(sign * dense, axis=0, kind="stable")[:k].T
+        np.testing.assert_array_equal(indices, order)
+        np.testing.assert_allclose(scores, np.take_along_axis(dense.T, order, 1),
+                                   rtol=rtol, atol=atol)

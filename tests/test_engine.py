@@ -9,6 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jattri
+from _toy import assert_top_k_matches_dense
 from jattri import engine
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -170,13 +171,7 @@ def test_top_k_equals_sorted_dense(make):
     state = attr.cache(p, train)
     dense = np.asarray(attr.attribute(state, test))
     top = attr.attribute(state, test, top_k=4, lowest=True)
-    order = np.argsort(-dense, axis=0, kind="stable")[:4].T
-    np.testing.assert_array_equal(top.indices, order)
-    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), rtol=1e-12)
-    low = np.argsort(dense, axis=0, kind="stable")[:4].T
-    np.testing.assert_array_equal(top.lowest_indices, low)
-    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
-                               rtol=1e-12)
+    assert_top_k_matches_dense(top, dense, 4)
     assert attr.attribute(state, test, top_k=3).lowest_indices is None
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("x64")
 from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
 from _toy import eigenbasis_scores, kronecker_eigenbasis  # noqa: E402
-from _toy import manual_mlp  # noqa: E402
+from _toy import assert_top_k_matches_dense, manual_mlp  # noqa: E402
 
 
 def _flax_loss(model, l2=0.0):
@@ -468,13 +468,7 @@ def test_top_k_equals_argsort_of_dense(name):
     state = attr.cache(params, train)
     dense = np.asarray(attr.attribute(state, test))
     top = attr.attribute(state, test, top_k=5, lowest=True)
-    order = np.argsort(-dense, axis=0, kind="stable")[:5].T
-    np.testing.assert_array_equal(top.indices, order)
-    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), rtol=1e-12)
-    low = np.argsort(dense, axis=0, kind="stable")[:5].T
-    np.testing.assert_array_equal(top.lowest_indices, low)
-    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
-                               rtol=1e-12)
+    assert_top_k_matches_dense(top, dense, 5)
 
 
 JIT_METHODS = {

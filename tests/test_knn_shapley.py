@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jattri
+from _toy import assert_top_k_matches_dense
 from jattri.methods.shapley import knn_utility
 
 
@@ -130,13 +131,7 @@ def test_top_k_streamed_cache_and_jit():
     dense = np.asarray(attr.attribute(state, (xt, yt)))
     # Top-k per test point (ties: lower training index first) == the dense argsort.
     top = attr.attribute(state, (xt, yt), top_k=5, lowest=True)
-    order = np.argsort(-dense, axis=0, kind="stable")[:5].T
-    np.testing.assert_array_equal(top.indices, order)
-    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), atol=1e-15)
-    low = np.argsort(dense, axis=0, kind="stable")[:5].T
-    np.testing.assert_array_equal(top.lowest_indices, low)
-    np.testing.assert_allclose(top.lowest_scores, np.take_along_axis(dense.T, low, 1),
-                               atol=1e-15)
+    assert_top_k_matches_dense(top, dense, 5, atol=1e-15, rtol=0)
     with pytest.raises(ValueError, match="top_k"):
         attr.attribute(state, (xt, yt), top_k=41)
     # A stream of batches gives the same features and values.

@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jattri
+from _toy import assert_top_k_matches_dense
 
 
 # float64 throughout (the conftest fixture restores the setting afterwards)
@@ -267,9 +268,5 @@ def test_rps_streamed_cache_top_k_and_jit(setup):
     np.testing.assert_allclose(attr.self_attribute(streamed, train=train),
                                attr.self_attribute(state), rtol=1e-12)
     top = attr.attribute(state, test, top_k=4, lowest=True)
-    order = np.argsort(-dense, axis=0, kind="stable")[:4].T
-    np.testing.assert_array_equal(top.indices, order)
-    np.testing.assert_allclose(top.scores, np.take_along_axis(dense.T, order, 1), rtol=1e-12)
-    low = np.argsort(dense, axis=0, kind="stable")[:4].T
-    np.testing.assert_array_equal(top.lowest_indices, low)
+    assert_top_k_matches_dense(top, dense, 4)
     np.testing.assert_allclose(jax.jit(attr.attribute)(state, test), dense, rtol=1e-12)
