@@ -212,9 +212,13 @@ def first_example(data: Any) -> PyTree:
 
 # ------------------------------------------------------------------------------ scan
 
-@partial(jax.jit, static_argnames=("step", "config"))
-def _scan_jit(step, config, args, carry, chunks):
-    return jax.lax.scan(lambda c, x: step(config, args, c, x), carry, chunks)
+@partial(jax.jit, static_argnames=("step", "config", "n"))
+def _scan_jit(step, config, args, carry, chunks, n):
+    # Trimmed inside the program: outside it, the reshape and slice would each leave a
+    # full second copy of the per-example outputs (2.56 GiB of test gradients on a
+    # 10.7M-parameter model) until Python's next garbage collection.
+    carry, outs = jax.lax.scan(lambda c, x: step(config, args, c, x), carry, chunks)
+    return carry, _trim(outs, n)
 
 
 @partial(jax.jit, static_argnames=("step", "config"))
@@ -238,8 +242,8 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
     """
     if not is_stream(data):
         chunks, n = _stacked_chunks(data, size)
-        carry, outs = _scan_jit(step, config, args, carry, chunks)
-        return carry, _trim(outs, n), n
+        carry, outs = _scan_jit(step, config, args, carry, chunks, n)
+        return carry, outs, n
     outs, n = [], 0
     for chunk, count in stream_chunks(as_stream(data), size):
         carry, out = _step_jit(step, config, args, carry, chunk)
