@@ -67,43 +67,19 @@ def map_examples(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
     return jax.lax.map(fn, xs, batch_size=int(chunk_size))
 
 
-def map_chunks(fn: Callable, xs: PyTree, chunk_size: Optional[int]):
-    """``fn`` applied to consecutive chunks of ``chunk_size`` examples, concatenated.
-
-    ``fn`` maps a batch ``(c, ...)`` to ``(c, ...)``; the last chunk is padded by
-    repeating the first example and trimmed afterwards. ``None``: one chunk.
-    """
-    n = _checks.num_examples(xs)
-    chunk = n if chunk_size is None else min(int(chunk_size), n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    padded = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x, xs)
-    chunks = jax.tree_util.tree_map(lambda x: x.reshape((n_chunks, chunk) + x.shape[1:]),
-                                    padded)
-    out = jax.lax.map(fn, chunks)
-    return jax.tree_util.tree_map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:n],
-                                  out)
-
-
 def per_example_grads_flat(flat_loss: Callable, theta: jax.Array, data: PyTree,
                            indices: Optional[jax.Array] = None, *,
-                           chunk_size: Optional[int] = None,
-                           transform: Optional[Callable] = None) -> jax.Array:
-    """Gradients of ``flat_loss(theta, example, index)`` for every example: ``(n, d)``,
-    or ``(n, k) = transform(grads)`` applied chunk by chunk of examples (e.g. a
-    projection), so that the ``(n, d)`` matrix is never held whole.
+                           chunk_size: Optional[int] = None) -> jax.Array:
+    """Gradients of ``flat_loss(theta, example, index)`` for every example: ``(n, d)``.
 
-    ``indices`` (``(n,)`` int) default to ``arange(n)``; members of a dropout ensemble
-    use them to key per-example masks.
+    ``indices`` (``(n,)`` int) default to ``arange(n)``. (The methods compute
+    per-example gradients chunk by chunk through ``jattri.engine``; this is the
+    function-level primitive.)
     """
     if indices is None:
         indices = jnp.arange(_checks.num_examples(data), dtype=jnp.int32)
     grad_fn = jax.grad(flat_loss)
-    one = lambda zi: grad_fn(theta, zi[0], zi[1])
-    if transform is None:
-        return map_examples(one, (data, indices), chunk_size)
-    return map_chunks(lambda c: transform(jax.vmap(one)(c)), (data, indices), chunk_size)
+    return map_examples(lambda zi: grad_fn(theta, zi[0], zi[1]), (data, indices), chunk_size)
 
 
 def per_example_grads(loss_fn: Callable, params: PyTree, data: PyTree, *,

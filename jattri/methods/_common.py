@@ -123,7 +123,7 @@ def check_data(task: Task, members: Members, data: Any, name: str, *, target: bo
         n = _checks.check_data(data, name)
         if like is not None and not engine.is_stream(like):
             _checks.check_like(data, like, name, "train")
-    if _concrete(members):
+    if is_concrete(members):
         params, aux = first_member(members)
         z = engine.first_example(data)
         fn, fname = (task.target, "target_fn") if target else (task.loss, "loss_fn")
@@ -132,7 +132,8 @@ def check_data(task: Task, members: Members, data: Any, name: str, *, target: bo
     return n
 
 
-def _concrete(tree) -> bool:
+def is_concrete(tree) -> bool:
+    """No leaf of ``tree`` is a tracer (value checks run only then)."""
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 

@@ -88,10 +88,6 @@ def _example_grads(config, args, chunk) -> jax.Array:
 _grads_jit = jax.jit(_grads, static_argnums=0)
 
 
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
-
-
 def _member_spec(tree):
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
@@ -302,7 +298,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
             u = state.coords * spec.diagonal(state.curvature, damping)[None]
             return _norm(relatif, state.coords, u)
         norms = self_map(relatif, state, data, damping, None)
-        if _is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
+        if _common.is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
             raise ValueError("the RelatIF normalisers are non-finite: H + damping*I is "
                              "singular or indefinite; increase `damping`")
         return norms
@@ -320,7 +316,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         curvature, coords = spec.fit(task, members, train,
                                      lambda floats=None: size(members, train, floats))
         state = InfluenceState(members, _common.stored_train(train), curvature, coords, None)
-        if spec.check is not None and _is_concrete(curvature):
+        if spec.check is not None and _common.is_concrete(curvature):
             spec.check(curvature, spec.damping, None, None)
         if relatif is not None:
             state = state._replace(norms=normalisers(state, train, spec.damping))
@@ -344,7 +340,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         u = _apply(spec, spec.config(members, size(members, data)),
                    (task.loss, members, state.curvature, lam,
                     data if spec.reads_train else None), v)
-        if spec.check is not None and _is_concrete(u):
+        if spec.check is not None and _common.is_concrete(u):
             spec.check(state.curvature, lam, v, u)
         norms = norms_at(state, data, damping)
         n_test = v.shape[1]
