@@ -70,11 +70,12 @@ def check_params(params: PyTree, name: str) -> None:
     if not leaves:
         raise ValueError(f"`{name}` holds no arrays")
     for leaf in leaves:
-        dtype = np.asarray(leaf).dtype if _is_concrete(leaf) else leaf.dtype
-        if not np.issubdtype(dtype, np.floating):
+        dtype = jax.numpy.result_type(leaf)
+        if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
             raise TypeError(f"`{name}` has a leaf of dtype {dtype}; parameters must be "
-                            "floating point")
-        if _is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+                            "floating point (float32, float64, bfloat16 or float16)")
+        xp = np if isinstance(leaf, (np.ndarray, np.generic)) else jax.numpy
+        if _is_concrete(leaf) and not bool(xp.all(xp.isfinite(leaf))):
             raise ValueError(f"`{name}` contains NaN or inf")
 
 
@@ -114,3 +115,100 @@ def check_signature(fn: Callable, name: str, **kwargs) -> None:
         extra = "".join(f", {k}=..." for k in kwargs)
         raise TypeError(f"`{name}` must accept (params, example{extra}), got signature "
                         f"{sig}") from err
+
+
+# ----------------------------------------------------------- hyperparameters
+
+def _range_text(low, high, open_low, open_high) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if open_low else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if open_high else '<='} {high}")
+    return " and ".join(parts)
+
+
+def real(value: Any, name: str, *, low: Any = None, high: Any = None,
+         open_low: bool = False, open_high: bool = False, none: bool = False,
+         array: bool = False) -> Any:
+    """A real-valued hyperparameter, checked: a Python or NumPy real number (``array``:
+    also a real array, every entry checked), finite, within the range. Strings,
+    booleans and complex numbers are refused by type (``TypeError``), a value out of
+    range or non-finite by ``ValueError``; tracers pass unchecked. Returns the value
+    (a Python float for a scalar)."""
+    if value is None and none:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        return value
+    rng = _range_text(low, high, open_low, open_high)
+    want = "a real number" + (f" {rng}" if rng else "") + (" or None" if none else "")
+    dtype = getattr(value, "dtype", None)
+    is_num = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+    is_arr = (dtype is not None and np.ndim(value) > 0 and array and
+              (np.issubdtype(np.dtype(dtype), np.integer) or
+               jax.numpy.issubdtype(dtype, jax.numpy.floating)))
+    is_0d = dtype is not None and np.ndim(value) == 0 and not is_num and (
+        np.issubdtype(np.dtype(dtype), np.integer) or jax.numpy.issubdtype(dtype, jax.numpy.floating))
+    if not (is_num or is_arr or is_0d):
+        raise TypeError(f"`{name}` must be {want}, got {value!r} of type "
+                        f"{type(value).__name__}")
+    v = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"`{name}` must be finite ({want}), got {value!r}")
+    ok = np.ones(v.shape, bool)
+    if low is not None:
+        ok &= (v > low) if open_low else (v >= low)
+    if high is not None:
+        ok &= (v < high) if open_high else (v <= high)
+    if not np.all(ok):
+        raise ValueError(f"`{name}` must be {want}, got {value!r}")
+    return float(v) if v.ndim == 0 and not hasattr(value, "shape") else value
+
+
+def integer(value: Any, name: str, *, low: int = 1, none: bool = False) -> Any:
+    """An integer hyperparameter ≥ ``low`` (or ``None`` when allowed), as a Python int.
+    Floats, strings and booleans are refused by type."""
+    if value is None and none:
+        return None
+    want = f"an int >= {low}" + (" or None" if none else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be {want}, got {value!r} of type "
+                        f"{type(value).__name__}")
+    if value < low:
+        raise ValueError(f"`{name}` must be {want}, got {value!r}")
+    return int(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean hyperparameter (``True``/``False`` only)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} of type "
+                        f"{type(value).__name__}")
+    return bool(value)
+
+
+def choice(value: Any, name: str, choices) -> Any:
+    """One of ``choices`` (compared by equality, strings only by type str)."""
+    if not isinstance(value, (str, type(None))) or value not in tuple(choices):
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def prng_key(value: Any, name: str = "key") -> Any:
+    """A JAX PRNG key (``jax.random.key`` or a raw ``PRNGKey`` uint32 array)."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key):
+        return value
+    if dtype is not None and np.dtype(dtype) == np.uint32 and np.shape(value)[-1:] in ((2,), (4,)):
+        return value
+    raise TypeError(f"`{name}` must be a JAX PRNG key (jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed)), got {value!r} of type {type(value).__name__}")
+
+
+def optional_callable(value: Any, name: str) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be callable or None, got {type(value).__name__}")
+    return value

@@ -23,6 +23,9 @@ import numpy as np
 
 import jattri
 from jattri import benchmark
+from jattri.benchmark._cli import fail as _fail
+from jattri.benchmark._cli import split as _split
+from jattri.benchmark._cli import usable_dir, writable_file
 from jattri.benchmark.registry import METHODS
 
 DEFAULT_SETTINGS = ("digits_lr", "digits_mlp")
@@ -93,14 +96,29 @@ def machine() -> str:
             f"jax {jax.__version__} on {jax.default_backend()}")
 
 
-def _split(arg: Optional[str], choices, what: str) -> list:
-    if arg is None:
-        return list(choices)
-    items = [a.strip() for a in arg.split(",") if a.strip()]
-    unknown = [a for a in items if a not in choices]
-    if unknown:
-        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(choices)}")
-    return items
+def _validate(args) -> tuple:
+    """Every argument checked before any work: ``(settings, methods)``."""
+    import math
+    settings = _split(args.setting, tuple(benchmark.digits.SETTINGS), "setting", "--setting") \
+        if args.setting is not None else list(DEFAULT_SETTINGS)
+    methods = _split(args.methods, tuple(METHODS), "method", "--methods")
+    if args.mislabel is not None:
+        if not math.isfinite(args.mislabel) or not 0.0 < args.mislabel < 0.5:
+            raise _fail(f"--mislabel must be a fraction in (0, 0.5) of training labels to "
+                        f"flip, got {args.mislabel}")
+        if args.ensemble:
+            raise _fail("--mislabel and --ensemble are separate experiments; give one")
+    if args.ensemble:
+        if args.methods is not None:
+            raise _fail("--methods does not apply to --ensemble; run python -m "
+                        "jattri.benchmark.ensembles --methods ... instead")
+        if args.setting is not None and len(settings) != 1:
+            raise _fail("--ensemble runs on one --setting")
+    if args.json:
+        writable_file(args.json, "--json")
+    if args.cache:
+        usable_dir(args.cache, "--cache")
+    return settings, methods
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -115,15 +133,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="run the ensemble experiment instead (jattri.benchmark.ensembles; "
                              "its own options: python -m jattri.benchmark.ensembles --help)")
     parser.add_argument("--mislabel", nargs="?", type=float, const=0.1, metavar="FRACTION",
-                        help="mislabel detection instead of LDS: flip FRACTION (default 0.1) "
-                             "of the training labels, retrain, report each method's AUC of "
-                             "ranking the flipped examples by self-influence")
+                        help="mislabel detection instead of LDS: flip FRACTION (default 0.1, "
+                             "in (0, 0.5)) of the training labels, retrain, report each "
+                             "method's AUC of ranking the flipped examples by self-influence")
     args = parser.parse_args(argv)
+    settings, methods = _validate(args)
     if args.mislabel is not None:
         from jattri.benchmark.mislabel import format_rows, run_mislabel
-        settings = _split(args.setting, tuple(benchmark.digits.SETTINGS), "setting") \
-            if args.setting else list(DEFAULT_SETTINGS)
-        methods = _split(args.methods, tuple(METHODS), "method")
         rows = []
         for setting in settings:
             _log(f"{setting}: mislabel detection, {args.mislabel:.0%} flipped labels")
@@ -139,9 +155,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ensembles.main(sum((["--" + k, v] for k, v in (("setting", args.setting),
                                   ("json", args.json), ("cache", args.cache)) if v), []))
 
-    settings = _split(args.setting, tuple(benchmark.digits.SETTINGS), "setting") \
-        if args.setting else list(DEFAULT_SETTINGS)
-    methods = _split(args.methods, tuple(METHODS), "method")
     rows = []
     t_start = time.perf_counter()
     for setting in settings:

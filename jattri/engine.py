@@ -338,10 +338,53 @@ def _self_step(config, args, carry, chunk):
     return carry, fn(fn_config, args, chunk)
 
 
-def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int):
-    """``fn(fn_config, args, chunk) -> (size, ...)`` over every chunk, concatenated."""
-    _, out, _ = scan(_self_step, (fn, fn_config), args, None, rows, size)
+@partial(jax.jit, static_argnames=("fn", "config", "size", "axis", "n"))
+def _fill_jit(fn, config, args, data, starts, size, axis, n):
+    def chunk_at(start):
+        rows = jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), data)
+        return Chunk(rows, start + jnp.arange(size, dtype=jnp.int32),
+                     jnp.ones((size,), bool))
+
+    shapes = jax.eval_shape(lambda: fn(config, args, chunk_at(jnp.int32(0))))
+    # The output is created inside the program and written in place chunk by chunk:
+    # no stacked (n_chunks, size, ...) copy, no trimming copy, no transpose.
+    out = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape[:axis] + (n,) + s.shape[axis + 1:], s.dtype), shapes)
+
+    def body(out, start):
+        new = fn(config, args, chunk_at(start))
+        return jax.tree_util.tree_map(
+            lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y.astype(o.dtype), start, axis),
+            out, new), None
+
+    out, _ = jax.lax.scan(body, out, starts)
     return out
+
+
+def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int, *,
+                axis: int = 0):
+    """``fn(fn_config, args, chunk)`` over every chunk of ``rows``, its outputs
+    concatenated along ``axis`` (where each output leaf has its ``size`` per-chunk
+    examples; ``axis=1`` for ``(M, size, ...)`` per-member outputs).
+
+    ``fn`` must treat examples independently. An in-memory set runs as one compiled
+    scan writing into the output in place: with n ≥ ``size`` the last chunk overlaps
+    the one before (every chunk full, nothing padded), else one chunk of n; so the
+    output is the only copy held (a stream concatenates its chunks' outputs at the
+    end: twice the output, briefly).
+    """
+    if is_stream(rows):
+        parts = []
+        for chunk, count in stream_chunks(as_stream(rows), size):
+            out = _step_jit(_self_step, (fn, fn_config), args, None, chunk)[1]
+            parts.append(jax.tree_util.tree_map(
+                lambda y, c=count: jax.lax.slice_in_dim(y, 0, c, axis=axis), out))
+        return jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys, axis=axis), *parts)
+    n = _checks.num_examples(rows)
+    size = min(int(size), n)
+    starts = np.minimum(np.arange(-(-n // size)) * size, n - size).astype(np.int32)
+    return _fill_jit(fn, fn_config, args, rows, jnp.asarray(starts), size, axis, n)
 
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Stream", "TopK", "check_chunk_size",

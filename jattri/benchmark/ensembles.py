@@ -217,11 +217,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--cache", metavar="DIR")
     args = parser.parse_args(argv)
-    ints = lambda s: tuple(int(v) for v in s.split(",") if v)
+    from jattri.benchmark import _cli, digits
+    _cli.split(args.setting, tuple(digits.SETTINGS), "setting", "--setting")
+    methods = _cli.split(args.methods, METHODS, "method", "--methods")
+    kinds = _cli.split(args.kinds, KINDS, "kind", "--kinds")
+
+    def ints(text, option):
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise _cli.fail(f"{option} must be comma-separated positive ints, got {text!r}")
+        return values
+
+    sizes, cg_sizes = ints(args.sizes, "--sizes"), ints(args.cg_sizes, "--cg-sizes")
+    for option, value in (("--cg-test", args.cg_test), ("--lora-rank", args.lora_rank - 1),
+                          ("--lora-steps", args.lora_steps - 1)):
+        if value < 0:
+            raise _cli.fail(f"{option} must be {'>= 0' if option == '--cg-test' else '>= 1'}")
+    if args.json:
+        _cli.writable_file(args.json, "--json")
+    if args.cache:
+        _cli.usable_dir(args.cache, "--cache")
     t0 = time.perf_counter()
-    rows = run_ensembles(args.setting, methods=args.methods.split(","),
-                         kinds=args.kinds.split(","), sizes=ints(args.sizes),
-                         cg_test=args.cg_test or None, cg_sizes=ints(args.cg_sizes),
+    rows = run_ensembles(args.setting, methods=methods,
+                         kinds=kinds, sizes=sizes,
+                         cg_test=args.cg_test or None, cg_sizes=cg_sizes,
                          lora_rank=args.lora_rank, lora_steps=args.lora_steps,
                          cache=args.cache)
     print(format_table(rows))

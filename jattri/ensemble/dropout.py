@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from jattri import engine
+from jattri import _checks, engine
 from jattri._checks import check_signature
 from jattri.ensemble.members import user_functions
 from jattri.func.grads import shared
@@ -50,8 +50,7 @@ def _check(task, num_masks, mode, rate):
         raise ValueError(f"`num_masks` must be a positive int, got {num_masks!r}")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    if rate is not None and not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"`rate` must be None or in [0, 1), got {rate}")
+    _checks.real(rate, "rate", low=0.0, high=1.0, open_high=True, none=True)
     loss, target = user_functions(task, "a dropout ensemble")
     extra = {"rng": None} if rate is None else {"rng": None, "rate": 0.0}
     check_signature(loss, "loss_fn", **extra)

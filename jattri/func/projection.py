@@ -173,11 +173,10 @@ _BY_NAME = {"gaussian": gaussian_projection, "rademacher": rademacher_projection
 
 def check_projection_args(projection: str, **dims) -> None:
     """Validate a projection name and output sizes (each a positive int or ``None``)."""
-    if projection not in PROJECTIONS:
-        raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {projection!r}")
+    from jattri import _checks
+    _checks.choice(projection, "projection", PROJECTIONS)
     for name, v in dims.items():
-        if v is not None and (isinstance(v, bool) or int(v) <= 0):
-            raise ValueError(f"`{name}` must be a positive int or None, got {v}")
+        _checks.integer(v, name, none=True)
 
 
 def random_projection(kind: str, key: jax.Array, d: int, k: int, *,

@@ -2,6 +2,9 @@
 per-chunk gradients, and the generic scoring entry points over ``jattri.engine``."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -154,5 +157,126 @@ def train_for(state_train: Any, train: Any) -> Any:
     return state_train
 
 
-__all__ = ["Attributor", "chunk_grads", "chunk_size_for", "check_data", "flat_grad",
+# ------------------------------------------------------------------ state provenance
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What made a state, carried in its ``made`` field and checked by every stage
+    that takes the state. Static under ``jit`` (part of the treedef, never traced).
+
+    method: the factory's name. hyper: ``((name, value), ...)``, the hyperparameters
+    the state depends on (keys as their integers, functions by qualified name).
+    members: :func:`fingerprint` of the members at ``cache`` time. n_train: training
+    examples cached (``None`` when streamed and not counted).
+    """
+
+    method: str
+    hyper: tuple
+    members: str
+    n_train: Optional[int]
+
+
+def _plain(value: Any) -> Any:
+    """A hashable, comparable stand-in for a hyperparameter value."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, functools.partial):
+        return ("partial", _plain(value.func), tuple(_plain(a) for a in value.args))
+    if callable(value):
+        func = getattr(value, "func", value)  # jax.tree_util.Partial
+        return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if isinstance(value, jax.core.Tracer):
+            return "<traced>"
+        if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        return tuple(np.asarray(value).ravel().tolist())
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return repr(value)
+
+
+def hyper(task: Optional[Task] = None, **values: Any) -> tuple:
+    """Hyperparameters as :attr:`Provenance.hyper` (with the task's functions)."""
+    if task is not None:
+        fns = task.user_fns or (task.loss, task.target)
+        values = dict(values, loss_fn=fns[0], target_fn=fns[1])
+    return tuple((k, _plain(v)) for k, v in sorted(values.items()))
+
+
+@jax.jit
+def _leaf_sums(leaves):
+    return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                 jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                      for x in leaves])
+
+
+def fingerprint(members: Optional[Members]) -> str:
+    """A short hash of the members: tree structure, shapes, dtypes and, when concrete,
+    every real leaf's sum and sum of squares (one pass over the params). Traced members
+    get a structural fingerprint marked ``traced:``."""
+    if members is None:
+        return "none"
+    leaves = jax.tree_util.tree_leaves((members.params, members.aux))
+    h = hashlib.sha1(repr((members.num, jax.tree_util.tree_structure(
+        (members.params, members.aux)), [(np.shape(x), str(jnp.result_type(x)))
+                                          for x in leaves])).encode())
+    floats = [x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.integer)
+              or jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if not is_concrete(leaves):
+        return "traced:" + h.hexdigest()[:16]
+    if floats:
+        h.update(np.asarray(_leaf_sums(floats)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def provenance(method: str, hyper_: tuple, members: Optional[Members], train: Any,
+               n: Optional[int] = None) -> Provenance:
+    """The :class:`Provenance` of a state cached on ``members`` and ``train``."""
+    if train is not None and not engine.is_stream(train):
+        n = engine.num_examples(train)
+    return Provenance(method, hyper_, fingerprint(members), None if n is None else int(n))
+
+
+def check_state(state: Any, cls: type, method: str, hyper_: tuple, *,
+                train: Any = None) -> None:
+    """Refuse a state this attributor did not make, naming what differs: its type, the
+    method, a hyperparameter, the members (changed since ``cache``) or the training
+    set's size (``train``, when given in memory)."""
+    if not isinstance(state, cls):
+        made = getattr(state, "made", None)
+        by = f" (made by {made.method})" if isinstance(made, Provenance) else ""
+        raise TypeError(f"`state` is a {type(state).__name__}{by}; {method} takes the "
+                        f"{cls.__name__} of its own cache()")
+    made = state.made
+    if not isinstance(made, Provenance):
+        raise TypeError(f"`state` carries no provenance (its `made` field is "
+                        f"{type(made).__name__}); build states with {method}(...).cache")
+    if made.method != method:
+        raise ValueError(f"`state` was cached by {made.method}; this attributor is {method}")
+    if made.hyper != hyper_:
+        ours = dict(hyper_)
+        for name, value in made.hyper:
+            if ours.get(name, value) != value:
+                raise ValueError(f"`state` was cached with {name}={value!r}; this {method} "
+                                 f"has {name}={ours[name]!r}")
+        raise ValueError(f"`state` was cached with hyperparameters {made.hyper}; this "
+                         f"{method} has {hyper_}")
+    now = fingerprint(state.members)
+    if not (now.startswith("traced:") or made.members.startswith("traced:")) \
+            and now != made.members:
+        raise ValueError("`state.members` differ from the members the state was cached "
+                         f"on (fingerprint {now} vs {made.members}); cache again")
+    if train is not None and made.n_train is not None and not engine.is_stream(train):
+        n = engine.num_examples(train)
+        if n != made.n_train:
+            raise ValueError(f"`train` has {n} examples; the state was cached on "
+                             f"{made.n_train}: pass the training set it was cached on")
+
+
+__all__ = ["Provenance", "check_state", "fingerprint", "hyper", "provenance",
+           "Attributor", "chunk_grads", "chunk_size_for", "check_data", "flat_grad",
            "member_map", "num_params", "param_dtype", "setup", "stored_train", "train_for"]

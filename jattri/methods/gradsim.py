@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from jattri.methods._common import Attributor
-from jattri.methods.tracin import tracin
+from jattri.methods.tracin import _tracin
 
 
 def grad_dot(task: Any, *, chunk_size: Optional[int] = None) -> Attributor:
     """Grad-Dot: score(i, t) = ⟨∇loss(z_i), ∇target(z_t)⟩, mean over members."""
-    return tracin(task, chunk_size=chunk_size)
+    return _tracin("grad_dot", task, chunk_size=chunk_size)
 
 
 def grad_cos(task: Any, *, chunk_size: Optional[int] = None) -> Attributor:
     """Grad-Cos: cosine of ∇loss(z_i) and ∇target(z_t), mean over members."""
-    return tracin(task, normalize=True, chunk_size=chunk_size)
+    return _tracin("grad_cos", task, normalize=True, chunk_size=chunk_size)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jattri import engine
+from jattri import _checks, engine
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
 from jattri.func.hessian import (arnoldi_eigenpairs, arnoldi_inverse_weights, arnoldi_sizes,
@@ -63,7 +63,8 @@ class InfluenceState(NamedTuple):
     ``None`` if it was streamed. curvature: what the method is made of, every leaf with
     a leading member axis M (see each method). coords: ``(n, M, r)`` Arnoldi's
     coordinates Vᵀg_i, else ``None``. norms: ``(n, M)`` RelatIF normalisers at the
-    factory's damping, else ``None``.
+    factory's damping, else ``None``. made: its
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
     """
 
     members: Members
@@ -71,6 +72,7 @@ class InfluenceState(NamedTuple):
     curvature: PyTree
     coords: Optional[jax.Array]
     norms: Optional[jax.Array]
+    made: _common.Provenance
 
 
 # ------------------------------------------------------------------- member helpers
@@ -81,8 +83,13 @@ def _grads(config, args, chunk) -> jax.Array:
     return _common.member_map(lambda p, a: _common.chunk_grads(fn, p, a, chunk), members)
 
 
-def _example_grads(config, args, chunk) -> jax.Array:
-    return jnp.swapaxes(_grads(config, args, chunk), 0, 1)  # (size, M, d)
+def _test_side(config, args, chunk) -> jax.Array:
+    """``(M, size, k)``: (H + λI)⁻¹ g_t of one chunk of test examples, for a method
+    whose ``apply`` does not read the training set."""
+    apply, apply_config = config
+    target, loss, members, curvature, damping = args
+    g = _grads(None, (target, members), chunk)
+    return apply(apply_config, (loss, members, curvature, damping, None), g)
 
 
 _grads_jit = jax.jit(_grads, static_argnums=0)
@@ -169,19 +176,15 @@ class _Spec(NamedTuple):
     in_memory: bool = False    # its Hessian-vector products read the whole training set
     reads_train: bool = False  # apply reads the training set
     positive: bool = False     # damping must be > 0 (DataInf)
+    hyper: tuple = ()          # ((name, value), ...) the state depends on
 
 
 def _check_damping(damping, positive=False):
-    if isinstance(damping, jax.core.Tracer):
-        return
-    value = np.asarray(damping)
-    if not np.all(value > 0 if positive else value >= 0):
-        raise ValueError(f"`damping` must be {'> 0' if positive else '>= 0'}, got {damping}")
+    return _checks.real(damping, "damping", low=0, open_low=positive, array=True)
 
 
 def _check_relatif(relatif):
-    if relatif not in _RELATIF:
-        raise ValueError(f"`relatif` must be None, 'l' or 'theta', got {relatif!r}")
+    _checks.choice(relatif, "relatif", _RELATIF)
 
 
 def _norm(mode, left, u):
@@ -259,6 +262,12 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
     _check_relatif(relatif)
     chunk_size = engine.check_chunk_size(chunk_size)
     task = as_task(task)
+    # RelatIF's normalisers are cached at the factory's damping
+    made = _common.hyper(task, relatif=relatif, **dict(spec.hyper),
+                         **({} if relatif is None else {"damping": spec.damping}))
+
+    def check_state(state, train=None):
+        _common.check_state(state, InfluenceState, spec.name, made, train=train)
 
     def size(members, data, floats=None):
         return _common.chunk_size_for(chunk_size, members, data, floats)
@@ -315,7 +324,8 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         need_memory(train, "cache")
         curvature, coords = spec.fit(task, members, train,
                                      lambda floats=None: size(members, train, floats))
-        state = InfluenceState(members, _common.stored_train(train), curvature, coords, None)
+        state = InfluenceState(members, _common.stored_train(train), curvature, coords, None,
+                               _common.provenance(spec.name, made, members, train))
         if spec.check is not None and _common.is_concrete(curvature):
             spec.check(curvature, spec.damping, None, None)
         if relatif is not None:
@@ -327,6 +337,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         """``(n_train, n_test)`` scores, or a ``TopK`` with ``top_k``; ``damping``
         (default: the factory's) changes λ without refitting. ``train``: the training
         set, needed only when the state was cached from a stream."""
+        check_state(state, train)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         members = state.members
@@ -334,16 +345,22 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         data = None if spec.diagonal is not None else _common.train_for(state.train, train)
         need_memory(data, "attribute")
         d = _common.num_params(members)
-        g = engine.per_example(_example_grads, None, (task.target, members), test,
-                               size(members, test, members.num * d))
-        v = jnp.swapaxes(g, 0, 1)  # (M, n_test, d)
-        u = _apply(spec, spec.config(members, size(members, data)),
-                   (task.loss, members, state.curvature, lam,
-                    data if spec.reads_train else None), v)
+        apply_config = spec.config(members, size(members, data))
+        b = size(members, test, members.num * d)
+        if spec.reads_train:  # the solve reads the training set: all test vectors at once
+            v = engine.per_example(_grads, None, (task.target, members), test, b,
+                                   axis=1)  # (M, n_test, d)
+            u = _apply(spec, apply_config,
+                       (task.loss, members, state.curvature, lam, data), v)
+        else:  # preconditioned chunk by chunk: only u is ever held whole
+            v = None
+            u = engine.per_example(_test_side, (spec.apply, apply_config),
+                                   (task.target, task.loss, members, state.curvature, lam),
+                                   test, b, axis=1)
         if spec.check is not None and _common.is_concrete(u):
             spec.check(state.curvature, lam, v, u)
         norms = norms_at(state, data, damping)
-        n_test = v.shape[1]
+        n_test = u.shape[1]
         if spec.diagonal is not None:
             rows = (state.coords, norms)
             return engine.score(_coord_tile, None, u, rows,
@@ -355,6 +372,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
 
     def self_attribute(state: InfluenceState, *, train=None, damping=None):
         """``(n_train,)`` score(i, i) (the diagonal of ``attribute(state, train)``)."""
+        check_state(state, train)
         lam = damping_of(damping)
         if spec.diagonal is not None and task.target_is_loss:
             norms = norms_at(state, None, damping)
@@ -461,9 +479,11 @@ def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: f
     per member plus one chunk's HVPs for n_test tangents.
     """
     _check_damping(damping)
+    maxiter = _checks.integer(maxiter, "maxiter")
+    tol = _checks.real(tol, "tol", low=0)
     spec = _Spec("influence_cg", damping, lambda task, members, train, size: (None, None),
                  _cg_apply, lambda members, size: (maxiter, tol, size), check=_cg_check,
-                 in_memory=True, reads_train=True)
+                 in_memory=True, reads_train=True, hyper=(("maxiter", maxiter), ("tol", tol)))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -547,13 +567,11 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
     plus one chunk's HVPs for n_test tangents.
     """
     _check_damping(damping)
-    if int(depth) < 1 or int(repeats) < 1:
-        raise ValueError(f"`depth` and `repeats` must be >= 1, got {depth}, {repeats}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"`scale` must be > 0, got {scale}")
-    key = jax.random.PRNGKey(0) if key is None else key
+    depth = _checks.integer(depth, "depth")
+    repeats = _checks.integer(repeats, "repeats")
+    batch_size = _checks.integer(batch_size, "batch_size", none=True)
+    scale = _checks.real(scale, "scale", low=0, open_low=True, none=True)
+    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
 
     def fit(task, members, train, size):
         # member m: fold_in(key, m), split into its scale key and its run key
@@ -581,7 +599,9 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
     config = lambda members, size: (int(depth), int(repeats), batch_size,
                                     None if scale is None else float(scale), size)
     spec = _Spec("influence_lissa", damping, fit, _lissa_apply, config, check=check,
-                 in_memory=True, reads_train=True)
+                 in_memory=True, reads_train=True,
+                 hyper=(("depth", depth), ("repeats", repeats), ("batch_size", batch_size),
+                        ("scale", scale), ("key", key)))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -649,7 +669,10 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     (the Krylov basis) per member.
     """
     _check_damping(damping)
-    key = jax.random.PRNGKey(0) if key is None else key
+    rank = _checks.integer(rank, "rank")
+    num_iters = _checks.integer(num_iters, "num_iters", none=True)
+    tol = _checks.real(tol, "tol", low=0, high=1, open_high=True)
+    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
 
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
@@ -660,7 +683,8 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
                  diagonal=lambda curvature, lam: _arnoldi_weights(curvature, lam, float(tol)),
-                 in_memory=True)
+                 in_memory=True, hyper=(("rank", rank), ("num_iters", num_iters), ("tol", tol),
+                                        ("key", key)))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -761,8 +785,8 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
     one chunk's layer inputs and output gradients per member.
     """
     _check_damping(damping)
-    if curvature not in fisher.CURVATURES:
-        raise ValueError(f"`curvature` must be one of {fisher.CURVATURES}, got {curvature!r}")
+    _checks.flag(correct_eigenvalues, "correct_eigenvalues")
+    _checks.choice(curvature, "curvature", fisher.CURVATURES)
 
     def fit(task, members, train, size):
         layers = fisher.ekfac_layers(task.loss, _member_spec(members.params),
@@ -771,7 +795,8 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
         return _fit_ekfac((layers, curvature, bool(correct_eigenvalues)), task.loss, members,
                           train, size()), None
 
-    spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: size)
+    spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: size,
+                 hyper=(("correct_eigenvalues", correct_eigenvalues), ("curvature", curvature)))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -868,9 +893,7 @@ def influence_datainf(task: Any, *, damping: float = 0.1,
     Memory: state M·L floats (L layers); ``attribute`` 2·M·n_test·d (the test gradients
     and their correction).
     """
-    if not damping > 0:
-        raise ValueError(f"`damping` must be > 0 for DataInf (λ_l = damping · mean "
-                         f"squared gradient), got {damping}")
+    _check_damping(damping, positive=True)  # λ_l = damping · mean squared gradient
 
     def fit(task, members, train, size):
         groups = _param_groups(members)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattri import engine
+from jattri import _checks, engine
 from jattri.func.layers import layer_io, linear_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      kronecker_projection)
@@ -47,7 +47,8 @@ class LograState(NamedTuple):
     """members: the Members scored. train: the in-memory training set (a reference) or
     ``None`` if streamed. phi: ``(n, M, K)`` projected train loss gradients of all
     layers (K = Σ_ℓ k_ℓ, k_ℓ = k_in·k_out). fisher: tuple over layers of ``(M, k_ℓ,
-    k_ℓ)`` undamped F_ℓ = (1/n) Σ_j φ_ℓ,j φ_ℓ,jᵀ.
+    k_ℓ)`` undamped F_ℓ = (1/n) Σ_j φ_ℓ,j φ_ℓ,jᵀ. made: its
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
 
     Memory: n·M·K + M·Σ_ℓ k_ℓ² floats (no ``(n, d)`` array)."""
 
@@ -55,6 +56,7 @@ class LograState(NamedTuple):
     train: PyTree
     phi: jax.Array
     fisher: tuple
+    made: _common.Provenance
 
 
 # config = (layers: tuple of func.layers.Layer, proj_dim_in, proj_dim_out, projection,
@@ -157,9 +159,8 @@ def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
 
 
 def _check_damping(damping):
-    if not isinstance(damping, jax.core.Tracer) and not np.all(np.asarray(damping) > 0):
-        raise ValueError(f"`damping` must be > 0 (the Fisher of n < k examples is "
-                         f"singular), got {damping}")
+    # > 0: the Fisher of n < k examples is singular
+    return _checks.real(damping, "damping", low=0, open_low=True, array=True)
 
 
 def _row_spec(tree):
@@ -201,11 +202,19 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     scoring tile is ``chunk_size × n_test``.
     """
     _check_damping(damping)
-    check_projection_args(projection, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out)
+    check_projection_args(projection, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out,
+                          proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
     task = as_task(task)
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    if layers is not None and (isinstance(layers, str) or not all(
+            isinstance(w, str) for w in layers)):
+        raise TypeError(f"`layers` must be a sequence of layer names (str) or None, got "
+                        f"{layers!r}")
     wanted = None if layers is None else tuple(layers)
+    made = _common.hyper(task, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out, key=key,
+                         projection=projection, layers=wanted,
+                         proj_chunk_size=proj_chunk_size)
 
     def discover(members, data, target):
         fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
@@ -242,7 +251,8 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         fisher, phi, n = engine.scan(_cache_step, cfg, args, fisher0, train,
                                      size(members, train))
         fisher = tuple(f / n for f in fisher)
-        return LograState(members, _common.stored_train(train), phi, fisher)
+        return LograState(members, _common.stored_train(train), phi, fisher,
+                          _common.provenance("logra", made, members, train, phi.shape[0]))
 
     def target_phi(state, data):
         cfg = config(state.members, data, True)
@@ -253,7 +263,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
                   damping=damping):
         """``(n_train, n_test)`` scores (or a TopK); ``damping`` overrides the factory's.
         ``train`` is not needed (φ is stored) and ignored."""
-        del train
+        _common.check_state(state, LograState, "logra", made, train=train)
         _check_damping(damping)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
@@ -267,6 +277,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     def self_attribute(state: LograState, *, train=None, damping=damping):
         """score(i, i) = Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,i (ψ = φ when the target is the
         loss; else recomputed from ``train``, required if the state was streamed)."""
+        _common.check_state(state, LograState, "logra", made, train=train)
         _check_damping(damping)
         right = state.phi
         if not task.target_is_loss:

@@ -46,7 +46,8 @@ class RPSState(NamedTuple):
     ``None`` if streamed. features: ``(n, M, p)`` train features (with the bias 1).
     alpha: ``(n, M, C)`` representer values. weights: ``(M, p, C)`` refit last layers.
     grad_norm: ``(M,)`` norm of the refit objective's gradient at ``weights`` (how far
-    from stationary, i.e. how exact the decomposition is).
+    from stationary, i.e. how exact the decomposition is). made: its
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
 
     Memory: n·M·(p + C) + M·p·C floats."""
 
@@ -56,6 +57,7 @@ class RPSState(NamedTuple):
     alpha: jax.Array
     weights: jax.Array
     grad_norm: jax.Array
+    made: _common.Provenance
 
 
 def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
@@ -196,8 +198,10 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
     Memory: state n·M·(p + C) + M·p·C floats (the refit holds one member's n·(p + C)
     at a time); a scoring tile ``chunk_size·M·n_test``; the test side n_test·M·p.
     """
-    if not l2 > 0:
-        raise ValueError(f"`l2` must be > 0 (α divides by it), got {l2}")
+    _checks.real(l2, "l2", low=0, open_low=True)  # α divides by it
+    _checks.flag(bias, "bias")
+    _checks.integer(maxiter, "maxiter")
+    _checks.real(tol, "tol", low=0)
     for name, fn in (("features_fn", features_fn), ("logits_fn", logits_fn)):
         if not callable(fn):
             raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
@@ -208,6 +212,8 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
     chunk_size = engine.check_chunk_size(chunk_size)
     fns = (as_partial(features_fn), as_partial(logits_fn),
            None if label_fn is None else as_partial(label_fn))
+    made = _common.hyper(features_fn=features_fn, logits_fn=logits_fn, label_fn=label_fn,
+                         l2=l2, bias=bias, maxiter=maxiter, tol=tol)
 
     def check(members, data, name, like=None):
         if not engine.is_stream(data):
@@ -242,12 +248,13 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         f, lg = engine.per_example(_features_logits, bool(bias), fns + (members,), train,
                                    size(members, train))
         alpha, w, gnorm = _refit_members(f, lg, l2, tol, maxiter=int(maxiter))
-        return RPSState(members, _common.stored_train(train), f, alpha, w, gnorm)
+        return RPSState(members, _common.stored_train(train), f, alpha, w, gnorm,
+                        _common.provenance("rps", made, members, train, f.shape[0]))
 
     def attribute(state: RPSState, test, *, train=None, top_k=None, lowest=False):
         """``(n_train, n_test)`` scores (or a TopK); ``train`` is not needed (the
         features and α are stored) and ignored."""
-        del train
+        _common.check_state(state, RPSState, "rps", made, train=train)
         check(state.members, test, "test", like=state.train)
         f_test, y_test = engine.per_example(_test_side, bool(bias),
                                             fns + (state.members,), test,
@@ -262,6 +269,7 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
     def self_attribute(state: RPSState, *, train=None):
         """score(i, i) with y_i = ``label_fn(z_i)`` or each member's prediction on z_i
         (read from ``train``: the state's, or the one given if it was streamed)."""
+        _common.check_state(state, RPSState, "rps", made, train=train)
         data = _common.train_for(state.train, train)
         y = engine.per_example(_train_classes, bool(bias), fns + (state.members,), data,
                                size(state.members, data))  # (n, M)

@@ -44,7 +44,8 @@ class KnnShapleyState(NamedTuple):
     """members: the Members whose params feed ``features_fn``, or ``None`` (model-free).
     train: the in-memory training set (a reference) or ``None`` if streamed.
     features: ``(n, M, p)`` train features per member (M = 1 model-free).
-    labels: ``(n,)`` integer train labels.
+    labels: ``(n,)`` integer train labels. made: its
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
 
     Memory: n·M·p floats + n ints."""
 
@@ -52,6 +53,7 @@ class KnnShapleyState(NamedTuple):
     train: PyTree
     features: jax.Array
     labels: jax.Array
+    made: _common.Provenance
 
 
 def squared_euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -184,8 +186,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
     ``self_attribute`` values each training point as its own test point (it is its own
     nearest neighbour).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}")
+    k = _checks.integer(k, "k")
     for name, fn in (("features_fn", features_fn), ("label_fn", label_fn),
                      ("distance", distance)):
         if fn is not None and not callable(fn):
@@ -193,6 +194,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
     chunk_size = engine.check_chunk_size(chunk_size)
     fns = (as_partial(features_fn or _default_features), as_partial(label_fn or _default_label),
            as_partial(distance or squared_euclidean))
+    made = _common.hyper(k=k, features_fn=features_fn, label_fn=label_fn, distance=distance)
 
     def check(members, data, name, like=None):
         if data is None:
@@ -232,12 +234,14 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
         members = None if members is None else as_members(members)
         check(members, train, "train")
         f, y = featurize(members, train)
-        return KnnShapleyState(members, _common.stored_train(train), f, y)
+        return KnnShapleyState(members, _common.stored_train(train), f, y,
+                               _common.provenance("knn_shapley", made, members, train,
+                                                  f.shape[0]))
 
     def attribute(state: KnnShapleyState, test, *, train=None, top_k=None, lowest=False):
         """``(n_train, n_test)`` values, or a TopK per test point; ``train`` is not
         needed (the features are stored) and ignored."""
-        del train
+        _common.check_state(state, KnnShapleyState, "knn_shapley", made, train=train)
         check(state.members, test, "test", like=state.train)
         rows = featurize(state.members, test)
         args = (fns, state.features, state.labels)
@@ -255,7 +259,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
         return engine.TopK(out[1], out[0], out[3], out[2])
 
     def self_attribute(state: KnnShapleyState, *, train=None):
-        del train
+        _common.check_state(state, KnnShapleyState, "knn_shapley", made, train=train)
         rows = (state.features, state.labels)
         n_train, _, p = state.features.shape
         return engine.per_example(_self_rows, k, (fns, state.features, state.labels), rows,

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from jattri import engine
+from jattri import _checks, engine
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
 from jattri.methods import _common
@@ -35,7 +35,8 @@ class TracInState(NamedTuple):
     """members: the Members scored. train: the in-memory training set (a reference) or
     ``None`` if streamed. train_grads: ``(n, M, k)`` projected (and normalised if asked)
     training gradients, or ``None`` without a projection (recomputed when scoring).
-    weights: ``(M,)`` member weights w_k.
+    weights: ``(M,)`` member weights w_k. made: its
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
 
     Memory: n·M·k floats with a projection; none proportional to n without."""
 
@@ -43,6 +44,7 @@ class TracInState(NamedTuple):
     train: PyTree
     train_grads: Optional[jax.Array]
     weights: jax.Array
+    made: _common.Provenance
 
 
 def _normalize(g: jax.Array) -> jax.Array:
@@ -55,6 +57,8 @@ def _check_weights(weights, num_members: int) -> jax.Array:
         # Equal weights 1/M: the "average over members" convention of every method;
         # with one member this is Grad-Dot (Grad-Cos with normalize=True).
         return jnp.full((num_members,), 1.0 / num_members)
+    if isinstance(weights, (str, bytes)):
+        raise TypeError(f"`weights` must be a sequence of real numbers or None, got {weights!r}")
     w = jnp.asarray(weights)
     if w.shape != (num_members,):
         raise ValueError(f"`weights` must have one entry per member, shape ({num_members},), "
@@ -133,11 +137,27 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
     ``attribute`` holds the test side n_test·M·k (k = d without a projection) and one
     chunk of ``chunk_size`` gradients.
     """
-    check_projection_args(projection, proj_dim=proj_dim)
+    return _tracin("tracin", task, weights=weights, proj_dim=proj_dim, projection=projection,
+                   normalize=normalize, key=key, chunk_size=chunk_size,
+                   proj_chunk_size=proj_chunk_size)
+
+
+def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
+            proj_dim: Optional[int] = None, projection: str = "gaussian",
+            normalize: bool = False, key: Optional[jax.Array] = None,
+            chunk_size: Optional[int] = None,
+            proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
+    """:func:`tracin`, its states marked as made by ``name`` (``grad_dot``, ...)."""
+    check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
+    _checks.flag(normalize, "normalize")
+    if weights is not None:
+        _check_weights(weights, len(weights) if hasattr(weights, "__len__") else -1)
     task = as_task(task)
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
     k = None if proj_dim is None else int(proj_dim)
+    made = _common.hyper(task, weights=weights, proj_dim=proj_dim, projection=projection,
+                         normalize=normalize, key=key, proj_chunk_size=proj_chunk_size)
 
     def config(members):
         return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize))
@@ -155,9 +175,12 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         members = _common.setup(task, members, train)
         w = _check_weights(weights, members.num)
         grads = None if k is None else features(members, task.loss, train)
-        return TracInState(members, _common.stored_train(train), grads, w)
+        return TracInState(members, _common.stored_train(train), grads, w,
+                           _common.provenance(name, made, members, train,
+                                              None if grads is None else grads.shape[0]))
 
     def attribute(state: TracInState, test, *, train=None, top_k=None, lowest=False):
+        _common.check_state(state, TracInState, name, made, train=train)
         members = state.members
         _common.check_data(task, members, test, "test", target=True, like=state.train)
         t = features(members, task.target, test)  # (n_test, M, k)
@@ -173,6 +196,7 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
                             lowest=lowest)
 
     def self_attribute(state: TracInState, *, train=None):
+        _common.check_state(state, TracInState, name, made, train=train)
         members = state.members
         data = (None if state.train_grads is not None and task.target_is_loss else
                 _common.train_for(state.train, train))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from jattri import engine
+from jattri import _checks, engine
 from jattri.func.grads import as_partial
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
@@ -36,7 +36,8 @@ PyTree = Any
 class TrakState(NamedTuple):
     """members: the Members scored. train: the in-memory training set (a reference) or
     ``None`` if streamed. phi: ``(n, M, k)`` projected train margin gradients.
-    kernel: ``(M, k, k)`` Φ_mᵀΦ_m. q: ``(n,)`` mean_m (1 − p).
+    kernel: ``(M, k, k)`` Φ_mᵀΦ_m. q: ``(n,)`` mean_m (1 − p). made: its
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
 
     Memory: n·M·k + M·k² floats (no ``(n, d)`` array)."""
 
@@ -45,6 +46,7 @@ class TrakState(NamedTuple):
     phi: jax.Array
     kernel: jax.Array
     q: jax.Array
+    made: _common.Provenance
 
 
 def margin_from_loss(loss: jax.Array) -> jax.Array:
@@ -165,12 +167,14 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
     the projection's ``proj_chunk_size × k`` block.
     """
-    if not damping >= 0:
-        raise ValueError(f"`damping` must be >= 0, got {damping}")
-    check_projection_args(projection, proj_dim=proj_dim)
+    _checks.real(damping, "damping", low=0, array=True)
+    check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
+    _checks.optional_callable(prob_fn, "prob_fn")
     task = as_task(task)
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    made = _common.hyper(task, proj_dim=proj_dim, key=key, prob_fn=prob_fn,
+                         projection=projection, proj_chunk_size=proj_chunk_size)
 
     def config(members):
         d = _common.num_params(members)
@@ -188,7 +192,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
         kernel0 = jnp.zeros((members.num, k, k), _common.param_dtype(members))
         kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, key), kernel0,
                                           train, size(members, train))
-        return TrakState(members, _common.stored_train(train), phi, kernel, q)
+        return TrakState(members, _common.stored_train(train), phi, kernel, q,
+                         _common.provenance("trak", made, members, train, phi.shape[0]))
 
     def test_phi(state, data):
         return engine.per_example(_test_phi, config(state.members),
@@ -197,6 +202,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
 
     def attribute(state: TrakState, test, *, train=None, top_k=None, lowest=False,
                   damping=damping):
+        _common.check_state(state, TrakState, "trak", made, train=train)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         phi_t = test_phi(state, test)  # (n_test, M, k)
@@ -209,6 +215,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
                             phi_t.dtype, top_k=top_k, lowest=lowest)
 
     def self_attribute(state: TrakState, *, train=None, damping=damping):
+        _common.check_state(state, TrakState, "trak", made, train=train)
         inverse = jnp.linalg.inv(damped_kernel(state.kernel, damping))
         right = (state.phi if task.target_is_loss else
                  test_phi(state, _common.train_for(state.train, train)))

@@ -1,0 +1,254 @@
+"""Careless and hostile arguments (issue 13): every hyperparameter is checked at the
+factory with an error naming it; bfloat16 params give float32 answers; a state is
+refused by an attributor that did not make it, naming what differs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattri
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="fc2")(nn.relu(nn.Dense(5, name="fc1")(x)))
+
+
+MODEL = MLP()
+
+
+def loss(params, z):
+    x, y = z
+    return -jax.nn.log_softmax(MODEL.apply({"params": params}, x))[y]
+
+
+def features(params, z):
+    return nn.relu(z[0] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+
+
+def logits(params, z):
+    return MODEL.apply({"params": params}, z[0])
+
+
+@pytest.fixture(scope="module")
+def problem():
+    x = jax.random.normal(jax.random.PRNGKey(0), (10, 4))
+    y = jnp.arange(10) % 3
+    params = MODEL.init(jax.random.PRNGKey(1), x[0])["params"]
+    return params, (x, y)
+
+
+# ------------------------------------------------------------ factory arguments
+
+# (factory, keyword, bad value, exception, text the message must contain)
+BAD = [
+    (jattri.trak, "damping", float("inf"), ValueError, "`damping` must be finite"),
+    (jattri.trak, "damping", "0.1", TypeError, "`damping` must be a real number"),
+    (jattri.trak, "damping", -1.0, ValueError, "`damping` must be a real number >= 0"),
+    (jattri.trak, "proj_dim", "16", TypeError, "`proj_dim` must be an int"),
+    (jattri.trak, "proj_dim", 16.0, TypeError, "`proj_dim`"),
+    (jattri.trak, "proj_chunk_size", 0, ValueError, "`proj_chunk_size`"),
+    (jattri.trak, "projection", "dense", ValueError, "`projection` must be one of"),
+    (jattri.trak, "key", 0, TypeError, "`key` must be a JAX PRNG key"),
+    (jattri.trak, "prob_fn", "softmax", TypeError, "`prob_fn` must be callable"),
+    (jattri.trak, "chunk_size", 0, ValueError, "`chunk_size` must be a positive int"),
+    (jattri.trak, "chunk_size", -3, ValueError, "`chunk_size` must be a positive int"),
+    (jattri.trak, "chunk_size", "8", ValueError, "`chunk_size` must be a positive int"),
+    (jattri.grad_dot, "chunk_size", 2.5, ValueError, "`chunk_size`"),
+    (jattri.tracin, "normalize", "yes", TypeError, "`normalize` must be True or False"),
+    (jattri.tracin, "weights", "1,2", TypeError, "`weights`"),
+    (jattri.tracin, "weights", [1.0, float("nan")], ValueError, "`weights` contains NaN"),
+    (jattri.logra, "damping", 0.0, ValueError, "`damping` must be a real number > 0"),
+    (jattri.logra, "damping", float("nan"), ValueError, "`damping` must be finite"),
+    (jattri.logra, "proj_dim_in", True, TypeError, "`proj_dim_in`"),
+    (jattri.logra, "layers", "fc1", TypeError, "`layers` must be a sequence"),
+    (jattri.influence_explicit, "damping", float("inf"), ValueError, "`damping`"),
+    (jattri.influence_explicit, "relatif", "L", ValueError, "`relatif` must be one of"),
+    (jattri.influence_cg, "maxiter", 0, ValueError, "`maxiter` must be an int >= 1"),
+    (jattri.influence_cg, "maxiter", "10", TypeError, "`maxiter`"),
+    (jattri.influence_cg, "tol", -1e-6, ValueError, "`tol`"),
+    (jattri.influence_cg, "damping", "1e-3", TypeError, "`damping`"),
+    (jattri.influence_lissa, "depth", 0, ValueError, "`depth` must be an int >= 1"),
+    (jattri.influence_lissa, "repeats", 1.5, TypeError, "`repeats`"),
+    (jattri.influence_lissa, "batch_size", 0, ValueError, "`batch_size`"),
+    (jattri.influence_lissa, "scale", 0.0, ValueError, "`scale` must be a real number > 0"),
+    (jattri.influence_arnoldi, "rank", 0, ValueError, "`rank` must be an int >= 1"),
+    (jattri.influence_arnoldi, "num_iters", "30", TypeError, "`num_iters`"),
+    (jattri.influence_arnoldi, "tol", 1.5, ValueError, "`tol`"),
+    (jattri.influence_ekfac, "curvature", "gn", ValueError, "`curvature` must be one of"),
+    (jattri.influence_ekfac, "correct_eigenvalues", "no", TypeError,
+     "`correct_eigenvalues` must be True or False"),
+    (jattri.influence_ekfac, "damping", float("-inf"), ValueError, "`damping`"),
+    (jattri.influence_datainf, "damping", 0.0, ValueError, "`damping` must be a real number > 0"),
+]
+
+
+@pytest.mark.parametrize("factory,name,value,exc,text", BAD,
+                         ids=[f"{f.__name__}-{n}={v!r}" for f, n, v, _, _ in BAD])
+def test_factory_refuses(factory, name, value, exc, text):
+    with pytest.raises(exc, match=text.replace("(", r"\(").replace(")", r"\)")):
+        factory(loss, **{name: value})
+
+
+@pytest.mark.parametrize("name,value,exc,text", [
+    ("l2", 0.0, ValueError, "`l2` must be a real number > 0"),
+    ("l2", "1e-3", TypeError, "`l2`"),
+    ("maxiter", 0, ValueError, "`maxiter` must be an int >= 1"),
+    ("bias", 1, TypeError, "`bias` must be True or False"),
+    ("tol", float("nan"), ValueError, "`tol` must be finite"),
+])
+def test_rps_refuses(name, value, exc, text):
+    with pytest.raises(exc, match=text):
+        jattri.rps(features_fn=features, logits_fn=logits, **{name: value})
+
+
+@pytest.mark.parametrize("value,exc", [(0, ValueError), (2.0, TypeError), ("3", TypeError),
+                                       (True, TypeError)])
+def test_knn_shapley_refuses_k(value, exc):
+    with pytest.raises(exc, match="`k` must be an int >= 1"):
+        jattri.knn_shapley(value)
+
+
+def test_attribute_time_damping_is_checked(problem):
+    params, train = problem
+    attr = jattri.influence_explicit(loss, damping=1.0)  # H + I > 0 on this MLP
+    state = attr.cache(params, train)
+    with pytest.raises(ValueError, match="`damping` must be finite"):
+        attr.attribute(state, train, damping=float("inf"))
+    with pytest.raises(TypeError, match="`damping`"):
+        attr.attribute(state, train, damping="0.1")
+    # the state survives the bad calls
+    assert np.isfinite(np.asarray(attr.attribute(state, train))).all()
+
+
+def test_ensemble_arguments():
+    task = jattri.Task(loss)
+    with pytest.raises(TypeError, match="`rate`"):
+        jattri.ensemble.dropout_trak(task, 2, jax.random.PRNGKey(0), rate="0.1")
+    with pytest.raises(ValueError, match="`rate`"):
+        jattri.ensemble.dropout_trak(task, 2, jax.random.PRNGKey(0), rate=1.0)
+
+
+# ---------------------------------------------------------------------- bfloat16
+
+@pytest.mark.parametrize("make", [
+    lambda: jattri.grad_dot(loss),
+    lambda: jattri.trak(loss, proj_dim=8),
+    lambda: jattri.influence_ekfac(loss, damping=1e-2),
+], ids=["grad_dot", "trak", "influence_ekfac"])
+def test_bfloat16_params_compute_in_float32(problem, make):
+    """bfloat16 params are accepted, and scored exactly as their float32 values."""
+    params, train = problem
+    low = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    same = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), low)
+    attr = make()
+    got = attr.attribute(attr.cache(low, train), train)
+    want = attr.attribute(attr.cache(same, train), train)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # and the numpy bfloat16 arrays a checkpoint reader returns
+    host = jax.tree_util.tree_map(np.asarray, low)
+    np.testing.assert_array_equal(np.asarray(attr.attribute(attr.cache(host, train), train)),
+                                  np.asarray(want))
+
+
+def test_integer_params_still_refused(problem):
+    params, train = problem
+    ints = jax.tree_util.tree_map(lambda x: x.astype(jnp.int32), params)
+    with pytest.raises(TypeError, match="parameters must be floating point"):
+        jattri.grad_dot(loss).cache(ints, train)
+
+
+# ------------------------------------------------------------------------ states
+
+def test_state_of_another_method_is_refused(problem):
+    params, train = problem
+    cos = jattri.grad_cos(loss)
+    dot = jattri.grad_dot(loss)
+    with pytest.raises(ValueError, match="cached by grad_cos; this attributor is grad_dot"):
+        dot.attribute(cos.cache(params, train), train)
+    arnoldi = jattri.influence_arnoldi(loss, rank=5, damping=1e-2)
+    explicit = jattri.influence_explicit(loss, damping=1e-2)
+    datainf = jattri.influence_datainf(loss)
+    state = arnoldi.cache(params, train)
+    with pytest.raises(ValueError, match="cached by influence_arnoldi; this attributor is "
+                                         "influence_explicit"):
+        explicit.attribute(state, train)
+    with pytest.raises(ValueError, match="influence_datainf"):
+        explicit.self_attribute(datainf.cache(params, train))
+    with pytest.raises(TypeError, match=r"`state` is a TrakState \(made by trak\); "
+                                        "influence_explicit takes the InfluenceState"):
+        explicit.attribute(jattri.trak(loss, proj_dim=4).cache(params, train), train)
+    with pytest.raises(TypeError, match="`state` is a dict"):
+        dot.attribute({"members": params}, train)
+    # the refused state still works with its own attributor
+    assert np.isfinite(np.asarray(arnoldi.attribute(state, train))).all()
+
+
+@pytest.mark.parametrize("make_a,make_b,text", [
+    (lambda: jattri.trak(loss, proj_dim=8), lambda: jattri.trak(loss, proj_dim=8,
+     key=jax.random.PRNGKey(1)), "cached with key="),
+    (lambda: jattri.trak(loss, proj_dim=8), lambda: jattri.trak(loss, proj_dim=8,
+     projection="sjlt"), "cached with projection='gaussian'; this trak has "
+                         "projection='sjlt'"),
+    (lambda: jattri.logra(loss, proj_dim_in=2), lambda: jattri.logra(loss, proj_dim_in=3),
+     "cached with proj_dim_in=2"),
+    (lambda: jattri.influence_ekfac(loss), lambda: jattri.influence_ekfac(
+        loss, correct_eigenvalues=False), "cached with correct_eigenvalues=True"),
+    (lambda: jattri.influence_explicit(loss, damping=1.0, relatif="l"),
+     lambda: jattri.influence_explicit(loss, damping=2.0, relatif="l"),
+     "cached with damping=1.0"),
+    (lambda: jattri.grad_dot(loss), lambda: jattri.grad_dot(lambda p, z: 2 * loss(p, z)),
+     "cached with loss_fn="),
+], ids=["trak-key", "trak-projection", "logra-dim", "ekfac-kfac", "relatif-damping",
+        "loss"])
+def test_state_with_other_hyperparameters_is_refused(problem, make_a, make_b, text):
+    params, train = problem
+    state = make_a().cache(params, train)
+    with pytest.raises(ValueError, match=text):
+        make_b().attribute(state, train)
+
+
+def test_same_hyperparameters_accept_each_others_states(problem):
+    """Two attributors built alike (damping only differs where it is applied at
+    attribute time) share states, and the answer is the same."""
+    params, train = problem
+    a = jattri.trak(loss, proj_dim=8, damping=0.1)
+    b = jattri.trak(loss, proj_dim=8, damping=0.1)
+    state = a.cache(params, train)
+    np.testing.assert_array_equal(np.asarray(b.attribute(state, train)),
+                                  np.asarray(a.attribute(state, train)))
+    c = jattri.influence_ekfac(loss, damping=0.5)
+    d = jattri.influence_ekfac(loss, damping=0.1)
+    np.testing.assert_allclose(np.asarray(d.attribute(c.cache(params, train), train)),
+                               np.asarray(c.attribute(c.cache(params, train), train,
+                                                      damping=0.1)), rtol=1e-6)
+
+
+def test_changed_members_and_training_set_are_refused(problem):
+    params, train = problem
+    attr = jattri.grad_dot(loss)
+    state = attr.cache(params, train)
+    other = jax.tree_util.tree_map(lambda x: x + 1.0, params)
+    tampered = state._replace(members=jattri.task.as_members(other))
+    with pytest.raises(ValueError, match="`state.members` differ from the members"):
+        attr.attribute(tampered, train)
+    x, y = train
+    with pytest.raises(ValueError, match="`train` has 6 examples; the state was cached on 10"):
+        attr.attribute(state, train, train=(x[:6], y[:6]))
+    # the original state is untouched
+    assert attr.attribute(state, train).shape == (10, 10)
+
+
+def test_states_stay_jittable(problem):
+    """The provenance is static: a jitted attribute takes the state as an argument."""
+    params, train = problem
+    attr = jattri.trak(loss, proj_dim=8)
+    state = attr.cache(params, train)
+    got = jax.jit(attr.attribute)(state, train)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(attr.attribute(state, train)),
+                               rtol=1e-5, atol=1e-6)
+    jitted_state = jax.jit(attr.cache)(params, train)
+    assert jitted_state.made.method == "trak" and jitted_state.made.n_train == 10
