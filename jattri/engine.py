@@ -315,6 +315,7 @@ def score(tile_fn: Callable, tile_config: Any, args: PyTree, rows: Any, size: in
     never the dense matrix.
     """
     k = check_top_k(top_k)
+    _checks.flag(lowest, "lowest")
     if k is None:
         _, dense, _ = scan(_score_step, (tile_fn, tile_config, None, False), args, None,
                            rows, size)

@@ -121,6 +121,16 @@ def test_attribute_time_damping_is_checked(problem):
         attr.attribute(state, train, damping="0.1")
     # the state survives the bad calls
     assert np.isfinite(np.asarray(attr.attribute(state, train))).all()
+    trak = jattri.trak(loss, proj_dim=4)
+    state = trak.cache(params, train)
+    with pytest.raises(ValueError, match="`damping` must be finite"):
+        trak.attribute(state, train, damping=float("inf"))
+    with pytest.raises(ValueError, match="`damping` must be a real number >= 0"):
+        trak.self_attribute(state, damping=-1.0)
+    with pytest.raises(TypeError, match="`lowest` must be True or False"):
+        trak.attribute(state, train, top_k=2, lowest="yes")
+    with pytest.raises(ValueError, match="`top_k` must be a positive int"):
+        trak.attribute(state, train, top_k="2")
 
 
 def test_ensemble_arguments():
@@ -129,6 +139,8 @@ def test_ensemble_arguments():
         jattri.ensemble.dropout_trak(task, 2, jax.random.PRNGKey(0), rate="0.1")
     with pytest.raises(ValueError, match="`rate`"):
         jattri.ensemble.dropout_trak(task, 2, jax.random.PRNGKey(0), rate=1.0)
+    with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
+        jattri.ensemble.dropout_trak(task, 2, 0)
 
 
 # ---------------------------------------------------------------------- bfloat16

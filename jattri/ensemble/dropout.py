@@ -109,6 +109,7 @@ def dropout(task: Any, members: Any, num_masks: int, key: jax.Array, *,
       key, and Members with ``params`` = the input params (nothing is copied: the
       ensemble stores one model per input member) and ``aux`` = ``(M,)`` mask keys.
     """
+    _checks.prng_key(key)
     loss, target = _check(task, num_masks, mode, rate)
     members = as_members(members)
     if members.aux is not None:
@@ -172,6 +173,7 @@ def dropout_trak(task: Any, num_masks: int, key: jax.Array, *, rate: Optional[fl
     if "prob_fn" in trak_kwargs:
         raise ValueError("`prob_fn` is not supported by dropout_trak: Q is computed from "
                          "the loss under dropout as 1 − exp(−loss)")
+    _checks.prng_key(key)
     _check(task, num_masks, mode, rate)
     proj_key = trak_kwargs.pop("proj_key", None)
     base = trak(task, key=proj_key, chunk_size=chunk_size, **trak_kwargs)

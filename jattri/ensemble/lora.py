@@ -138,6 +138,7 @@ def lora(task: Any, members: Any, train: PyTree, num_adapters: int, key: jax.Arr
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"`{name}` must be a positive int, got {v!r}")
     _checks.real(learning_rate, "learning_rate", low=0, open_low=True)
+    _checks.prng_key(key)
     _checks.real(alpha, "alpha", low=0, open_low=True, none=True)
     n = _checks.check_data(train, "train")
     targets = lora_targets(first_member(members)[0], layers)

@@ -248,6 +248,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
         n_train, _, p = state.features.shape
         chunk = size(rows, n_train * (p + 1))
         top_k = engine.check_top_k(top_k)
+        _checks.flag(lowest, "lowest")
         if top_k is None:
             return engine.per_example(_dense_rows, k, args, rows, chunk).T
         if top_k > n_train:

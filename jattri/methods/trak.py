@@ -203,6 +203,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     def attribute(state: TrakState, test, *, train=None, top_k=None, lowest=False,
                   damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
+        _checks.real(damping, "damping", low=0, array=True)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         phi_t = test_phi(state, test)  # (n_test, M, k)
@@ -216,6 +217,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
 
     def self_attribute(state: TrakState, *, train=None, damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
+        _checks.real(damping, "damping", low=0, array=True)
         inverse = jnp.linalg.inv(damped_kernel(state.kernel, damping))
         right = (state.phi if task.target_is_loss else
                  test_phi(state, _common.train_for(state.train, train)))
