@@ -8,6 +8,9 @@ dataset: for an in-memory pytree inside one compiled ``lax.scan`` (so stages sta
 jittable end to end), for a :class:`Stream` as a Python loop over batches calling one
 compiled step. Both paths see the same fixed-size chunks, padded at the end and
 masked by ``chunk.valid``, so streamed and in-memory results agree to rounding.
+:func:`per_example` (per-example outputs only) writes each chunk's outputs in place
+into one preallocated array, along any axis; its last in-memory chunk overlaps the one
+before instead of being padded.
 
 Memory: one chunk of ``size`` examples is live at a time; what a step emits per example
 is what a method keeps (projected features, a scalar), never ``(n, d)`` gradients
