@@ -21,12 +21,13 @@ from jattri.methods import (influence_arnoldi, influence_datainf, influence_ekfa
                             influence_lissa)
 from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
 from jattri import interop, models  # noqa: E402
+from jattri import plot  # noqa: E402  (imports matplotlib only when a function is called)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attributor", "Members", "Stream", "Task", "TopK", "checkpoints", "ensemble", "func",
-    "interop", "metrics", "models", "stream",
+    "interop", "metrics", "models", "plot", "stream",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
     "tracin", "rps", "knn_shapley", "logra",
     "influence_lissa", "influence_arnoldi", "influence_ekfac", "influence_datainf",
