@@ -133,15 +133,17 @@ def test_methods_match_dense_reference(x64, name, two_members, target):
                                rtol=1e-7, atol=1e-10)
 
 
-def trak_reference(task, params_list, train, test, proj_dim, damping, key):
-    """TRAK by hand: margins by loops, dense projection matrices, explicit formula."""
+def trak_reference(task, params_list, train, test, proj_dim, damping, key, shared=False):
+    """TRAK by hand: margins by loops, dense projection matrices (member m's drawn from
+    ``fold_in(key, m)``, or ``key`` for all with ``shared``), explicit formula."""
     (x, y), (xt, yt) = train, test
     loss_fn, target_fn = task.user_fns
     margin = lambda f: (lambda p, z: -f(p, z) - jnp.log(-jnp.expm1(-f(p, z))))
     acc, q = 0, 0
-    for p in params_list:
+    for m, p in enumerate(params_list):
         d = ravel_pytree(p)[0].size
-        proj = jattri.func.gaussian_projection(key, d, proj_dim)
+        proj = jattri.func.gaussian_projection(key if shared else jax.random.fold_in(key, m),
+                                               d, proj_dim)
         pm = np.asarray(proj(jnp.eye(d)))  # the dense (d, k) matrix, for reference
         grad_l = jax.jit(jax.grad(margin(loss_fn)))
         grad_t = jax.jit(jax.grad(margin(target_fn)))
@@ -156,16 +158,19 @@ def trak_reference(task, params_list, train, test, proj_dim, damping, key):
     return acc / len(params_list) * (q / len(params_list))[:, None]
 
 
-@pytest.mark.parametrize("two_members", [False, True])
-def test_trak_matches_formula(x64, two_members):
+@pytest.mark.parametrize("two_members,shared", [(False, False), (True, False),
+                                               (True, True)])
+def test_trak_matches_formula(x64, two_members, shared):
     task, params, train = _tasks(4, two_members)
     test = make_data(jax.random.PRNGKey(5), n=5)
     key = jax.random.PRNGKey(9)
-    attr = jattri.trak(task, proj_dim=8, damping=0.05, key=key)
+    attr = jattri.trak(task, proj_dim=8, damping=0.05, key=key, shared_projection=shared)
     state = attr.cache(jattri.checkpoints(params), train)
-    np.testing.assert_allclose(attr.attribute(state, test),
-                               trak_reference(task, params, train, test, 8, 0.05, key),
-                               rtol=1e-7, atol=1e-10)
+    want = trak_reference(task, params, train, test, 8, 0.05, key, shared)
+    np.testing.assert_allclose(attr.attribute(state, test), want, rtol=1e-7, atol=1e-10)
+    if two_members:  # the other variant's projections give other scores
+        other = trak_reference(task, params, train, test, 8, 0.05, key, not shared)
+        assert not np.allclose(want, other, rtol=1e-3)
     np.testing.assert_allclose(attr.self_attribute(state),
                                np.diag(np.asarray(attr.attribute(state, train))), rtol=1e-7)
 
@@ -174,7 +179,9 @@ def test_identical_members_give_single_member_scores(x64):
     task, (p,), train = _tasks(2)
     test = make_data(jax.random.PRNGKey(7), n=3)
     triple = jattri.checkpoints([p, p, p])
-    for make in list(METHODS.values()) + [lambda t: jattri.trak(t, proj_dim=6)]:
+    # (TRAK with one projection for all members: by default each has its own)
+    for make in list(METHODS.values()) + [
+            lambda t: jattri.trak(t, proj_dim=6, shared_projection=True)]:
         attr = make(task)
         np.testing.assert_allclose(attr.attribute(attr.cache(triple, train), test),
                                    attr.attribute(attr.cache(p, train), test), rtol=1e-10)

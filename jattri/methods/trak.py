@@ -105,22 +105,22 @@ def _phi(proj_config, fn, params, aux, key, chunk):
 
 
 def _cache_step(config, args, kernel, chunk):
-    fns, members, key = args
+    fns, members, keys = args  # keys (M,): member m's projection
 
-    def one(params, aux):
+    def one(params, aux, key):
         phi = _phi(config, fns.train_margin, params, aux, key, chunk)  # (size, k)
         q = jax.vmap(fns.q, (None, 0, 0, None))(params, chunk.data, chunk.index, aux)
         return phi, q
 
-    phi, q = _common.member_map(one, members)  # (M, size, k), (M, size)
+    phi, q = _common.member_map(one, members, keys)  # (M, size, k), (M, size)
     kernel = kernel + jnp.einsum("mbk,mbl->mkl", phi, phi)
     return kernel, (jnp.swapaxes(phi, 0, 1), jnp.mean(q, axis=0))
 
 
 def _test_phi(config, args, chunk):
-    fns, members, key = args
+    fns, members, keys = args
     phi = _common.member_map(
-        lambda p, a: _phi(config, fns.test_margin, p, a, key, chunk), members)
+        lambda p, a, key: _phi(config, fns.test_margin, p, a, key, chunk), members, keys)
     return jnp.swapaxes(phi, 0, 1)  # (size, M, k)
 
 
@@ -145,15 +145,19 @@ def damped_kernel(kernel: jax.Array, damping) -> jax.Array:
 def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
          key: Optional[jax.Array] = None, prob_fn: Optional[Callable] = None,
          projection: str = "gaussian", chunk_size: Optional[int] = None,
-         proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
+         proj_chunk_size: Optional[int] = DEFAULT_CHUNK,
+         shared_projection: bool = False) -> Attributor:
     """TRAK over the members given to ``cache`` (checkpoints / ensemble members).
 
     Args:
       task: a :class:`jattri.Task` or a ``loss_fn(params, example)``; the loss must be
         a negative log-probability of the correct label (cross-entropy) unless
         ``prob_fn`` is given.
-      proj_dim: k, the JL projection dimension (one keyed projection shared by all
-        members); ``None`` uses raw gradients.
+      proj_dim: k, the JL projection dimension; ``None`` uses raw gradients. Member m
+        is projected with its own key ``fold_in(key, m)``, as in the paper and its
+        reference code: the members' projection errors are independent and average
+        out in the ensemble (with one shared projection, M checkpoints of a convex
+        model score like one).
       damping: relative λ ≥ 0 (see module docstring); must be > 0 when k exceeds n.
         ``attribute(..., damping=...)`` overrides it without re-caching.
       key: PRNG key of the projection (default ``PRNGKey(0)``).
@@ -163,6 +167,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
       chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
         when projecting, to amortise the projection's per-call cost).
       proj_chunk_size: projection rows generated at a time.
+      shared_projection: one projection (``key`` itself) for every member instead.
 
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
     the projection's ``proj_chunk_size × k`` block.
@@ -173,8 +178,15 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     _checks.optional_callable(prob_fn, "prob_fn")
     task = as_task(task)
     key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    shared = _checks.flag(shared_projection, "shared_projection")
     made = _common.hyper(task, proj_dim=proj_dim, key=key, prob_fn=prob_fn,
-                         projection=projection, proj_chunk_size=proj_chunk_size)
+                         projection=projection, proj_chunk_size=proj_chunk_size,
+                         shared_projection=shared)
+
+    def keys(members):
+        if shared:
+            return jnp.broadcast_to(key, (members.num,) + key.shape)
+        return _common.member_keys(key, members.num)
 
     def config(members):
         d = _common.num_params(members)
@@ -190,14 +202,15 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
         cfg = config(members)
         k = cfg[1] if cfg[2] is None else cfg[2]
         kernel0 = jnp.zeros((members.num, k, k), _common.param_dtype(members))
-        kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, key), kernel0,
-                                          train, size(members, train))
+        kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, keys(members)),
+                                          kernel0, train, size(members, train))
         return TrakState(members, _common.stored_train(train), phi, kernel, q,
                          _common.provenance("trak", made, members, train, phi.shape[0]))
 
     def test_phi(state, data):
         return engine.per_example(_test_phi, config(state.members),
-                                  (_fns(task, prob_fn), state.members, key), data,
+                                  (_fns(task, prob_fn), state.members, keys(state.members)),
+                                  data,
                                   size(state.members, data))
 
     def attribute(state: TrakState, test, *, train=None, top_k=None, lowest=False,
