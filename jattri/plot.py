@@ -39,10 +39,13 @@ def _int(value: Any, name: str) -> int:
 
 
 def _test_indices(test_index: Any, n_test: int) -> np.ndarray:
-    items = [test_index] if np.ndim(test_index) == 0 else list(np.asarray(test_index).ravel())
-    if not items:
+    index = np.asarray(test_index)
+    if index.size == 0:
         raise ValueError("`test_index` is empty: give at least one test example")
-    out = np.array([_int(t, "test_index") for t in items], dtype=np.int64)
+    if index.ndim > 1 or index.dtype.kind not in "iu":
+        raise ValueError(f"`test_index` must be an int or a 1-D sequence of ints, got "
+                         f"{test_index!r}")
+    out = index.reshape(-1).astype(np.int64)
     bad = out[(out < 0) | (out >= n_test)]
     if bad.size:
         raise ValueError(f"`test_index` {int(bad[0])} is out of range [0, {n_test}) "

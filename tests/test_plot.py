@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -65,6 +67,8 @@ def test_grid_holds_the_argsort_of_the_scores(data):
     assert cell_indices(fig, "helps") == helps
     assert cell_indices(fig, "harms") == harms
     assert cell_indices(fig, "test") == tests
+    jax_index = plot.top_examples(data["scores"], jnp.asarray(tests), k=K)
+    assert cell_indices(jax_index, "helps") == helps
     ax = fig.axes[1]  # first helper of test 0: its pixels, its label, its score
     np.testing.assert_array_equal(ax.get_images()[0].get_array(), data["images"][helps[0]])
     assert f"y={data['labels'][helps[0]]}" in ax.get_title()
@@ -105,6 +109,8 @@ def test_helpful_only_texts_and_show(data):
     (dict(test_index=[0, -1]), "test_index"),
     (dict(test_index=[]), "test_index"),
     (dict(test_index=1.0), "test_index"),
+    (dict(test_index=True), "test_index"),
+    (dict(test_index=[[0, 1]]), "test_index"),
     (dict(k=0), "k"),
     (dict(k=N_TRAIN + 1), "k"),
     (dict(images=np.zeros((N_TRAIN - 1, 8, 8))), "images"),
@@ -183,3 +189,23 @@ def test_import_without_matplotlib():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_topk_of_a_method_matches_its_dense_scores():
+    """A real `attribute(..., top_k, lowest=True)` and its dense scores: one figure."""
+    rng = np.random.default_rng(2)
+    train = (rng.normal(size=(20, 4)).astype(np.float32), rng.integers(0, 3, 20))
+    test = (rng.normal(size=(5, 4)).astype(np.float32), rng.integers(0, 3, 5))
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+
+    def loss_fn(params, example):
+        x, y = example
+        return -jax.nn.log_softmax(x @ params["w"])[y]
+
+    attr = jattri.grad_dot(loss_fn)
+    state = attr.cache(params, train)
+    dense = attr.attribute(state, test)
+    top = attr.attribute(state, test, top_k=4, lowest=True)
+    kw = dict(k=3, show=lambda ax, split, i: ax.text(0, 0, f"{split} {i}"))
+    assert content(plot.top_examples(dense, [0, 3], **kw)) == \
+        content(plot.top_examples(top, [0, 3], **kw))
