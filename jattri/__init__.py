@@ -11,7 +11,11 @@ checkpoints are :class:`Members`, passed with the data::
     state = attr.cache(params, train)          # or jattri.checkpoints([...]), a Stream
     scores = attr.attribute(state, test)       # (n_train, n_test), or top_k=10
 """
-from jattri import func, metrics
+from jattri import _compile_cache
+
+_compile_cache.enable()  # JAX's persistent compilation cache (JATTRI_COMPILE_CACHE=0: off)
+
+from jattri import func, metrics  # noqa: E402
 from jattri.engine import Stream, TopK, stream
 from jattri.task import Members, Task, checkpoints
 from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,

@@ -74,13 +74,26 @@ def check_params(params: PyTree, name: str) -> None:
         if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
             raise TypeError(f"`{name}` has a leaf of dtype {dtype}; parameters must be "
                             "floating point (float32, float64, bfloat16 or float16)")
-        xp = np if isinstance(leaf, (np.ndarray, np.generic)) else jax.numpy
-        if _is_concrete(leaf) and not bool(xp.all(xp.isfinite(leaf))):
-            raise ValueError(f"`{name}` contains NaN or inf")
+    host = [x for x in leaves if isinstance(x, (np.ndarray, np.generic))]
+    device = [x for x in leaves if _is_concrete(x) and not isinstance(x, (np.ndarray,
+                                                                         np.generic))]
+    # host arrays checked where they are; device arrays in one compiled reduction
+    if not all(np.all(np.isfinite(x)) for x in host) or (device and
+                                                         not bool(_all_finite(device))):
+        raise ValueError(f"`{name}` contains NaN or inf")
 
 
 def first_example(data: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: x[0], data)
+    """The shape and dtype of one example (``jax.ShapeDtypeStruct`` leaves): what
+    abstract checks need, without slicing (an eager slice is a compilation)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jax.numpy.result_type(x)), data)
+
+
+@jax.jit
+def _all_finite(leaves) -> jax.Array:
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x))
+                                          for x in leaves]))
 
 
 def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extra) -> None:

@@ -29,13 +29,37 @@ def _call_user(fn, params, example, index, aux):
     return fn(params, example)
 
 
+def _call_user_output_loss(fn, outputs, example, index, aux):
+    del index, aux
+    return fn(outputs, example)
+
+
 _USER: dict = {}
+_USER_OUTPUT_LOSS: dict = {}
 
 
 def _member_signature(fn: Callable) -> Partial:
     """A user ``fn(params, example)`` as a member function ``(params, example, index,
     aux)``; one object per ``fn`` so Tasks of the same function share compiled code."""
     return shared(_USER, fn, lambda: Partial(_call_user, as_partial(fn)))
+
+
+def _output_loss_signature(fn: Callable) -> Partial:
+    """A user ``output_loss_fn(outputs, example)`` as ``(outputs, example, index, aux)``."""
+    return shared(_USER_OUTPUT_LOSS, fn,
+                  lambda: Partial(_call_user_output_loss, as_partial(fn)))
+
+
+def _split(output, output_loss, names: tuple) -> tuple:
+    """The Gauss-Newton split ``(output, output_loss)``: both given or both ``None``."""
+    if (output is None) != (output_loss is None):
+        raise ValueError(f"`{names[0]}` and `{names[1]}` go together (the split of the loss "
+                         "into the model's outputs and a loss of those outputs): give both "
+                         "or neither")
+    for fn, name in zip((output, output_loss), names):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
+    return output, output_loss
 
 
 class Task:
@@ -45,6 +69,15 @@ class Task:
     * ``target_fn(params, example) -> scalar``: the quantity attributed on a test
       example, lower = better (default ``loss_fn``). A positive score means training
       on the example lowers the target (helps).
+
+    * ``output_fn(params, example) -> outputs`` and ``output_loss_fn(outputs, example)
+      -> scalar`` (optional, together): where the loss splits into the model's outputs
+      (logits, predictions: any pytree) and a loss of those outputs that is convex in
+      them, with ``loss_fn(p, z) == output_loss_fn(output_fn(p, z), z)``. Methods with
+      ``curvature="ggn"`` (``influence_explicit``, ``influence_cg``,
+      ``influence_lissa``, ``influence_arnoldi``) use it for the Gauss-Newton matrix
+      G = (1/n) Σ_i J_iᵀ ∇²ℓ_i J_i, J_i = ∂output/∂θ (Schraudolph, 2002; Martens,
+      2020); scores still use ``loss_fn`` and ``target_fn``.
 
     Every method factory takes a Task or a bare ``loss_fn`` (shorthand for
     ``Task(loss_fn)``). A Task holds no arrays of the model: checkpoints are
@@ -57,23 +90,41 @@ class Task:
     is static and their bound arrays traced.
     """
 
-    def __init__(self, loss_fn: Callable, target_fn: Optional[Callable] = None):
+    def __init__(self, loss_fn: Callable, target_fn: Optional[Callable] = None, *,
+                 output_fn: Optional[Callable] = None,
+                 output_loss_fn: Optional[Callable] = None):
         if isinstance(loss_fn, Task):
             raise TypeError("`loss_fn` is already a Task")
         _checks.check_signature(loss_fn, "loss_fn")
         if target_fn is not None:
             _checks.check_signature(target_fn, "target_fn")
+        _split(output_fn, output_loss_fn, ("output_fn", "output_loss_fn"))
         self.loss = _member_signature(loss_fn)
         self.target = self.loss if target_fn is None else _member_signature(target_fn)
         self.user_fns = (loss_fn, loss_fn if target_fn is None else target_fn)
+        self.output = self.output_loss = None
+        if output_fn is not None:
+            _checks.check_signature(output_fn, "output_fn")
+            _checks.check_signature(output_loss_fn, "output_loss_fn")
+            self.output = _member_signature(output_fn)
+            self.output_loss = _output_loss_signature(output_loss_fn)
+        self.user_split = None if output_fn is None else (output_fn, output_loss_fn)
 
     @classmethod
-    def from_member_fns(cls, loss: Callable, target: Optional[Callable] = None) -> "Task":
-        """A Task from functions of ``(params, example, index, aux)`` (ensembles)."""
+    def from_member_fns(cls, loss: Callable, target: Optional[Callable] = None, *,
+                        output: Optional[Callable] = None,
+                        output_loss: Optional[Callable] = None) -> "Task":
+        """A Task from functions of ``(params, example, index, aux)`` (ensembles); the
+        optional split likewise: ``output(params, example, index, aux)``,
+        ``output_loss(outputs, example, index, aux)``."""
+        _split(output, output_loss, ("output", "output_loss"))
         task = cls.__new__(cls)
         task.loss = as_partial(loss)
         task.target = task.loss if target is None else as_partial(target)
         task.user_fns = None
+        task.output = None if output is None else as_partial(output)
+        task.output_loss = None if output_loss is None else as_partial(output_loss)
+        task.user_split = None
         return task
 
     @property
@@ -179,8 +230,14 @@ def as_members(members: Any) -> Members:
         raise TypeError("`members` is a list of params pytrees: wrap it as "
                         "jattri.checkpoints([...]) (or pass one params pytree)")
     _checks.check_params(members, "members")
-    return _computing(Members(jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], members),
-                              num=1))
+    return _computing(Members(_one_member(members), num=1))
+
+
+@jax.jit
+def _one_member(params: PyTree) -> PyTree:
+    """A leading member axis of size 1 on every leaf (one compiled call, not one
+    eager op per leaf)."""
+    return jax.tree_util.tree_map(lambda x: x[None], params)
 
 
 def checkpoints(params_list: Sequence[PyTree]) -> Members:

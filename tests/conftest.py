@@ -1,5 +1,10 @@
-import jax
-import pytest
+import os
+
+# Compilations are counted by some tests: no persistent cache may turn them into hits.
+os.environ.setdefault("JATTRI_COMPILE_CACHE", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
-from jattri.task import Members, Task, as_members, first_member, member
+from jattri.task import Members, Task, as_members, member
 
 PyTree = Any
 
@@ -55,6 +55,7 @@ def member_map(fn: Callable, members: Members, *per_member: PyTree) -> PyTree:
     return jax.lax.map(one, jnp.arange(members.num))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def member_keys(key: jax.Array, num: int) -> jax.Array:
     """``(num,)`` keys ``fold_in(key, j)``: member j's own projection (or mask) key."""
     return jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num))
@@ -127,11 +128,13 @@ def check_data(task: Task, members: Members, data: Any, name: str, *, target: bo
         if like is not None and not engine.is_stream(like):
             _checks.check_like(data, like, name, "train")
     if is_concrete(members):
-        params, aux = first_member(members)
+        params, aux = _checks.first_example((members.params, members.aux))
         z = engine.first_example(data)
         fn, fname = (task.target, "target_fn") if target else (task.loss, "loss_fn")
-        _checks.check_scalar_fn(fn, params, jax.tree_util.tree_map(lambda x: x[None], z),
-                                fname, jnp.zeros((), jnp.int32), aux)
+        _checks.check_scalar_fn(
+            fn, params, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
+                (1,) + x.shape, x.dtype), z),
+            fname, jax.ShapeDtypeStruct((), jnp.int32), aux)
     return n
 
 
@@ -159,21 +162,24 @@ def train_for(state_train: Any, train: Any) -> Any:
 
 # ------------------------------------------------------------------ state provenance
 
-@jax.tree_util.register_static
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["members"],
+                   meta_fields=["method", "hyper", "n_train"])
 @dataclasses.dataclass(frozen=True)
 class Provenance:
     """What made a state, carried in its ``made`` field and checked by every stage
-    that takes the state. Static under ``jit`` (part of the treedef, never traced).
+    that takes the state. Under ``jit`` method, hyper and n_train are static (part of
+    the treedef); the members' fingerprint is an array leaf, so states of different
+    checkpoints share one compiled program.
 
     method: the factory's name. hyper: ``((name, value), ...)``, the hyperparameters
     the state depends on (keys as their integers, functions by qualified name).
-    members: :func:`fingerprint` of the members at ``cache`` time. n_train: training
-    examples cached (``None`` when streamed and not counted).
+    members: :func:`fingerprint` of the members at ``cache`` time, ``(5,)`` uint32.
+    n_train: training examples cached (``None`` when streamed and not counted).
     """
 
     method: str
     hyper: tuple
-    members: str
+    members: Any
     n_train: Optional[int]
 
 
@@ -214,23 +220,31 @@ def _leaf_sums(leaves):
                       for x in leaves])
 
 
-def fingerprint(members: Optional[Members]) -> str:
-    """A short hash of the members: tree structure, shapes, dtypes and, when concrete,
-    every real leaf's sum and sum of squares (one pass over the params). Traced members
-    get a structural fingerprint marked ``traced:``."""
+def fingerprint(members: Optional[Members]) -> np.ndarray:
+    """``(5,)`` uint32: a flag (1: values hashed, 0: traced members, structure only)
+    and 128 bits of a hash of the members' tree structure, shapes, dtypes and, when
+    concrete, every real leaf's sum and sum of squares (one pass over the params)."""
     if members is None:
-        return "none"
+        return np.zeros(5, np.uint32)
     leaves = jax.tree_util.tree_leaves((members.params, members.aux))
     h = hashlib.sha1(repr((members.num, jax.tree_util.tree_structure(
         (members.params, members.aux)), [(np.shape(x), str(jnp.result_type(x)))
                                           for x in leaves])).encode())
-    floats = [x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.integer)
-              or jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-    if not is_concrete(leaves):
-        return "traced:" + h.hexdigest()[:16]
-    if floats:
-        h.update(np.asarray(_leaf_sums(floats)).tobytes())
-    return h.hexdigest()[:16]
+    reals = [x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.integer)
+             or jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    concrete = is_concrete(leaves)
+    if concrete and reals:
+        h.update(np.asarray(_leaf_sums(reals)).tobytes())
+    return np.concatenate([np.array([int(concrete)], np.uint32),
+                           np.frombuffer(h.digest()[:16], np.uint32)])
+
+
+def _same_members(a, b) -> bool:
+    """Fingerprints ``a``, ``b`` agree, or cannot be compared (traced)."""
+    if not (is_concrete(a) and is_concrete(b)):
+        return True
+    a, b = np.asarray(a), np.asarray(b)
+    return not (a[0] and b[0]) or bool(np.array_equal(a, b))
 
 
 def provenance(method: str, hyper_: tuple, members: Optional[Members], train: Any,
@@ -265,11 +279,9 @@ def check_state(state: Any, cls: type, method: str, hyper_: tuple, *,
                                  f"has {name}={ours[name]!r}")
         raise ValueError(f"`state` was cached with hyperparameters {made.hyper}; this "
                          f"{method} has {hyper_}")
-    now = fingerprint(state.members)
-    if not (now.startswith("traced:") or made.members.startswith("traced:")) \
-            and now != made.members:
+    if not _same_members(made.members, fingerprint(state.members)):
         raise ValueError("`state.members` differ from the members the state was cached "
-                         f"on (fingerprint {now} vs {made.members}); cache again")
+                         "on (their fingerprints differ); cache again")
     if train is not None and made.n_train is not None and not engine.is_stream(train):
         n = engine.num_examples(train)
         if n != made.n_train:
