@@ -187,9 +187,14 @@ def stream_chunks(data: Stream, size: int) -> Iterator[tuple]:
         return (jax.tree_util.tree_map(lambda x: x[:k], batch),
                 jax.tree_util.tree_map(lambda x: x[k:], batch))
 
-    seen_any = False
+    seen_any, first = False, None
     for b, batch in enumerate(data):
         n_b = _checks.check_data(batch, f"batch {b} of the stream")
+        if first is None:
+            first = batch
+        else:
+            _checks.check_like(batch, first, f"batch {b} of the stream",
+                               "batch 0 of the stream")
         seen_any = True
         while n_b:
             k = min(size - have, n_b)

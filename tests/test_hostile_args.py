@@ -264,3 +264,23 @@ def test_states_stay_jittable(problem):
                                rtol=1e-5, atol=1e-6)
     jitted_state = jax.jit(attr.cache)(params, train)
     assert jitted_state.made.method == "trak" and jitted_state.made.n_train == 10
+
+
+def test_stream_batches_that_disagree_are_refused(problem):
+    params, (x, y) = problem
+    bad = jattri.stream([(x[:5], y[:5]), (x[5:, :3], y[5:])])
+    with pytest.raises(ValueError, match="`batch 1 of the stream` has per-example shape"):
+        jattri.trak(loss, proj_dim=4, chunk_size=3).cache(params, bad)
+
+
+def test_impossible_sizes_are_refused_before_allocating(problem):
+    params, train = problem
+    with pytest.raises(ValueError, match="reduce `proj_dim`"):
+        jattri.trak(loss, proj_dim=10**7).cache(params, train)
+
+
+def test_damping_must_be_a_scalar():
+    with pytest.raises(TypeError, match="`damping` must be a real number"):
+        jattri.trak(loss, damping=np.ones(3))
+    with pytest.raises(TypeError, match="`damping` must be a real number"):
+        jattri.influence_ekfac(loss, damping=jnp.ones(2))

@@ -108,6 +108,20 @@ def chunk_size_for(chunk_size: Optional[int], members: Members, data: Any = None
     return engine.default_chunk_size(4 * floats, n)
 
 
+def check_fits(nbytes: int, what: str, argument: str) -> None:
+    """Refuse, before allocating, an array larger than this machine's physical
+    memory (a typo such as ``proj_dim=10**6`` would otherwise end in an allocator
+    error deep inside XLA)."""
+    import os
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        raise ValueError(f"{what} would take {nbytes / 2**30:.1f} GiB, more than this "
+                         f"machine's {total / 2**30:.1f} GiB of memory: reduce `{argument}`")
+
+
 def setup(task: Task, members: Any, train: Any, name: str = "train") -> Members:
     """Boundary checks of ``cache``: ``members`` validated (a bare params pytree is one
     checkpoint); ``train`` checked (in memory: every leaf, and the loss on one example;

@@ -160,7 +160,7 @@ def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
 
 def _check_damping(damping):
     # > 0: the Fisher of n < k examples is singular
-    return _checks.real(damping, "damping", low=0, open_low=True, array=True)
+    return _checks.real(damping, "damping", low=0, open_low=True)
 
 
 def _row_spec(tree):

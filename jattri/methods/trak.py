@@ -172,7 +172,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
     the projection's ``proj_chunk_size × k`` block.
     """
-    _checks.real(damping, "damping", low=0, array=True)
+    _checks.real(damping, "damping", low=0)
     check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
     _checks.optional_callable(prob_fn, "prob_fn")
@@ -201,6 +201,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
         fns = _fns(task, prob_fn)
         cfg = config(members)
         k = cfg[1] if cfg[2] is None else cfg[2]
+        _common.check_fits(members.num * k * k * 4, f"the ({members.num}, {k}, {k}) kernel "
+                           "ΦᵀΦ", "proj_dim")
         kernel0 = jnp.zeros((members.num, k, k), _common.param_dtype(members))
         kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, keys(members)),
                                           kernel0, train, size(members, train))
@@ -216,7 +218,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     def attribute(state: TrakState, test, *, train=None, top_k=None, lowest=False,
                   damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
-        _checks.real(damping, "damping", low=0, array=True)
+        _checks.real(damping, "damping", low=0)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         phi_t = test_phi(state, test)  # (n_test, M, k)
@@ -230,7 +232,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
 
     def self_attribute(state: TrakState, *, train=None, damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
-        _checks.real(damping, "damping", low=0, array=True)
+        _checks.real(damping, "damping", low=0)
         inverse = jnp.linalg.inv(damped_kernel(state.kernel, damping))
         right = (state.phi if task.target_is_loss else
                  test_phi(state, _common.train_for(state.train, train)))
