@@ -58,12 +58,57 @@ def _unflat(x, unravel, batched):
     return jax.vmap(unravel)(x) if batched else unravel(x)
 
 
-def dense_hessian(f: Callable, theta: jax.Array) -> jax.Array:
-    """The ``(d, d)`` Hessian of scalar ``f`` at flat ``theta`` (d HVPs)."""
-    return jax.hessian(f)(theta)
+def add_dense(acc: jax.Array, matvec: Callable, block: int, *, at=None) -> jax.Array:
+    """``acc + A`` for a symmetric ``(d, d)`` operator A known by its products,
+    ``block`` unit vectors at a time: ⌈d / block⌉ calls ``matvec(V) -> V A`` on
+    ``(block, d)`` rows of the identity, each adding ``block`` rows of A to ``acc`` in
+    place (a ``dynamic_update_slice`` of the loop carry; the last block overlaps the
+    one before and adds only its new rows). Temporaries are O(block·d) floats besides
+    ``acc``: never the d tangents of ``jax.hessian`` at once.
+
+    ``at``: an index into a leading axis of ``acc`` (``(M, d, d)``): A is added to
+    ``acc[at]``, still in place.
+    """
+    d = acc.shape[-1]
+    block = max(1, min(int(block), d))
+    lead = () if at is None else (at,)
+
+    def body(j, acc):
+        first = j * block
+        start = jnp.minimum(first, d - block)
+        rows = start + jnp.arange(block)
+        eye = (rows[:, None] == jnp.arange(d)[None, :]).astype(acc.dtype)
+        new = matvec(eye) * (rows >= first)[:, None].astype(acc.dtype)
+        where = lead + (start, 0)
+        size = (1,) * len(lead) + (block, d)
+        old = jax.lax.dynamic_slice(acc, where, size)
+        return jax.lax.dynamic_update_slice(acc, old + new.astype(acc.dtype).reshape(size),
+                                            where)
+
+    return jax.lax.fori_loop(0, -(-d // block), body, acc)
 
 
-_dense_hessian_jit = jax.jit(dense_hessian)
+def dense_block(d: int, budget_floats: Optional[int] = None) -> int:
+    """Unit vectors per block of :func:`add_dense` for a d-dimensional operator: the
+    block's four ``(block, d)`` temporaries (unit vectors, products, old and new
+    rows) within ``budget_floats`` (default ``jattri.engine.DEFAULT_CHUNK_BYTES`` of
+    float32)."""
+    if budget_floats is None:
+        from jattri.engine import DEFAULT_CHUNK_BYTES
+        budget_floats = DEFAULT_CHUNK_BYTES // 4
+    return max(1, min(int(d), int(budget_floats) // (4 * int(d))))
+
+
+def dense_hessian(f: Callable, theta: jax.Array, block: Optional[int] = None) -> jax.Array:
+    """The ``(d, d)`` Hessian of scalar ``f`` at flat ``theta``: d HVPs, ``block`` at a
+    time (default :func:`dense_block`), so memory is the Hessian plus O(block·d)."""
+    d = theta.shape[0]
+    block = dense_block(d) if block is None else block
+    matvec = jax.vmap(lambda v: hvp(f, theta, v))
+    return add_dense(jnp.zeros((d, d), theta.dtype), matvec, block)
+
+
+_dense_hessian_jit = jax.jit(dense_hessian, static_argnums=2)
 
 
 def damped_inverse(h: jax.Array, damping: float, *, what: str = "Hessian") -> jax.Array:
@@ -117,9 +162,57 @@ def _cg_jit(flat_f, theta, b, damping, maxiter, tol):
 
 
 def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: float) -> jax.Array:
-    """Solve ``A x = b`` by conjugate gradients; ``b`` is ``(d,)`` or ``(k, d)`` (vmapped)."""
-    solve = lambda rhs: jax.scipy.sparse.linalg.cg(matvec, rhs, tol=tol, maxiter=maxiter)[0]
+    """Solve ``A x = b`` by conjugate gradients (Hestenes & Stiefel, 1952) from x₀ = 0,
+    stopping when ‖r‖ ≤ ``tol``·‖b‖ or after ``maxiter`` steps (default 10·d), as
+    ``jax.scipy.sparse.linalg.cg`` does; ``b`` is ``(d,)`` or ``(k, d)`` (vmapped).
+
+    A must be positive definite. A search direction p with pᵀAp ≤ 0 (A indefinite or
+    singular along p) stops the solve and makes that right-hand side's result NaN,
+    which :func:`check_cg` turns into a ``ValueError`` at the boundary: CG's iterates
+    after such a step are meaningless, and ``jax.scipy.sparse.linalg.cg`` (which has no
+    such test, hence this loop) returns them silently.
+    """
+    maxiter = 10 * b.shape[-1] if maxiter is None else int(maxiter)
+
+    def solve(rhs):
+        stop = tol ** 2 * jnp.vdot(rhs, rhs)
+
+        def cond(state):
+            _, _, _, gamma, k, bad = state
+            return (gamma > stop) & (k < maxiter) & ~bad
+
+        def body(state):
+            x, r, p, gamma, k, _ = state
+            ap = matvec(p)
+            curvature = jnp.vdot(p, ap)
+            bad = curvature <= 0
+            alpha = gamma / jnp.where(bad, 1.0, curvature)
+            x = x + alpha * p
+            r = r - alpha * ap
+            gamma_new = jnp.vdot(r, r)
+            p = r + (gamma_new / gamma) * p
+            return x, r, p, gamma_new, k + 1, bad
+
+        zero = jnp.zeros_like(rhs)
+        state = (zero, rhs, rhs, jnp.vdot(rhs, rhs), 0, jnp.array(False))
+        x, _, _, _, _, bad = jax.lax.while_loop(cond, body, state)
+        return jnp.where(bad, jnp.nan, x)
+
     return jax.vmap(solve)(b) if b.ndim == 2 else solve(b)
+
+
+CG_ADVICE = "increase `damping`, or use a positive semi-definite curvature"
+
+
+def check_cg(out: Any, advice: str = CG_ADVICE) -> Any:
+    """Raise ``ValueError`` when a concrete CG result (solutions, or scores computed
+    from them) is non-finite: :func:`cg_solve` met pᵀ(H + λI)p ≤ 0."""
+    if _is_concrete(out) and not bool(jnp.all(jnp.isfinite(jnp.asarray(out)))):
+        raise ValueError(
+            "CG returned non-finite values: it met non-positive curvature "
+            "(pᵀ(H + damping·I)p <= 0 along a search direction), so H + damping·I is "
+            f"singular or indefinite and its inverse is not what CG computes; {advice}")
+    return out
 
 
 def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
@@ -127,9 +220,10 @@ def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
     """(H + λI)⁻¹ v by conjugate gradients on HVPs (``jax.scipy.sparse.linalg.cg``).
 
     H + λI must be positive definite (CG's requirement); for non-convex losses use a
-    damping larger than minus the smallest Hessian eigenvalue. A singular system whose
-    solve breaks down raises ``ValueError`` rather than returning NaN (for v in the
-    range of a singular PSD H, CG from 0 returns the minimum-norm solution).
+    damping larger than minus the smallest Hessian eigenvalue. A search direction with
+    pᵀ(H + λI)p ≤ 0 (negative curvature, or a singular system that breaks down) raises
+    ``ValueError`` rather than returning wrong values or NaN (for v in the range of a
+    singular PSD H, CG from 0 returns the minimum-norm solution).
 
     Args:
       f: scalar function of params. v: pytree like params, optionally batched.
@@ -138,7 +232,9 @@ def ihvp_cg(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.0,
       pytree like ``v``.
     """
     theta, flat_f, flat_v, unravel, batched = _flat(f, params, v)
-    out = check_finite_solve(_cg_jit(flat_f, theta, flat_v, damping, maxiter, tol), "CG")
+    out = check_cg(_cg_jit(flat_f, theta, flat_v, damping, maxiter, tol),
+                   "increase `damping`, or solve with the Gauss-Newton matrix "
+                   "(jattri.func.ggn_vp), which is positive semi-definite")
     return _unflat(out, unravel, batched)
 
 

@@ -45,11 +45,12 @@ from jax.flatten_util import ravel_pytree
 from jattri import _checks, engine
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
-from jattri.func.hessian import (arnoldi_eigenpairs, arnoldi_inverse_weights, arnoldi_sizes,
-                                 cg_solve, check_finite_solve, hvp, top_eigenvalue)
+from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
+                                 arnoldi_sizes, cg_solve, check_cg, dense_block, hvp,
+                                 top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Members, as_task
+from jattri.task import Members, as_task, first_member, member
 
 PyTree = Any
 
@@ -87,9 +88,9 @@ def _test_side(config, args, chunk) -> jax.Array:
     """``(M, size, k)``: (H + λI)⁻¹ g_t of one chunk of test examples, for a method
     whose ``apply`` does not read the training set."""
     apply, apply_config = config
-    target, loss, members, curvature, damping = args
+    target, fns, members, curvature, damping = args
     g = _grads(None, (target, members), chunk)
-    return apply(apply_config, (loss, members, curvature, damping, None), g)
+    return apply(apply_config, (fns, members, curvature, damping, None), g)
 
 
 _grads_jit = jax.jit(_grads, static_argnums=0)
@@ -105,7 +106,58 @@ def _example_spec(data):
     return jax.tree_util.tree_map(spec, engine.first_example(data))
 
 
-# ------------------------------------------------- Hessian of the mean training loss
+# ------------------------------------- Hessian or Gauss-Newton of the mean training loss
+
+CURVATURES = ("hessian", "ggn")
+
+
+def _check_curvature(curvature, task) -> None:
+    """``curvature`` is one of :data:`CURVATURES`; ``"ggn"`` needs the Task's split."""
+    _checks.choice(curvature, "curvature", CURVATURES)
+    if curvature == "ggn" and task.output is None:
+        raise ValueError(
+            '`curvature="ggn"` needs to know where the loss splits into the model\'s '
+            "outputs and a loss convex in them: pass jattri.Task(loss_fn, "
+            "output_fn=..., output_loss_fn=...) with loss_fn(p, z) == "
+            "output_loss_fn(output_fn(p, z), z)")
+
+
+def _curvature_fns(task, curvature):
+    """What the curvature-vector products differentiate: the loss (``"hessian"``) or
+    the split ``(output, output_loss)`` (``"ggn"``), as a traced pytree."""
+    return (task.output, task.output_loss) if curvature == "ggn" else task.loss
+
+
+def _curvature_hyper(task, curvature) -> tuple:
+    """The hyperparameters a state records for ``curvature`` (the split's functions
+    by name when ``"ggn"``)."""
+    if curvature != "ggn":
+        return (("curvature", curvature),)
+    output, output_loss = task.user_split or (task.output, task.output_loss)
+    return (("curvature", curvature), ("output_fn", output), ("output_loss_fn", output_loss))
+
+
+@jax.jit
+def _split_losses(loss, output, output_loss, members, data):
+    """``loss(p, z)`` and ``output_loss(output(p, z), z)`` on the first example and
+    member."""
+    p, a = first_member(members)
+    z, i = jax.tree_util.tree_map(lambda x: x[0], data), jnp.zeros((), jnp.int32)
+    return loss(p, z, i, a), output_loss(output(p, z, i, a), z, i, a)
+
+
+def _check_split(task, members, data) -> None:
+    """``loss_fn(p, z) == output_loss_fn(output_fn(p, z), z)`` on the first example of
+    the first member (a mismatched split would give the GGN of another loss)."""
+    if not _common.is_concrete((members, data)) or engine.is_stream(data):
+        return
+    want, got = (float(x) for x in _split_losses(task.loss, task.output, task.output_loss,
+                                                  members, data))
+    if not np.isclose(got, want, rtol=1e-4, atol=1e-6 * max(1.0, abs(want))):
+        raise ValueError(
+            f"the Task's split does not reproduce its loss on the first training example: "
+            f"output_loss_fn(output_fn(p, z), z) = {got:.6g}, loss_fn(p, z) = {want:.6g}")
+
 
 def _chunk_loss(loss, params, aux, chunk, indexed):
     """Σ of ``loss`` over the chunk's valid examples; ``indexed``: the chunk's data is
@@ -115,31 +167,60 @@ def _chunk_loss(loss, params, aux, chunk, indexed):
     return jnp.sum(jnp.where(chunk.valid, losses, 0.0))
 
 
-def _hvp_step(indexed, args, acc, chunk):
-    loss, params, aux, vs = args
+def _chunk_cvp(fns, params, aux, chunk, vs, indexed=False) -> jax.Array:
+    """``(k, d)``: Σ over the chunk's valid examples of H_z v (``fns`` the loss) or of
+    G_z v = J_zᵀ ∇²ℓ_z J_z v (``fns`` the split ``(output, output_loss)``, J_z the
+    Jacobian of the outputs), for every row v of ``vs`` ``(k, d)``.
+
+    GGN-vector products as Schraudolph (2002): a ``jvp`` of the outputs, an
+    output-space HVP of ℓ, a ``vjp`` back (``jattri.func.ggn_vp`` for one chunk), the
+    forward pass and its pullback shared by the k vectors."""
     unravel = unravel_fn(params)
-    f = lambda p: _chunk_loss(loss, p, aux, chunk, indexed)
-    hv = jax.vmap(lambda v: ravel_pytree(hvp(f, params, unravel(v)))[0])(vs)
-    return acc + hv.astype(acc.dtype), None
+    flat = lambda tree: ravel_pytree(tree)[0]
+    if not isinstance(fns, tuple):
+        f = lambda p: _chunk_loss(fns, p, aux, chunk, indexed)
+        return jax.vmap(lambda v: flat(hvp(f, params, unravel(v))))(vs)
+    output, output_loss = fns
+    data, index = chunk.data if indexed else (chunk.data, chunk.index)
+    outputs_of = lambda p: jax.vmap(output, (None, 0, 0, None))(p, data, index, aux)
+
+    def loss_of(outputs):
+        losses = jax.vmap(output_loss, (0, 0, 0, None))(outputs, data, index, aux)
+        return jnp.sum(jnp.where(chunk.valid, losses, 0.0))
+
+    outputs, pullback = jax.vjp(outputs_of, params)
+
+    def one(v):
+        jv = jax.jvp(outputs_of, (params,), (unravel(v),))[1]
+        return flat(pullback(hvp(loss_of, outputs, jv))[0])
+
+    return jax.vmap(one)(vs)
 
 
-def _mean_hvp(loss, params, aux, data, vs, size, indexed=False) -> jax.Array:
-    """``(k, d)``: H v for every row v of ``vs``, H the Hessian of the mean loss over
-    ``data`` (in memory), summed chunk by chunk."""
-    acc, _, n = engine.scan(_hvp_step, indexed, (loss, params, aux, vs), jnp.zeros_like(vs),
+def _cvp_step(indexed, args, acc, chunk):
+    fns, params, aux, vs = args
+    return acc + _chunk_cvp(fns, params, aux, chunk, vs, indexed).astype(acc.dtype), None
+
+
+def _mean_cvp(fns, params, aux, data, vs, size, indexed=False) -> jax.Array:
+    """``(k, d)``: C v for every row v of ``vs``, C the Hessian (``fns`` the loss) or
+    the Gauss-Newton matrix (``fns`` the split) of the mean loss over ``data`` (in
+    memory), summed chunk by chunk."""
+    acc, _, n = engine.scan(_cvp_step, indexed, (fns, params, aux, vs), jnp.zeros_like(vs),
                             data, size)
     return acc / n
 
 
-def _hessian_step(config, args, acc, chunk):
-    loss, members = args
+def _dense_step(block, args, acc, chunk):
+    """``acc (M, d, d)`` += the chunk's summed Hessian / GGN of every member, ``block``
+    columns at a time, in place (``jattri.func.hessian.add_dense``)."""
+    fns, members = args
 
-    def one(p, a):
-        unravel = unravel_fn(p)
-        return jax.hessian(lambda t: _chunk_loss(loss, unravel(t), a, chunk, False))(
-            ravel_pytree(p)[0])
+    def one(m, acc):
+        p, a = member(members, m)
+        return add_dense(acc, lambda vs: _chunk_cvp(fns, p, a, chunk, vs), block, at=m)
 
-    return acc + _common.member_map(one, members).astype(acc.dtype), None
+    return jax.lax.fori_loop(0, members.num, one, acc), None
 
 
 def _add(acc, new):
@@ -155,14 +236,20 @@ class _Spec(NamedTuple):
     fit(task, members, train, size) -> (curvature, coords): the cache-side fit;
       ``size(floats=None)`` is the chunk size for ``floats`` per example (default d).
     apply(config, args, v): module-level, ``(M, b, d)`` vectors -> ``(M, b, k)``
-      (H + λI)⁻¹ v in the method's coordinates; args = (loss, members, curvature,
-      damping, train), train only when ``reads_train``.
+      (C + λI)⁻¹ v in the method's coordinates; args = (fns, members, curvature,
+      damping, train): fns what its curvature-vector products differentiate (the loss,
+      or with ``ggn`` the Task's split), curvature as ``prepare`` made it, train only
+      when ``reads_train``.
     config(members, size) -> the static config of ``apply``.
     project(curvature, g): module-level, ``(M, b, d)`` -> ``(M, b, k)`` coordinates
       of gradients (None: the parameters themselves).
     diagonal(curvature, damping) -> ``(M, k)``: with stored ``coords``, (H + λI)⁻¹ in
       those coordinates (Arnoldi); None otherwise.
-    check(curvature, damping, v, u): raises ValueError on a failed solve (concrete).
+    check(curvature, damping, v, u): raises ValueError on a failed solve (concrete);
+      ``v`` is None where only ``u`` (solutions or scores made from them) is at hand.
+    prepare(curvature, damping) -> what ``apply`` reads at that damping, once per
+      call of a stage (the explicit method's Cholesky factors); it raises ValueError
+      on a concrete failure. None: the state's curvature as it is.
     """
 
     name: str
@@ -173,14 +260,16 @@ class _Spec(NamedTuple):
     project: Optional[Callable] = None
     diagonal: Optional[Callable] = None
     check: Optional[Callable] = None
-    in_memory: bool = False    # its Hessian-vector products read the whole training set
+    prepare: Optional[Callable] = None
+    in_memory: bool = False    # its curvature-vector products read the whole training set
     reads_train: bool = False  # apply reads the training set
     positive: bool = False     # damping must be > 0 (DataInf)
+    ggn: bool = False          # apply's products are the Gauss-Newton's (Task split)
     hyper: tuple = ()          # ((name, value), ...) the state depends on
 
 
 def _check_damping(damping, positive=False):
-    return _checks.real(damping, "damping", low=0, open_low=positive, array=True)
+    return _checks.real(damping, "damping", low=0, open_low=positive)
 
 
 def _check_relatif(relatif):
@@ -188,12 +277,13 @@ def _check_relatif(relatif):
 
 
 def _norm(mode, left, u):
-    """RelatIF normalisers over the last axis (0 -> 1): √max(leftᵀu, 0) or ‖u‖."""
+    """RelatIF normalisers over the last axis (exactly 0 -> 1; NaN stays NaN, so a
+    failed solve is seen): √max(leftᵀu, 0) or ‖u‖."""
     if mode == "l":
         norm = jnp.sqrt(jnp.maximum(jnp.sum(left * u, -1), 0.0))
     else:
         norm = jnp.linalg.norm(u, axis=-1)
-    return jnp.where(norm > 0, norm, 1.0)
+    return jnp.where(norm == 0, 1.0, norm)
 
 
 def _combine(config, left, u, norms, index):
@@ -216,11 +306,11 @@ def _self_fn(config, args, chunk, eager=False):
     (g' the target gradient) over the normaliser; ``"l"`` / ``"theta"``: the RelatIF
     normalisers ``(size, M)``. ``eager``: the apply runs outside jit (it streams)."""
     mode, same_target, apply, apply_config, project = config
-    loss, target, members, curvature, damping, train, norms = args
+    loss, target, fns, members, curvature, damping, train, norms = args
     grads = _grads_jit if eager else _grads
     g = grads(None, (loss, members), chunk)
     right = g if mode != "self" or same_target else grads(None, (target, members), chunk)
-    u = apply(apply_config, (loss, members, curvature, damping, train), right)
+    u = apply(apply_config, (fns, members, curvature, damping, train), right)
     left = g if project is None else project(curvature, g)
     return (_combine_jit if eager else _combine)(mode, left, u, norms, chunk.index)
 
@@ -230,6 +320,20 @@ def _grad_tile(config, args, chunk):
     loss, members, u, norms = args  # u (M, n_test, d)
     s = _common.member_map(lambda p, a, uj: _common.chunk_grads(loss, p, a, chunk) @ uj.T,
                            members, u)  # (M, size, n_test)
+    if norms is not None:
+        s = s / jnp.swapaxes(norms[chunk.index], 0, 1)[:, :, None]
+    return jnp.mean(s, axis=0)
+
+
+def _solved_tile(config, args, chunk):
+    """``(size, n_test)``: mean_m ((H + λI)⁻¹ g_i,m)ᵀ g_t,m (/ norm_i,m): the TRAINING
+    side solved, chunk by chunk, against the held test gradients ``v (M, n_test, d)``
+    (used when the training set is the smaller side)."""
+    apply, apply_config = config
+    loss, fns, members, curvature, damping, train, v, norms = args
+    u = apply(apply_config, (fns, members, curvature, damping, train),
+              _grads(None, (loss, members), chunk))  # (M, size, d)
+    s = jnp.einsum("msd,mtd->mst", u, v)
     if norms is not None:
         s = s / jnp.swapaxes(norms[chunk.index], 0, 1)[:, :, None]
     return jnp.mean(s, axis=0)
@@ -262,6 +366,9 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
     _check_relatif(relatif)
     chunk_size = engine.check_chunk_size(chunk_size)
     task = as_task(task)
+    if spec.ggn:
+        _check_curvature("ggn", task)
+    fns = _curvature_fns(task, "ggn" if spec.ggn else "hessian")
     # RelatIF's normalisers are cached at the factory's damping
     made = _common.hyper(task, relatif=relatif, **dict(spec.hyper),
                          **({} if relatif is None else {"damping": spec.damping}))
@@ -286,14 +393,25 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         _check_damping(damping, spec.positive)
         return damping
 
-    def self_map(mode, state, data, damping, norms):
+    def ready(curvature, lam):
+        return curvature if spec.prepare is None else spec.prepare(curvature, lam)
+
+    def checked(curvature, lam, v, u):
+        """``u`` (solutions, or scores made from them: an array or a TopK), once
+        ``spec.check`` passed it (concrete only)."""
+        x = u.scores if isinstance(u, engine.TopK) else u
+        if spec.check is not None and _common.is_concrete(x):
+            spec.check(curvature, lam, v, x)
+        return u
+
+    def self_map(mode, state, data, damping, norms, curvature):
         """``_self_fn`` over every training chunk: one compiled scan, or (a stream read
         again inside every chunk, DataInf) a Python loop over the stream's chunks."""
         members = state.members
         d = _common.num_params(members)
         config = (mode, task.target_is_loss, spec.apply,
                   spec.config(members, size(members, data)), spec.project)
-        args = (task.loss, task.target, members, state.curvature, damping,
+        args = (task.loss, task.target, fns, members, curvature, damping,
                 data if spec.reads_train else None, norms)
         b = size(members, data, 3 * members.num * d)
         if not (spec.reads_train and engine.is_stream(data)):
@@ -302,34 +420,42 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
                 for chunk, count in engine.stream_chunks(engine.as_stream(data), b)]
         return jnp.concatenate(outs)
 
-    def normalisers(state, data, damping):
+    def normalisers(state, data, damping, curvature):
         if spec.diagonal is not None:
             u = state.coords * spec.diagonal(state.curvature, damping)[None]
             return _norm(relatif, state.coords, u)
-        norms = self_map(relatif, state, data, damping, None)
+        norms = checked(curvature, damping, None,
+                        self_map(relatif, state, data, damping, None, curvature))
         if _common.is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
             raise ValueError("the RelatIF normalisers are non-finite: H + damping*I is "
                              "singular or indefinite; increase `damping`")
         return norms
 
-    def norms_at(state, data, damping):
+    def norms_at(state, data, damping, curvature):
+        """The RelatIF normalisers at ``damping`` (None: the cached ones);
+        ``curvature``: the state's, prepared at that damping."""
         if relatif is None:
             return None
         if damping is None:
             return state.norms
-        return normalisers(state, data, damping_of(damping))
+        return normalisers(state, data, damping_of(damping), curvature)
 
     def cache(members, train) -> InfluenceState:
         members = _common.setup(task, members, train)
         need_memory(train, "cache")
+        if spec.ggn:
+            _check_split(task, members, train)
         curvature, coords = spec.fit(task, members, train,
                                      lambda floats=None: size(members, train, floats))
         state = InfluenceState(members, _common.stored_train(train), curvature, coords, None,
                                _common.provenance(spec.name, made, members, train))
         if spec.check is not None and _common.is_concrete(curvature):
             spec.check(curvature, spec.damping, None, None)
-        if relatif is not None:
-            state = state._replace(norms=normalisers(state, train, spec.damping))
+        if spec.prepare is not None or relatif is not None:
+            prepared = ready(curvature, spec.damping)  # raises on a failed factorisation
+            if relatif is not None:
+                state = state._replace(norms=normalisers(state, train, spec.damping,
+                                                         prepared))
         return state
 
     def attribute(state: InfluenceState, test, *, train=None, top_k=None, lowest=False,
@@ -345,21 +471,35 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         data = None if spec.diagonal is not None else _common.train_for(state.train, train)
         need_memory(data, "attribute")
         d = _common.num_params(members)
+        curvature = ready(state.curvature, lam)
         apply_config = spec.config(members, size(members, data))
         b = size(members, test, members.num * d)
+        n_test = engine.num_examples(test)
+        # Koh & Liang's s_test solves the n_test test systems; when the training set is
+        # the smaller side, solving its n_train systems gives the same scores (H + λI
+        # is symmetric) for fewer solves.
+        train_side = (spec.in_memory and spec.reads_train and n_test is not None
+                      and engine.num_examples(data) < n_test)
         if spec.reads_train:  # the solve reads the training set: all test vectors at once
             v = engine.per_example(_grads, None, (task.target, members), test, b,
                                    axis=1)  # (M, n_test, d)
-            u = _apply(spec, apply_config,
-                       (task.loss, members, state.curvature, lam, data), v)
+            u = None if train_side else checked(
+                curvature, lam, v, _apply(spec, apply_config, (fns, members, curvature, lam,
+                                                               data), v))
         else:  # preconditioned chunk by chunk: only u is ever held whole
             v = None
-            u = engine.per_example(_test_side, (spec.apply, apply_config),
-                                   (task.target, task.loss, members, state.curvature, lam),
-                                   test, b, axis=1)
-        if spec.check is not None and _common.is_concrete(u):
-            spec.check(state.curvature, lam, v, u)
-        norms = norms_at(state, data, damping)
+            u = checked(curvature, lam, None, engine.per_example(
+                _test_side, (spec.apply, apply_config),
+                (task.target, fns, members, curvature, lam), test, b, axis=1))
+        norms = norms_at(state, data, damping, curvature)
+        if train_side:
+            n_test = v.shape[1]
+            scores = engine.score(
+                _solved_tile, (spec.apply, apply_config),
+                (task.loss, fns, members, curvature, lam, data, v, norms), data,
+                size(members, data, 3 * members.num * d), n_test, v.dtype, top_k=top_k,
+                lowest=lowest)
+            return checked(curvature, lam, None, scores)
         n_test = u.shape[1]
         if spec.diagonal is not None:
             rows = (state.coords, norms)
@@ -375,66 +515,136 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         check_state(state, train)
         lam = damping_of(damping)
         if spec.diagonal is not None and task.target_is_loss:
-            norms = norms_at(state, None, damping)
+            norms = norms_at(state, None, damping, state.curvature)
             s = jnp.sum(state.coords ** 2 * spec.diagonal(state.curvature, lam)[None], -1)
             return jnp.mean(s if norms is None else s / norms, axis=1)
         data = _common.train_for(state.train, train)
         need_memory(data, "self_attribute")
-        return self_map("self", state, data, lam, norms_at(state, data, damping))
+        curvature = ready(state.curvature, lam)
+        return checked(curvature, lam, None,
+                       self_map("self", state, data, lam,
+                                norms_at(state, data, damping, curvature), curvature))
 
     return Attributor(cache, attribute, self_attribute)
 
 
 # ---------------------------------------------------------------------- explicit
 
-def _explicit_fit(task, members, train, size):
+def _explicit_fit(curvature, task, members, train, size):
+    """``(M, d, d)``: the Hessian (or GGN) of the mean training loss of every member,
+    summed over chunks ``block`` columns at a time (``_dense_step``): ``block`` unit
+    vectors whose four ``(block, d)`` temporaries fit the chunk budget
+    (``jattri.func.hessian.dense_block``), on chunks of as many examples as keep
+    block·examples tangents of d floats within it."""
     d = _common.num_params(members)
+    block = dense_block(d)
     h0 = jnp.zeros((members.num, d, d), _common.param_dtype(members))
-    # d tangents per example: chunks of (256 MiB)/(4 d²) examples by default
-    h, _, n = engine.scan(_hessian_step, None, (task.loss, members), h0, train, size(d * d))
-    h = h / n
-    return jnp.linalg.eigh(0.5 * (h + jnp.swapaxes(h, -1, -2))), None
+    h, _, n = engine.scan(_dense_step, block, (_curvature_fns(task, curvature), members), h0,
+                          train, size(block * d))
+    return _divide(h, n), None
+
+
+# in place: the (M, d, d) sum is not kept
+_divide = jax.jit(lambda h, n: h / n, donate_argnums=0)
+
+
+@jax.jit
+def _cholesky(h, damping):
+    """``(M, d, d)`` lower Cholesky factors of H + λI, member by member (H's lower
+    triangle is read; the factorisation overwrites the one damped copy in place)."""
+    lam = jnp.broadcast_to(jnp.asarray(damping, h.dtype), h.shape[:1])
+
+    def one(args):
+        hm, lm = args
+        eye = jnp.arange(hm.shape[0])
+        damped = hm + jnp.where(eye[:, None] == eye[None, :], lm, 0).astype(hm.dtype)
+        return jax.lax.linalg.cholesky(damped, symmetrize_input=False)
+
+    return jax.lax.map(one, (h, lam))
+
+
+def _explicit_prepare(what):
+    def prepare(h, damping):
+        """L with L Lᵀ = C + λI; a concrete factorisation that fails (C + λI indefinite)
+        or has a pivot ≤ 1e-12 of the largest (singular) raises ValueError."""
+        factors = _cholesky(h, damping)
+        if _common.is_concrete(factors):
+            pivots = jnp.square(jnp.diagonal(factors, axis1=-2, axis2=-1))  # (M, d)
+            top = jnp.max(pivots, axis=-1)
+            bad = ~jnp.all(jnp.isfinite(pivots), axis=-1) | (
+                jnp.min(pivots, axis=-1) <= 1e-12 * top)
+            if bool(jnp.any(bad)):
+                advice = "increase `damping`" + (
+                    ', or use curvature="ggn" (positive semi-definite)'
+                    if what == "Hessian" else "")
+                raise ValueError(
+                    f"{what} + damping*I is singular or indefinite (its Cholesky "
+                    f"factorisation failed or has a pivot <= 1e-12 of the largest, with "
+                    f"damping={damping}); {advice}")
+        return factors
+    return prepare
 
 
 def _explicit_apply(config, args, v):
-    _, _, (w, q), damping, _ = args
-    c = jnp.einsum("mbd,mde->mbe", v, q) / (w + damping)[:, None, :]
-    return jnp.einsum("mbe,mde->mbd", c, q)
+    _, _, factors, _, _ = args
+    solve = lambda l, vm: jax.scipy.linalg.cho_solve((l, True), vm.T).T
+    return jax.lax.map(lambda a: solve(*a), (factors, v))
 
 
 def _explicit_check(curvature, damping, v, u):
-    w = np.asarray(curvature[0]) + np.asarray(damping)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("the Hessian has non-finite entries")
-    scale = np.max(np.abs(w), axis=-1)
-    wmin = np.min(w, axis=-1)
-    if np.any(wmin <= 1e-12 * np.maximum(scale, 1e-30)):
-        raise ValueError(
-            f"Hessian + damping*I is singular or indefinite (smallest eigenvalue "
-            f"{float(np.min(wmin)):.3g} with damping={damping}); increase `damping`")
+    x = curvature if u is None else u
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("the curvature matrix has non-finite entries" if u is None else
+                         "influence_explicit returned non-finite values: the curvature + "
+                         "damping*I is singular or indefinite; increase `damping`")
 
 
-def influence_explicit(task: Any, *, damping: float = 1e-3,
+def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "hessian",
                        chunk_size: Optional[int] = None,
                        relatif: Optional[str] = None) -> Attributor:
-    """Influence with the dense Hessian: score(i, t) = g_iᵀ (H + λI)⁻¹ g_t.
+    """Influence with the dense curvature: score(i, t) = g_iᵀ (C + λI)⁻¹ g_t, C the
+    Hessian H of the mean training loss (``curvature="hessian"``, Koh & Liang 2017) or
+    its Gauss-Newton matrix G = (1/n) Σ_i J_iᵀ ∇²ℓ_i J_i (``"ggn"``; Schraudolph,
+    2002; Martens, 2020, "New insights and perspectives on the natural gradient
+    method"), J_i the Jacobian of the model's outputs on z_i and ℓ_i the loss of those
+    outputs, convex, so G is positive semi-definite where H of a non-convex model is
+    not; on a model linear in θ (logistic or least-squares regression) G = H.
+    ``"ggn"`` needs the split: ``jattri.Task(loss_fn, output_fn=..., output_loss_fn=...)``.
 
-    For small models (d ≲ 10⁴ parameters): ``cache`` sums the ``(d, d)`` Hessian of
-    the mean training loss over chunks (a ``jattri.Stream`` works) for every member and
-    keeps its eigendecomposition H = Q diag(w) Qᵀ; ``attribute`` applies
-    Q diag(1/(w + λ)) Qᵀ to the test gradients. A singular or indefinite ``H + λI``
-    raises ``ValueError``.
+    For models of up to some 10⁴ parameters: ``cache`` builds the ``(d, d)`` matrix C
+    of every member from curvature-vector products (HVPs, or GGN-vector products
+    J ᵀ ∇²ℓ J v by ``jvp``/``vjp``), summed over chunks of the training set (a
+    ``jattri.Stream`` works), ``block`` unit vectors at a time written into C in
+    place, so that besides C only O(block·d) floats of tangents are live, within the
+    chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``); it keeps C. Each stage then
+    factors C + λI = L Lᵀ (Cholesky, d³/3 flops: a new ``damping`` costs one
+    factorisation, no refit) and applies (C + λI)⁻¹ by two triangular solves. A
+    singular or indefinite C + λI raises ``ValueError`` (at ``cache`` for the
+    factory's damping).
 
     Args:
       task: a :class:`jattri.Task` or a ``loss_fn(params, example)``. damping: λ ≥ 0
-        (``attribute(..., damping=...)`` overrides it). chunk_size: examples per
-        compiled step. relatif: ``None``, ``"l"`` or ``"theta"`` (module docstring).
+        (``attribute(..., damping=...)`` overrides it). curvature: ``"hessian"``
+        (default: exact influence, as Koh & Liang; convex models) or ``"ggn"``
+        (non-convex models, where H + λI is indefinite at small λ). chunk_size:
+        examples per compiled step. relatif: ``None``, ``"l"`` or ``"theta"`` (module
+        docstring).
 
-    Memory: state M·d·(d + 1) floats; the fit holds one chunk's Hessian (d tangents).
+    Memory: state M·d² floats; ``cache`` 2·M·d² (the sum and its scan carry) plus
+    the chunk budget, then M·d² more for the Cholesky factors (the check at the
+    factory's damping), as every ``attribute`` / ``self_attribute``. On the
+    17,226-parameter digits MLP in float32: 1.2 GB per d² (``benchmarks/RESULTS.md``,
+    "Explicit influence in bounded memory").
     """
     _check_damping(damping)
-    spec = _Spec("influence_explicit", damping, _explicit_fit, _explicit_apply,
-                 lambda members, size: None, check=_explicit_check)
+    _checks.choice(curvature, "curvature", CURVATURES)
+    task = as_task(task)
+    _check_curvature(curvature, task)
+    what = "Hessian" if curvature == "hessian" else "Gauss-Newton matrix"
+    spec = _Spec("influence_explicit", damping, partial(_explicit_fit, curvature),
+                 _explicit_apply, lambda members, size: None, check=_explicit_check,
+                 prepare=_explicit_prepare(what), ggn=curvature == "ggn",
+                 hyper=_curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -442,48 +652,70 @@ def influence_explicit(task: Any, *, damping: float = 1e-3,
 
 def _cg_apply(config, args, v):
     maxiter, tol, size = config
-    loss, members, _, damping, train = args
+    fns, members, _, damping, train = args
 
     def one(p, a, vj):
-        matvec = lambda x: _mean_hvp(loss, p, a, train, x[None], size)[0] + damping * x
+        matvec = lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0] + damping * x
         return cg_solve(matvec, vj, maxiter=maxiter, tol=tol)
 
     return _common.member_map(one, members, v)
 
 
-def _cg_check(curvature, damping, v, u):
-    if u is not None:
-        check_finite_solve(u, "CG")
+def _cg_check(advice):
+    def check(curvature, damping, v, u):
+        if u is not None:
+            check_cg(u, advice)
+    return check
 
 
 def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: float = 1e-6,
-                 chunk_size: Optional[int] = None,
+                 curvature: str = "hessian", chunk_size: Optional[int] = None,
                  relatif: Optional[str] = None) -> Attributor:
-    """Influence with (H + λI)⁻¹ g_t by conjugate gradients on exact HVPs.
+    """Influence with (C + λI)⁻¹ by conjugate gradients on exact curvature-vector
+    products, C the Hessian of the mean training loss (``curvature="hessian"``) or its
+    Gauss-Newton matrix (``"ggn"``, products J ᵀ ∇²ℓ J v by ``jvp``/``vjp``;
+    Schraudolph, 2002; Martens, 2020; see ``influence_explicit``; it needs the Task's
+    ``output_fn`` / ``output_loss_fn`` split).
 
     ``cache`` keeps nothing but the members (and the training set's reference);
-    ``attribute`` solves one CG system per TEST example (vmapped,
-    ``jax.scipy.sparse.linalg.cg``), each Hessian-vector product summed over chunks of
-    the whole training set, then scores the training chunks. With ``relatif`` (and for
-    ``self_attribute``) the systems of the training examples are solved chunk by chunk
-    instead. H + λI must be positive definite: on a non-convex loss choose λ above
-    minus the smallest Hessian eigenvalue; a solve that breaks down raises
-    ``ValueError`` instead of returning NaN. The training set must be in memory.
+    ``attribute`` solves one CG system per example of the SMALLER side, as Koh &
+    Liang's s_test does for the test side: u_t = (C + λI)⁻¹ g_t for the n_test test
+    gradients (vmapped), then scores the training chunks; or, when n_train < n_test,
+    u_i = (C + λI)⁻¹ g_i chunk by chunk against the held test gradients (the same
+    scores, C + λI being symmetric). Each product is summed over chunks of the whole
+    training set. With ``relatif`` (and for ``self_attribute``) the systems of the
+    training examples are solved chunk by chunk.
+
+    C + λI must be positive definite. A search direction p with pᵀ(C + λI)p ≤ 0 (the
+    Hessian of a non-convex model at a damping below minus its smallest eigenvalue)
+    raises ``ValueError`` advising ``curvature="ggn"`` or a larger damping, instead
+    of returning scores from a meaningless solve. The training set must be in memory.
 
     Args:
       task: a Task or a loss. damping: λ ≥ 0 (overridable at ``attribute``).
-      maxiter: CG iterations. tol: relative residual. chunk_size: examples per chunk
-        (gradients and HVPs). relatif: ``None``, ``"l"`` or ``"theta"``.
+      maxiter: CG iterations. tol: relative residual. curvature: ``"hessian"``
+        (default, Koh & Liang's exact influence) or ``"ggn"`` (positive
+        semi-definite; for non-convex models). chunk_size: examples per chunk
+        (gradients and products). relatif: ``None``, ``"l"`` or ``"theta"``.
 
-    Memory: state nothing (+ n·M with RelatIF); ``attribute`` a few n_test·d CG vectors
-    per member plus one chunk's HVPs for n_test tangents.
+    Memory: state nothing (+ n·M with RelatIF); ``attribute`` a few min(n_train,
+    n_test)·d CG vectors per member (train side: one chunk's) plus the n_test·d test
+    gradients, and one chunk's products for as many tangents.
     """
     _check_damping(damping)
     maxiter = _checks.integer(maxiter, "maxiter")
     tol = _checks.real(tol, "tol", low=0)
+    _checks.choice(curvature, "curvature", CURVATURES)
+    task = as_task(task)
+    _check_curvature(curvature, task)
+    advice = ("increase `damping`" if curvature == "ggn" else
+              'use curvature="ggn" (the Gauss-Newton matrix, positive semi-definite) or '
+              "increase `damping` above minus the Hessian's smallest eigenvalue")
     spec = _Spec("influence_cg", damping, lambda task, members, train, size: (None, None),
-                 _cg_apply, lambda members, size: (maxiter, tol, size), check=_cg_check,
-                 in_memory=True, reads_train=True, hyper=(("maxiter", maxiter), ("tol", tol)))
+                 _cg_apply, lambda members, size: (maxiter, tol, size),
+                 check=_cg_check(advice), in_memory=True, reads_train=True,
+                 ggn=curvature == "ggn",
+                 hyper=(("maxiter", maxiter), ("tol", tol)) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -494,12 +726,13 @@ _LISSA_FACTOR = 1.5
 
 @partial(jax.jit, static_argnums=0)
 def _lissa_top(size, args):
-    """``(M,)`` λ̂_max(H) of every member by 30 power iterations on the mean-loss HVP."""
-    loss, members, train, keys = args
+    """``(M,)`` λ̂_max(C) of every member by 30 power iterations on the mean-loss
+    curvature-vector product (``fns``: the loss or the GGN split)."""
+    fns, members, train, keys = args
     d, dtype = _common.num_params(members), _common.param_dtype(members)
     return _common.member_map(
         lambda p, a, k: top_eigenvalue(
-            lambda x: _mean_hvp(loss, p, a, train, x[None], size)[0], d, key=k, dtype=dtype),
+            lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0], d, key=k, dtype=dtype),
         members, keys)
 
 
@@ -509,7 +742,7 @@ def _lissa_scale(scale, top, damping):
 
 def _lissa_apply(config, args, v):
     depth, repeats, batch_size, scale, size = config
-    loss, members, (top, keys), damping, train = args
+    fns, members, (top, keys), damping, train = args
     n = engine.num_examples(train)
     bs = n if batch_size is None else min(int(batch_size), n)
 
@@ -518,10 +751,10 @@ def _lissa_apply(config, args, v):
 
         def hvp_batch(skey, x):
             if bs >= n:
-                return _mean_hvp(loss, p, a, train, x, size)
+                return _mean_cvp(fns, p, a, train, x, size)
             idx = jax.random.choice(skey, n, (bs,), replace=False)
             batch = (jax.tree_util.tree_map(lambda z: z[idx], train), idx.astype(jnp.int32))
-            return _mean_hvp(loss, p, a, batch, x, min(size, bs), indexed=True)
+            return _mean_cvp(fns, p, a, batch, x, min(size, bs), indexed=True)
 
         def one_repeat(rkey):
             def step(h, skey):
@@ -539,19 +772,29 @@ def _lissa_apply(config, args, v):
 def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
                     repeats: int = 1, batch_size: Optional[int] = None,
                     scale: Optional[float] = None, key: Optional[jax.Array] = None,
-                    chunk_size: Optional[int] = None,
+                    curvature: str = "hessian", chunk_size: Optional[int] = None,
                     relatif: Optional[str] = None) -> Attributor:
-    """Influence with (H + λI)⁻¹ g_t by LiSSA (Agarwal et al., 2017; ``jattri.func.ihvp_lissa``):
+    """Influence with (C + λI)⁻¹ by LiSSA (Agarwal et al., 2017; ``jattri.func.ihvp_lissa``):
 
-        h₀ = v,   h_{j+1} = v + h_j − (H_S h_j + λ h_j) / scale,   result = h_depth / scale,
+        h₀ = v,   h_{j+1} = v + h_j − (C_S h_j + λ h_j) / scale,   result = h_depth / scale,
 
     averaged over ``repeats`` runs, with S a minibatch drawn (without replacement) from
-    the whole training set for each step (H_S the Hessian of its mean loss, summed over
-    chunks). ``attribute`` runs the recursion for all test gradients together (the
-    same minibatches for every vector, so one linear map approximates (H + λI)⁻¹);
-    ``self_attribute`` and RelatIF run the same map on training chunks. ``cache``
-    keeps the members, the per-member keys and, for the default scale, λ̂_max(H) by 30
-    power iterations. The training set must be in memory.
+    the whole training set for each step, C_S the Hessian of its mean loss
+    (``curvature="hessian"``) or its Gauss-Newton matrix (``"ggn"``: J ᵀ ∇²ℓ J v by
+    ``jvp``/``vjp``, positive semi-definite, so the series converges on non-convex
+    models too; Schraudolph, 2002; Martens, 2020; it needs the Task's
+    ``output_fn`` / ``output_loss_fn`` split), summed over chunks.
+
+    ``attribute`` runs the recursion on the SMALLER side, as Koh & Liang's s_test does
+    for the test side: all n_test test gradients together, or, when n_train < n_test,
+    the training gradients chunk by chunk against the held test gradients. The same
+    minibatches serve every vector, so one linear map L ≈ (C + λI)⁻¹ is applied; with
+    ``batch_size=None`` L is a polynomial in C, symmetric, and both sides give the
+    same scores; with minibatches L is not exactly symmetric and the two sides are
+    two estimates of the same scores. ``self_attribute`` and RelatIF run the map on
+    training chunks. ``cache`` keeps the members, the per-member keys and, for the
+    default scale, λ̂_max(C) by 30 power iterations. The training set must be in
+    memory.
 
     Args:
       task: a Task or a loss. damping: λ ≥ 0 (Tikhonov, as in every IF method;
@@ -561,10 +804,12 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
         training set, a deterministic Neumann series). scale: > λ_max(H_S) + λ
         (default 1.5 (λ̂_max(H) + λ); a divergent run raises ``ValueError``).
       key: minibatch key (default ``PRNGKey(0)``; member m uses ``fold_in(key, m)``).
+      curvature: ``"hessian"`` (default, Koh & Liang's) or ``"ggn"``.
       chunk_size: examples per chunk. relatif: ``None``, ``"l"`` or ``"theta"``.
 
-    Memory: state 3·M floats (+ n·M with RelatIF); ``attribute`` 2·n_test·d per member
-    plus one chunk's HVPs for n_test tangents.
+    Memory: state 3·M floats (+ n·M with RelatIF); ``attribute`` 2·min(n_train,
+    n_test)·d per member (train side: one chunk's) plus the n_test·d test gradients
+    and one chunk's products for as many tangents.
     """
     _check_damping(damping)
     depth = _checks.integer(depth, "depth")
@@ -572,25 +817,32 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
     batch_size = _checks.integer(batch_size, "batch_size", none=True)
     scale = _checks.real(scale, "scale", low=0, open_low=True, none=True)
     key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    _checks.choice(curvature, "curvature", CURVATURES)
+    task = as_task(task)
+    _check_curvature(curvature, task)
 
     def fit(task, members, train, size):
         # member m: fold_in(key, m), split into its scale key and its run key
         keys = jax.vmap(jax.random.split)(_common.member_keys(key, members.num))
         if scale is None:
-            top = _lissa_top(size(), (task.loss, members, train, keys[:, 0]))
+            top = _lissa_top(size(), (_curvature_fns(task, curvature), members, train,
+                                      keys[:, 0]))
         else:
             top = jnp.zeros(members.num, _common.param_dtype(members))
         return (top, keys[:, 1]), None
 
-    def check(curvature, damping, v, u):
+    def check(fitted, damping, v, u):
         if u is None:
             return
-        s = np.asarray(_lissa_scale(scale, curvature[0], damping)).reshape(-1, 1)
-        # With scale > λ_max(H_S) + λ every factor of the series is a contraction, so
-        # ‖h‖ ≤ (depth + 1)‖v‖; anything above that is divergence, not data.
-        bound = (depth + 1) * np.linalg.norm(np.asarray(v), axis=-1) / s
-        norms = np.linalg.norm(np.asarray(u), axis=-1)
-        if not np.all(np.isfinite(u)) or np.any(norms > 1.01 * bound + 1e-30):
+        finite = np.all(np.isfinite(u))
+        diverged = not finite
+        if v is not None and finite:  # (else u are scores from solutions: finiteness only)
+            s = np.asarray(_lissa_scale(scale, fitted[0], damping)).reshape(-1, 1)
+            # With scale > λ_max(C_S) + λ every factor of the series is a contraction, so
+            # ‖h‖ ≤ (depth + 1)‖v‖; anything above that is divergence, not data.
+            bound = (depth + 1) * np.linalg.norm(np.asarray(v), axis=-1) / s
+            diverged = np.any(np.linalg.norm(np.asarray(u), axis=-1) > 1.01 * bound + 1e-30)
+        if diverged:
             raise ValueError(
                 "LiSSA diverged: `scale` must exceed the largest eigenvalue of the "
                 "minibatch Hessian plus damping (increase `scale` or `batch_size`), and "
@@ -599,9 +851,9 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
     config = lambda members, size: (int(depth), int(repeats), batch_size,
                                     None if scale is None else float(scale), size)
     spec = _Spec("influence_lissa", damping, fit, _lissa_apply, config, check=check,
-                 in_memory=True, reads_train=True,
+                 in_memory=True, reads_train=True, ggn=curvature == "ggn",
                  hyper=(("depth", depth), ("repeats", repeats), ("batch_size", batch_size),
-                        ("scale", scale), ("key", key)))
+                        ("scale", scale), ("key", key)) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -633,11 +885,11 @@ def _arnoldi_coords(config, args, chunk):
 def _arnoldi_fit(config, args):
     """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member."""
     rank, iters, size = config
-    loss, members, train, keys = args
+    fns, loss, members, train, keys = args
     d, dtype = _common.num_params(members), _common.param_dtype(members)
     eigvals, eigvecs = _common.member_map(
         lambda p, a, k: arnoldi_eigenpairs(
-            lambda x: _mean_hvp(loss, p, a, train, x[None], size)[0], d, rank=rank,
+            lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0], d, rank=rank,
             num_iters=iters, key=k, dtype=dtype), members, keys)
     coords = engine.per_example(_arnoldi_coords, None, (loss, members, eigvecs), train, size)
     return (eigvals, eigvecs), coords
@@ -645,13 +897,18 @@ def _arnoldi_fit(config, args):
 
 def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = None,
                       damping: float = 1e-3, tol: float = 1e-6,
-                      key: Optional[jax.Array] = None, chunk_size: Optional[int] = None,
+                      key: Optional[jax.Array] = None, curvature: str = "hessian",
+                      chunk_size: Optional[int] = None,
                       relatif: Optional[str] = None) -> Attributor:
-    """Influence on the top eigenspace of H (Schioppa et al., 2022, "Scaling Up
-    Influence Functions"): score(i, t) = (Vᵀg_i)ᵀ diag(1/(μ + λ)) (Vᵀg_t).
+    """Influence on the top eigenspace of C (Schioppa et al., 2022, "Scaling Up
+    Influence Functions"): score(i, t) = (Vᵀg_i)ᵀ diag(1/(μ + λ)) (Vᵀg_t), C the
+    Hessian of the mean training loss (``curvature="hessian"``) or its Gauss-Newton
+    matrix (``"ggn"``: products J ᵀ ∇²ℓ J v by ``jvp``/``vjp``, positive
+    semi-definite, so no eigenvalue is dropped for being negative; Schraudolph, 2002;
+    Martens, 2020; it needs the Task's ``output_fn`` / ``output_loss_fn`` split).
 
-    ``cache`` runs Arnoldi (full reorthogonalisation) on HVPs of the mean training
-    loss (summed over chunks), keeps the top-``rank`` eigenpairs (μ, V) and the
+    ``cache`` runs Arnoldi (full reorthogonalisation) on products with C of the mean
+    training loss (summed over chunks), keeps the top-``rank`` eigenpairs (μ, V) and the
     ``rank``-dim coordinates Vᵀg_i of the training gradients; ``attribute`` scores
     from those coordinates (no training pass). Damped eigenvalues μ + λ ≤
     ``tol``·max(μ + λ), and non-positive ones, are dropped (weight 0), so no score is
@@ -662,8 +919,9 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
       task: a Task or a loss. rank: eigenpairs kept. num_iters: Krylov steps (default
         ``min(d, max(2·rank, rank + 20))``). damping: λ ≥ 0 (overridable at
         ``attribute``). tol: relative cut-off. key: start-vector key (default
-        ``PRNGKey(0)``; member m uses ``fold_in(key, m)``). chunk_size: examples per
-        chunk. relatif: ``None``, ``"l"``, ``"theta"``.
+        ``PRNGKey(0)``; member m uses ``fold_in(key, m)``). curvature: ``"hessian"``
+        (default) or ``"ggn"``. chunk_size: examples per chunk. relatif: ``None``,
+        ``"l"``, ``"theta"``.
 
     Memory: state M·rank·(d + 1) + n·M·rank floats; the fit holds num_iters·d floats
     (the Krylov basis) per member.
@@ -673,18 +931,23 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     num_iters = _checks.integer(num_iters, "num_iters", none=True)
     tol = _checks.real(tol, "tol", low=0, high=1, open_high=True)
     key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    _checks.choice(curvature, "curvature", CURVATURES)
+    task = as_task(task)
+    _check_curvature(curvature, task)
 
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
                                  who="influence_arnoldi", stacklevel=4)
         keys = _common.member_keys(key, members.num)
-        return _arnoldi_fit((r, iters, size()), (task.loss, members, train, keys))
+        return _arnoldi_fit((r, iters, size()), (_curvature_fns(task, curvature), task.loss,
+                                                 members, train, keys))
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
-                 diagonal=lambda curvature, lam: _arnoldi_weights(curvature, lam, float(tol)),
-                 in_memory=True, hyper=(("rank", rank), ("num_iters", num_iters), ("tol", tol),
-                                        ("key", key)))
+                 diagonal=lambda fitted, lam: _arnoldi_weights(fitted, lam, float(tol)),
+                 in_memory=True, ggn=curvature == "ggn",
+                 hyper=(("rank", rank), ("num_iters", num_iters), ("tol", tol), ("key", key))
+                 + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
