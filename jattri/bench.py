@@ -1,12 +1,15 @@
 """``python -m jattri.bench``: run attribution methods on benchmark settings, report LDS.
 
-Default: every registered method on ``digits_lr`` and ``digits_mlp``. Ground truth is
-computed on first use and cached (``jattri.benchmark.cache_dir()``).
+Default: every registered method on ``digits_lr`` and ``digits_mlp``; also available:
+``digits_cnn`` and ``text_nanogpt`` (a character-level nanoGPT on Python's own
+``pydoc_data.topics``). Ground truth is computed on first use and cached
+(``jattri.benchmark.cache_dir()``).
 
 Examples::
 
     python -m jattri.bench
     python -m jattri.bench --setting digits_lr --methods influence_explicit,trak_1
+    python -m jattri.bench --setting text_nanogpt
     python -m jattri.bench --json results.json
 """
 from __future__ import annotations
@@ -96,12 +99,23 @@ def machine() -> str:
             f"jax {jax.__version__} on {jax.default_backend()}")
 
 
+def _settings() -> tuple:
+    """Every embedded setting, read at call time (tests add tiny ones to the dicts)."""
+    return tuple(benchmark.digits.SETTINGS) + tuple(benchmark.text.SETTINGS)
+
+
 def _validate(args) -> tuple:
     """Every argument checked before any work: ``(settings, methods)``."""
     import math
-    settings = _split(args.setting, tuple(benchmark.digits.SETTINGS), "setting", "--setting") \
+    settings = _split(args.setting, _settings(), "setting", "--setting") \
         if args.setting is not None else list(DEFAULT_SETTINGS)
     methods = _split(args.methods, tuple(METHODS), "method", "--methods")
+    if args.mislabel is not None or args.ensemble:
+        # Both experiments retrain digits classifiers (label flips, dropout/LoRA members).
+        other = [s for s in settings if s not in benchmark.digits.SETTINGS]
+        if other:
+            raise _fail(f"--{'mislabel' if args.mislabel is not None else 'ensemble'} runs "
+                        f"on the digits settings only, not {', '.join(other)}")
     if args.mislabel is not None:
         if not math.isfinite(args.mislabel) or not 0.0 < args.mislabel < 0.5:
             raise _fail(f"--mislabel must be a fraction in (0, 0.5) of training labels to "
@@ -124,7 +138,8 @@ def _validate(args) -> tuple:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jattri.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", help=f"comma-separated (default: {','.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--setting", help=f"comma-separated, of {','.join(_settings())} "
+                                          f"(default: {','.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--methods", help=f"comma-separated (default: all: {','.join(METHODS)})")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--cache", metavar="DIR", help="ground-truth cache directory")

@@ -30,6 +30,13 @@ class MethodSpec:
 _INDEFINITE = (("digits_cnn", "H + damping*I indefinite on this setting"),)
 
 
+# RPS refits a last layer on per-example features against each example's class label,
+# and KNN-Shapley ranks neighbours by their labels: a text block has neither (it is
+# block_size next-token predictions, each with its own label and features).
+_NO_CLASS_LABEL = (("text_nanogpt", "needs one class label and one feature vector per "
+                    "example; a text block has block_size next-token predictions"),)
+
+
 def _damping(bench, default: float = 1e-3) -> float:
     """IF damping = the L2 coefficient the setting was trained with (its Hessian term)."""
     return float(bench.info.get("weight_decay", default)) or default
@@ -87,10 +94,12 @@ METHODS = {
     "tracin_sjlt_5": MethodSpec(
         lambda task, b: jattri.tracin(task, proj_dim=512, projection="sjlt"),
         num_checkpoints=5, description="TracInCP, SJLT k=512, 5 checkpoints"),
-    "rps": MethodSpec(_rps, description="representer points, l2=1e-3, true label"),
+    "rps": MethodSpec(_rps, description="representer points, l2=1e-3, true label",
+                      skip=_NO_CLASS_LABEL),
     "knn_shapley": MethodSpec(
         lambda task, b: jattri.knn_shapley(10, features_fn=_last_layer_input(b)),
-        description="KNN-Shapley K=10 on last-layer inputs (model-free for LR)"),
+        description="KNN-Shapley K=10 on last-layer inputs (model-free for LR)",
+        skip=_NO_CLASS_LABEL),
     "logra": MethodSpec(lambda task, b: jattri.logra(task, proj_dim_in=16, proj_dim_out=16),
                         description="LoGra, 16x16 Kronecker projection per Dense layer"),
     "logra_5": MethodSpec(lambda task, b: jattri.logra(task, proj_dim_in=16, proj_dim_out=16),
