@@ -34,6 +34,7 @@ def child(curvature: str, damping: float) -> dict:
     import optax
 
     import jattri
+    import jattri.benchmark
     from jax.flatten_util import ravel_pytree
 
     bench = jattri.benchmark.load("digits_mlp", progress=None)

@@ -4,17 +4,29 @@ MEAN training loss over the whole training set (never per batch), g_i = ∇loss(
 g_t = ∇target(z_t). Positive = up-weighting z_i lowers the target on z_t. Over members
 m (checkpoints, ensemble members) scores are averaged: mean_m g_i,mᵀ (H_m + λI)⁻¹ g_t,m.
 
-The family differs only in how (H + λI)⁻¹ is applied: dense eigendecomposition
+The family differs only in how (H + λI)⁻¹ is applied: a dense Cholesky solve
 (``influence_explicit``), conjugate gradients (``influence_cg``), LiSSA
 (``influence_lissa``), top eigenpairs by Arnoldi (``influence_arnoldi``), or a curvature
 approximation: EK-FAC / K-FAC (``influence_ekfac``), DataInf (``influence_datainf``).
 
+On a non-convex model H + λI is indefinite at small λ. The first four take
+``curvature="ggn"``: H is replaced by the Gauss-Newton matrix G = (1/n) Σ_i J_iᵀ ∇²ℓ_i
+J_i (Schraudolph, 2002, "Fast curvature matrix-vector products for second-order
+gradient descent"; Martens, 2020, "New insights and perspectives on the natural
+gradient method"), positive semi-definite for a loss ℓ convex in the model's outputs,
+whose Jacobian is J_i; G-vector products are a ``jvp`` of the outputs, an output-space
+HVP and a ``vjp``. The Task says where the split is (``jattri.Task(loss_fn,
+output_fn=..., output_loss_fn=...)``). The default stays ``"hessian"``: the influence
+of Koh & Liang, which G equals on models linear in θ (logistic, least squares).
+
 Stages, as in Kronfluence: ``cache(members, train)`` fits what the method is made of
-(nothing but the members for CG and LiSSA; the dense Hessian's eigendecomposition; the
-top eigenpairs and the coordinates Vᵀg_i; the EK-FAC factors; DataInf's per-layer
-statistics), each Hessian a sum over chunks of the whole training set.
+(nothing but the members for CG and LiSSA; the dense curvature, built in blocks of
+columns; the top eigenpairs and the coordinates Vᵀg_i; the EK-FAC factors; DataInf's
+per-layer statistics), each curvature a sum over chunks of the whole training set.
 ``attribute(state, test)`` preconditions the TEST side, u_t = (H + λI)⁻¹ g_t for the
-n_test test gradients, then scores the training set tile by tile
+n_test test gradients (CG and LiSSA: the smaller side, the training gradients when
+n_train < n_test, as Koh & Liang's s_test chooses the side), then scores the training
+set tile by tile
 (``jattri.engine.score``, dense or ``top_k``), recomputing g_i chunk by chunk from the
 training data (``state.train``, or ``train=`` for a state cached from a stream). No
 state holds ``(n, d)`` gradients or inverse-Hessian products, and ``damping`` can be
@@ -40,6 +52,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
@@ -530,22 +543,56 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
 
 # ---------------------------------------------------------------------- explicit
 
+def _jaxpr_floats(jaxpr) -> int:
+    """Elements of every intermediate a jaxpr creates, nested jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars
+                     if hasattr(v.aval, "shape"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, ClosedJaxpr):
+                    total += _jaxpr_floats(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    total += _jaxpr_floats(sub)
+    return total
+
+
+def _forward_floats(loss, members, data) -> int:
+    """Floats one example's loss creates (traced abstractly, nothing computed): the
+    residuals a curvature-vector product keeps per example and tangent."""
+    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    z = jax.tree_util.tree_map(spec, engine.first_example(data))
+    closed = jax.make_jaxpr(loss)(_member_spec(members.params), z,
+                                  jax.ShapeDtypeStruct((), jnp.int32), _member_spec(members.aux))
+    return max(1, _jaxpr_floats(closed.jaxpr))
+
+
 def _explicit_fit(curvature, task, members, train, size):
     """``(M, d, d)``: the Hessian (or GGN) of the mean training loss of every member,
     summed over chunks ``block`` columns at a time (``_dense_step``): ``block`` unit
     vectors whose four ``(block, d)`` temporaries fit the chunk budget
     (``jattri.func.hessian.dense_block``), on chunks of as many examples as keep
-    block·examples tangents of d floats within it."""
+    block · examples · 3F floats within it, F the floats of one example's forward pass
+    (its residuals, tangents and cotangents)."""
+    block = dense_block(_common.num_params(members))
+    examples = size(block * 3 * _forward_floats(task.loss, members, train))
+    fns = _curvature_fns(task, curvature)
+    if engine.is_stream(train):  # a Python loop over the stream's chunks
+        return _dense_sum(block, examples, fns, members, train), None
+    # in memory: one program, whose accumulator starts inside it (an argument would be
+    # copied into the loop's carry: 2·M·d² floats instead of M·d²)
+    return _dense_sum_jit(block, examples, fns, members, train), None
+
+
+def _dense_sum(block, examples, fns, members, train):
     d = _common.num_params(members)
-    block = dense_block(d)
     h0 = jnp.zeros((members.num, d, d), _common.param_dtype(members))
-    h, _, n = engine.scan(_dense_step, block, (_curvature_fns(task, curvature), members), h0,
-                          train, size(block * d))
-    return _divide(h, n), None
+    h, _, n = engine.scan(_dense_step, block, (fns, members), h0, train, examples)
+    return h / n
 
 
-# in place: the (M, d, d) sum is not kept
-_divide = jax.jit(lambda h, n: h / n, donate_argnums=0)
+_dense_sum_jit = jax.jit(_dense_sum, static_argnums=(0, 1))
 
 
 @jax.jit
@@ -591,9 +638,12 @@ def _explicit_apply(config, args, v):
     return jax.lax.map(lambda a: solve(*a), (factors, v))
 
 
+_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))  # fused: no d² mask
+
+
 def _explicit_check(curvature, damping, v, u):
     x = curvature if u is None else u
-    if not bool(jnp.all(jnp.isfinite(x))):
+    if not bool(_all_finite(x)):
         raise ValueError("the curvature matrix has non-finite entries" if u is None else
                          "influence_explicit returned non-finite values: the curvature + "
                          "damping*I is singular or indefinite; increase `damping`")
@@ -630,9 +680,9 @@ def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "he
         examples per compiled step. relatif: ``None``, ``"l"`` or ``"theta"`` (module
         docstring).
 
-    Memory: state M·d² floats; ``cache`` 2·M·d² (the sum and its scan carry) plus
-    the chunk budget, then M·d² more for the Cholesky factors (the check at the
-    factory's damping), as every ``attribute`` / ``self_attribute``. On the
+    Memory: state M·d² floats; ``cache`` M·d² (2·M·d² from a Stream: the sum and its
+    loop carry) plus the chunk budget, then M·d² more for the Cholesky factors (the
+    check at the factory's damping), as every ``attribute`` / ``self_attribute``. On the
     17,226-parameter digits MLP in float32: 1.2 GB per d² (``benchmarks/RESULTS.md``,
     "Explicit influence in bounded memory").
     """
