@@ -14,10 +14,13 @@ TINY = text.TextConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=
                        num_subsets=6, num_seeds=2, n_train=32, n_test=6)
 
 
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(text.SETTINGS, "text_tiny", TINY)
-    return benchmark.load("text_tiny", cache=str(tmp_path), progress=None)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny setting, built once into a temp cache: ``(benchmark, cache_dir)``."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(text.SETTINGS, "text_tiny", TINY)
+        yield benchmark.load("text_tiny", cache=str(cache), progress=None), cache
 
 
 def test_split_is_deterministic_and_built_from_the_text():
@@ -40,8 +43,8 @@ def test_split_is_deterministic_and_built_from_the_text():
     assert np.all(np.diff(counts[:-1]) <= 0) and counts[-1] > 0
 
 
-def test_tiny_setting_shapes_targets_and_cache(tiny, tmp_path, monkeypatch):
-    b = tiny
+def test_tiny_setting_shapes_targets_and_cache(tiny, monkeypatch):
+    b, cache = tiny
     assert len(b.models_full) == 2 and len(b.models_half) == 6
     assert b.train.shape == (32, 9) and b.test.shape == (6, 9)
     subsets, targets = b.lds
@@ -52,36 +55,39 @@ def test_tiny_setting_shapes_targets_and_cache(tiny, tmp_path, monkeypatch):
     assert abs(util0 - targets[0].mean()) < 0.2 * abs(util0)
     z = b.train[0]
     assert float(b.loss_fn(b.models_full[0], z)) == float(b.loss_fn(b.models_full[0], z, None))
-    assert list(tmp_path.glob("text_tiny-*.npz"))
+    assert len(list(cache.glob("text_tiny-*.npz"))) == 1
 
     def no_training(*a, **k):
         raise AssertionError("trained although the ground truth is cached")
 
     monkeypatch.setattr(text, "train_models", no_training)
-    again = benchmark.load("text_tiny", cache=str(tmp_path), progress=None)
+    again = benchmark.load("text_tiny", cache=str(cache), progress=None)
     np.testing.assert_array_equal(again.lds[1], targets)
     np.testing.assert_array_equal(np.asarray(again.models_full[1]["wte"]["embedding"]),
                                   np.asarray(b.models_full[1]["wte"]["embedding"]))
     # Another configuration is another cache entry: it would train.
     monkeypatch.setitem(text.SETTINGS, "text_tiny", dataclasses.replace(TINY, epochs=4))
     with pytest.raises(AssertionError, match="trained although"):
-        benchmark.load("text_tiny", cache=str(tmp_path), progress=None)
+        benchmark.load("text_tiny", cache=str(cache), progress=None)
 
 
 def test_methods_run_on_the_tiny_setting(tiny, tmp_path):
+    b, cache = tiny
     for name in ("grad_dot", "trak_1"):
-        row = bench.run_method(tiny, name)
+        row = bench.run_method(b, name)
         assert row["lds"] is not None and np.isfinite(row["lds"]), row
         assert -1.0 <= row["lds"] <= 1.0
-    named = dataclasses.replace(tiny, name="text_nanogpt")  # skips are keyed by setting
+    named = dataclasses.replace(b, name="text_nanogpt")  # skips are keyed by setting
     for name in ("rps", "knn_shapley"):  # no class label per text block
         assert bench.run_method(named, name)["note"].startswith("skipped: needs one class label")
 
+    # Through the CLI (ground truth from the cache; grad_dot's programs are shared,
+    # since the setting's functions are the same objects on every load).
     out = tmp_path / "rows.json"
-    assert bench.main(["--setting", "text_tiny", "--methods", "grad_cos", "--cache",
-                       str(tmp_path), "--json", str(out)]) == 0
+    assert bench.main(["--setting", "text_tiny", "--methods", "grad_dot", "--cache",
+                       str(cache), "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["method"] == "grad_cos" and np.isfinite(row["lds"])
+    assert row["method"] == "grad_dot" and np.isfinite(row["lds"])
 
 
 def test_cli_accepts_text_nanogpt_and_refuses_label_experiments(capsys):

@@ -37,6 +37,13 @@ _NO_CLASS_LABEL = (("text_nanogpt", "needs one class label and one feature vecto
                     "example; a text block has block_size next-token predictions"),)
 
 
+# EK-FAC's Gauss-Newton factors hold the loss's Hessian at each layer output over every
+# position, (T·d_out)² per example and layer: on text_nanogpt's (32, 192) c_fc outputs the
+# run asked for 1.9 TB.
+_SEQUENCE_GGN = (("text_nanogpt", "GGN factors need (block_size*d_out)^2 floats per "
+                  "example and layer (1.9 TB asked here)"),)
+
+
 def _damping(bench, default: float = 1e-3) -> float:
     """IF damping = the L2 coefficient the setting was trained with (its Hessian term)."""
     return float(bench.info.get("weight_decay", default)) or default
@@ -77,7 +84,7 @@ METHODS = {
                                   description="IF, EK-FAC (empirical Fisher), damping 1e-3"),
     "influence_ekfac_ggn": MethodSpec(
         lambda task, b: jattri.influence_ekfac(task, damping=1e-3, curvature="ggn"),
-        description="IF, EK-FAC (Gauss-Newton), damping 1e-3"),
+        description="IF, EK-FAC (Gauss-Newton), damping 1e-3", skip=_SEQUENCE_GGN),
     "influence_datainf": MethodSpec(lambda task, b: jattri.influence_datainf(task),
                                     description="IF, DataInf (relative damping 0.1)"),
     "influence_explicit_relatif": MethodSpec(
