@@ -172,20 +172,24 @@ def lr_params(key, d_in=4, classes=3):
     return {"w": jax.random.normal(key, (d_in, classes)), "b": jnp.full((classes,), 0.1)}
 
 
-def test_rps_representer_decomposition_on_a_linear_model():
+@pytest.mark.parametrize("targets", ["predictions", "labels"])
+def test_rps_representer_decomposition_on_a_linear_model(targets):
     train = make_data(jax.random.PRNGKey(0), 40)
     test = make_data(jax.random.PRNGKey(1), 6)
     l2, tol = 1e-2, 1e-9
     params = lr_params(jax.random.PRNGKey(2))
     attr = jattri.rps(features_fn=lambda p, z: z[0], logits_fn=lr_logits,
-                      label_fn=lambda z: z[1], l2=l2, tol=tol)
+                      label_fn=lambda z: z[1], targets=targets, bias=True, l2=l2, tol=tol)
     state = attr.cache(params, train)
     w = np.asarray(state.weights[0])  # (p + 1, C) with the bias row last
     assert float(state.grad_norm[0]) <= tol
 
     # The refit is stationary for an independently written objective.
     f_train = np.concatenate([np.asarray(train[0]), np.ones((40, 1))], axis=1)
-    probs = np.asarray(jax.nn.softmax(lr_logits(params, train)))
+    if targets == "predictions":
+        probs = np.asarray(jax.nn.softmax(lr_logits(params, train)))
+    else:
+        probs = np.eye(3)[np.asarray(train[1])]
 
     def objective(w):
         logp = jax.nn.log_softmax(f_train @ w)
@@ -227,12 +231,21 @@ def test_rps_features_of_a_deep_model_and_member_average(setup):
         a = jattri.rps(loss_fn, **kw)  # a loss may be passed first; RPS does not use it
         singles.append(a.attribute(a.cache(p, train), test))
     np.testing.assert_allclose(scores, np.mean(singles, axis=0), rtol=1e-10, atol=1e-14)
-    # Default label: the model's predicted class.
+    # Default label: example[1]; self_attribute is the diagonal of attribute.
     np.testing.assert_allclose(both.self_attribute(state),
                                np.diag(both.attribute(state, train)), rtol=1e-10)
-    # Without the bias feature the features have the model's width only.
-    nb = jattri.rps(bias=False, **kw)
-    assert nb.cache(members, train).features.shape == (12, 2, 5)
+    np.testing.assert_array_equal(state.labels[:, 0], np.asarray(train[1]))
+    # Without the bias feature (the default) the features have the model's width only.
+    assert state.features.shape == (12, 2, 5)
+    assert jattri.rps(bias=True, **kw).cache(members, train).features.shape == (12, 2, 6)
+    # "predicted": each member's predicted class is explained (and fitted).
+    pred = jattri.rps(label_fn="predicted", **kw)
+    ps = pred.cache(members, train)
+    want = np.stack([np.argmax(np.asarray(jax.vmap(lambda z: logits(p, z))(train)), -1)
+                     for p in checkpoints[:2]], axis=1)
+    np.testing.assert_array_equal(ps.labels, want)
+    np.testing.assert_allclose(pred.self_attribute(ps), np.diag(pred.attribute(ps, train)),
+                               rtol=1e-10)
 
 
 def test_rps_bad_arguments(setup):
@@ -259,14 +272,36 @@ def test_rps_streamed_cache_top_k_and_jit(setup):
     streamed = attr.cache(members, jattri.stream(
         [jax.tree_util.tree_map(lambda x, a=a: x[a:a + 4], train) for a in (0, 4, 8)]))
     assert streamed.train is None
-    for got, want in zip(streamed[2:], state[2:]):
+    for got, want in zip(streamed[2:-1], state[2:-1]):  # the arrays (not `made`)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     dense = np.asarray(attr.attribute(state, test))
     np.testing.assert_allclose(attr.attribute(streamed, test), dense, rtol=1e-12, atol=1e-14)
-    with pytest.raises(ValueError, match="train"):
-        attr.self_attribute(streamed)
-    np.testing.assert_allclose(attr.self_attribute(streamed, train=train),
-                               attr.self_attribute(state), rtol=1e-12)
+    # the classes are stored: self_attribute needs no training set, even after a stream
+    np.testing.assert_allclose(attr.self_attribute(streamed), attr.self_attribute(state),
+                               rtol=1e-12)
     top = attr.attribute(state, test, top_k=4, lowest=True)
     assert_top_k_matches_dense(top, dense, 4)
     np.testing.assert_allclose(jax.jit(attr.attribute)(state, test), dense, rtol=1e-12)
+
+
+def test_rps_self_attribution_ranks_flipped_labels_first(x64):
+    """With label targets, α_i[y_i] = (1 − q_i[y_i]) / (2λn): a flipped label the
+    refit cannot fit gets a large positive self-score (mislabel detection)."""
+    key = jax.random.PRNGKey(3)
+    x = jax.random.normal(key, (120, 4), jnp.float64)
+    x = x / jnp.linalg.norm(x, axis=1, keepdims=True)  # ‖f_i‖ = 1: the score is α_i[y_i]
+    w_true = jax.random.normal(jax.random.PRNGKey(4), (4, 3), jnp.float64)
+    y = np.asarray(jnp.argmax(4.0 * x @ w_true, -1))
+    flipped = np.zeros(120, bool)
+    flipped[::10] = True
+    y_noisy = np.where(flipped, (y + 1) % 3, y)
+    params = {"w": w_true, "b": jnp.zeros(3, jnp.float64)}  # the clean model
+    attr = jattri.rps(features_fn=lambda p, z: z[0], logits_fn=lr_logits, l2=1e-1)
+    self_scores = np.asarray(attr.self_attribute(attr.cache(params, (x, y_noisy))))
+    assert jattri.metrics.mislabel_auc(self_scores, flipped) > 0.95
+    assert np.all(self_scores > 0)
+    # the prediction-target variant has no such sign: it does not detect them here
+    pred = jattri.rps(features_fn=lambda p, z: z[0], logits_fn=lr_logits, l2=1e-1,
+                      targets="predictions")
+    other = np.asarray(pred.self_attribute(pred.cache(params, (x, y_noisy))))
+    assert jattri.metrics.mislabel_auc(other, flipped) < 0.5
