@@ -144,3 +144,15 @@ def test_bad_input():
     kp = P.kronecker_projection(jax.random.PRNGKey(0), 3, 2, 2, 2)
     with pytest.raises(ValueError, match="positions"):
         kp(jnp.ones((2, 3)), jnp.ones((3, 2)))
+
+
+def test_auto_projection_rule():
+    """"auto" is the dense Gaussian while P has at most 2²⁷ entries, else the SJLT, and
+    a projector built as "auto" is that kind's projector exactly."""
+    assert P.resolve_projection("auto", 2**17, 2**10) == "gaussian"
+    assert P.resolve_projection("auto", 2**17 + 1, 2**10) == "sjlt"
+    assert P.resolve_projection("rademacher", 10**9, 10**4) == "rademacher"
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 50))
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_array_equal(P.random_projection("auto", key, 50, 8)(x),
+                                  P.gaussian_projection(key, 50, 8)(x))

@@ -26,6 +26,21 @@ from jax.tree_util import Partial
 
 DEFAULT_CHUNK = 4096
 PROJECTIONS = ("gaussian", "rademacher", "sjlt")
+#: ``projection="auto"`` picks the dense Gaussian up to this many entries d·k of P.
+AUTO_DENSE_ENTRIES = 2**27
+
+
+def resolve_projection(kind: str, d: int, k: int) -> str:
+    """The projector ``"auto"`` stands for at input dim d and output dim k: the dense
+    Gaussian while P has at most :data:`AUTO_DENSE_ENTRIES` (2²⁷ ≈ 134M) entries, else
+    the SJLT. Why: the Gaussian regenerates all d·k entries of P in every call (about
+    1 s per call at 2²⁷ on a CPU core, 28 s per example at d = 10.7M, k = 2048), the
+    SJLT costs O(d) per call whatever k, with the same JL error when no coordinate
+    dominates the vector (``benchmarks/jl_error.py``). Other kinds are returned as
+    they are."""
+    if kind != "auto":
+        return kind
+    return "gaussian" if int(d) * int(k) <= AUTO_DENSE_ENTRIES else "sjlt"
 
 
 def _float():
@@ -188,14 +203,16 @@ _BY_NAME = {"gaussian": gaussian_projection, "rademacher": rademacher_projection
 def check_projection_args(projection: str, **dims) -> None:
     """Validate a projection name and output sizes (each a positive int or ``None``)."""
     from jattri import _checks
-    _checks.choice(projection, "projection", PROJECTIONS)
+    _checks.choice(projection, "projection", PROJECTIONS + ("auto",))
     for name, v in dims.items():
         _checks.integer(v, name, none=True)
 
 
 def random_projection(kind: str, key: jax.Array, d: int, k: int, *,
                       chunk_size: Optional[int] = DEFAULT_CHUNK) -> Callable:
-    """The projector named ``kind`` (``"gaussian"``, ``"rademacher"`` or ``"sjlt"``)."""
+    """The projector named ``kind`` (``"gaussian"``, ``"rademacher"``, ``"sjlt"``, or
+    ``"auto"``: see :func:`resolve_projection`)."""
+    kind = resolve_projection(kind, d, k)
     if kind not in _BY_NAME:
         raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {kind!r}")
     return _BY_NAME[kind](key, d, k, chunk_size=chunk_size)

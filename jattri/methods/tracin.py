@@ -106,7 +106,7 @@ def _self_tile(config, args, chunk):
 
 
 def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
-           proj_dim: Optional[int] = None, projection: str = "gaussian",
+           proj_dim: Optional[int] = None, projection: str = "auto",
            normalize: bool = False, key: Optional[jax.Array] = None,
            chunk_size: Optional[int] = None,
            proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
@@ -124,7 +124,8 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
       weights: ``(M,)`` per-member weights w_k (checked against the members given to
         ``cache``), or ``None`` for 1/M each.
       proj_dim: k, the projection dimension; ``None`` uses the raw gradients.
-      projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` (``jattri.func``); each
+      projection: ``"auto"`` (Gaussian while d·k ≤ 2²⁷, else SJLT), ``"gaussian"``,
+        ``"rademacher"`` or ``"sjlt"`` (``jattri.func``); each
         is scaled so inner products are preserved in expectation. Member k uses
         ``fold_in(key, k)``.
       normalize: divide each (projected) gradient by its norm: cosine similarity.
@@ -143,7 +144,7 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
 
 
 def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
-            proj_dim: Optional[int] = None, projection: str = "gaussian",
+            proj_dim: Optional[int] = None, projection: str = "auto",
             normalize: bool = False, key: Optional[jax.Array] = None,
             chunk_size: Optional[int] = None,
             proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:

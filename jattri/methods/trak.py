@@ -144,7 +144,7 @@ def damped_kernel(kernel: jax.Array, damping) -> jax.Array:
 
 def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
          key: Optional[jax.Array] = None, prob_fn: Optional[Callable] = None,
-         projection: str = "gaussian", chunk_size: Optional[int] = None,
+         projection: str = "auto", chunk_size: Optional[int] = None,
          proj_chunk_size: Optional[int] = DEFAULT_CHUNK,
          shared_projection: bool = False) -> Attributor:
     """TRAK over the members given to ``cache`` (checkpoints / ensemble members).
@@ -162,8 +162,9 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
         ``attribute(..., damping=...)`` overrides it without re-caching.
       key: PRNG key of the projection (default ``PRNGKey(0)``).
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
-      projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` (sparse, O(d) per
-        example: the one to use at millions of parameters).
+      projection: ``"auto"`` (default: the dense Gaussian while d·k ≤ 2²⁷, else the
+        SJLT; ``jattri.func.projection.resolve_projection``), ``"gaussian"``,
+        ``"rademacher"`` or ``"sjlt"`` (sparse, O(d) per example).
       chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
         when projecting, to amortise the projection's per-call cost).
       proj_chunk_size: projection rows generated at a time.
