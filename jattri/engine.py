@@ -32,8 +32,27 @@ from jattri import _checks
 
 PyTree = Any
 
-#: Bytes of per-example gradients one chunk may hold when ``chunk_size`` is not given.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+def _chunk_budget() -> int:
+    """``$JATTRI_CHUNK_BYTES`` (a positive int, in bytes; e.g. more on a large
+    accelerator), else 256 MiB; at most an eighth of this machine's physical memory."""
+    import os
+    budget = 256 * 2**20
+    text = os.environ.get("JATTRI_CHUNK_BYTES", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"JATTRI_CHUNK_BYTES must be a positive number of bytes, got "
+                             f"{text!r}")
+        budget = int(text)
+    try:
+        budget = min(budget, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return max(budget, 1)
+
+
+#: Bytes of per-example gradients one chunk may hold when ``chunk_size`` is not given
+#: (read at import: ``$JATTRI_CHUNK_BYTES`` or 256 MiB, at most 1/8 of physical memory).
+DEFAULT_CHUNK_BYTES = _chunk_budget()
 MAX_DEFAULT_CHUNK = 1024
 
 

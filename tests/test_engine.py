@@ -208,3 +208,20 @@ def test_jit_attribute_compiles_once_across_checkpoints():
     assert fn._cache_size() == 1
     np.testing.assert_allclose(out[1], attr.attribute(states[1], test), rtol=1e-10)
     assert not np.allclose(out[0], out[1])
+
+
+def test_chunk_budget_from_the_environment():
+    """``JATTRI_CHUNK_BYTES`` sets the default chunk budget; a bad value is refused at
+    import with a message naming it."""
+    import os
+    import subprocess
+    import sys
+    code = "from jattri import engine; print(engine.DEFAULT_CHUNK_BYTES)"
+    env = dict(os.environ, JATTRI_CHUNK_BYTES="4096", JATTRI_COMPILE_CACHE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "4096"
+    env["JATTRI_CHUNK_BYTES"] = "1e9"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "JATTRI_CHUNK_BYTES must be a positive number" in out.stderr
