@@ -16,7 +16,7 @@ from jattri import _compile_cache
 _compile_cache.enable()  # JAX's persistent compilation cache (JATTRI_COMPILE_CACHE=0: off)
 
 from jattri import func, metrics  # noqa: E402
-from jattri.engine import Stream, TopK, stream
+from jattri.engine import Progress, Stream, TopK, progress, stream
 from jattri.task import Members, Task, checkpoints
 from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
                             influence_explicit, trak)
@@ -30,7 +30,8 @@ from jattri import plot  # noqa: E402  (imports matplotlib only when a function 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attributor", "Members", "Stream", "Task", "TopK", "checkpoints", "ensemble", "func",
+    "Attributor", "Members", "Progress", "Stream", "Task", "TopK", "checkpoints", "ensemble",
+    "func", "progress",
     "interop", "metrics", "models", "plot", "stream",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
     "tracin", "rps", "knn_shapley", "logra",

@@ -177,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench = benchmark.load(setting, cache=args.cache, refresh=args.refresh, progress=_log)
         for k, name in enumerate(methods):
             _log(f"{setting}: [{k + 1}/{len(methods)}] {name} ...")
-            row = run_method(bench, name)
+            with jattri.progress(every=5.0):  # stages longer than 5 s report on stderr
+                row = run_method(bench, name)
             _log(f"{setting}: {name}: LDS={row['lds']} {row['note']}")
             rows.append(row)
     table = format_table(rows)

@@ -225,3 +225,32 @@ def test_chunk_budget_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and "JATTRI_CHUNK_BYTES must be a positive number" in out.stderr
+
+
+def test_progress_reports_each_stage_and_is_silent_otherwise():
+    train, test = data(1, 23), data(2, 4)
+    attr = jattri.trak(loss, proj_dim=4, chunk_size=5)
+    seen = []
+
+    def report(p, final=False):
+        seen.append((p.stage, p.done, p.total, final))
+
+    with jattri.progress(report):
+        state = attr.cache(params(0), train)
+        attr.attribute(state, test)
+        attr.cache(params(0), jattri.stream([jax.tree_util.tree_map(lambda x: x[:11], train),
+                                             jax.tree_util.tree_map(lambda x: x[11:], train)]))
+    stages = {}
+    for stage, done, total, final in seen:
+        stages.setdefault((stage, total), []).append((done, final))
+    # in memory: every chunk of 5 reported (the last one capped at n), then one final call
+    assert stages[("cache", 23)] == [(5, False), (10, False), (15, False), (20, False),
+                                     (23, False), (23, True)]
+    assert stages[("score", 23)][-1] == (23, True)
+    assert stages[("cache", None)][-1] == (23, True)  # the stream: total unknown
+    # nothing outside the block, and nothing from inside an enclosing jit
+    seen.clear()
+    attr.cache(params(0), train)
+    with jattri.progress(report):
+        jax.jit(attr.attribute)(state, test)
+    assert seen == []
