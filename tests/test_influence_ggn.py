@@ -127,7 +127,7 @@ def test_ggn_equals_hessian_on_convex_models():
 
 
 def test_explicit_ggn_is_jacobian_reference_on_relu_mlp():
-    """The dense GGN the explicit method keeps is (1/n) Σ J_iᵀ ∇²ℓ_i J_i built by
+    """The dense GGN the explicit method factors is (1/n) Σ J_iᵀ ∇²ℓ_i J_i built by
     ``jax.jacobian``, it differs from the (indefinite) Hessian, and the scores are the
     dense solve's."""
     task, params, train, test = mlp_problem()
@@ -135,8 +135,9 @@ def test_explicit_ggn_is_jacobian_reference_on_relu_mlp():
     attr = influence_explicit(task, damping=damping, curvature="ggn", chunk_size=5)
     state = attr.cache(params, train)
     ggn = ggn_reference(mlp_output, cross_entropy, params, train)
-    np.testing.assert_allclose(np.asarray(state.curvature[0]), ggn, rtol=1e-10,
-                               atol=1e-12 * np.abs(ggn).max())
+    factor = np.asarray(state.curvature[0])  # L Lᵀ = G + λI
+    np.testing.assert_allclose(factor @ factor.T - damping * np.eye(len(ggn)), ggn,
+                               rtol=1e-9, atol=1e-11 * np.abs(ggn).max())
     assert np.linalg.eigvalsh(ggn).min() > -1e-10  # positive semi-definite
     hess = hessian_reference(mlp_loss, params, train)
     assert np.linalg.eigvalsh(hess).min() < -10 * damping  # indefinite at this damping
@@ -291,3 +292,8 @@ def test_curvature_arguments_are_checked_and_recorded():
     assert dict(state.made.hyper)["output_fn"].endswith("mlp_output")
     with pytest.raises(ValueError, match="curvature"):
         influence_cg(task, damping=0.1).attribute(state, test)
+    # explicit keeps the factors of C + damping·I: a state of another damping is refused
+    explicit = influence_explicit(task, damping=0.1, curvature="ggn")
+    with pytest.raises(ValueError, match="damping"):
+        influence_explicit(task, damping=1.0, curvature="ggn").attribute(
+            explicit.cache(params, train), test)

@@ -383,8 +383,9 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         _check_curvature("ggn", task)
     fns = _curvature_fns(task, "ggn" if spec.ggn else "hessian")
     # RelatIF's normalisers are cached at the factory's damping
-    made = _common.hyper(task, relatif=relatif, **dict(spec.hyper),
-                         **({} if relatif is None else {"damping": spec.damping}))
+    made = _common.hyper(task, relatif=relatif,
+                         **{**dict(spec.hyper),
+                            **({} if relatif is None else {"damping": spec.damping})})
 
     def check_state(state, train=None):
         _common.check_state(state, InfluenceState, spec.name, made, train=train)
@@ -568,10 +569,11 @@ def _forward_floats(loss, members, data) -> int:
     return max(1, _jaxpr_floats(closed.jaxpr))
 
 
-def _explicit_fit(curvature, task, members, train, size):
-    """``(M, d, d)``: the Hessian (or GGN) of the mean training loss of every member,
-    summed over chunks ``block`` columns at a time (``_dense_step``): ``block`` unit
-    vectors whose four ``(block, d)`` temporaries fit the chunk budget
+def _explicit_fit(curvature, damping, task, members, train, size):
+    """``(M, d, d)``: the lower Cholesky factors L of C + λ₀I (λ₀ the factory's
+    damping), C the Hessian (or GGN) of the mean training loss of every member, summed
+    over chunks ``block`` columns at a time (``_dense_step``): ``block`` unit vectors
+    whose four ``(block, d)`` temporaries fit the chunk budget
     (``jattri.func.hessian.dense_block``), on chunks of as many examples as keep
     block · examples · 3F floats within it, F the floats of one example's forward pass
     (its residuals, tangents and cotangents)."""
@@ -579,10 +581,11 @@ def _explicit_fit(curvature, task, members, train, size):
     examples = size(block * 3 * _forward_floats(task.loss, members, train))
     fns = _curvature_fns(task, curvature)
     if engine.is_stream(train):  # a Python loop over the stream's chunks
-        return _dense_sum(block, examples, fns, members, train), None
+        return _cholesky(_dense_sum(block, examples, fns, members, train), damping), None
     # in memory: one program, whose accumulator starts inside it (an argument would be
-    # copied into the loop's carry: 2·M·d² floats instead of M·d²)
-    return _dense_sum_jit(block, examples, fns, members, train), None
+    # copied into the loop's carry) and is factored in it once dead: M·d² floats
+    # live, then 2·M·d² in the factorisation, never the sum and its factors together
+    return _dense_factors(block, examples, fns, members, train, damping), None
 
 
 def _dense_sum(block, examples, fns, members, train):
@@ -592,29 +595,52 @@ def _dense_sum(block, examples, fns, members, train):
     return h / n
 
 
-_dense_sum_jit = jax.jit(_dense_sum, static_argnums=(0, 1))
+@partial(jax.jit, static_argnums=(0, 1))
+def _dense_factors(block, examples, fns, members, train, damping):
+    return _factor(_dense_sum(block, examples, fns, members, train), damping)
 
 
-@jax.jit
-def _cholesky(h, damping):
-    """``(M, d, d)`` lower Cholesky factors of H + λI, member by member (H's lower
-    triangle is read; the factorisation overwrites the one damped copy in place)."""
+def _each_member(fn, *xs):
+    """``fn`` over the leading member axis of ``xs``; one member without ``lax.map``,
+    whose slicing of the stacked ``(M, d, d)`` operand would copy it."""
+    if xs[0].shape[0] == 1:
+        return fn(*(x[0] for x in xs))[None]
+    return jax.lax.map(lambda args: fn(*args), xs)
+
+
+def _factor(h, damping):
+    """``(M, d, d)`` lower Cholesky factors of H + λI, member by member (the lower
+    triangle of H is read)."""
     lam = jnp.broadcast_to(jnp.asarray(damping, h.dtype), h.shape[:1])
 
-    def one(args):
-        hm, lm = args
+    def one(hm, lm):
         eye = jnp.arange(hm.shape[0])
         damped = hm + jnp.where(eye[:, None] == eye[None, :], lm, 0).astype(hm.dtype)
         return jax.lax.linalg.cholesky(damped, symmetrize_input=False)
 
-    return jax.lax.map(one, (h, lam))
+    return _each_member(one, h, lam)
 
 
-def _explicit_prepare(what):
-    def prepare(h, damping):
-        """L with L Lᵀ = C + λI; a concrete factorisation that fails (C + λI indefinite)
-        or has a pivot ≤ 1e-12 of the largest (singular) raises ValueError."""
-        factors = _cholesky(h, damping)
+_cholesky = jax.jit(_factor)
+
+
+@jax.jit
+def _refactor(factors, base, damping):
+    """Factors of C + λI from those of C + λ₀I: C + λI = L Lᵀ + (λ − λ₀) I."""
+    lam = jnp.broadcast_to(jnp.asarray(damping, factors.dtype), factors.shape[:1])
+    lam0 = jnp.broadcast_to(jnp.asarray(base, factors.dtype), factors.shape[:1])
+    return _factor(_each_member(lambda l: l @ l.T, factors), lam - lam0)
+
+
+def _explicit_prepare(what, base):
+    def prepare(factors, damping):
+        """L with L Lᵀ = C + λI: the state's at the factory's damping λ₀, else one
+        factorisation of L₀L₀ᵀ + (λ − λ₀)I. A concrete factorisation that failed
+        (C + λI indefinite) or has a pivot ≤ 1e-12 of the largest (singular) raises
+        ValueError."""
+        same = _common.is_concrete(damping) and np.array_equal(np.asarray(damping), base)
+        if not same:
+            factors = _refactor(factors, base, damping)
         if _common.is_concrete(factors):
             pivots = jnp.square(jnp.diagonal(factors, axis1=-2, axis2=-1))  # (M, d)
             top = jnp.max(pivots, axis=-1)
@@ -634,18 +660,14 @@ def _explicit_prepare(what):
 
 def _explicit_apply(config, args, v):
     _, _, factors, _, _ = args
-    solve = lambda l, vm: jax.scipy.linalg.cho_solve((l, True), vm.T).T
-    return jax.lax.map(lambda a: solve(*a), (factors, v))
-
-
-_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))  # fused: no d² mask
+    return _each_member(lambda l, vm: jax.scipy.linalg.cho_solve((l, True), vm.T).T,
+                        factors, v)
 
 
 def _explicit_check(curvature, damping, v, u):
-    x = curvature if u is None else u
-    if not bool(_all_finite(x)):
-        raise ValueError("the curvature matrix has non-finite entries" if u is None else
-                         "influence_explicit returned non-finite values: the curvature + "
+    # (the factors themselves are checked by ``prepare``: finite pivots, none tiny)
+    if u is not None and not bool(jnp.all(jnp.isfinite(u))):
+        raise ValueError("influence_explicit returned non-finite values: the curvature + "
                          "damping*I is singular or indefinite; increase `damping`")
 
 
@@ -666,11 +688,12 @@ def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "he
     J ᵀ ∇²ℓ J v by ``jvp``/``vjp``), summed over chunks of the training set (a
     ``jattri.Stream`` works), ``block`` unit vectors at a time written into C in
     place, so that besides C only O(block·d) floats of tangents are live, within the
-    chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``); it keeps C. Each stage then
-    factors C + λI = L Lᵀ (Cholesky, d³/3 flops: a new ``damping`` costs one
-    factorisation, no refit) and applies (C + λI)⁻¹ by two triangular solves. A
-    singular or indefinite C + λI raises ``ValueError`` (at ``cache`` for the
-    factory's damping).
+    chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``); it keeps the Cholesky
+    factors L L ᵀ = C + λ₀I at the factory's damping λ₀ (d³/3 flops). ``attribute``
+    applies (C + λI)⁻¹ by two triangular solves; another ``damping`` costs one
+    factorisation of L Lᵀ + (λ − λ₀)I, no refit. A singular or indefinite C + λI
+    raises ``ValueError`` (at ``cache`` for the factory's damping, which must
+    therefore make C + λ₀I positive definite).
 
     Args:
       task: a :class:`jattri.Task` or a ``loss_fn(params, example)``. damping: λ ≥ 0
@@ -680,10 +703,11 @@ def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "he
         examples per compiled step. relatif: ``None``, ``"l"`` or ``"theta"`` (module
         docstring).
 
-    Memory: state M·d² floats; ``cache`` M·d² (2·M·d² from a Stream: the sum and its
-    loop carry) plus the chunk budget, then M·d² more for the Cholesky factors (the
-    check at the factory's damping), as every ``attribute`` / ``self_attribute``. On the
-    17,226-parameter digits MLP in float32: 1.2 GB per d² (``benchmarks/RESULTS.md``,
+    Memory: state M·d² floats (the factors); ``cache`` on a training set in memory
+    M·d² plus the chunk budget while summing, 2·M·d² while factoring (3·M·d² from a
+    Stream); ``attribute`` / ``self_attribute`` nothing d²-sized at the factory's
+    damping, 3·M·d² more at another. On the 17,226-parameter digits MLP in float32
+    d² is 1.19 GB: ``benchmarks/explicit_memory.py`` (``benchmarks/RESULTS.md``,
     "Explicit influence in bounded memory").
     """
     _check_damping(damping)
@@ -691,10 +715,11 @@ def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "he
     task = as_task(task)
     _check_curvature(curvature, task)
     what = "Hessian" if curvature == "hessian" else "Gauss-Newton matrix"
-    spec = _Spec("influence_explicit", damping, partial(_explicit_fit, curvature),
+    spec = _Spec("influence_explicit", damping, partial(_explicit_fit, curvature, damping),
                  _explicit_apply, lambda members, size: None, check=_explicit_check,
-                 prepare=_explicit_prepare(what), ggn=curvature == "ggn",
-                 hyper=_curvature_hyper(task, curvature))
+                 prepare=_explicit_prepare(what, damping), ggn=curvature == "ggn",
+                 # the state's factors are those of C + damping·I
+                 hyper=(("damping", damping),) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
