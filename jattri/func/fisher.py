@@ -1,5 +1,5 @@
 """Curvature other than the Hessian: Gauss-Newton and Fisher products, K-FAC / EK-FAC
-factors of Dense and Conv layers, and DataInf's closed-form layer inverse.
+factors of linear (Dense and Conv) layers, and DataInf's closed-form layer inverse.
 
 Per-example functions take ``loss_fn(params, example) -> scalar`` for ONE example;
 datasets are pytrees with a leading example axis n. g_i = ∇θ loss(z_i).
@@ -10,6 +10,16 @@ datasets are pytrees with a leading example axis n. g_i = ∇θ loss(z_i).
 * EK-FAC            F_l ≈ (Q_A ⊗ Q_S) diag(Λ*) (Q_A ⊗ Q_S)ᵀ    (``ekfac_factors``)
   K-FAC / EK-FAC of the Gauss-Newton instead of the empirical Fisher: ``curvature="ggn"``
 * DataInf           (F_l + λI)⁻¹ ≈ (1/n) Σ_i (g_il g_ilᵀ + λI)⁻¹ (``datainf_ihvp``)
+
+K-FAC / EK-FAC see the linear layers of any model, through ``jattri.func.layers``:
+Flax linen ``nn.Dense`` / ``nn.Conv`` (``model.apply({"params": params}, x)``), Flax
+NNX ``nnx.Linear`` / ``nnx.Conv`` (``nnx.merge(graphdef, params)(x)`` inside the loss,
+``graphdef, params = nnx.split(model)``; params the ``nnx.State`` or its pure dict),
+both with the loss unchanged, and in a plain-JAX model the layers it computes with
+``jattri.func.layers.dense(x, params[...]["w"], params[...]["b"])`` instead of
+``x @ w + b``. Layers are keyed by name (``"fc1"``, ``"layers/0"``, ``"fc1/w+fc1/b"``;
+``jattri.func.layers``) in the factors, and found by that name in any pytree like the
+params (``ekfac_ihvp``).
 """
 from __future__ import annotations
 
@@ -25,8 +35,8 @@ from jax.tree_util import Partial
 from jattri import _checks, engine
 from jattri.func.grads import as_partial, map_examples
 from jattri.func.hessian import damped_inverse
-from jattri.func.layers import (Layer, input_rows, layer_io, layer_params, linear_layers,
-                                 perturbed_loss)
+from jattri.func.layers import (Layer, find_layers, input_rows, layer_io, layer_keys,
+                                 leaf_key, leaf_keys, perturbed_loss)
 
 PyTree = Any
 
@@ -162,20 +172,14 @@ def _augment(a: jax.Array, use_bias: bool) -> jax.Array:
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1) if use_bias else a
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _layer_leaf(path, layers) -> Optional[tuple]:
-    """(layer name, "kernel"|"bias") if the leaf at ``path`` belongs to a Dense/Conv layer."""
-    keys = [_key_name(k) for k in path]
-    name, last = "/".join(keys[:-1]), keys[-1] if keys else ""
-    if name in layers and last in ("kernel", "bias"):
-        return name, last
-    return None
+def _layer_leaves(layers: tuple) -> Dict[str, tuple]:
+    """``{leaf_key: (layer name, "kernel"|"bias")}`` of the factored layers' leaves."""
+    out = {}
+    for layer in layers:
+        out[layer.kernel_key] = (layer.name, "kernel")
+        if layer.bias_key is not None:
+            out[layer.bias_key] = (layer.name, "bias")
+    return out
 
 
 CURVATURES = ("empirical", "ggn")
@@ -226,28 +230,27 @@ class EKFACCovariances(NamedTuple):
 
 
 def ekfac_layers(loss_fn: Callable, params: PyTree, example: PyTree, *args) -> tuple:
-    """The Dense/Conv layers ``loss_fn(params, example, *args)`` calls, as a tuple of
+    """The linear layers (linen Dense/Conv, NNX Linear/Conv, ``jattri.func.layers.dense``)
+    ``loss_fn(params, example, *args)`` calls, as a tuple of
     ``jattri.func.layers.Layer`` (static, hashable); ``params``, ``example`` and ``args``
     may be arrays or ``jax.ShapeDtypeStruct``s. Raises ``ValueError`` if there are none
-    or the params are not laid out by module path."""
-    layers = linear_layers(loss_fn, params, example, *args)
-    if not layers:
-        raise ValueError("`loss_fn` calls no flax.linen.Dense or Conv layer: K-FAC/EK-FAC "
-                         "need such layers applied through Module.apply")
+    (saying what is supported) or a layer's kernel is not the params leaf of its name."""
+    layers = find_layers(loss_fn, params, example, *args)
+    leaves = dict(leaf_keys(params))
     for layer in layers.values():
-        kernel = layer_params(params, layer.name)["kernel"]
-        if tuple(np.shape(kernel)) != tuple(layer.kernel_shape):
-            raise ValueError(f"layer {layer.name!r}: params kernel has shape "
-                             f"{np.shape(kernel)}, the layer computes {layer.kernel_shape}; "
+        kernel = leaves.get(layer.kernel_key)
+        if kernel is None or tuple(np.shape(kernel)) != tuple(layer.kernel_shape):
+            raise ValueError(f"layer {layer.name!r}: params leaf {layer.kernel_key!r} is "
+                             f"{None if kernel is None else np.shape(kernel)}, the layer "
+                             f"computes with a kernel of shape {layer.kernel_shape}; linen "
                              "params must be laid out by module path")
     return tuple(layers.values())
 
 
 def _covered(params: PyTree, layers: tuple) -> PyTree:
     """Bool pytree like params: True on the kernel/bias leaves of a factored layer."""
-    by_name = {layer.name: layer for layer in layers}
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: _layer_leaf(p, by_name) is not None, params)
+    mine = _layer_leaves(layers)
+    return jax.tree_util.tree_map_with_path(lambda p, x: leaf_key(p) in mine, params)
 
 
 def ekfac_zero_covariances(layers: tuple, params: PyTree, dtype) -> EKFACCovariances:
@@ -376,8 +379,8 @@ def _spec(x):
 def ekfac_factors(loss_fn: Callable, params: PyTree, data: Any, *,
                   correct_eigenvalues: bool = True, curvature: str = "empirical",
                   chunk_size: Optional[int] = None) -> EKFACFactors:
-    """K-FAC / EK-FAC factors of every Dense and Conv layer, from layer inputs and output
-    gradients captured without hooks (``jattri.func.layers``).
+    """K-FAC / EK-FAC factors of every linear (Dense/Linear and Conv) layer, from layer
+    inputs and output gradients captured without hooks (``jattri.func.layers``).
 
     For layer l with augmented inputs a'_t = [a_t, 1] and output gradients s_t
     (t over the T positions of an example; the empirical Fisher, i.e. gradients of the
@@ -430,16 +433,17 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: Any, *,
     (and, with parameters outside the layers, ``chunk_size`` gradients of d floats).
 
     Args:
-      loss_fn: per-example loss calling Flax ``nn.Dense`` / ``nn.Conv`` layers via
-        ``Module.apply`` with ``{"params": params}``. data: n examples (a pytree with a
+      loss_fn: per-example loss whose linear layers ``jattri.func.layers`` sees (module
+        docstring: linen, NNX, or ``jattri.func.layers.dense`` in a plain-JAX
+        model). data: n examples (a pytree with a
         leading example axis, or a ``jattri.Stream`` of such batches).
         correct_eigenvalues: EK-FAC (True) or K-FAC (False). curvature: ``"empirical"``
         (E[s sᵀ] of the observed loss gradients) or ``"ggn"`` (E[∂²loss/∂δ²], above).
         chunk_size: examples per chunk (default: all of an in-memory ``data`` at once,
         ``jattri.engine.default_chunk_size`` for a stream).
     Returns:
-      ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no Dense/Conv layer or
-      ``curvature`` is unknown.
+      ``EKFACFactors``; raises ``ValueError`` if ``loss_fn`` calls no linear layer (the
+      message says what is supported) or ``curvature`` is unknown.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
@@ -473,27 +477,31 @@ def _safe_inverse(x: jax.Array) -> jax.Array:
 def ekfac_ihvp(factors: EKFACFactors, v: PyTree, damping: float) -> PyTree:
     """(F_EKFAC + λI)⁻¹ v for ONE vector ``v`` (a pytree like params; vmap for many).
 
-    Per Dense/Conv layer, with V = [kernel; bias] of ``v`` (Conv kernel flattened):
+    Per linear layer, with V = [kernel; bias] of ``v`` (Conv kernel flattened):
     Q_A [(Q_Aᵀ V Q_S) ⊘ (Λ* + λ)] Q_Sᵀ; other parameters: v / (diag + λ). Directions
     with Λ* + λ = 0 (possible only with λ = 0) get 0: a pseudo-inverse, never NaN.
+    Layers are found in ``v`` by name (``jattri.func.layers.layer_keys``).
     """
-    layers = factors.layers
+    leaves = dict(leaf_keys(v))
     new = {}
-    for name, f in layers.items():
-        sub = layer_params(v, name)
-        kernel = sub["kernel"].reshape(-1, f.qs.shape[0])  # Conv: (prod(size)·C_in, C_out)
+    for name, f in factors.layers.items():
+        kernel_key, bias_key = layer_keys(v, name)
+        x = leaves[kernel_key]
+        kernel = x.reshape(-1, f.qs.shape[0])  # Conv: (prod(size)·C_in, C_out)
         use_bias = f.qa.shape[0] == kernel.shape[0] + 1
-        g = jnp.concatenate([kernel, sub["bias"][None]], 0) if use_bias else kernel
+        if use_bias and bias_key is None:
+            raise KeyError(f"layer {name!r}: the factors have a bias row, `v` no bias leaf")
+        g = jnp.concatenate([kernel, leaves[bias_key][None]], 0) if use_bias else kernel
         rot = f.qa.T @ g @ f.qs
         g = f.qa @ (rot * _safe_inverse(f.eigvals + damping)) @ f.qs.T
-        new[name] = {"kernel": g[:kernel.shape[0]].reshape(sub["kernel"].shape)}
+        new[kernel_key] = g[:kernel.shape[0]].reshape(x.shape)
         if use_bias:
-            new[name]["bias"] = g[-1]
+            new[bias_key] = g[-1]
 
     def leaf(path, x, dg):
-        hit = _layer_leaf(path, layers)
-        if hit is not None:
-            return new[hit[0]][hit[1]].astype(x.dtype)
+        key = leaf_key(path)
+        if key in new:
+            return new[key].astype(x.dtype)
         return x * _safe_inverse(dg + damping)
 
     return jax.tree_util.tree_map_with_path(leaf, v, factors.diag)
@@ -505,12 +513,11 @@ def parameter_groups(params: PyTree) -> Dict[str, np.ndarray]:
     """Layers as parameter groups: leaves sharing a parent path (``fc1/kernel`` and
     ``fc1/bias``) form one group. Returns ``{group: flat indices}`` into
     ``ravel_pytree(params)[0]``, in leaf order."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
     groups: Dict[str, list] = {}
     offset = 0
-    for path, x in leaves:
+    for key, x in leaf_keys(params):
         size = int(np.prod(np.shape(x), dtype=np.int64))
-        name = "/".join(_key_name(k) for k in path[:-1])
+        name = key.rpartition("/")[0]
         groups.setdefault(name, []).append(np.arange(offset, offset + size))
         offset += size
     return {k: np.concatenate(v) for k, v in groups.items()}

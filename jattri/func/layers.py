@@ -1,5 +1,4 @@
-"""Layer inputs and output gradients of Flax ``nn.Dense`` and ``nn.Conv`` layers,
-without hooks.
+"""Layer inputs and output gradients of the linear layers of a loss, without hooks.
 
 K-FAC, EK-FAC and LoGra need, for every layer that is linear in its weights,
 ``y_t = a_t W + b`` at the positions t of one example, the layer input rows ``a_t``
@@ -7,9 +6,30 @@ and the gradient of the loss with respect to the layer output ``s_t = ∂loss/�
 the per-example kernel gradient is then ``Σ_t a_t s_tᵀ`` and the bias gradient
 ``Σ_t s_t``.
 
-* ``nn.Dense``: a_t is the input row; t runs over the leading axes of the call
+Three kinds of model are seen, with the user's ``loss_fn(params, example)`` unchanged
+for the first two:
+
+* **Flax linen**: ``nn.Dense`` and ``nn.Conv`` called through
+  ``model.apply({"params": params}, ...)``. Seen through
+  ``flax.linen.intercept_methods``.
+* **Flax NNX**: ``nnx.Linear`` and ``nnx.Conv`` of a module rebuilt from the params
+  inside the loss, ``nnx.merge(graphdef, params)(x)``, with ``graphdef, params =
+  nnx.split(model)`` (or ``nnx.split(model, nnx.Param, ...)`` for models with other
+  state; ``params`` may be the ``nnx.State`` or ``nnx.to_pure_dict(state)``). Seen by
+  wrapping ``nnx.Linear.__call__`` and ``nnx.Conv.__call__`` while jattri traces the
+  loss (:func:`capturing`; the class methods are restored afterwards, and other threads
+  run the original code). A layer is attributed when its kernel IS a leaf of the
+  ``params`` given to the loss (matched by identity, so cast or transform the params
+  after ``merge``, not before, and do not ``jit`` inside the loss).
+* **Plain JAX functions**: the user names a linear layer by computing it with
+  :func:`dense`, ``dense(x, params["fc1"]["w"], params["fc1"]["b"])`` in place of
+  ``x @ params["fc1"]["w"] + params["fc1"]["b"]`` (the same value, and outside jattri
+  the same computation). Its kernel and bias must be leaves of ``params`` (matched by
+  identity, as for NNX).
+
+* Dense / Linear: a_t is the input row; t runs over the leading axes of the call
   (tokens, or the single row of an ``x[None]`` batch).
-* ``nn.Conv``: a_t is the input patch under the kernel at output position t, flattened
+* Conv: a_t is the input patch under the kernel at output position t, flattened
   in the kernel's ``(*kernel_size, in_features)`` order, so that W is the kernel
   reshaped to ``(prod(kernel_size)·in_features, features)`` (Grosse & Martens, 2016,
   "A Kronecker-factored approximate Fisher matrix for convolution layers"). Patches are
@@ -18,33 +38,37 @@ the per-example kernel gradient is then ``Σ_t a_t s_tᵀ`` and the bias gradien
   layers with ``feature_group_count > 1`` or a ``mask`` are not treated as linear
   layers here (they are skipped).
 
-jattri gets them from the user's UNCHANGED ``loss_fn``: the call is wrapped in
-``flax.linen.intercept_methods``; the interceptor records every such call's input and
-adds a zero perturbation δ to its output. The gradient with respect to δ (at δ = 0) is
-``s``. Layer names and shapes are found first with ``jax.eval_shape``.
+Every captured call records its input and adds a zero perturbation δ to its output;
+the gradient with respect to δ (at δ = 0) is ``s``. Layer names and shapes are found
+first with ``jax.eval_shape``.
 
-Layers are named by their module path joined with ``"/"`` (``"fc1"``,
-``"encoder/fc2"``); for the usual ``model.apply({"params": params}, ...)`` this is
-also the key path of the layer's ``{"kernel", "bias"}`` sub-tree in ``params``
-(``layer_params``). A module called several times (weight sharing) has its calls
-concatenated along the position axis.
+Layer names are params paths joined with ``"/"`` (an ``nnx.Variable``'s trailing
+``value`` dropped): a layer whose kernel and bias are the leaves ``P/kernel`` and
+``P/bias`` is named ``P`` (linen: its module path, ``"fc1"``, ``"encoder/fc2"``; NNX:
+its attribute path, ``"linear1"``, ``"layers/0"``); any other layer (plain functions)
+is named by its leaves, ``"fc1/w+fc1/b"`` (kernel + bias) or ``"W1"`` (no bias).
+:func:`layer_keys` resolves a name in a params-like tree. A layer called several times
+(weight sharing) has its calls concatenated along the position axis.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+import contextlib
+import threading
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 PyTree = Any
 
 
 class Layer(NamedTuple):
-    """Static description of one Dense or Conv layer seen while evaluating ``loss_fn``.
+    """Static description of one linear layer seen while evaluating ``loss_fn``.
 
-    name: module path joined by ``"/"``. kind: ``"dense"`` or ``"conv"``.
+    name: see the module docstring. kind: ``"dense"`` or ``"conv"``.
     d_in: input features per position (Conv: prod(kernel_size)·in_features).
     d_out: output features. use_bias: whether the layer has a bias. positions: rows per
     example, summed over calls (T). kernel_shape: shape of the layer's kernel
@@ -52,6 +76,8 @@ class Layer(NamedTuple):
     out_shapes: shape and dtype of the output of each call (for the δ perturbations).
     conv: for Conv, the hashable geometry ``(kernel_size, strides, padding,
     input_dilation, kernel_dilation)`` that rebuilds the patches; ``None`` for Dense.
+    kernel_key, bias_key: the ``"/"``-joined params paths of the kernel and the bias
+    (``None`` without bias), as :func:`leaf_key` writes them.
     """
 
     name: str
@@ -63,10 +89,144 @@ class Layer(NamedTuple):
     kernel_shape: Tuple[int, ...]
     out_shapes: Tuple[Tuple[Tuple[int, ...], Any], ...]
     conv: Any = None
+    kernel_key: str = ""
+    bias_key: Optional[str] = None
 
 
-def _kind(context) -> str:
-    """``"dense"``, ``"conv"`` or ``""`` for an intercepted method call."""
+# ------------------------------------------------------------------ params paths
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_key(path) -> str:
+    """A pytree key path as ``"a/b/c"``; the trailing ``value`` attribute of an
+    ``nnx.Variable`` (``nnx.State`` leaves) is dropped, so an ``nnx.State`` and its
+    pure dict have the same keys."""
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_name(k) for k in keys)
+
+
+def leaf_keys(tree: PyTree) -> List[Tuple[str, Any]]:
+    """``[(leaf_key, leaf)]`` of every leaf of ``tree``, in leaf order."""
+    return [(leaf_key(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def layer_name(kernel_key: str, bias_key: Optional[str]) -> str:
+    """The name of the layer with these leaves (module docstring): ``P`` for
+    ``P/kernel`` (+ ``P/bias``), else ``kernel_key`` or ``kernel_key+bias_key``."""
+    parent, _, leaf = kernel_key.rpartition("/")
+    if leaf == "kernel" and bias_key in (None, _join(parent, "bias")):
+        return parent
+    return kernel_key if bias_key is None else f"{kernel_key}+{bias_key}"
+
+
+def layer_keys(tree: PyTree, name: str) -> Tuple[str, Optional[str]]:
+    """``(kernel_key, bias_key)`` of layer ``name`` in ``tree`` (params, or a pytree
+    like them: gradients, factors); ``bias_key`` is ``None`` when the tree holds no
+    bias for it. Raises ``KeyError`` naming the layer when ``tree`` lacks its kernel."""
+    keys = {k for k, _ in leaf_keys(tree)}
+    if "+" in name:
+        kernel, bias = name.split("+", 1)
+    elif name in keys:
+        kernel, bias = name, None
+    else:
+        kernel, bias = _join(name, "kernel"), _join(name, "bias")
+    if kernel not in keys or (bias is not None and "+" in name and bias not in keys):
+        raise KeyError(f"layer {name!r}: params have no leaf {kernel!r}; params must be the "
+                       "tree the loss computes the layer from (linen: the tree passed to "
+                       "Module.apply as {'params': params})")
+    return kernel, (bias if bias in keys else None)
+
+
+def layer_params(params: PyTree, name: str) -> Dict[str, Any]:
+    """``{"kernel": ..., "bias": ...}`` of layer ``name`` in ``params`` (or a tree like
+    them); no ``"bias"`` entry for a layer without one. ``"encoder/fc1"`` ->
+    ``params["encoder"]["fc1"]``'s leaves; the empty name ``""`` (a bare ``nn.Dense``
+    applied as the whole model) is ``params`` itself. Raises ``KeyError`` naming the
+    layer when ``params`` do not hold it."""
+    kernel, bias = layer_keys(params, name)
+    leaves = dict(leaf_keys(params))
+    out = {"kernel": leaves[kernel]}
+    if bias is not None:
+        out["bias"] = leaves[bias]
+    return out
+
+
+# --------------------------------------------------------------------- capture
+
+class _Call(NamedTuple):
+    """What one captured call says about its layer (static)."""
+    kind: str
+    kernel_shape: Tuple[int, ...]
+    use_bias: bool
+    conv: Any
+    kernel_key: str
+    bias_key: Optional[str]
+
+
+class _Capture:
+    """One evaluation of ``loss_fn(params, ...)``: the linear-layer calls seen.
+
+    ``deltas is None``: discovery, every call's output shape is kept. Otherwise the
+    calls of the layers in ``deltas`` get ``deltas[name][c]`` added to the output of
+    their call c and their inputs are kept; other layers run unchanged."""
+
+    def __init__(self, params: PyTree, deltas: Optional[Dict[str, list]] = None):
+        self.keys = {id(x): k for k, x in leaf_keys(params)}
+        self.deltas = deltas
+        self.calls: Dict[str, list] = {}
+        self.info: Dict[str, _Call] = {}
+        self.unmatched: List[str] = []
+
+    def key_of(self, x) -> Optional[str]:
+        return None if x is None else self.keys.get(id(x))
+
+    def seen(self, name: str, call: _Call, x, out):
+        if self.deltas is None:
+            self.calls.setdefault(name, []).append((tuple(out.shape), out.dtype))
+            self.info[name] = call
+        elif name in self.deltas:
+            inputs = self.calls.setdefault(name, [])
+            if len(inputs) < len(self.deltas[name]):
+                out = out + self.deltas[name][len(inputs)]
+            inputs.append(x)
+        return out
+
+    def seen_by_params(self, what: str, call: _Call, x, out, kernel, bias):
+        """A call identified by its kernel (and bias) leaves of ``params`` (NNX, plain)."""
+        kernel_key, bias_key = self.key_of(kernel), self.key_of(bias)
+        if kernel_key is None or (bias is not None and bias_key is None):
+            self.unmatched.append(what)
+            return out
+        call = call._replace(kernel_key=kernel_key, bias_key=bias_key)
+        return self.seen(layer_name(kernel_key, bias_key), call, x, out)
+
+
+_active = threading.local()  # per thread: the stack of running captures
+_patch_lock = threading.Lock()
+_patch_count = 0
+_originals: Dict[type, Callable] = {}
+
+
+def _current() -> Optional[_Capture]:
+    stack = getattr(_active, "stack", None)
+    return stack[-1] if stack else None
+
+
+# -- Flax linen
+
+def _linen_kind(context) -> str:
+    """``"dense"``, ``"conv"`` or ``""`` for an intercepted linen method call."""
     if context.method_name != "__call__":
         return ""
     module = context.module
@@ -75,10 +235,6 @@ def _kind(context) -> str:
     if isinstance(module, nn.Conv) and module.feature_group_count == 1 and module.mask is None:
         return "conv"
     return ""
-
-
-def _name(module) -> str:
-    return "/".join(str(p) for p in module.path)
 
 
 def _kernel_size(module) -> Tuple[int, ...]:
@@ -96,6 +252,146 @@ def _conv_geometry(module) -> tuple:
             _frozen(module.input_dilation), _frozen(module.kernel_dilation))
 
 
+def _linen_interceptor(next_fun, call_args, kwargs, context):
+    out = next_fun(*call_args, **kwargs)
+    capture, kind = _current(), _linen_kind(context)
+    if capture is None or not kind:
+        return out
+    module, x = context.module, call_args[0]
+    name = "/".join(str(p) for p in module.path)
+    if kind == "dense":
+        kernel, geometry = (int(x.shape[-1]), int(out.shape[-1])), None
+    else:
+        kernel = _kernel_size(module) + (int(x.shape[-1]), int(out.shape[-1]))
+        geometry = _conv_geometry(module)
+    bias = bool(module.use_bias)
+    call = _Call(kind, kernel, bias, geometry, _join(name, "kernel"),
+                 _join(name, "bias") if bias else None)
+    return capture.seen(name, call, x, out)
+
+
+# -- Flax NNX
+
+def _variable_value(v):
+    if v is None:
+        return None
+    return v.get_value() if hasattr(v, "get_value") else v.value
+
+
+def _nnx_call(cls, kind: str) -> Callable:
+    original = _originals[cls]
+
+    def __call__(self, inputs, *args, **kwargs):
+        out = original(self, inputs, *args, **kwargs)
+        capture = _current()
+        if capture is None:
+            return out
+        if kind == "conv" and (self.feature_group_count != 1
+                               or getattr(self, "mask", None) is not None):
+            return out
+        kernel, bias = _variable_value(self.kernel), _variable_value(self.bias)
+        geometry = _conv_geometry(self) if kind == "conv" else None
+        call = _Call(kind, tuple(int(d) for d in kernel.shape), bias is not None, geometry,
+                     "", None)
+        return capture.seen_by_params(f"nnx.{cls.__name__}", call, inputs, out, kernel, bias)
+
+    __call__.__wrapped__ = original
+    return __call__
+
+
+_NNX_LAYERS = ((nnx.Linear, "dense"), (nnx.Conv, "conv"))
+
+
+@contextlib.contextmanager
+def _nnx_patched():
+    """``nnx.Linear.__call__`` / ``nnx.Conv.__call__`` wrapped while any capture runs
+    (reference-counted over threads; the originals are always restored)."""
+    global _patch_count
+    with _patch_lock:
+        if _patch_count == 0:
+            for cls, kind in _NNX_LAYERS:
+                _originals[cls] = cls.__dict__["__call__"]
+                cls.__call__ = _nnx_call(cls, kind)
+        _patch_count += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_count -= 1
+            if _patch_count == 0:
+                for cls, _ in _NNX_LAYERS:
+                    cls.__call__ = _originals.pop(cls)
+
+
+# -- plain functions
+
+def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis of ``x``: a linear layer of a plain-JAX
+    model that K-FAC, EK-FAC and LoGra see.
+
+    Use it inside ``loss_fn(params, example)`` in place of the matrix product, with the
+    kernel ``(d_in, d_out)`` and bias ``(d_out,)`` taken straight from ``params``
+    (``dense(h, params["fc1"]["w"], params["fc1"]["b"])``): jattri finds the layer by
+    these leaves and names it by their paths (``"fc1/w+fc1/b"``; ``"fc1"`` when they
+    are ``fc1/kernel`` and ``fc1/bias``). Outside jattri it is just the product.
+
+    Args:
+      x: ``(..., d_in)``. kernel: ``(d_in, d_out)``. bias: ``(d_out,)`` or ``None``.
+    Returns:
+      ``(..., d_out)``.
+    """
+    if np.ndim(kernel) != 2 or (bias is not None and np.shape(bias) != np.shape(kernel)[1:]):
+        raise ValueError(f"dense: kernel must be (d_in, d_out) and bias (d_out,), got "
+                         f"{np.shape(kernel)} and {None if bias is None else np.shape(bias)}")
+    out = jnp.tensordot(x, kernel, axes=1)
+    if bias is not None:
+        out = out + bias
+    capture = _current()
+    if capture is None:
+        return out
+    call = _Call("dense", tuple(int(d) for d in np.shape(kernel)), bias is not None, None,
+                 "", None)
+    return capture.seen_by_params("jattri.func.layers.dense", call, x, out, kernel, bias)
+
+
+@contextlib.contextmanager
+def capturing(params: PyTree, deltas: Optional[Dict[str, list]] = None):
+    """Within the block, linen Dense/Conv, NNX Linear/Conv and :func:`dense` calls of a
+    loss of ``params`` are recorded (and perturbed by ``deltas``): yields the
+    ``_Capture``. Used by :func:`linear_layers` and :func:`perturbed_loss`."""
+    capture = _Capture(params, deltas)
+    stack = getattr(_active, "stack", None)
+    if stack is None:
+        stack = _active.stack = []
+    stack.append(capture)
+    try:
+        with _nnx_patched(), nn.intercept_methods(_linen_interceptor):
+            yield capture
+    finally:
+        stack.pop()
+
+
+SUPPORTED = ("K-FAC/EK-FAC and LoGra see Flax linen nn.Dense / nn.Conv called through "
+             "Module.apply({'params': params}, ...), Flax NNX nnx.Linear / nnx.Conv of "
+             "nnx.merge(graphdef, params) with the params passed to the loss, and, in "
+             "plain-JAX models, the layers the loss computes with "
+             "jattri.func.layers.dense(x, params[...]['w'], params[...]['b']) in place of "
+             "x @ w + b")
+
+
+def no_layers_error(fn_name: str, method: str, unmatched: tuple = ()) -> ValueError:
+    """The error for a loss in which no linear layer was found (what is supported,
+    and how a plain-function model names its layers)."""
+    extra = ""
+    if unmatched:
+        extra = (f" ({len(unmatched)} call(s) of {sorted(set(unmatched))} were skipped: "
+                 "their kernel is not a leaf of the params passed to the loss; pass the "
+                 "params leaves themselves, not a cast or transformed copy, and do not "
+                 "jit inside the loss)")
+    return ValueError(f"`{fn_name}` calls no linear layer that {method} can attribute "
+                      f"through{extra}. {SUPPORTED}.")
+
+
 def _conv_patches(geometry: tuple, x: jax.Array) -> jax.Array:
     """``(..., *out_spatial, prod(kernel_size)·in_features)``: the input patch under the
     kernel at every output position, by a Flax convolution of the layer's geometry with
@@ -110,46 +406,51 @@ def _conv_patches(geometry: tuple, x: jax.Array) -> jax.Array:
     return probe.apply({"params": {"kernel": eye}}, x)
 
 
+def _discover(loss_fn: Callable, params: PyTree, example: PyTree, *args) -> _Capture:
+    found = []
+
+    def run(p, z, *rest):
+        with capturing(p) as capture:
+            found.append(capture)
+            return loss_fn(p, z, *rest)
+
+    jax.eval_shape(run, params, example, *args)
+    return found[0]
+
+
+def _layers_of(capture: _Capture) -> Dict[str, Layer]:
+    out = {}
+    for name, shapes in capture.calls.items():
+        call = capture.info[name]
+        kernel = call.kernel_shape
+        positions = sum(int(np.prod(s[:-1], dtype=np.int64)) for s, _ in shapes)
+        out[name] = Layer(name, call.kind, int(np.prod(kernel[:-1])), kernel[-1],
+                          call.use_bias, positions, kernel, tuple(shapes), call.conv,
+                          call.kernel_key, call.bias_key)
+    return out
+
+
 def linear_layers(loss_fn: Callable, params: PyTree, example: PyTree,
                   *args) -> Dict[str, Layer]:
-    """Discover the Dense and Conv layers that ``loss_fn(params, example, *args)`` calls.
+    """Discover the linear layers (module docstring) that ``loss_fn(params, example,
+    *args)`` calls.
 
     Abstract evaluation only (``jax.eval_shape``): nothing is computed.
 
     Returns:
       ``{name: Layer}`` in call order; empty if the loss calls no such layer.
     """
-    calls: Dict[str, list] = {}
-    info: Dict[str, tuple] = {}
+    return _layers_of(_discover(loss_fn, params, example, *args))
 
-    def interceptor(next_fun, call_args, kwargs, context):
-        out = next_fun(*call_args, **kwargs)
-        kind = _kind(context)
-        if kind:
-            module, x = context.module, call_args[0]
-            name = _name(module)
-            calls.setdefault(name, []).append((tuple(out.shape), out.dtype))
-            if kind == "dense":
-                kernel, geometry = (int(x.shape[-1]), int(out.shape[-1])), None
-            else:
-                kernel = _kernel_size(module) + (int(x.shape[-1]), int(out.shape[-1]))
-                geometry = _conv_geometry(module)
-            info[name] = (kind, kernel, bool(module.use_bias), geometry)
-        return out
 
-    def run(p, z, *rest):
-        with nn.intercept_methods(interceptor):
-            return loss_fn(p, z, *rest)
-
-    jax.eval_shape(run, params, example, *args)
-    out = {}
-    for name, shapes in calls.items():
-        kind, kernel, bias, geometry = info[name]
-        positions = sum(int(np.prod(s[:-1], dtype=np.int64)) for s, _ in shapes)
-        d_in = int(np.prod(kernel[:-1]))
-        out[name] = Layer(name, kind, d_in, kernel[-1], bias, positions, kernel,
-                          tuple(shapes), geometry)
-    return out
+def find_layers(loss_fn: Callable, params: PyTree, example: PyTree, *args,
+                fn_name: str = "loss_fn", method: str = "K-FAC/EK-FAC") -> Dict[str, Layer]:
+    """:func:`linear_layers`, raising :func:`no_layers_error` when there are none."""
+    capture = _discover(loss_fn, params, example, *args)
+    layers = _layers_of(capture)
+    if not layers:
+        raise no_layers_error(fn_name, method, tuple(capture.unmatched))
+    return layers
 
 
 def perturbed_loss(loss_fn: Callable, params: PyTree, example: PyTree, args: tuple,
@@ -161,22 +462,9 @@ def perturbed_loss(loss_fn: Callable, params: PyTree, example: PyTree, args: tup
     layer in ``deltas`` (turn them into rows with ``input_rows``). Differentiating the
     loss with respect to ``deltas`` at zero gives the output gradients ``s``.
     """
-    inputs: Dict[str, list] = {}
-
-    def interceptor(next_fun, call_args, kwargs, context):
-        out = next_fun(*call_args, **kwargs)
-        if _kind(context):
-            name = _name(context.module)
-            if name in deltas:
-                seen = inputs.setdefault(name, [])
-                if len(seen) < len(deltas[name]):
-                    out = out + deltas[name][len(seen)]
-                seen.append(call_args[0])
-        return out
-
-    with nn.intercept_methods(interceptor):
+    with capturing(params, deltas) as capture:
         loss = loss_fn(params, example, *args)
-    return loss, inputs
+    return loss, capture.calls
 
 
 def input_rows(layer: Layer, calls: list) -> jax.Array:
@@ -206,15 +494,16 @@ def layer_inputs(loss_fn: Callable, params: PyTree, example: PyTree, *args,
 
 def layer_io(loss_fn: Callable, params: PyTree, example: PyTree, *args,
              layers: Dict[str, Layer] = None) -> Dict[str, Tuple[jax.Array, jax.Array]]:
-    """Inputs ``a`` and output gradients ``s`` of every Dense/Conv layer, for ONE example.
+    """Inputs ``a`` and output gradients ``s`` of every linear layer, for ONE example.
 
     For a layer ``y_t = a_t W + b`` at positions t = 1..T:
     ``∂loss/∂W = Σ_t a_t s_tᵀ`` (Conv: reshaped to the kernel's shape) and
     ``∂loss/∂b = Σ_t s_t``.
 
     Args:
-      loss_fn: ``loss_fn(params, example, *args) -> scalar`` (the user's function,
-        unchanged; any ``nn.Dense``/``nn.Conv`` it calls through ``Module.apply`` is seen).
+      loss_fn: ``loss_fn(params, example, *args) -> scalar`` (the user's function: its
+        linen ``nn.Dense``/``nn.Conv``, NNX ``nnx.Linear``/``nnx.Conv`` and
+        :func:`dense` layers are seen, module docstring).
       params: the params pytree passed to ``loss_fn``.
       example: one unbatched example. args: extra arguments of ``loss_fn``.
       layers: the result of ``linear_layers`` (recomputed when omitted).
@@ -233,21 +522,3 @@ def layer_io(loss_fn: Callable, params: PyTree, example: PyTree, *args,
         s = jnp.concatenate([g.reshape(-1, layer.d_out) for g in grads[name]], axis=0)
         out[name] = (input_rows(layer, inputs[name]), s)
     return out
-
-
-def layer_params(params: PyTree, name: str) -> PyTree:
-    """The params sub-tree of layer ``name`` (``"encoder/fc1"`` -> ``params["encoder"]["fc1"]``).
-
-    The empty name ``""`` (a bare ``nn.Dense`` applied as the whole model) is ``params``
-    itself. Raises ``KeyError`` naming the layer when ``params`` is not laid out by
-    module path.
-    """
-    node = params
-    for key in [k for k in name.split("/") if k]:
-        try:
-            node = node[key]
-        except (KeyError, TypeError, IndexError) as err:
-            raise KeyError(f"layer {name!r}: params has no entry {key!r} on its path; "
-                           "params must be the tree passed to Module.apply as "
-                           "{'params': params}") from err
-    return node

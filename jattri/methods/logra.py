@@ -1,7 +1,7 @@
 """LoGra (Choe et al., 2024, "What is Your Data Worth to GPT? LLM-Scale Data Valuation
 with Influence Functions").
 
-For every Dense or Conv layer ℓ (y = a W + b; Conv: a = the input patch) the per-example
+For every linear layer ℓ (y = a W + b; Conv: a = the input patch) the per-example
 gradient is G_ℓ = Σ_τ ã_τ ⊗ s_τ, with ã = [a, 1] (the bias as a constant input) and
 s = ∂loss/∂y. LoGra projects it by the Kronecker product of two small random
 projections without ever forming it,
@@ -16,8 +16,10 @@ and scores with the damped empirical Fisher of each layer in that projected spac
 (jattri's orientation: positive = i lowers the target on t) under a block-diagonal
 (per-layer) Fisher. λ_ℓ = ``damping`` × tr(F_ℓ)/dim(F_ℓ), relative like TRAK's, so one
 default fits every layer's gradient scale. Layer inputs and output gradients come
-hook-free from ``jattri.func.layers`` (Flax ``intercept_methods``); only ``nn.Dense`` and
-``nn.Conv`` layers are attributed through (other parameters are left out, as in LoGra).
+hook-free from ``jattri.func.layers``; only linear layers are attributed through (other
+parameters are left out, as in LoGra): Flax linen ``nn.Dense`` / ``nn.Conv``, Flax NNX
+``nnx.Linear`` / ``nnx.Conv`` of ``nnx.merge(graphdef, params)`` inside the loss, and in a
+plain-JAX model the products written ``jattri.func.layers.dense(x, w, b)``.
 
 Stages: ``cache`` streams the training set once, keeping φ ``(n, M, K)`` and the
 undamped Fisher blocks F_ℓ; ``attribute`` projects the test gradients, preconditions
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
-from jattri.func.layers import layer_io, linear_layers
+from jattri.func.layers import find_layers, layer_io
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      kronecker_projection)
 from jattri.methods import _common
@@ -181,9 +183,15 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     """LoGra influence: Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,t, mean over members.
 
     Args:
-      task: a :class:`jattri.Task` or a ``loss_fn(params, example)``; the loss must call
-        Flax ``nn.Dense`` / ``nn.Conv`` layers through ``Module.apply`` (they are found
-        by ``jattri.func.layers``).
+      task: a :class:`jattri.Task` or a ``loss_fn(params, example)`` whose linear layers
+        are found by ``jattri.func.layers``, with the user's code unchanged for Flax:
+        linen ``nn.Dense`` / ``nn.Conv`` called through ``model.apply({"params":
+        params}, x)``; NNX ``nnx.Linear`` / ``nnx.Conv`` of a module rebuilt inside the
+        loss, ``nnx.merge(graphdef, params)(x)`` with ``graphdef, params =
+        nnx.split(model)`` (params: the ``nnx.State`` or ``nnx.to_pure_dict(state)``). In a
+        plain-JAX model, name each linear layer by computing it as
+        ``jattri.func.layers.dense(x, params["fc1"]["w"], params["fc1"]["b"])`` instead
+        of ``x @ w + b`` (same value; the kernel and bias must be leaves of ``params``).
       proj_dim_in, proj_dim_out: k_in, k_out of the Kronecker factors P_in
         ``(d_in + 1, k_in)`` and P_out ``(d_out, k_out)`` of every layer; ``None`` is the
         identity on that side (both ``None``: exact per-layer gradients).
@@ -192,7 +200,9 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
       key: PRNG key (member m, layer ℓ: ``fold_in(fold_in(key, m), ℓ)``); default
         ``PRNGKey(0)``.
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` for both factors.
-      layers: names of the Dense/Conv layers to use (default: all, in call order).
+      layers: names of the layers to use (default: all, in call order): linen module
+        paths (``"fc1"``), NNX attribute paths (``"layers/0"``), plain layers by their
+        leaves (``"fc1/w+fc1/b"``); ``jattri.func.linear_layers`` lists them.
       chunk_size: examples per compiled step (default: 256 MiB of d-float gradients);
         proj_chunk_size: input coordinates projected at a time.
 
@@ -218,15 +228,13 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
 
     def discover(members, data, target):
         fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
-        found = linear_layers(fn, _row_spec(members.params), _example_spec(data),
-                              jax.ShapeDtypeStruct((), jnp.int32), _row_spec(members.aux))
-        if not found:
-            raise ValueError(f"`{name}` calls no flax.linen.Dense or Conv layer: LoGra "
-                             "attributes through those layers only")
+        found = find_layers(fn, _row_spec(members.params), _example_spec(data),
+                            jax.ShapeDtypeStruct((), jnp.int32), _row_spec(members.aux),
+                            fn_name=name, method="LoGra")
         names = list(found) if wanted is None else list(wanted)
         missing = [w for w in names if w not in found]
         if missing:
-            raise ValueError(f"`layers` names {missing}, not Dense/Conv layers of `{name}`; "
+            raise ValueError(f"`layers` names {missing}, not linear layers of `{name}`; "
                              f"found {list(found)}")
         return tuple(found[w] for w in names)
 
@@ -235,7 +243,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         if target and not task.target_is_loss:
             shape = lambda ls: [(l.name, l.kind, l.d_in, l.d_out, l.use_bias) for l in ls]
             if shape(specs) != shape(discover(members, data, False)):
-                raise ValueError("`target_fn` must use the same Dense/Conv layers as "
+                raise ValueError("`target_fn` must use the same linear layers as "
                                  "`loss_fn`")
         return (specs, proj_dim_in, proj_dim_out, projection, proj_chunk_size)
 
