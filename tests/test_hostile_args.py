@@ -203,7 +203,7 @@ def test_state_of_another_method_is_refused(problem):
     (lambda: jattri.trak(loss, proj_dim=8), lambda: jattri.trak(loss, proj_dim=8,
      key=jax.random.PRNGKey(1)), "cached with key="),
     (lambda: jattri.trak(loss, proj_dim=8), lambda: jattri.trak(loss, proj_dim=8,
-     projection="sjlt"), "cached with projection='gaussian'; this trak has "
+     projection="sjlt"), "cached with projection='auto'; this trak has "
                          "projection='sjlt'"),
     (lambda: jattri.logra(loss, proj_dim_in=2), lambda: jattri.logra(loss, proj_dim_in=3),
      "cached with proj_dim_in=2"),
