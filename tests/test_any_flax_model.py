@@ -103,7 +103,8 @@ def test_logra_same_scores(proj):
     cases, train, test = _models()
     dims = dict(proj_dim_in=None, proj_dim_out=None) if proj is None else dict(
         proj_dim_in=proj[0], proj_dim_out=proj[1])
-    make = lambda loss: jattri.logra(loss, damping=0.1, key=jax.random.PRNGKey(3), **dims)
+    make = lambda loss: jattri.logra(loss, damping=0.1, key=jax.random.PRNGKey(3),
+                                    projection="rademacher", **dims)
     _assert_same(_scores(make, cases, train, test))
 
 
@@ -149,3 +150,27 @@ def test_no_layers_error_says_what_is_supported():
     cast = lambda p, z: _xent(dense(z[0], p["w"] * 1.0), z[1])
     with pytest.raises(ValueError, match="not a leaf of the params"):
         jattri.influence_ekfac(cast).cache(params, train)
+
+
+def test_plain_params_outside_layers_get_the_diagonal_fisher():
+    """Leaves the loss uses outside ``dense`` (a temperature) get E[g²]; layer leaves 0."""
+    cases, train, _ = _models()
+    _, plain = cases[2]
+    params = {"net": plain, "temperature": jnp.array(1.5, jnp.float64)}
+
+    def loss(p, z):
+        h = jax.nn.relu(dense(z[0], p["net"]["fc1"]["w"], p["net"]["fc1"]["b"]))
+        h = jnp.tanh(dense(h, p["net"]["fc2"]["w"], p["net"]["fc2"]["b"]))
+        return _xent(dense(h, p["net"]["fc3"]["w"], p["net"]["fc3"]["b"]) / p["temperature"],
+                     z[1])
+
+    factors = jattri.func.ekfac_factors(loss, params, train)
+    assert sorted(factors.layers) == ["net/fc1/w+net/fc1/b", "net/fc2/w+net/fc2/b",
+                                      "net/fc3/w+net/fc3/b"]
+    g = jax.vmap(jax.grad(loss), (None, 0))(params, train)["temperature"]
+    np.testing.assert_allclose(factors.diag["temperature"], np.mean(g ** 2), rtol=1e-10)
+    assert all(not np.any(x) for x in jax.tree_util.tree_leaves(factors.diag["net"]))
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    out = jattri.func.ekfac_ihvp(factors, v, 1e-3)
+    np.testing.assert_allclose(out["temperature"], 1.0 / (np.mean(g ** 2) + 1e-3), rtol=1e-10)
+    assert out["net"]["fc1"]["w"].shape == plain["fc1"]["w"].shape
