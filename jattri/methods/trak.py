@@ -135,6 +135,18 @@ def _self_tile(config, inverse, chunk):
     return jnp.einsum("bmk,mkl,bml->b", phi, inverse, right) / phi.shape[1] * q
 
 
+@jax.jit
+def _solve(kernel, damping, phi_t):
+    """``(M, k, n_test)`` (Φ_mᵀΦ_m + λ_m I)⁻¹ φ_t,m: one compiled program for any
+    damping (eagerly it was ten small compilations on a first call)."""
+    return jnp.linalg.solve(damped_kernel(kernel, damping), jnp.transpose(phi_t, (1, 2, 0)))
+
+
+@jax.jit
+def _inverse(kernel, damping):
+    return jnp.linalg.inv(damped_kernel(kernel, damping))
+
+
 def damped_kernel(kernel: jax.Array, damping) -> jax.Array:
     """Φ_mᵀΦ_m + λ_m I with λ_m = damping · tr(Φ_mᵀΦ_m) / k, for every member."""
     k = kernel.shape[-1]
@@ -223,8 +235,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         phi_t = test_phi(state, test)  # (n_test, M, k)
-        solved = jnp.linalg.solve(damped_kernel(state.kernel, damping),
-                                  jnp.transpose(phi_t, (1, 2, 0)))  # (M, k, n_test)
+        solved = _solve(state.kernel, damping, phi_t)  # (M, k, n_test)
         rows = (state.phi, state.q)
         n_test = phi_t.shape[0]
         return engine.score(_tile, None, (solved, state.members.num), rows,
@@ -234,7 +245,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 1e-2,
     def self_attribute(state: TrakState, *, train=None, damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
         _checks.real(damping, "damping", low=0)
-        inverse = jnp.linalg.inv(damped_kernel(state.kernel, damping))
+        inverse = _inverse(state.kernel, damping)
         right = (state.phi if task.target_is_loss else
                  test_phi(state, _common.train_for(state.train, train)))
         rows = (state.phi, state.q, right)
