@@ -1111,8 +1111,13 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
     ``damping`` or ``attribute(..., damping=...)``: a new damping never refits.
 
     Args:
-      task: a Task or a loss (it must call ``nn.Dense`` / ``nn.Conv`` through
-        ``Module.apply`` with ``{"params": params}``). damping: λ ≥ 0 (directions with
+      task: a Task or a loss. Its linear layers are found by ``jattri.func.layers``:
+        Flax linen ``nn.Dense`` / ``nn.Conv`` through ``model.apply({"params": params},
+        x)``, or Flax NNX ``nnx.Linear`` / ``nnx.Conv`` of ``nnx.merge(graphdef,
+        params)(x)`` inside the loss (params: the ``nnx.State`` from
+        ``nnx.split(model)`` or ``nnx.to_pure_dict(state)``), both unchanged; in a
+        plain-JAX model, write each linear layer as ``jattri.func.dense(x,
+        params["fc1"]["w"], params["fc1"]["b"])`` instead of ``x @ w + b``. damping: λ ≥ 0 (directions with
         zero curvature and λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or
         K-FAC. curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"``
         (Gauss-Newton). chunk_size: examples per chunk. relatif: ``None``, ``"l"``,
