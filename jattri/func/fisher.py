@@ -314,6 +314,21 @@ def ekfac_eigenbasis(cov: EKFACCovariances, n) -> tuple:
             {k: e[0] for k, e in ea.items()}, {k: e[0] for k, e in es.items()})
 
 
+def _rotated_grads(a: jax.Array, s: jax.Array, qa: jax.Array, qs: jax.Array) -> jax.Array:
+    """``(n, d_in + b, d_out)`` Q_Aᵀ G_i Q_S of the per-example gradients
+    G_i = Σ_t a_t s_tᵀ, in the cheaper of two exact orders (static shapes):
+    rotate the T rows first, Σ_t (Q_Aᵀa_t)(Q_Sᵀs_t)ᵀ, at T·(i² + o² + i·o) flops per
+    example; or form G_i first, at T·i·o + i·o·(i + o). One position (T = 1, an MLP or
+    an LR on 785 inputs and 10 classes): the first is 10× cheaper."""
+    t, i, o = a.shape[1], a.shape[2], s.shape[2]
+    if t * (i * i + o * o + i * o) <= t * i * o + i * o * (i + o):
+        u = jnp.einsum("nti,ij->ntj", a, qa)
+        v = jnp.einsum("nto,ok->ntk", s, qs)
+        return jnp.einsum("ntj,ntk->njk", u, v)
+    g = jnp.einsum("nti,nto->nio", a, s)  # per-example [kernel; bias] gradients
+    return jnp.einsum("ij,nik->njk", qa, jnp.einsum("nio,ok->nik", g, qs))
+
+
 def ekfac_eigenvalue_sums(loss: Callable, params: PyTree, aux: PyTree, chunk, layers: tuple,
                           qa: Dict[str, jax.Array], qs: Dict[str, jax.Array],
                           curvature: str = "empirical") -> Dict[str, jax.Array]:
@@ -330,9 +345,7 @@ def ekfac_eigenvalue_sums(loss: Callable, params: PyTree, aux: PyTree, chunk, la
             hq = jnp.einsum("ntauc,ak,ck->ntuk", s, qs[name], qs[name])  # (size, T, T, d_out)
             out[name] = jnp.einsum("n,ntj,nuj,ntuk->jk", w, u, u, hq)
         else:
-            g = jnp.einsum("nti,nto->nio", a, s)  # per-example [kernel; bias] gradients
-            rot = jnp.einsum("ij,nio,ok->njk", qa[name], g, qs[name])
-            out[name] = jnp.einsum("n,njk->jk", w, rot ** 2)
+            out[name] = jnp.einsum("n,njk->jk", w, _rotated_grads(a, s, qa[name], qs[name]) ** 2)
     return out
 
 
