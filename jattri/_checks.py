@@ -70,7 +70,10 @@ def check_params(params: PyTree, name: str) -> None:
     if not leaves:
         raise ValueError(f"`{name}` holds no arrays")
     for leaf in leaves:
-        dtype = jax.numpy.result_type(leaf)
+        try:
+            dtype = jax.numpy.result_type(leaf)
+        except TypeError:  # not an array (a string, an object)
+            dtype = np.asarray(leaf).dtype
         if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
             raise TypeError(f"`{name}` has a leaf of dtype {dtype}; parameters must be "
                             "floating point (float32, float64, bfloat16 or float16)")

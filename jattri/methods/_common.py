@@ -266,7 +266,8 @@ def provenance(method: str, hyper_: tuple, members: Optional[Members], train: An
     """The :class:`Provenance` of a state cached on ``members`` and ``train``."""
     if train is not None and not engine.is_stream(train):
         n = engine.num_examples(train)
-    return Provenance(method, hyper_, fingerprint(members), None if n is None else int(n))
+    return Provenance(method, hyper_, jnp.asarray(fingerprint(members)),
+                      None if n is None else int(n))
 
 
 def check_state(state: Any, cls: type, method: str, hyper_: tuple, *,
