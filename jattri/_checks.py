@@ -18,6 +18,15 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def physical_memory():
+    """Bytes of physical memory of this machine, or ``None`` where unknown."""
+    import os
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def num_examples(data: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(data)
     return int(np.shape(leaves[0])[0])

@@ -43,11 +43,8 @@ def _chunk_budget() -> int:
             raise ValueError(f"JATTRI_CHUNK_BYTES must be a positive number of bytes, got "
                              f"{text!r}")
         budget = int(text)
-    try:
-        budget = min(budget, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return max(budget, 1)
+    total = _checks.physical_memory()
+    return max(budget if total is None else min(budget, total // 8), 1)
 
 
 #: Bytes of per-example gradients one chunk may hold when ``chunk_size`` is not given
@@ -394,14 +391,13 @@ def _trim(outs, n):
 
 
 def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
-         size: int, *, progress: Optional[Callable[[int], None]] = None) -> tuple:
+         size: int) -> tuple:
     """Run ``step(config, args, carry, chunk) -> (carry, out)`` over every chunk of
     ``data`` (a pytree in memory, or a :class:`Stream`).
 
     ``out`` is a pytree of per-example arrays with leading axis ``size``; they come
     back concatenated over the dataset and trimmed to n (``None`` leaves nothing).
-    Returns ``(carry, outs, n)``. ``progress(n_done)`` is called after each chunk of
-    a stream.
+    Returns ``(carry, outs, n)``. Inside :class:`progress` every chunk is reported.
     """
     with _stage(step, num_examples(data), args, carry, data) as stage:
         if not is_stream(data):
@@ -415,8 +411,6 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
             carry, out = _step_jit(step, config, args, carry, chunk)
             outs.append(jax.tree_util.tree_map(lambda y, c=count: y[:c], out))
             n += count
-            if progress is not None:
-                progress(n)
             if stage is not None:
                 jax.block_until_ready(carry)
                 stage.update(n)

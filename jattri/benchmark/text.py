@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jattri.benchmark import digits
 from jattri.models import NanoGPT
 
 
@@ -179,14 +180,6 @@ def block_losses(cfg: TextConfig, params_stack, blocks):
                                                           jnp.asarray(blocks, jnp.int32))
 
 
-def lds_subsets(cfg: TextConfig) -> np.ndarray:
-    """``(num_subsets, m)`` sorted random subsets of the training indices."""
-    rng = np.random.default_rng(cfg.lds_seed)
-    m = int(round(cfg.subset_fraction * cfg.n_train))
-    return np.stack([np.sort(rng.choice(cfg.n_train, m, replace=False))
-                     for _ in range(cfg.num_subsets)]).astype(np.int32)
-
-
 def compute(cfg: TextConfig, progress=None) -> dict:
     """Train everything the setting needs; returns numpy arrays (the cache content),
     with the keys of :func:`jattri.benchmark.digits.compute` (``full``, ``half``,
@@ -199,7 +192,7 @@ def compute(cfg: TextConfig, progress=None) -> dict:
     say(f"training {cfg.num_full} full models")
     full_idx = np.tile(np.arange(cfg.n_train, dtype=np.int32), (cfg.num_full, 1))
     full = train_models(cfg, train, full_idx, np.arange(cfg.num_full))
-    subsets = lds_subsets(cfg)
+    subsets = digits.lds_subsets(cfg)  # the same fields: lds_seed, subset_fraction, ...
     S, K = cfg.num_subsets, cfg.num_seeds
     say(f"training {S * K} models for LDS ({S} subsets x {K} seeds, vmapped)")
     half = train_models(cfg, train, np.repeat(subsets, K, axis=0), 1000 + np.arange(S * K))

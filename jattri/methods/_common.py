@@ -112,12 +112,8 @@ def check_fits(nbytes: int, what: str, argument: str) -> None:
     """Refuse, before allocating, an array larger than this machine's physical
     memory (a typo such as ``proj_dim=10**6`` would otherwise end in an allocator
     error deep inside XLA)."""
-    import os
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    if nbytes > total:
+    total = _checks.physical_memory()
+    if total is not None and nbytes > total:
         raise ValueError(f"{what} would take {nbytes / 2**30:.1f} GiB, more than this "
                          f"machine's {total / 2**30:.1f} GiB of memory: reduce `{argument}`")
 
