@@ -398,7 +398,11 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
     ``out`` is a pytree of per-example arrays with leading axis ``size``; they come
     back concatenated over the dataset and trimmed to n (``None`` leaves nothing).
     Returns ``(carry, outs, n)``. Inside :class:`progress` every chunk is reported.
+    Inside :func:`jattri.resumable` the stage is written to disk as it runs.
     """
+    from jattri import _resume
+    if _resume.active():
+        return _resume.scan(step, config, args, carry, data, int(size))
     with _stage(step, num_examples(data), args, carry, data) as stage:
         if not is_stream(data):
             carry, outs = _scan_jit(step, config, args, carry, data, int(size),
@@ -540,6 +544,9 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
     output is the only copy held (a stream concatenates its chunks' outputs at the
     end: twice the output, briefly).
     """
+    from jattri import _resume
+    if _resume.active():
+        return _resume.per_example(fn, fn_config, args, rows, int(size), axis=axis)
     with _stage(fn, num_examples(rows), args, rows) as stage:
         if is_stream(rows):
             parts, done = [], 0
