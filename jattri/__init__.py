@@ -16,7 +16,8 @@ from jattri import _compile_cache
 _compile_cache.enable()  # JAX's persistent compilation cache (JATTRI_COMPILE_CACHE=0: off)
 
 from jattri import func, metrics  # noqa: E402
-from jattri.engine import Progress, Stream, TopK, progress, stream
+from jattri.engine import Progress, Stream, TopK, progress, shard, stream
+from jattri._resume import resumable
 from jattri.task import Members, Task, checkpoints
 from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
                             influence_explicit, trak)
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attributor", "Members", "Progress", "Stream", "Task", "TopK", "checkpoints", "ensemble",
-    "func", "progress",
+    "func", "progress", "shard", "resumable",
     "interop", "metrics", "models", "plot", "stream",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
     "tracin", "rps", "knn_shapley", "logra",
