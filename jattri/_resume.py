@@ -191,7 +191,7 @@ def _run(step, named, config, args, carry, data, size, axis):
         chunks, done = progress["chunks"], progress["done"]
         if chunks:
             carry = stage.load_carry(progress, carry_spec, carry)
-        for i, chunk, count in _chunks(data, size, skip=chunks):
+        for i, chunk, count in _chunks(data, size, chunks, done, stage.path):
             carry, out = engine._step_jit(step, config, args, carry, chunk)
             outs.write(out, done, count, n)
             done += count
@@ -206,14 +206,25 @@ def _run(step, named, config, args, carry, data, size, axis):
         return carry, outs.read(done), done
 
 
-def _chunks(data, size, skip):
-    """``(i, Chunk, count)`` for chunks ``skip, skip + 1, ...``: a stream's from
-    :func:`engine.stream_chunks` (the skipped ones read, not computed), an in-memory
-    set's sliced the same way (padded at the end, positions from the dataset)."""
+def _chunks(data, size, skip, done, where):
+    """``(i, Chunk, count)`` for chunks ``skip, skip + 1, ...`` (the first ``skip`` hold
+    the ``done`` examples finished before): a stream's from :func:`engine.stream_chunks`
+    (the skipped ones read, not computed), an in-memory set's sliced the same way
+    (padded at the end, positions from the dataset)."""
     if engine.is_stream(data):
+        skipped = 0
         for i, (chunk, count) in enumerate(engine.stream_chunks(data, size)):
-            if i >= skip:
-                yield i, chunk, count
+            if i < skip:
+                skipped += count
+                continue
+            if i == skip and skipped != done:
+                break
+            yield i, chunk, count
+        if skipped != done:
+            raise ValueError(f"jattri.resumable: {where} finished {done} examples of this "
+                             f"stream, but the stream now has {skipped} in those chunks: "
+                             "it is not the stream the stage began with. Use another "
+                             "directory, or delete this stage's directory to redo it")
         return
     n = _checks.num_examples(data)
     for i in range(skip, -(-n // size)):

@@ -240,3 +240,32 @@ def test_stage_inside_jit_runs_as_usual(tmp_path):
         got = total(2.0)
     np.testing.assert_allclose(got, 2.0 * np.asarray(train[0]).sum(0), rtol=1e-5)
     assert not list(tmp_path.iterdir())
+
+
+def test_ekfac_stages_each_resume_and_other_damping_is_refused(tmp_path):
+    """EK-FAC's covariance and eigenvalue passes are stages of their own; another
+    damping reuses them and is refused where it enters (the test side's args)."""
+    import flax.linen as nn
+
+    model = nn.Dense(3)
+    train = _data(20)
+    params = model.init(jax.random.PRNGKey(1), train[0][:1])["params"]
+
+    def dense_loss(p, z):
+        logits = model.apply({"params": p}, z[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, z[1])
+
+    test = jax.tree_util.tree_map(lambda a: a[:4], train)
+    attr = jattri.influence_ekfac(dense_loss, damping=1e-3, chunk_size=8)
+    with jattri.resumable(tmp_path):
+        scores = attr.attribute(attr.cache(params, train), test)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000-ekfac-covariance", "001-ekfac-eigenvalue", "002-test-side", "003-score"]
+    np.testing.assert_allclose(scores, attr.attribute(attr.cache(params, train), test),
+                               rtol=1e-5, atol=1e-5 * np.abs(scores).max())
+    before = _files(tmp_path)
+    other = jattri.influence_ekfac(dense_loss, damping=1e-2, chunk_size=8)
+    with jattri.resumable(tmp_path), pytest.raises(
+            ValueError, match=r"002-test-side .* args\.leaves\[\d+\] differs \(saved 0\.001, now 0\.01\)"):
+        other.attribute(other.cache(params, train), test)
+    assert _files(tmp_path) == before
