@@ -54,11 +54,26 @@ def check_data(data: PyTree, name: str) -> int:
                          f"axis sizes {sizes})")
     if sizes[0] == 0:
         raise ValueError(f"`{name}` has no examples (leading axis of size 0)")
-    for leaf in leaves:
-        if _is_concrete(leaf) and np.issubdtype(np.asarray(leaf).dtype, np.inexact):
-            if not np.all(np.isfinite(np.asarray(leaf))):
-                raise ValueError(f"`{name}` contains NaN or inf")
+    floating = [x for x in leaves if _is_concrete(x)
+                and np.issubdtype(_dtype(x), np.inexact)]
+    host = [x for x in floating if not _spread(x)]
+    spread = [x for x in floating if _spread(x)]
+    # arrays spread over devices or hosts are checked where they are, in one compiled
+    # reduction: nothing is gathered
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in host) or (
+            spread and not bool(_all_finite(spread))):
+        raise ValueError(f"`{name}` contains NaN or inf")
     return int(sizes[0])
+
+
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _spread(x) -> bool:
+    """Whether ``x`` is a ``jax.Array`` on more than one device (or on other hosts)."""
+    return isinstance(x, jax.Array) and (len(x.sharding.device_set) > 1
+                                         or not x.is_fully_addressable)
 
 
 def check_like(data: PyTree, ref: PyTree, name: str, ref_name: str) -> None:

@@ -167,19 +167,152 @@ def _pad_rows(x, size):
     return xp.concatenate([x, xp.repeat(x[:1], size - n, axis=0)])
 
 
-def _stacked_chunks(data: PyTree, size: int) -> tuple:
-    """The in-memory dataset as ``(n_chunks, size, ...)`` chunks (padded), with its
-    index and valid arrays likewise."""
+class Layout(NamedTuple):
+    """How an in-memory dataset's examples lie over devices: its leading axis split
+    into equal blocks over the mesh axis (or axes) ``axes`` of ``mesh`` (a
+    ``NamedSharding`` whose spec starts with ``axes``). Static (hashable)."""
+
+    mesh: Any
+    axes: Any  # a mesh axis name, or a tuple of names
+
+    @property
+    def devices(self) -> int:
+        names = self.axes if isinstance(self.axes, tuple) else (self.axes,)
+        return int(np.prod([self.mesh.shape[a] for a in names]))
+
+    def sharding(self, axis: int = 0):
+        """Examples along ``axis`` split over the mesh, other axes replicated."""
+        from jax.sharding import NamedSharding, PartitionSpec
+        return NamedSharding(self.mesh, PartitionSpec(*([None] * axis), self.axes))
+
+    def constrain(self, tree: PyTree, axis: int = 0) -> PyTree:
+        return jax.tree_util.tree_map(
+            lambda x: jax.lax.with_sharding_constraint(x, self.sharding(axis)), tree)
+
+
+def layout_of(data: Any) -> Optional[Layout]:
+    """The :class:`Layout` of an in-memory dataset whose array leaves are sharded
+    along their example axis over more than one device (``None`` otherwise: one
+    device, host arrays, a stream). Leaves split over different mesh axes are
+    refused."""
+    if is_stream(data):
+        return None
+    leaves = jax.tree_util.tree_leaves(data)
+    if leaves and all(id(x) in _ASSUMED and _ASSUMED[id(x)][0] is x for x in leaves):
+        return _ASSUMED[id(leaves[0])][1]
+    found = set()
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if not isinstance(leaf, jax.Array) or spec is None or not len(spec) or spec[0] is None:
+            continue
+        layout = Layout(sharding.mesh, spec[0])
+        if layout.devices > 1:
+            found.add(layout)
+    if len(found) > 1:
+        raise ValueError("the dataset's leaves are sharded over different meshes or mesh "
+                         f"axes ({sorted(str(l.axes) for l in found)}): shard every leaf's "
+                         "example axis the same way (jattri.shard)")
+    return found.pop() if found else None
+
+
+_ASSUMED: dict = {}  # id(tracer) -> (tracer, Layout), while a function is traced
+
+
+def traced_with_layout(layout: Optional[Layout], data: Any, fn: Callable) -> Any:
+    """``fn()``, traced inside a jitted function whose traced argument ``data`` had
+    ``layout`` outside it (a tracer carries no sharding): the engine's stages on
+    exactly those arrays (not slices of them) keep the device-local layout. The caller
+    makes ``layout`` a static argument of its jit (``layout_of`` outside), so a
+    program traced for one layout never serves another."""
+    if layout is None or is_stream(data):
+        return fn()
+    leaves = jax.tree_util.tree_leaves(data)
+    for x in leaves:
+        _ASSUMED[id(x)] = (x, layout)
+    try:
+        return fn()
+    finally:
+        for x in leaves:
+            _ASSUMED.pop(id(x), None)
+
+
+def shard(data: PyTree, mesh: Any, axes: Any = None) -> PyTree:
+    """``data`` (a pytree of arrays with a leading example axis) placed on ``mesh``
+    with its examples split evenly over the mesh axis (or axes) ``axes`` (default:
+    every axis of the mesh). Every jattri stage run on the result is spread over those
+    devices (:class:`Layout`): per-example gradients, projections and per-example
+    outputs stay on the device holding the example, and sums over examples (Gram,
+    Fisher, Kronecker factors, top-k) are reduced by XLA collectives. n must be a
+    multiple of the number of devices (pad or drop examples first).
+
+    Multi-host: build the global array from each process's own slice with
+    ``jax.make_array_from_process_local_data(NamedSharding(mesh, P(axes)), local)``
+    instead; jattri reads its layout the same way.
+    """
+    from jax.sharding import Mesh
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    axes = tuple(mesh.axis_names) if axes is None else axes
+    names = axes if isinstance(axes, tuple) else (axes,)
+    unknown = [a for a in names if a not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"`axes` {axes!r} names no axis of the mesh (its axes: "
+                         f"{mesh.axis_names})")
+    layout = Layout(mesh, axes if len(names) > 1 else names[0])
+    n = _checks.check_data(data, "data")
+    if n % layout.devices:
+        raise ValueError(f"`data` has {n} examples, not a multiple of the {layout.devices} "
+                         f"devices of mesh axes {axes!r}: pad or drop "
+                         f"{n % layout.devices} examples first")
+    return jax.device_put(data, layout.sharding())
+
+
+def _spread(layout: Optional[Layout]) -> int:
+    return 1 if layout is None else layout.devices
+
+
+def _laid_out(x, devices: int, n_local: int, size: int):
+    """``x`` ``(n, ...)`` as ``(n_chunks, devices·size, ...)``: chunk c holds, from
+    every device's block of ``n_local`` examples, its rows ``c·size ... (c+1)·size``
+    (padded by repeating the block's first row). Under a sharded layout every reshape
+    and transpose here is local to a device: no example moves."""
+    x = jnp.asarray(x)
+    rest = x.shape[1:]
+    n_chunks = -(-n_local // size)
+    x = x.reshape((devices, n_local) + rest)
+    if n_chunks * size > n_local:
+        x = jnp.concatenate([x, jnp.repeat(x[:, :1], n_chunks * size - n_local, axis=1)],
+                            axis=1)
+    x = x.reshape((devices, n_chunks, size) + rest)
+    return jnp.swapaxes(x, 0, 1).reshape((n_chunks, devices * size) + rest)
+
+
+def _stacked_chunks(data: PyTree, size: int, layout: Optional[Layout] = None) -> tuple:
+    """The in-memory dataset as ``(n_chunks, chunk, ...)`` chunks (padded), with its
+    index and valid arrays likewise; ``chunk`` = ``size`` on one device, ``devices ·
+    size`` examples (``size`` per device) under a sharded ``layout``."""
     n = _checks.num_examples(data)
-    n_chunks = -(-n // size)
-    total = n_chunks * size
-    padded = jax.tree_util.tree_map(lambda x: _pad_rows(jnp.asarray(x), total), data)
-    stacked = jax.tree_util.tree_map(lambda x: x.reshape((n_chunks, size) + x.shape[1:]),
-                                     padded)
-    pos = jnp.arange(total, dtype=jnp.int32)
-    index = jnp.where(pos < n, pos, 0).reshape(n_chunks, size)
-    valid = (pos < n).reshape(n_chunks, size)
-    return Chunk(stacked, index, valid), n
+    d = _spread(layout)
+    n_local = n // d
+    n_chunks = -(-n_local // size)
+    stacked = jax.tree_util.tree_map(lambda x: _laid_out(x, d, n_local, size), data)
+    local = jnp.arange(n_chunks * size, dtype=jnp.int32).reshape(n_chunks, 1, size)
+    start = n_local * jnp.arange(d, dtype=jnp.int32).reshape(1, d, 1)
+    valid = jnp.broadcast_to(local < n_local, (n_chunks, d, size))
+    index = jnp.where(valid, start + local, 0)
+    chunks = Chunk(stacked, index.reshape(n_chunks, d * size),
+                   valid.reshape(n_chunks, d * size))
+    return (chunks if layout is None else layout.constrain(chunks, axis=1)), n
+
+
+def _unlaid(y, devices: int, n: int, size: int):
+    """Per-example outputs ``(n_chunks, devices·size, ...)`` back in dataset order,
+    ``(n, ...)``: the inverse of :func:`_laid_out` (local to each device)."""
+    rest = y.shape[2:]
+    y = y.reshape((y.shape[0], devices, size) + rest)
+    y = jnp.swapaxes(y, 0, 1).reshape((devices, -1) + rest)[:, :n // devices]
+    return y.reshape((n,) + rest)
 
 
 def stream_chunks(data: Stream, size: int) -> Iterator[tuple]:
@@ -362,32 +495,32 @@ class progress:
 
 # ------------------------------------------------------------------------------ scan
 
-@partial(jax.jit, static_argnames=("step", "config", "size", "report"))
-def _scan_jit(step, config, args, carry, data, size, report=False):
+@partial(jax.jit, static_argnames=("step", "config", "size", "report", "layout"))
+def _scan_jit(step, config, args, carry, data, size, report=False, layout=None):
     # Chunked, scanned and trimmed inside one program: outside it, the padding,
     # reshapes and slices would each be an eager op (a compilation of its own on first
     # use) and leave a full copy (2.56 GiB of test gradients on a 10.7M-parameter
     # model) until Python's next garbage collection.
-    chunks, n = _stacked_chunks(data, size)
+    chunks, n = _stacked_chunks(data, size, layout)
+    d = _spread(layout)
 
     def body(c, x):
         chunk, i = x
         if report:  # compiled in only while jattri.progress() is active
-            jax.debug.callback(_tick, (i + 1) * size)
+            jax.debug.callback(_tick, (i + 1) * size * d)
+        if layout is not None:
+            chunk = layout.constrain(chunk)
         return step(config, args, c, chunk)
 
     n_chunks = jax.tree_util.tree_leaves(chunks)[0].shape[0]
     carry, outs = jax.lax.scan(body, carry, (chunks, jnp.arange(n_chunks)))
-    return carry, _trim(outs, n)
+    outs = jax.tree_util.tree_map(lambda y: _unlaid(y, d, n, size), outs)
+    return carry, (outs if layout is None else layout.constrain(outs))
 
 
 @partial(jax.jit, static_argnames=("step", "config"))
 def _step_jit(step, config, args, carry, chunk):
     return step(config, args, carry, chunk)
-
-
-def _trim(outs, n):
-    return jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], outs)
 
 
 def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
@@ -405,8 +538,11 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
         return _resume.scan(step, config, args, carry, data, int(size))
     with _stage(step, num_examples(data), args, carry, data) as stage:
         if not is_stream(data):
-            carry, outs = _scan_jit(step, config, args, carry, data, int(size),
-                                    report=stage is not None)
+            layout = layout_of(data)
+            size = int(size) if layout is None else min(
+                int(size), num_examples(data) // layout.devices)
+            carry, outs = _scan_jit(step, config, args, carry, data, size,
+                                    report=stage is not None, layout=layout)
             if stage is not None:
                 jax.block_until_ready((carry, outs))
             return carry, outs, num_examples(data)
@@ -506,30 +642,52 @@ def _self_step(config, args, carry, chunk):
     return carry, fn(fn_config, args, chunk)
 
 
-@partial(jax.jit, static_argnames=("fn", "config", "size", "axis", "n", "report"))
-def _fill_jit(fn, config, args, data, starts, size, axis, n, report=False):
+@partial(jax.jit, static_argnames=("fn", "config", "size", "axis", "n", "report", "layout"))
+def _fill_jit(fn, config, args, data, starts, size, axis, n, report=False, layout=None):
+    # Rows are viewed as (devices, n_local, ...) blocks (one block on one device; under
+    # a sharded layout each device's own examples): a chunk takes rows start ...
+    # start + size of every block, so no example leaves its device.
+    d = _spread(layout)
+    n_local = n // d
+    blocks = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x).reshape((d, n_local) + x.shape[1:]), data)
+    if layout is not None:
+        blocks = layout.constrain(blocks)
+
     def chunk_at(start):
         rows = jax.tree_util.tree_map(
-            lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), data)
-        return Chunk(rows, start + jnp.arange(size, dtype=jnp.int32),
-                     jnp.ones((size,), bool))
+            lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(
+                (d * size,) + x.shape[2:]), blocks)
+        index = (n_local * jnp.arange(d, dtype=jnp.int32)[:, None] + start
+                 + jnp.arange(size, dtype=jnp.int32)[None]).reshape(-1)
+        chunk = Chunk(rows, index, jnp.ones((d * size,), bool))
+        return chunk if layout is None else layout.constrain(chunk)
+
+    def split(y):  # (..., d·size, ...) at `axis` -> (..., d, size, ...)
+        return y.reshape(y.shape[:axis] + (d, y.shape[axis] // d) + y.shape[axis + 1:])
 
     shapes = jax.eval_shape(lambda: fn(config, args, chunk_at(jnp.int32(0))))
     # The output is created inside the program and written in place chunk by chunk:
     # no stacked (n_chunks, size, ...) copy, no trimming copy, no transpose.
     out = jax.tree_util.tree_map(
-        lambda s: jnp.zeros(s.shape[:axis] + (n,) + s.shape[axis + 1:], s.dtype), shapes)
+        lambda s: jnp.zeros(s.shape[:axis] + (d, n_local) + s.shape[axis + 1:], s.dtype),
+        shapes)
+    if layout is not None:
+        out = layout.constrain(out, axis)
 
     def body(out, start):
         if report:  # compiled in only while jattri.progress() is active
-            jax.debug.callback(_tick, start + size)
+            jax.debug.callback(_tick, (start + size) * d)
         new = fn(config, args, chunk_at(start))
         return jax.tree_util.tree_map(
-            lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y.astype(o.dtype), start, axis),
+            lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, split(y).astype(o.dtype),
+                                                             start, axis + 1),
             out, new), None
 
     out, _ = jax.lax.scan(body, out, starts)
-    return out
+    out = jax.tree_util.tree_map(
+        lambda o: o.reshape(o.shape[:axis] + (n,) + o.shape[axis + 2:]), out)
+    return out if layout is None else layout.constrain(out, axis)
 
 
 def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int, *,
@@ -560,16 +718,19 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
                     stage.update(done)
             return jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys, axis=axis), *parts)
         n = _checks.num_examples(rows)
-        size = min(int(size), n)
-        starts = np.minimum(np.arange(-(-n // size)) * size, n - size).astype(np.int32)
-        out = _fill_jit(fn, fn_config, args, rows, jnp.asarray(starts), size, axis, n,
-                        report=stage is not None)
+        layout = layout_of(rows)
+        n_local = n // _spread(layout)
+        size = min(int(size), n_local)
+        starts = np.minimum(np.arange(-(-n_local // size)) * size,
+                            n_local - size).astype(np.int32)
+        out = _fill_jit(fn, fn_config, args, rows, starts, size, axis, n,
+                        report=stage is not None, layout=layout)
         if stage is not None:
             jax.block_until_ready(out)
         return out
 
 
-__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Progress", "Stream", "TopK", "check_chunk_size",
+__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Layout", "Progress", "Stream", "TopK", "check_chunk_size",
            "check_top_k", "default_chunk_size", "first_example", "is_stream",
-           "num_examples", "per_example", "progress", "scan", "score", "stream",
+           "layout_of", "num_examples", "per_example", "progress", "scan", "score", "shard", "stream",
            "stream_chunks"]
