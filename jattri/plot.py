@@ -8,6 +8,7 @@
     top = attr.attribute(state, test, top_k=5, lowest=True)
     fig = jattri.plot.top_examples(top, [0, 1, 2], images=x_train.reshape(-1, 8, 8),
                                    test_images=x_test.reshape(-1, 8, 8))
+    fig = jattri.plot.top_texts(top, [0, 1], texts=train_texts, test_texts=test_texts)
     fig = jattri.plot.mislabel_curve(attr.self_attribute(state), is_flipped)
 """
 from __future__ import annotations
@@ -235,6 +236,71 @@ def top_examples(scores_or_topk: Any, test_index: Any, *, k: int = 3, harmful: b
                 ax.set_xlabel(f"{float(sc[r, j]):+.3g}", fontsize=7)
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
+    return fig
+
+
+def _one_line(text: str, max_chars: int) -> str:
+    text = text.replace("\n", "↵").replace("\t", "→")
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "…"
+
+
+def top_texts(scores_or_topk: Any, test_index: Any, texts: Sequence[str],
+              test_texts: Optional[Sequence[str]] = None, *, k: int = 3,
+              harmful: bool = True, max_chars: int = 90, width: float = 9.0):
+    """Test texts with their most helpful and most harmful training texts, one line each.
+
+    For each test example ``test_index[r]``: a bold line ``test #t: <text>``, then its k
+    highest-scored training examples (``helps #i <score>  <text>``, green) and, with
+    ``harmful``, its k lowest-scored (``harms #i``, red), in the order of :func:`ranked`.
+    Texts are shown on one line (newline as ↵, tab as →), cut at ``max_chars``: the form
+    for short texts, such as the blocks of a language model, that the image grid of
+    :func:`top_examples` would leave mostly empty.
+
+    Args:
+      scores_or_topk: dense ``(n_train, n_test)`` scores or a :class:`jattri.TopK`.
+      test_index: an int or R ints in ``[0, n_test)``.
+      texts: n_train strings. test_texts: n_test strings (``None``: titles only).
+      k: training examples per side. width: figure width in inches.
+    Returns:
+      a ``matplotlib.figure.Figure`` with one Axes (axis off) holding
+      R·(1 + k·(1 + harmful)) text lines, top to bottom.
+    """
+    tests, helpful, helpful_scores, harm, harm_scores = ranked(
+        scores_or_topk, test_index, k, harmful=harmful)
+    max_chars = _int(max_chars, "max_chars")
+    if max_chars < 2:
+        raise ValueError(f"`max_chars` must be at least 2, got {max_chars}")
+    if isinstance(scores_or_topk, TopK):
+        n_train, n_test = None, np.shape(scores_or_topk.indices)[0]
+    else:
+        n_train, n_test = np.shape(scores_or_topk)
+    picked = [helpful] + ([harm] if harmful else [])
+    texts = _check_items(texts, "texts", n_train, int(max(p.max() for p in picked)) + 1,
+                         text=True)
+    if texts is None:
+        raise ValueError("`texts` is required: the n_train training texts")
+    test_texts = _check_items(test_texts, "test_texts", n_test, int(tests.max()) + 1,
+                              text=True)
+    lines = []  # (text, colour, weight)
+    for r, t in enumerate(tests):
+        shown = "" if test_texts is None else ": " + _one_line(test_texts[t], max_chars)
+        lines.append((f"test #{t}{shown}", "black", "bold"))
+        sides = [("helps", helpful, helpful_scores, HELPS)]
+        if harmful:
+            sides.append(("harms", harm, harm_scores, HARMS))
+        for role, idx, sc, colour in sides:
+            for j in range(k):
+                i = int(idx[r, j])
+                lines.append((f"  {role} #{i:<5d} {float(sc[r, j]):+10.3g}  "
+                              f"{_one_line(texts[i], max_chars)}", colour, "normal"))
+    plt = _pyplot()
+    fig = plt.figure(figsize=(width, 0.2 * len(lines) + 0.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for n, (line, colour, weight) in enumerate(lines):
+        ax.text(0.01, 1 - (n + 0.5) / len(lines), line, color=colour, fontweight=weight,
+                family="monospace", fontsize=8, va="center", ha="left",
+                transform=ax.transAxes)
     return fig
 
 

@@ -209,3 +209,40 @@ def test_topk_of_a_method_matches_its_dense_scores():
     kw = dict(k=3, show=lambda ax, split, i: ax.text(0, 0, f"{split} {i}"))
     assert content(plot.top_examples(dense, [0, 3], **kw)) == \
         content(plot.top_examples(top, [0, 3], **kw))
+
+
+def test_top_texts_lines_follow_the_ranking(data):
+    texts = [f"train {i}\nline two" for i in range(N_TRAIN)]
+    test_texts = [f"test {t}" for t in range(N_TEST)]
+    tests = [1, 4]
+    fig = plot.top_texts(data["scores"], tests, texts, test_texts, k=2)
+    lines = [t.get_text() for t in fig.axes[0].texts]
+    assert len(lines) == len(tests) * (1 + 2 * 2)
+    s = data["scores"][:, tests]
+    helps, harms = np.argsort(-s, axis=0)[:2].T, np.argsort(s, axis=0)[:2].T
+    for r, t in enumerate(tests):
+        block = lines[r * 5:(r + 1) * 5]
+        assert block[0] == f"test #{t}: test {t}"
+        for line, i in zip(block[1:3], helps[r]):
+            assert re.match(rf"  helps #{i}\s", line) and line.endswith(f"train {i}↵line two")
+            assert float(line.split()[2]) == pytest.approx(data["scores"][i, t], rel=1e-2)
+        for line, i in zip(block[3:], harms[r]):
+            assert re.match(rf"  harms #{i}\s", line)
+    colours = [t.get_color() for t in fig.axes[0].texts]
+    assert colours[1] == plot.HELPS and colours[3] == plot.HARMS
+    # the TopK of the same scores gives the same lines; helpful only drops the red ones
+    same = plot.top_texts(topk_of(data["scores"], 3), tests, texts, test_texts, k=2)
+    assert [t.get_text() for t in same.axes[0].texts] == lines
+    only = plot.top_texts(data["scores"], tests, texts, k=2, harmful=False, max_chars=6)
+    got = [t.get_text() for t in only.axes[0].texts]
+    assert len(got) == len(tests) * 3 and got[0] == f"test #{tests[0]}"
+    assert all(line.endswith("…") and len(line.split("  ")[-1]) == 6 for line in got[1:3])
+
+
+def test_top_texts_bad_inputs(data):
+    with pytest.raises(ValueError, match="texts"):
+        plot.top_texts(data["scores"], 0, ["a"] * (N_TRAIN - 1))
+    with pytest.raises(ValueError, match="test_texts"):
+        plot.top_texts(data["scores"], 0, ["a"] * N_TRAIN, ["b"] * (N_TEST + 1))
+    with pytest.raises(ValueError, match="max_chars"):
+        plot.top_texts(data["scores"], 0, ["a"] * N_TRAIN, max_chars=1)
