@@ -363,7 +363,6 @@ class _Outputs:
         self.layout = [{"file": os.path.basename(f), "row_shape": list(shape),
                         "dtype": str(dtype), "axis": axis}
                        for f, (shape, dtype) in zip(self.files, self.rows)]
-        self.maps: list = []
 
     @staticmethod
     def _storage(dtype: np.dtype) -> np.dtype:
@@ -371,12 +370,15 @@ class _Outputs:
         return dtype if dtype.isbuiltin else np.dtype(f"u{dtype.itemsize}")
 
     def create(self, n: Optional[int]) -> None:
-        self.maps = [np.lib.format.open_memmap(f, mode="w+", dtype=self._storage(dtype),
-                                               shape=(n or 0,) + shape)
-                     for f, (shape, dtype) in zip(self.files, self.rows)]
+        """New files of n rows (a stream's grow chunk by chunk from none)."""
+        for f, (shape, dtype) in zip(self.files, self.rows):
+            m = np.lib.format.open_memmap(f, mode="w+", dtype=self._storage(dtype),
+                                          shape=(n or 0,) + shape)
+            m.flush()
+            del m
 
     def open(self, done: int, n: Optional[int], bad: Callable) -> None:
-        self.maps = []
+        """Check that every file holds the rows recorded (``bad(file, what)`` raises)."""
         for f, (shape, dtype) in zip(self.files, self.rows):
             name = os.path.basename(f)
             try:
@@ -400,7 +402,6 @@ class _Outputs:
                 raise bad(name, f"is shorter than recorded ({size} bytes, {need} rows of "
                                 f"{row_bytes} bytes after a {offset}-byte header need "
                                 f"{offset + need * row_bytes}): it was truncated")
-            self.maps.append(None)
 
     def _map(self, k: int, rows: Optional[int] = None):
         """Leaf k's memmap (grown first to ``rows`` rows, for a stream)."""
@@ -411,8 +412,7 @@ class _Outputs:
 
     def write(self, out: Any, start: int, count: int, n: Optional[int]) -> None:
         for k, y in enumerate(jax.tree_util.tree_leaves(out)):
-            y = np.moveaxis(np.asarray(jax.lax.slice_in_dim(y, 0, count, axis=self.axis)),
-                            self.axis, 0)
+            y = np.moveaxis(np.asarray(y), self.axis, 0)[:count]
             m = self._map(k, None if n is not None else start + count)
             m[start:start + count] = y.view(m.dtype) if y.dtype != m.dtype else y
             m.flush()
@@ -540,9 +540,12 @@ def _array(x: Any) -> dict:
     with np.errstate(all="ignore"):
         total = (float(np.sum(a, dtype=np.float64))
                  if a.dtype.kind in "biuf" or not a.dtype.isbuiltin else None)
-    return {"shape": list(a.shape), "dtype": str(x.dtype),
-            "sha256": hashlib.sha256(np.ascontiguousarray(bits).tobytes()).hexdigest()[:32],
-            "sum": total if total is None or np.isfinite(total) else repr(total)}
+    out = {"shape": list(a.shape), "dtype": str(x.dtype),
+           "sha256": hashlib.sha256(np.ascontiguousarray(bits).tobytes()).hexdigest()[:32],
+           "sum": total if total is None or np.isfinite(total) else repr(total)}
+    if a.size <= 4 and a.dtype.isbuiltin and a.dtype.kind in "biuf":  # a hyperparameter
+        out["value"] = _describe(a.tolist())
+    return out
 
 
 def _spec(tree: Any) -> Any:
@@ -583,7 +586,7 @@ _ARRAY = {"shape", "dtype", "sha256", "sum"}
 
 def _differs(a: Any, b: Any, path: str):
     b = json.loads(json.dumps(b))  # compare as stored (tuples are lists, keys strings)
-    if isinstance(a, dict) and isinstance(b, dict) and set(a) != _ARRAY:  # arrays: whole
+    if isinstance(a, dict) and isinstance(b, dict) and not _ARRAY <= set(a):  # arrays: whole
         for k in list(a) + [k for k in b if k not in a]:
             if k not in a or k not in b:
                 return (f"{path}.{k}", a.get(k, "(absent)"), b.get(k, "(absent)"))

@@ -3,7 +3,6 @@ chunk, bit-identical to an uninterrupted run; other settings and damaged files a
 refused with errors that name the field or file, touching nothing."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -265,7 +264,7 @@ def test_ekfac_stages_each_resume_and_other_damping_is_refused(tmp_path):
                                rtol=1e-5, atol=1e-5 * np.abs(scores).max())
     before = _files(tmp_path)
     other = jattri.influence_ekfac(dense_loss, damping=1e-2, chunk_size=8)
-    with jattri.resumable(tmp_path), pytest.raises(
-            ValueError, match=r"002-test-side .* args\.leaves\[\d+\] differs \(saved 0\.001, now 0\.01\)"):
+    refused = r"002-test-side .* args\.leaves\[\d+\] differs \(saved .*0\.001.*, now .*0\.0(1|0999)"
+    with jattri.resumable(tmp_path), pytest.raises(ValueError, match=refused):
         other.attribute(other.cache(params, train), test)
     assert _files(tmp_path) == before
