@@ -149,5 +149,30 @@ def main(names):
         }), flush=True)
 
 
+def sharded_params(params, train, test, names):
+    """Params split over a second mesh axis ("model": the kernels' output columns)
+    with the examples over "data": the same scores, and the state's params still split."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+
+    def place(x):
+        spec = PartitionSpec(None, "model") if x.ndim == 2 else PartitionSpec()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    split = jax.tree_util.tree_map(place, params)
+    rows = jattri.shard(train, mesh, "data")
+    for name in names:
+        attr = METHODS[name]()
+        one = attr.attribute(attr.cache(params, train), test)
+        state = attr.cache(split, rows)
+        print(json.dumps({
+            "params_method": name,
+            "rel": relative(attr.attribute(state, test), one),
+            "kernel_specs": sorted(str(x.sharding.spec) for x in jax.tree_util.tree_leaves(
+                state.members.params) if x.ndim == 3),
+        }), flush=True)
+
+
 if __name__ == "__main__":
     main(sys.argv[1:] or list(METHODS))
+    sharded_params(*data(), ["trak", "influence_ekfac"])

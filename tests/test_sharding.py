@@ -5,7 +5,8 @@ every method on one device and on the training set sharded over the 8
 (``jattri.shard``); see tests/_sharded_run.py. Asserted: scores and top-k within 1e-5
 (float32); every engine stage over the training set ran with the 8-device layout; the
 per-example gradients inside a stage, the stored per-example features and the score
-rows were spread over 8 devices; and ``jattri.shard`` refuses what it cannot place.
+rows were spread over 8 devices; params split over a second mesh axis stay split; and
+``jattri.shard`` refuses what it cannot place.
 """
 import json
 import os
@@ -28,7 +29,8 @@ def runs():
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
-    return {l.get("method", "errors"): l for l in lines}
+    return {l.get("method", l.get("params_method") and "params:" + l["params_method"])
+            or "errors": l for l in lines}
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -58,3 +60,12 @@ def test_shard_refusals(runs):
     assert "`axes` 'model' names no axis of the mesh" in e["axis"]
     assert "`mesh` must be a jax.sharding.Mesh" in e["mesh"]
     assert "sharded over different meshes or mesh axes" in e["mixed"]
+
+
+@pytest.mark.parametrize("name", ["trak", "influence_ekfac"])
+def test_sharded_params_stay_sharded(runs, name):
+    """Params split over a "model" mesh axis (examples over "data"): same scores, and
+    the state keeps them split (nothing gathered them onto one device)."""
+    r = runs["params:" + name]
+    assert r["rel"] <= 1e-5, r
+    assert r["kernel_specs"] == ["P(None, None, 'model')"] * 2, r
