@@ -11,8 +11,11 @@
 #     run(command="bash benchmarks/scale_gpu.sh $OUT/a --parts nanogpt,profile", timeout_s=420)
 #     run(command="bash benchmarks/scale_gpu.sh $OUT/b --parts scaling,gpt2", timeout_s=420)
 #
-# Writes OUT_DIR/scale_gpu.md (the tables), OUT_DIR/scale_gpu.json (every figure) and
-# OUT_DIR/scale_gpu.log. Uses whatever jax is installed (jax with CUDA if present; the
+# Writes OUT_DIR/scale_gpu.md (the tables), OUT_DIR/scale_gpu.json (every figure),
+# OUT_DIR/sharded_gpu.{md,json} (TRAK featurisation sharded over 1 ... all visible GPUs,
+# benchmarks/sharded_throughput.py; JATTRI_SKIP_SHARDED=1 skips it) and
+# OUT_DIR/scale_gpu.log. Only the sharded part, in one call:
+#     run(command="python benchmarks/sharded_throughput.py --gpu --n-train 128 --chunk 8", timeout_s=420) Uses whatever jax is installed (jax with CUDA if present; the
 # machine has no network, so nothing is downloaded): it prints the backend and devices
 # first and the tables say which backend ran. Peak device memory per run comes from
 # jax.devices()[0].memory_stats()["peak_bytes_in_use"] ("device peak GiB" column);
@@ -39,5 +42,11 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
     # GPT-2 runs with chunk 8 on a GPU (2 on CPU); each run is capped at 4 minutes.
     python benchmarks/scale.py --gpt2-chunk-size 8 --timeout 240 \
         --json "$OUT_DIR/scale_gpu.json" --markdown "$OUT_DIR/scale_gpu.md" "$@"
+    # TRAK featurisation of nanoGPT sharded over 1, 2, 4, ... all visible GPUs
+    # (jattri.shard over a one-axis mesh; one process per device count).
+    if [ "${JATTRI_SKIP_SHARDED:-0}" != 1 ]; then
+        python benchmarks/sharded_throughput.py --gpu --n-train 128 --chunk 8 \
+            --timeout 240 --json "$OUT_DIR/sharded_gpu.json" | tee "$OUT_DIR/sharded_gpu.md"
+    fi
 } 2>&1 | tee "$OUT_DIR/scale_gpu.log"
 exit "${PIPESTATUS[0]}"
