@@ -72,12 +72,18 @@ class Stream:
     is accepted for a single pass and refused, with a clear error, on a second; its
     first batch may be looked at (:meth:`peek`, for input checks) without being lost.
     Batches may have any sizes; they are re-cut into a method's fixed chunks.
+
+    With ``mesh`` (and optionally ``axes``, as in :func:`shard`), every chunk is placed
+    on the mesh with its examples split over those devices before a stage's step runs
+    on it: ``chunk_size`` examples per device, so a chunk holds ``devices ·
+    chunk_size`` examples (one process; each process of a multi-host run should shard
+    an in-memory set with ``jax.make_array_from_process_local_data`` instead).
     """
 
     _ONE_SHOT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    def __new__(cls, source: Any):
-        if isinstance(source, Stream):
+    def __new__(cls, source: Any, mesh: Any = None, axes: Any = None):
+        if isinstance(source, Stream) and mesh is None:
             return source
         if isinstance(source, collections.abc.Iterator):
             try:  # one Stream per iterator, so its consumption is remembered
@@ -86,9 +92,15 @@ class Stream:
                 pass
         return super().__new__(cls)
 
-    def __init__(self, source: Any):
-        if isinstance(source, Stream) or getattr(self, "source", None) is source:
+    def __init__(self, source: Any, mesh: Any = None, axes: Any = None):
+        if isinstance(source, Stream):
+            if mesh is not None:  # the same batches, placed on a mesh
+                self.__dict__.update(source.__dict__)
+                self.layout = _mesh_layout(mesh, axes)
             return
+        if getattr(self, "source", None) is source:
+            return
+        self.layout = None if mesh is None else _mesh_layout(mesh, axes)
         if not (callable(source) or isinstance(source, collections.abc.Iterable)):
             raise TypeError("`Stream` takes a re-iterable of batches or a zero-argument "
                             f"callable returning an iterator, got {type(source).__name__}")
@@ -127,9 +139,10 @@ class Stream:
         return itertools.chain(self._peeked, self.source)
 
 
-def stream(source: Any) -> Stream:
-    """Wrap batches as a :class:`Stream` (see there)."""
-    return Stream(source)
+def stream(source: Any, *, mesh: Any = None, axes: Any = None) -> Stream:
+    """Wrap batches as a :class:`Stream` (see there); with ``mesh``, each chunk is
+    split over the mesh's devices (``axes``: which mesh axes, default all)."""
+    return Stream(source, mesh, axes)
 
 
 def is_stream(data: Any) -> bool:
@@ -237,6 +250,31 @@ def traced_with_layout(layout: Optional[Layout], data: Any, fn: Callable) -> Any
             _ASSUMED.pop(id(x), None)
 
 
+def _mesh_layout(mesh: Any, axes: Any = None) -> Layout:
+    """The :class:`Layout` splitting examples over ``axes`` of ``mesh`` (checked)."""
+    from jax.sharding import Mesh
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    axes = tuple(mesh.axis_names) if axes is None else axes
+    names = axes if isinstance(axes, tuple) else (axes,)
+    unknown = [a for a in names if a not in mesh.axis_names]
+    if unknown or not names:
+        raise ValueError(f"`axes` {axes!r} names no axis of the mesh (its axes: "
+                         f"{mesh.axis_names})")
+    return Layout(mesh, names if len(names) > 1 else names[0])
+
+
+def _placed(chunk: Chunk, layout: Optional[Layout]) -> Chunk:
+    """A host chunk of a stream on its mesh (``layout``), examples split."""
+    if layout is None:
+        return chunk
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "a Stream placed on a mesh runs in one process; in a multi-host run, build "
+            "each process's slice with jax.make_array_from_process_local_data")
+    return jax.device_put(chunk, layout.sharding())
+
+
 def shard(data: PyTree, mesh: Any, axes: Any = None) -> PyTree:
     """``data`` (a pytree of arrays with a leading example axis) placed on ``mesh``
     with its examples split evenly over the mesh axis (or axes) ``axes`` (default:
@@ -250,20 +288,11 @@ def shard(data: PyTree, mesh: Any, axes: Any = None) -> PyTree:
     ``jax.make_array_from_process_local_data(NamedSharding(mesh, P(axes)), local)``
     instead; jattri reads its layout the same way.
     """
-    from jax.sharding import Mesh
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    axes = tuple(mesh.axis_names) if axes is None else axes
-    names = axes if isinstance(axes, tuple) else (axes,)
-    unknown = [a for a in names if a not in mesh.axis_names]
-    if unknown:
-        raise ValueError(f"`axes` {axes!r} names no axis of the mesh (its axes: "
-                         f"{mesh.axis_names})")
-    layout = Layout(mesh, axes if len(names) > 1 else names[0])
+    layout = _mesh_layout(mesh, axes)
     n = _checks.check_data(data, "data")
     if n % layout.devices:
         raise ValueError(f"`data` has {n} examples, not a multiple of the {layout.devices} "
-                         f"devices of mesh axes {axes!r}: pad or drop "
+                         f"devices of mesh axes {layout.axes!r}: pad or drop "
                          f"{n % layout.devices} examples first")
     return jax.device_put(data, layout.sharding())
 
@@ -547,8 +576,9 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
                 jax.block_until_ready((carry, outs))
             return carry, outs, num_examples(data)
         outs, n = [], 0
-        for chunk, count in stream_chunks(as_stream(data), size):
-            carry, out = _step_jit(step, config, args, carry, chunk)
+        layout = as_stream(data).layout
+        for chunk, count in stream_chunks(as_stream(data), size * _spread(layout)):
+            carry, out = _step_jit(step, config, args, carry, _placed(chunk, layout))
             outs.append(jax.tree_util.tree_map(lambda y, c=count: y[:c], out))
             n += count
             if stage is not None:
@@ -708,8 +738,10 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
     with _stage(fn, num_examples(rows), args, rows) as stage:
         if is_stream(rows):
             parts, done = [], 0
-            for chunk, count in stream_chunks(as_stream(rows), size):
-                out = _step_jit(_self_step, (fn, fn_config), args, None, chunk)[1]
+            layout = as_stream(rows).layout
+            for chunk, count in stream_chunks(as_stream(rows), size * _spread(layout)):
+                out = _step_jit(_self_step, (fn, fn_config), args, None,
+                                _placed(chunk, layout))[1]
                 parts.append(jax.tree_util.tree_map(
                     lambda y, c=count: jax.lax.slice_in_dim(y, 0, c, axis=axis), out))
                 done += count

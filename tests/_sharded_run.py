@@ -173,6 +173,28 @@ def sharded_params(params, train, test, names):
         }), flush=True)
 
 
+def streamed(params, train, test):
+    """TRAK on the training set streamed in uneven batches, each chunk placed on the
+    8 devices (``jattri.stream(..., mesh=)``): the in-memory one-device scores."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    cuts = [0, 5, 23, 40, N_TRAIN]
+    batches = [jax.tree_util.tree_map(lambda x: x[a:b], train) for a, b in zip(cuts, cuts[1:])]
+    attr = METHODS["trak"]()
+    one = attr.attribute(attr.cache(params, train), test)
+    state = attr.cache(params, jattri.stream(batches, mesh=mesh))
+    seen = []
+
+    def probe(config, args, chunk):
+        g = chunk_grads(lambda p, z, i, aux: loss_fn(p, z), args, None, chunk)
+        jax.debug.inspect_array_sharding(g, callback=seen.append)
+        return g[:, :1]
+
+    engine.per_example(probe, None, params, jattri.stream(batches, mesh=mesh), 4)
+    print(json.dumps({"stream": "trak", "rel": relative(attr.attribute(state, test), one),
+                      "grads_devices": sorted({len(x.device_set) for x in seen})}), flush=True)
+
+
 if __name__ == "__main__":
     main(sys.argv[1:] or list(METHODS))
     sharded_params(*data(), ["trak", "influence_ekfac"])
+    streamed(*data())

@@ -29,8 +29,14 @@ def runs():
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
-    return {l.get("method", l.get("params_method") and "params:" + l["params_method"])
-            or "errors": l for l in lines}
+    def key(line):
+        if "method" in line:
+            return line["method"]
+        if "params_method" in line:
+            return "params:" + line["params_method"]
+        return "stream" if "stream" in line else "errors"
+
+    return {key(line): line for line in lines}
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -69,3 +75,10 @@ def test_sharded_params_stay_sharded(runs, name):
     r = runs["params:" + name]
     assert r["rel"] <= 1e-5, r
     assert r["kernel_specs"] == ["P(None, None, 'model')"] * 2, r
+
+
+def test_stream_on_a_mesh(runs):
+    """A Stream placed on the mesh (jattri.stream(batches, mesh=)): every chunk's
+    gradients spread over the 8 devices, the scores those of one device in memory."""
+    r = runs["stream"]
+    assert r["rel"] <= 1e-5 and r["grads_devices"] == [8], r
