@@ -361,16 +361,18 @@ def _coord_tile(config, u, chunk):
     return jnp.mean(s, axis=1)
 
 
-_apply_jit = jax.jit(lambda apply, config, args, v: apply(config, args, v),
-                     static_argnums=(0, 1))
+_apply_jit = jax.jit(
+    lambda apply, config, args, v, layout: engine.traced_with_layout(
+        layout, args[-1], lambda: apply(config, args, v)), static_argnums=(0, 1, 4))
 
 
 def _apply(spec, config, args, v):
-    """``spec.apply`` compiled once per (method, config), or run eagerly when it
-    streams the training set (DataInf on a Stream)."""
+    """``spec.apply`` compiled once per (method, config, layout of the training set
+    over devices), or run eagerly when it streams the training set (DataInf on a
+    Stream)."""
     if engine.is_stream(args[-1]):
         return spec.apply(config, args, v)
-    return _apply_jit(spec.apply, config, args, v)
+    return _apply_jit(spec.apply, config, args, v, engine.layout_of(args[-1]))
 
 
 def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
@@ -585,7 +587,8 @@ def _explicit_fit(curvature, damping, task, members, train, size):
     # in memory: one program, whose accumulator starts inside it (an argument would be
     # copied into the loop's carry) and is factored in it once dead: M·d² floats
     # live, then 2·M·d² in the factorisation, never the sum and its factors together
-    return _dense_factors(block, examples, fns, members, train, damping), None
+    return _dense_factors(block, examples, fns, members, train, damping,
+                          engine.layout_of(train)), None
 
 
 def _dense_sum(block, examples, fns, members, train):
@@ -595,9 +598,10 @@ def _dense_sum(block, examples, fns, members, train):
     return h / n
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _dense_factors(block, examples, fns, members, train, damping):
-    return _factor(_dense_sum(block, examples, fns, members, train), damping)
+@partial(jax.jit, static_argnums=(0, 1, 6))
+def _dense_factors(block, examples, fns, members, train, damping, layout=None):
+    return engine.traced_with_layout(layout, train, lambda: _factor(
+        _dense_sum(block, examples, fns, members, train), damping))
 
 
 def _each_member(fn, *xs):
@@ -799,8 +803,16 @@ def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: f
 _LISSA_FACTOR = 1.5
 
 
-@partial(jax.jit, static_argnums=0)
 def _lissa_top(size, args):
+    return _lissa_top_jit(size, args, engine.layout_of(args[2]))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _lissa_top_jit(size, args, layout):
+    return engine.traced_with_layout(layout, args[2], lambda: _lissa_tops(size, args))
+
+
+def _lissa_tops(size, args):
     """``(M,)`` λ̂_max(C) of every member by 30 power iterations on the mean-loss
     curvature-vector product (``fns``: the loss or the GGN split)."""
     fns, members, train, keys = args
@@ -956,8 +968,16 @@ def _arnoldi_coords(config, args, chunk):
     return jnp.swapaxes(c, 0, 1)  # (size, M, r)
 
 
-@partial(jax.jit, static_argnums=0)
 def _arnoldi_fit(config, args):
+    return _arnoldi_fit_jit(config, args, engine.layout_of(args[3]))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _arnoldi_fit_jit(config, args, layout):
+    return engine.traced_with_layout(layout, args[3], lambda: _arnoldi_fits(config, args))
+
+
+def _arnoldi_fits(config, args):
     """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member."""
     rank, iters, size = config
     fns, loss, members, train, keys = args
