@@ -32,6 +32,12 @@ training data (``state.train``, or ``train=`` for a state cached from a stream).
 state holds ``(n, d)`` gradients or inverse-Hessian products, and ``damping`` can be
 changed at ``attribute`` / ``self_attribute`` time without refitting.
 
+Default damping (explicit, CG, LiSSA, Arnoldi): the L2 coefficient the model implies,
+λ̂ = −⟨∇L̄(θ), θ⟩/‖θ‖² (:func:`stationary_damping`): Koh & Liang's H is the Hessian
+of the objective the model minimised, H + λI for a model trained with L2 λ, and
+stationarity gives λ back from θ and the data. EK-FAC: 0.1 × its mean eigenvalue;
+DataInf: the paper's relative 0.1 (``benchmarks/RESULTS.md``, "Damping grids").
+
 RelatIF (Barshan et al., 2020, "RelatIF: Identifying Explanatory Training Examples via
 Relative Influence") is an option of every method: ``relatif="l"`` divides score(i, ·)
 by √(g_iᵀ(H + λI)⁻¹g_i), ``relatif="theta"`` by ‖(H + λI)⁻¹g_i‖ (per member, before the
@@ -78,7 +84,10 @@ class InfluenceState(NamedTuple):
     a leading member axis M (see each method). coords: ``(n, M, r)`` Arnoldi's
     coordinates Vᵀg_i, else ``None``. norms: ``(n, M)`` RelatIF normalisers at the
     factory's damping, else ``None``. made: its
-    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``). damping:
+    the λ the state was cached at, a scalar array (the factory's ``damping``, or the
+    value of its default rule, :func:`stationary_damping`); ``attribute`` uses it when
+    given no ``damping``.
     """
 
     members: Members
@@ -87,6 +96,7 @@ class InfluenceState(NamedTuple):
     coords: Optional[jax.Array]
     norms: Optional[jax.Array]
     made: _common.Provenance
+    damping: Optional[jax.Array] = None
 
 
 # ------------------------------------------------------------------- member helpers
@@ -279,10 +289,67 @@ class _Spec(NamedTuple):
     positive: bool = False     # damping must be > 0 (DataInf)
     ggn: bool = False          # apply's products are the Gauss-Newton's (Task split)
     hyper: tuple = ()          # ((name, value), ...) the state depends on
+    damped_fit: bool = False   # fit takes the cached damping: fit(..., size, damping)
+    default_damping: Optional[Callable] = None  # curvature -> λ when damping is None
+                                                # (else the stationary L2)
 
 
-def _check_damping(damping, positive=False):
-    return _checks.real(damping, "damping", low=0, open_low=positive)
+def _check_damping(damping, positive=False, none=False):
+    return _checks.real(damping, "damping", low=0, open_low=positive, none=none)
+
+
+# ------------------------------------------ the default damping: the L2 the model implies
+
+_FALLBACK_DAMPING = 1e-3
+
+
+def _grad_sum_step(config, args, acc, chunk):
+    loss, members = args
+    return acc + _common.member_map(
+        lambda p, a: jnp.sum(_common.chunk_grads(loss, p, a, chunk), axis=0), members), None
+
+
+@jax.jit
+def _stationary(gsum, n, members):
+    def one(p, a, g):
+        theta = ravel_pytree(p)[0].astype(g.dtype)
+        return -jnp.vdot(g / n, theta) / jnp.vdot(theta, theta)
+
+    lam = jnp.mean(_common.member_map(one, members, gsum))
+    return jnp.where(lam > 0, lam, jnp.asarray(_FALLBACK_DAMPING, lam.dtype))
+
+
+def stationary_damping(task: Any, members: Members, train, *,
+                       chunk_size: Optional[int] = None) -> jax.Array:
+    """The L2 coefficient under which the members are stationary points of their
+    training objective: λ̂ = −⟨ḡ, θ⟩ / ‖θ‖², ḡ = ∇ of the mean training loss at θ
+    (one gradient pass over ``train``), averaged over members; 1e-3 where λ̂ ≤ 0.
+
+    Why it is the influence family's default damping: Koh & Liang's influence is
+    g_iᵀ H_obj⁻¹ g_t with H_obj the Hessian of the objective the model minimised. A
+    model trained on mean loss + (λ/2)‖θ‖² has H_obj = H + λI, so the damping that
+    makes influence exact is the training L2, and at a minimiser ∇L̄(θ) + λθ = 0
+    gives it back from θ and the data alone: λ̂ = −⟨ḡ, θ⟩/‖θ‖² (on the embedded
+    ``digits_lr``, trained with λ = 1e-2: λ̂ = 0.99998e-2; on ``digits_mlp``, 1e-4:
+    0.9-1.0e-4). A model trained without L2, or far from a stationary point, gives
+    λ̂ ≤ 0 or a noisy value: the rule then falls back to 1e-3 (and the user should
+    pass ``damping``). No ground-truth-free way to pick damping is established in the
+    literature; Kronfluence's 0.1 × the curvature's mean eigenvalue is a heuristic
+    (``benchmarks/RESULTS.md``, "Damping grids").
+
+    Returns a scalar array.
+    """
+    task = as_task(task)
+    members = _common.setup(task, members, train)
+    size = _common.chunk_size_for(engine.check_chunk_size(chunk_size), members, train, None)
+    return _stationary_damping(task.loss, members, train, size)
+
+
+def _stationary_damping(loss, members, train, size) -> jax.Array:
+    d = _common.num_params(members)
+    zero = jnp.zeros((members.num, d), _common.param_dtype(members))
+    gsum, _, n = engine.scan(_grad_sum_step, None, (loss, members), zero, train, size)
+    return _stationary(gsum, n, members)
 
 
 def _check_relatif(relatif):
@@ -403,14 +470,16 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
                 "pass a pytree with a leading example axis, or use influence_ekfac / "
                 "influence_datainf / influence_explicit, which stream")
 
-    def damping_of(damping):
+    def damping_of(damping, state):
+        """λ: ``damping``, else the state's (the factory's, or its default rule's)."""
         if damping is None:
-            return spec.damping
+            return spec.damping if state.damping is None else state.damping
         _check_damping(damping, spec.positive)
         return damping
 
-    def ready(curvature, lam):
-        return curvature if spec.prepare is None else spec.prepare(curvature, lam)
+    def ready(curvature, lam, base):
+        """``curvature`` prepared at λ = ``lam``, from the state's at λ₀ = ``base``."""
+        return curvature if spec.prepare is None else spec.prepare(curvature, lam, base)
 
     def checked(curvature, lam, v, u):
         """``u`` (solutions, or scores made from them: an array or a TopK), once
@@ -454,40 +523,47 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
             return None
         if damping is None:
             return state.norms
-        return normalisers(state, data, damping_of(damping), curvature)
+        return normalisers(state, data, damping_of(damping, state), curvature)
 
     def cache(members, train) -> InfluenceState:
         members = _common.setup(task, members, train)
         need_memory(train, "cache")
         if spec.ggn:
             _check_split(task, members, train)
-        curvature, coords = spec.fit(task, members, train,
-                                     lambda floats=None: size(members, train, floats))
+        sizes = lambda floats=None: size(members, train, floats)
+        lam0 = spec.damping
+        if lam0 is None and spec.default_damping is None:
+            lam0 = _stationary_damping(task.loss, members, train, sizes())
+        if lam0 is not None:
+            lam0 = jnp.asarray(lam0, _common.param_dtype(members))
+        curvature, coords = spec.fit(task, members, train, sizes,
+                                     *((lam0,) if spec.damped_fit else ()))
+        if lam0 is None:
+            lam0 = jnp.asarray(spec.default_damping(curvature), _common.param_dtype(members))
         state = InfluenceState(members, _common.stored_train(train), curvature, coords, None,
-                               _common.provenance(spec.name, made, members, train))
+                               _common.provenance(spec.name, made, members, train), lam0)
         if spec.check is not None and _common.is_concrete(curvature):
-            spec.check(curvature, spec.damping, None, None)
+            spec.check(curvature, lam0, None, None)
         if spec.prepare is not None or relatif is not None:
-            prepared = ready(curvature, spec.damping)  # raises on a failed factorisation
+            prepared = ready(curvature, lam0, lam0)  # raises on a failed factorisation
             if relatif is not None:
-                state = state._replace(norms=normalisers(state, train, spec.damping,
-                                                         prepared))
+                state = state._replace(norms=normalisers(state, train, lam0, prepared))
         return state
 
     def attribute(state: InfluenceState, test, *, train=None, top_k=None, lowest=False,
                   damping=None):
         """``(n_train, n_test)`` scores, or a ``TopK`` with ``top_k``; ``damping``
-        (default: the factory's) changes λ without refitting. ``train``: the training
+        (default: the state's, ``state.damping``) changes λ without refitting. ``train``: the training
         set, needed only when the state was cached from a stream."""
         check_state(state, train)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         members = state.members
-        lam = damping_of(damping)
+        lam = damping_of(damping, state)
         data = None if spec.diagonal is not None else _common.train_for(state.train, train)
         need_memory(data, "attribute")
         d = _common.num_params(members)
-        curvature = ready(state.curvature, lam)
+        curvature = ready(state.curvature, lam, state.damping)
         apply_config = spec.config(members, size(members, data))
         b = size(members, test, members.num * d)
         n_test = engine.num_examples(test)
@@ -529,14 +605,14 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
     def self_attribute(state: InfluenceState, *, train=None, damping=None):
         """``(n_train,)`` score(i, i) (the diagonal of ``attribute(state, train)``)."""
         check_state(state, train)
-        lam = damping_of(damping)
+        lam = damping_of(damping, state)
         if spec.diagonal is not None and task.target_is_loss:
             norms = norms_at(state, None, damping, state.curvature)
             s = jnp.sum(state.coords ** 2 * spec.diagonal(state.curvature, lam)[None], -1)
             return jnp.mean(s if norms is None else s / norms, axis=1)
         data = _common.train_for(state.train, train)
         need_memory(data, "self_attribute")
-        curvature = ready(state.curvature, lam)
+        curvature = ready(state.curvature, lam, state.damping)
         return checked(curvature, lam, None,
                        self_map("self", state, data, lam,
                                 norms_at(state, data, damping, curvature), curvature))
@@ -571,8 +647,8 @@ def _forward_floats(loss, members, data) -> int:
     return max(1, _jaxpr_floats(closed.jaxpr))
 
 
-def _explicit_fit(curvature, damping, task, members, train, size):
-    """``(M, d, d)``: the lower Cholesky factors L of C + λ₀I (λ₀ the factory's
+def _explicit_fit(curvature, task, members, train, size, damping):
+    """``(M, d, d)``: the lower Cholesky factors L of C + λ₀I (λ₀ the cached
     damping), C the Hessian (or GGN) of the mean training loss of every member, summed
     over chunks ``block`` columns at a time (``_dense_step``): ``block`` unit vectors
     whose four ``(block, d)`` temporaries fit the chunk budget
@@ -636,13 +712,14 @@ def _refactor(factors, base, damping):
     return _factor(_each_member(lambda l: l @ l.T, factors), lam - lam0)
 
 
-def _explicit_prepare(what, base):
-    def prepare(factors, damping):
-        """L with L Lᵀ = C + λI: the state's at the factory's damping λ₀, else one
+def _explicit_prepare(what):
+    def prepare(factors, damping, base):
+        """L with L Lᵀ = C + λI: the state's at its damping λ₀ = ``base``, else one
         factorisation of L₀L₀ᵀ + (λ − λ₀)I. A concrete factorisation that failed
         (C + λI indefinite) or has a pivot ≤ 1e-12 of the largest (singular) raises
         ValueError."""
-        same = _common.is_concrete(damping) and np.array_equal(np.asarray(damping), base)
+        same = (_common.is_concrete((damping, base))
+                and np.array_equal(np.asarray(damping), np.asarray(base)))
         if not same:
             factors = _refactor(factors, base, damping)
         if _common.is_concrete(factors):
@@ -675,7 +752,8 @@ def _explicit_check(curvature, damping, v, u):
                          "damping*I is singular or indefinite; increase `damping`")
 
 
-def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "hessian",
+def influence_explicit(task: Any, *, damping: Optional[float] = None,
+                       curvature: str = "hessian",
                        chunk_size: Optional[int] = None,
                        relatif: Optional[str] = None) -> Attributor:
     """Influence with the dense curvature: score(i, t) = g_iᵀ (C + λI)⁻¹ g_t, C the
@@ -693,15 +771,20 @@ def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "he
     ``jattri.Stream`` works), ``block`` unit vectors at a time written into C in
     place, so that besides C only O(block·d) floats of tangents are live, within the
     chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``); it keeps the Cholesky
-    factors L L ᵀ = C + λ₀I at the factory's damping λ₀ (d³/3 flops). ``attribute``
+    factors L L ᵀ = C + λ₀I at the cached damping λ₀ (d³/3 flops). ``attribute``
     applies (C + λI)⁻¹ by two triangular solves; another ``damping`` costs one
     factorisation of L Lᵀ + (λ − λ₀)I, no refit. A singular or indefinite C + λI
-    raises ``ValueError`` (at ``cache`` for the factory's damping, which must
+    raises ``ValueError`` (at ``cache`` for the cached damping, which must
     therefore make C + λ₀I positive definite).
 
     Args:
       task: a :class:`jattri.Task` or a ``loss_fn(params, example)``. damping: λ ≥ 0
-        (``attribute(..., damping=...)`` overrides it). curvature: ``"hessian"``
+        (``attribute(..., damping=...)`` overrides it), or ``None`` (default): the L2 coefficient under which the
+        members are stationary points of their training objective,
+        λ̂ = −⟨∇L̄(θ), θ⟩/‖θ‖² (:func:`stationary_damping`, one gradient pass at
+        ``cache``; 1e-3 where λ̂ ≤ 0): the Hessian of a model trained on mean loss +
+        (λ/2)‖θ‖² is H + λI, so this is the damping that makes influence Koh &
+        Liang's; recorded in ``state.damping``. curvature: ``"hessian"``
         (default: exact influence, as Koh & Liang; convex models) or ``"ggn"``
         (non-convex models, where H + λI is indefinite at small λ). chunk_size:
         examples per compiled step. relatif: ``None``, ``"l"`` or ``"theta"`` (module
@@ -714,14 +797,14 @@ def influence_explicit(task: Any, *, damping: float = 1e-3, curvature: str = "he
     d² is 1.19 GB: ``benchmarks/explicit_memory.py`` (``benchmarks/RESULTS.md``,
     "Explicit influence in bounded memory").
     """
-    _check_damping(damping)
+    _check_damping(damping, none=True)
     _checks.choice(curvature, "curvature", CURVATURES)
     task = as_task(task)
     _check_curvature(curvature, task)
     what = "Hessian" if curvature == "hessian" else "Gauss-Newton matrix"
-    spec = _Spec("influence_explicit", damping, partial(_explicit_fit, curvature, damping),
+    spec = _Spec("influence_explicit", damping, partial(_explicit_fit, curvature),
                  _explicit_apply, lambda members, size: None, check=_explicit_check,
-                 prepare=_explicit_prepare(what, damping), ggn=curvature == "ggn",
+                 prepare=_explicit_prepare(what), ggn=curvature == "ggn", damped_fit=True,
                  # the state's factors are those of C + damping·I
                  hyper=(("damping", damping),) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
@@ -747,7 +830,8 @@ def _cg_check(advice):
     return check
 
 
-def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: float = 1e-6,
+def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 100,
+                 tol: float = 1e-6,
                  curvature: str = "hessian", chunk_size: Optional[int] = None,
                  relatif: Optional[str] = None) -> Attributor:
     """Influence with (C + λI)⁻¹ by conjugate gradients on exact curvature-vector
@@ -771,7 +855,13 @@ def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: f
     of returning scores from a meaningless solve. The training set must be in memory.
 
     Args:
-      task: a Task or a loss. damping: λ ≥ 0 (overridable at ``attribute``).
+      task: a Task or a loss. damping: λ ≥ 0 (overridable at ``attribute``), or
+        ``None`` (default): the L2 coefficient under which the
+        members are stationary points of their training objective,
+        λ̂ = −⟨∇L̄(θ), θ⟩/‖θ‖² (:func:`stationary_damping`, one gradient pass at
+        ``cache``; 1e-3 where λ̂ ≤ 0): the Hessian of a model trained on mean loss +
+        (λ/2)‖θ‖² is H + λI, so this is the damping that makes influence Koh &
+        Liang's; recorded in ``state.damping`` (as ``influence_explicit``).
       maxiter: CG iterations. tol: relative residual. curvature: ``"hessian"``
         (default, Koh & Liang's exact influence) or ``"ggn"`` (positive
         semi-definite; for non-convex models). chunk_size: examples per chunk
@@ -781,7 +871,7 @@ def influence_cg(task: Any, *, damping: float = 1e-3, maxiter: int = 100, tol: f
     n_test)·d CG vectors per member (train side: one chunk's) plus the n_test·d test
     gradients, and one chunk's products for as many tangents.
     """
-    _check_damping(damping)
+    _check_damping(damping, none=True)
     maxiter = _checks.integer(maxiter, "maxiter")
     tol = _checks.real(tol, "tol", low=0)
     _checks.choice(curvature, "curvature", CURVATURES)
@@ -856,7 +946,7 @@ def _lissa_apply(config, args, v):
     return _common.member_map(one, members, top, keys, v)
 
 
-def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
+def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 1000,
                     repeats: int = 1, batch_size: Optional[int] = None,
                     scale: Optional[float] = None, key: Optional[jax.Array] = None,
                     curvature: str = "hessian", chunk_size: Optional[int] = None,
@@ -885,7 +975,12 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
 
     Args:
       task: a Task or a loss. damping: λ ≥ 0 (Tikhonov, as in every IF method;
-        overridable at ``attribute``).
+        overridable at ``attribute``), or ``None`` (default): the L2 coefficient under which the
+        members are stationary points of their training objective,
+        λ̂ = −⟨∇L̄(θ), θ⟩/‖θ‖² (:func:`stationary_damping`, one gradient pass at
+        ``cache``; 1e-3 where λ̂ ≤ 0): the Hessian of a model trained on mean loss +
+        (λ/2)‖θ‖² is H + λI, so this is the damping that makes influence Koh &
+        Liang's; recorded in ``state.damping`` (as ``influence_explicit``).
       depth: recursion steps; the error decays like (1 − (μ_min + λ)/scale)^depth.
       repeats: independent recursions averaged. batch_size: |S| (``None``: the whole
         training set, a deterministic Neumann series). scale: > λ_max(H_S) + λ
@@ -898,7 +993,7 @@ def influence_lissa(task: Any, *, damping: float = 1e-3, depth: int = 1000,
     n_test)·d per member (train side: one chunk's) plus the n_test·d test gradients
     and one chunk's products for as many tangents.
     """
-    _check_damping(damping)
+    _check_damping(damping, none=True)
     depth = _checks.integer(depth, "depth")
     repeats = _checks.integer(repeats, "repeats")
     batch_size = _checks.integer(batch_size, "batch_size", none=True)
@@ -991,7 +1086,7 @@ def _arnoldi_fits(config, args):
 
 
 def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = None,
-                      damping: float = 1e-3, tol: float = 1e-6,
+                      damping: Optional[float] = None, tol: float = 1e-6,
                       key: Optional[jax.Array] = None, curvature: str = "hessian",
                       chunk_size: Optional[int] = None,
                       relatif: Optional[str] = None) -> Attributor:
@@ -1013,7 +1108,12 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     Args:
       task: a Task or a loss. rank: eigenpairs kept. num_iters: Krylov steps (default
         ``min(d, max(2·rank, rank + 20))``). damping: λ ≥ 0 (overridable at
-        ``attribute``). tol: relative cut-off. key: start-vector key (default
+        ``attribute``), or ``None`` (default): the L2 coefficient under which the
+        members are stationary points of their training objective,
+        λ̂ = −⟨∇L̄(θ), θ⟩/‖θ‖² (:func:`stationary_damping`, one gradient pass at
+        ``cache``; 1e-3 where λ̂ ≤ 0): the Hessian of a model trained on mean loss +
+        (λ/2)‖θ‖² is H + λI, so this is the damping that makes influence Koh &
+        Liang's; recorded in ``state.damping`` (as ``influence_explicit``). tol: relative cut-off. key: start-vector key (default
         ``PRNGKey(0)``; member m uses ``fold_in(key, m)``). curvature: ``"hessian"``
         (default) or ``"ggn"``. chunk_size: examples per chunk. relatif: ``None``,
         ``"l"``, ``"theta"``.
@@ -1021,7 +1121,7 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     Memory: state M·rank·(d + 1) + n·M·rank floats; the fit holds num_iters·d floats
     (the Krylov basis) per member.
     """
-    _check_damping(damping)
+    _check_damping(damping, none=True)
     rank = _checks.integer(rank, "rank")
     num_iters = _checks.integer(num_iters, "num_iters", none=True)
     tol = _checks.real(tol, "tol", low=0, high=1, open_high=True)
@@ -1103,7 +1203,24 @@ def _ekfac_apply(config, args, v):
     return _common.member_map(one, members, factors, v)
 
 
-def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bool = True,
+_EKFAC_RELATIVE_DAMPING = 0.1
+
+
+@jax.jit
+def _ekfac_damping(factors: fisher.EKFACFactors) -> jax.Array:
+    """0.1 × the mean eigenvalue of the EK-FAC / K-FAC curvature, averaged over members:
+    (Σ_layers Σ Λ* + Σ diag) / d, the diagonal Fisher counting only the parameters
+    outside the factored layers (it is zero on theirs)."""
+    diag = jax.tree_util.tree_leaves(factors.diag)
+    d = sum(x[0].size for x in diag)
+    trace = sum(jnp.sum(x.reshape(x.shape[0], -1), -1) for x in diag)
+    trace = trace + sum(jnp.sum(f.eigvals.reshape(f.eigvals.shape[0], -1), -1)
+                        for f in factors.layers.values())
+    return _EKFAC_RELATIVE_DAMPING * jnp.mean(trace / d)
+
+
+def influence_ekfac(task: Any, *, damping: Optional[float] = None,
+                    correct_eigenvalues: bool = True,
                     curvature: str = "empirical", chunk_size: Optional[int] = None,
                     relatif: Optional[str] = None) -> Attributor:
     """Influence with the EK-FAC approximation of the curvature (George et al., 2018;
@@ -1138,7 +1255,15 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
         ``nnx.split(model)`` or ``nnx.to_pure_dict(state)``), both unchanged; in a
         plain-JAX model, write each linear layer as ``jattri.func.dense(x,
         params["fc1"]["w"], params["fc1"]["b"])`` instead of ``x @ w + b``. damping: λ ≥ 0 (directions with
-        zero curvature and λ = 0 get weight 0). correct_eigenvalues: EK-FAC (True) or
+        zero curvature and λ = 0 get weight 0), or ``None`` (default): 0.1 × the mean
+        eigenvalue of the fitted EK-FAC / K-FAC curvature, (Σ Λ* + Σ diag)/d, averaged
+        over members and recorded in ``state.damping`` (the rule of Grosse et al.,
+        2023, and Kronfluence, which applies it per layer; jattri applies one λ to all
+        layers). Why relative: the curvature's scale is set by the loss and the data
+        (on the embedded digits settings the empirical Fisher's mean eigenvalue is
+        4e-3 on the LR and 3-8e-6 on the MLP), so no absolute constant suits both: the
+        former default, an absolute 1e-3, is 300× the MLP's mean eigenvalue. No ground-truth-free way to choose the
+        factor is known (``benchmarks/RESULTS.md``, "Damping grids"). correct_eigenvalues: EK-FAC (True) or
         K-FAC. curvature: ``"empirical"`` (empirical Fisher) or ``"ggn"``
         (Gauss-Newton). chunk_size: examples per chunk. relatif: ``None``, ``"l"``,
         ``"theta"``.
@@ -1147,7 +1272,7 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
     (the eigenbases, the corrected eigenvalues and the diagonal Fisher); the fit holds
     one chunk's layer inputs and output gradients per member.
     """
-    _check_damping(damping)
+    _check_damping(damping, none=True)
     _checks.flag(correct_eigenvalues, "correct_eigenvalues")
     _checks.choice(curvature, "curvature", fisher.CURVATURES)
 
@@ -1159,7 +1284,8 @@ def influence_ekfac(task: Any, *, damping: float = 1e-3, correct_eigenvalues: bo
                           train, size()), None
 
     spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: size,
-                 hyper=(("correct_eigenvalues", correct_eigenvalues), ("curvature", curvature)))
+                 hyper=(("correct_eigenvalues", correct_eigenvalues), ("curvature", curvature)),
+                 default_damping=_ekfac_damping)
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
@@ -1272,5 +1398,5 @@ def influence_datainf(task: Any, *, damping: float = 0.1,
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-__all__ = ["InfluenceState", "influence_arnoldi", "influence_cg", "influence_datainf",
+__all__ = ["InfluenceState", "stationary_damping", "influence_arnoldi", "influence_cg", "influence_datainf",
            "influence_ekfac", "influence_explicit", "influence_lissa"]

@@ -178,7 +178,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
         (0.01 × the mean eigenvalue) was worse on both embedded digits settings; there
         the best value is 1-3 × the mean eigenvalue, which this rule does not reach
         (``benchmarks/RESULTS.md``, "Damping grids"). No ground-truth-free way to
-        pick TRAK's damping is known (the paper has none; traker's default is 0).
+        pick TRAK's damping is known (the paper has none; dattri's default is 0).
       key: PRNG key of the projection (default ``PRNGKey(0)``).
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
       projection: ``"auto"`` (default: the dense Gaussian while d·k ≤ 2²⁷, else the

@@ -1,0 +1,131 @@
+"""Default damping rules (issue 12): each default equals its stated rule, computed here
+slowly in float64 numpy; no LDS and no timing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattri
+from jattri.methods.influence import stationary_damping
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def _problem(weight_decay, steps=3000):
+    """Softmax regression (5 features, 3 classes, 40 examples) trained by gradient
+    descent on mean cross-entropy + (weight_decay/2)‖θ‖²."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    y = rng.integers(0, 3, size=40)
+
+    def loss_fn(params, example):
+        xi, yi = example
+        logits = xi @ params["w"] + params["b"]
+        return -jax.nn.log_softmax(logits)[yi]
+
+    def objective(params):
+        ce = jnp.mean(jax.vmap(lambda a, b: loss_fn(params, (a, b)))(x, y))
+        l2 = sum(jnp.sum(p ** 2) for p in jax.tree_util.tree_leaves(params))
+        return ce + 0.5 * weight_decay * l2
+
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3)) * 0.1), "b": jnp.zeros(3)}
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda a, g: a - 0.5 * g, p,
+                                                    jax.grad(objective)(p)))
+    for _ in range(steps):
+        params = step(params)
+    return loss_fn, params, (jnp.asarray(x), jnp.asarray(y)), (x, y)
+
+
+def _numpy_rule(params, x, y):
+    """−⟨ḡ, θ⟩/‖θ‖² in float64 numpy, the softmax-CE gradient written out."""
+    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+    logits = x @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    r = p - np.eye(3)[y]                       # ∂CE/∂logits
+    gw, gb = x.T @ r / len(x), r.mean(0)
+    theta = np.concatenate([b.ravel(), w.ravel()])
+    g = np.concatenate([gb.ravel(), gw.ravel()])
+    return -g @ theta / (theta @ theta)
+
+
+def test_stationary_damping_equals_the_numpy_rule_and_recovers_the_training_l2():
+    loss_fn, params, train, (x, y) = _problem(weight_decay=0.05)
+    lam = float(stationary_damping(loss_fn, params, train))
+    np.testing.assert_allclose(lam, _numpy_rule(params, x, y), rtol=1e-10)
+    np.testing.assert_allclose(lam, 0.05, rtol=1e-4)  # converged: stationarity gives it back
+
+
+@pytest.mark.parametrize("factory", [jattri.influence_explicit, jattri.influence_cg,
+                                     jattri.influence_arnoldi, jattri.influence_lissa])
+def test_influence_default_damping_is_the_stationary_rule(factory):
+    loss_fn, params, train, (x, y) = _problem(weight_decay=0.02)
+    attr = factory(loss_fn)
+    state = attr.cache(params, train)
+    want = _numpy_rule(params, x, y)
+    np.testing.assert_allclose(float(state.damping), want, rtol=1e-10)
+    # the default scores are the scores at that damping
+    np.testing.assert_allclose(np.asarray(attr.attribute(state, train)),
+                               np.asarray(attr.attribute(state, train, damping=want)),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_explicit_default_matches_dense_influence_at_the_rule():
+    """Slow reference: g_iᵀ (H + λ̂I)⁻¹ g_t with H from jax.hessian of the mean loss."""
+    loss_fn, params, train, (x, y) = _problem(weight_decay=0.02)
+    attr = jattri.influence_explicit(loss_fn)
+    scores = np.asarray(attr.attribute(attr.cache(params, train), train))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    per = lambda t: jax.vmap(lambda a, b: loss_fn(unravel(t), (a, b)))(*train)
+    h = np.asarray(jax.hessian(lambda t: jnp.mean(per(t)))(flat))
+    g = np.asarray(jax.jacobian(per)(flat))
+    lam = _numpy_rule(params, x, y)
+    want = g @ np.linalg.solve(h + lam * np.eye(len(flat)), g.T)
+    np.testing.assert_allclose(scores, want, rtol=1e-6, atol=1e-9)
+
+
+def test_stationary_damping_falls_back_without_l2():
+    # At −θ* (θ* trained with L2) the mean gradient points along θ: λ̂ ≤ 0, checked.
+    loss_fn, params, train, (x, y) = _problem(weight_decay=0.05)
+    flipped = jax.tree_util.tree_map(lambda a: -a, params)
+    assert _numpy_rule(flipped, x, y) <= 0
+    assert float(stationary_damping(loss_fn, flipped, train)) == pytest.approx(1e-3)
+
+
+def test_explicit_damping_given_is_kept():
+    loss_fn, params, train, _ = _problem(weight_decay=0.05, steps=10)
+    state = jattri.influence_explicit(loss_fn, damping=0.3).cache(params, train)
+    assert float(state.damping) == pytest.approx(0.3)
+
+
+def test_ekfac_default_damping_is_a_tenth_of_the_mean_eigenvalue():
+    """EK-FAC's corrected eigenvalues sum to E‖G_i‖² per layer (the basis is orthogonal),
+    so its mean eigenvalue is the mean squared per-example gradient per parameter."""
+    _, params, train, (x, y) = _problem(weight_decay=0.02, steps=200)
+    dense_loss = lambda p, z: -jax.nn.log_softmax(
+        jattri.func.dense(z[0], p["w"], p["b"]))[z[1]]
+    state = jattri.influence_ekfac(dense_loss).cache(params, train)
+    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+    logits = x @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    r = p - np.eye(3)[y]
+    sq = (np.sum(x ** 2, 1) + 1.0) * np.sum(r ** 2, 1)   # ‖x_i r_iᵀ‖² + ‖r_i‖²
+    np.testing.assert_allclose(float(state.damping), 0.1 * sq.mean() / (w.size + b.size),
+                               rtol=1e-8)
+
+
+def test_trak_default_damping_is_a_tenth_of_the_kernel_mean_eigenvalue():
+    from test_methods_core import trak_reference
+    loss_fn, params, train, _ = _problem(weight_decay=0.02, steps=200)
+    task = jattri.Task(loss_fn)
+    key = jax.random.PRNGKey(3)
+    attr = jattri.trak(task, proj_dim=8, key=key)
+    got = attr.attribute(attr.cache(jattri.checkpoints([params]), train), train)
+    want = trak_reference(task, [params], train, train, 8, 0.1, key)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7, atol=1e-10)
