@@ -472,13 +472,14 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: Any, *,
             4 * sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params)))
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params), jnp.float32)
     cov, _, n = engine.scan(_covariance_step, (layers, curvature), (loss, params),
-                            ekfac_zero_covariances(layers, params, dtype), data, size)
+                            ekfac_zero_covariances(layers, params, dtype), data, size,
+                            sums=True)
     qa, qs, la, ls = ekfac_eigenbasis(cov, n)
     sums = None
     if correct_eigenvalues:
         zero = {k: jnp.zeros((q.shape[0], qs[k].shape[0]), q.dtype) for k, q in qa.items()}
         sums, _, _ = engine.scan(_eigenvalue_step, (layers, curvature), (loss, params, qa, qs),
-                                 zero, data, size)
+                                 zero, data, size, sums=True)
     return ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature)
 
 

@@ -257,7 +257,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         fisher0 = tuple(jnp.zeros((members.num, k, k), dtype) for k in _block_sizes(cfg))
         args = (task.loss, members, _common.member_keys(key, members.num))
         fisher, phi, n = engine.scan(_cache_step, cfg, args, fisher0, train,
-                                     size(members, train))
+                                     size(members, train), sums=True)
         fisher = tuple(f / n for f in fisher)
         return LograState(members, _common.stored_train(train), phi, fisher,
                           _common.provenance("logra", made, members, train, phi.shape[0]))
