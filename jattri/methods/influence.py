@@ -230,7 +230,7 @@ def _mean_cvp(fns, params, aux, data, vs, size, indexed=False) -> jax.Array:
     the Gauss-Newton matrix (``fns`` the split) of the mean loss over ``data`` (in
     memory), summed chunk by chunk."""
     acc, _, n = engine.scan(_cvp_step, indexed, (fns, params, aux, vs), jnp.zeros_like(vs),
-                            data, size)
+                            data, size, sums=True)
     return acc / n
 
 
@@ -348,7 +348,8 @@ def stationary_damping(task: Any, members: Members, train, *,
 def _stationary_damping(loss, members, train, size) -> jax.Array:
     d = _common.num_params(members)
     zero = jnp.zeros((members.num, d), _common.param_dtype(members))
-    gsum, _, n = engine.scan(_grad_sum_step, None, (loss, members), zero, train, size)
+    gsum, _, n = engine.scan(_grad_sum_step, None, (loss, members), zero, train, size,
+                             sums=True)
     return _stationary(gsum, n, members)
 
 
@@ -471,9 +472,9 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
                 "influence_datainf / influence_explicit, which stream")
 
     def damping_of(damping, state):
-        """λ: ``damping``, else the state's (the factory's, or its default rule's)."""
+        """λ: ``damping``, else the factory's, else (its default rule) the state's."""
         if damping is None:
-            return spec.damping if state.damping is None else state.damping
+            return spec.damping if spec.damping is not None else state.damping
         _check_damping(damping, spec.positive)
         return damping
 
@@ -553,8 +554,9 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
     def attribute(state: InfluenceState, test, *, train=None, top_k=None, lowest=False,
                   damping=None):
         """``(n_train, n_test)`` scores, or a ``TopK`` with ``top_k``; ``damping``
-        (default: the state's, ``state.damping``) changes λ without refitting. ``train``: the training
-        set, needed only when the state was cached from a stream."""
+        (default: the factory's, or with its default rule ``state.damping``) changes
+        λ without refitting. ``train``: the training set, needed only when the state
+        was cached from a stream."""
         check_state(state, train)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
@@ -670,7 +672,8 @@ def _explicit_fit(curvature, task, members, train, size, damping):
 def _dense_sum(block, examples, fns, members, train):
     d = _common.num_params(members)
     h0 = jnp.zeros((members.num, d, d), _common.param_dtype(members))
-    h, _, n = engine.scan(_dense_step, block, (fns, members), h0, train, examples)
+    h, _, n = engine.scan(_dense_step, block, (fns, members), h0, train, examples,
+                          sums=True)
     return h / n
 
 
@@ -1179,13 +1182,14 @@ def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFacto
         lambda x: jnp.zeros((m,) + x.shape, x.dtype), tree)
     zero = stacked(fisher.ekfac_zero_covariances(layers, _member_spec(members.params),
                                                  _common.param_dtype(members)))
-    cov, _, n = engine.scan(_ekfac_covariance_step, config, (loss, members), zero, train, size)
+    cov, _, n = engine.scan(_ekfac_covariance_step, config, (loss, members), zero, train, size,
+                            sums=True)
     qa, qs, la, ls = fisher.ekfac_eigenbasis(cov, n)
     sums = None
     if correct:
         zero = {k: jnp.zeros(q.shape[:-1] + (qs[k].shape[-1],), q.dtype) for k, q in qa.items()}
         sums, _, _ = engine.scan(_ekfac_eigenvalue_step, config, (loss, members, qa, qs), zero,
-                                 train, size)
+                                 train, size, sums=True)
     return fisher.ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature)
 
 
@@ -1351,7 +1355,7 @@ def _datainf_apply(config, args, v):
     loss, members, stats, damping, train = args
     lam = _datainf_lambdas(stats, damping)  # (M, L)
     corr, _, n = engine.scan(_datainf_step, groups, (loss, members, lam, v), jnp.zeros_like(v),
-                             train, size)
+                             train, size, sums=True)
     parts = [(_take(v, runs) - _take(corr, runs) / n) / lam[:, l, None, None]
              for l, runs in enumerate(groups)]
     return _put(parts, groups)
@@ -1388,7 +1392,7 @@ def influence_datainf(task: Any, *, damping: float = 0.1,
         groups = _param_groups(members)
         zero = jnp.zeros((members.num, len(groups)), _common.param_dtype(members))
         sums, _, n = engine.scan(_datainf_stats_step, groups, (task.loss, members), zero,
-                                 train, size())
+                                 train, size(), sums=True)
         dims = np.array([sum(b - a for a, b in runs) for runs in groups], np.float64)
         return (sums / (n * dims)).astype(sums.dtype), None
 
