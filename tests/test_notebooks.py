@@ -15,7 +15,13 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # notebook -> the PNGs it saves in its working directory
-FIGURES = {"01_quickstart.ipynb": ["01_top_examples.png", "01_mislabel.png"]}
+FIGURES = {"01_quickstart.ipynb": ["01_top_examples.png", "01_mislabel.png", "01_top_text.png"],
+           "02_benchmark.ipynb": ["02_lds_vs_time.png"],
+           "03_ensembles.ipynb": ["03_ensembles.png", "03_dropout_rate.png"]}
+# notebook -> (table files it writes in its working directory, header lines it prints)
+TABLES = {"01_quickstart.ipynb": ([], ["helpers same label", "AUC"]),
+          "02_benchmark.ipynb": (["02_benchmark_table.txt"], ["LDS      LDS      LDS"]),
+          "03_ensembles.ipynb": (["03_ensembles.csv"], ["naive I=1", "dropout I=2", "lora I=2"])}
 
 RUNNER = """
 import json, sys
@@ -50,6 +56,11 @@ def test_notebook_runs_at_ci_size(name, tmp_path):
     for png in FIGURES[name]:
         path = tmp_path / png
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    files, headers = TABLES[name]
+    for table in files:
+        assert (tmp_path / table).is_file() and (tmp_path / table).stat().st_size > 0, table
+    for header in headers:
+        assert header in run.stdout, f"{name} printed no table with {header!r}"
     assert seconds < 120, f"{name} took {seconds:.0f} s at CI size"
 
 
@@ -64,3 +75,8 @@ def test_committed_notebook_has_outputs(name):
     assert len(images) >= len(FIGURES[name])
     for png in FIGURES[name]:
         assert (NOTEBOOKS / png).is_file(), png
+    for table in TABLES[name][0]:
+        assert (NOTEBOOKS / table).is_file(), table
+    printed = "".join("".join(o.get("text", "")) for c in cells for o in c["outputs"])
+    for header in TABLES[name][1]:
+        assert header in printed, header
