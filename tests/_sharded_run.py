@@ -59,14 +59,16 @@ METHODS = {
                                                             chunk_size=4),
 }
 
-CALLS = []  # (stage, n examples, devices of its layout), every engine program traced
+CALLS = []  # (stage, n examples, devices of its layout, per-device partial sums): every
+            # engine program traced
 
 
 def _recording(name, jitted):
     def call(*args, **kwargs):
         layout = kwargs.get("layout")
         data = args[4] if name == "scan" else args[3]
-        CALLS.append((name, engine.num_examples(data), 1 if layout is None else layout.devices))
+        CALLS.append((name, engine.num_examples(data), 1 if layout is None else layout.devices,
+                      bool(kwargs.get("sums"))))
         return jitted(*args, **kwargs)
     return call
 
@@ -143,6 +145,7 @@ def main(names):
             "state_leaves": sharded_leaves(state),
             "train_stages": len(train_calls),
             "train_stage_devices": sorted({c[2] for c in train_calls}),
+            "partial_sums": any(c[3] for c in train_calls),
             "grads_devices": [len(x.device_set) for x in seen],
             "grads_spec": [str(getattr(x, "spec", x)) for x in seen],
             "probe_devices": len(rows.sharding.device_set),

@@ -225,7 +225,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
                            "ΦᵀΦ", "proj_dim")
         kernel0 = jnp.zeros((members.num, k, k), _common.param_dtype(members))
         kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, keys(members)),
-                                          kernel0, train, size(members, train))
+                                          kernel0, train, size(members, train), sums=True)
         return TrakState(members, _common.stored_train(train), phi, kernel, q,
                          _common.provenance("trak", made, members, train, phi.shape[0]))
 
