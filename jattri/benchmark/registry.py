@@ -75,8 +75,8 @@ _GGN_SETTINGS = ("digits_mlp",)
 # influence of Koh & Liang (2017, section 5.1), so that the three solvers of one system
 # can be compared as on the LR. Full-parameter, they do not fit the 3-minute budget of
 # the whole default run on 2 cores: the dense 17,226² matrix costs a 17,226-row
-# Cholesky (33 s measured here) and its sum (n·10·d² flops, 60 s at the 48 Gflop/s
-# measured) per build, twice (with RelatIF; fc2 + fc3, 8,906 parameters, took 87 s to
+# Cholesky (33 s measured here) and its sum (n·10·d² multiply-adds, 60 s at the 48
+# G/s a GEMM reached here) per build, twice (with RelatIF; fc2 + fc3, 8,906 parameters, took 87 s to
 # build); full-parameter CG (100 iterations) and LiSSA (depth 1000) took 107 s and
 # 148 s (RESULTS.md, "Every method on digits_mlp"). Arnoldi runs on all parameters;
 # the full-parameter explicit run is benchmarks/explicit_memory.py.
