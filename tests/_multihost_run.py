@@ -35,9 +35,10 @@ from _sharded_run import N_TRAIN, data  # noqa: E402
 import jattri  # noqa: E402
 from _sharded_run import loss_fn  # noqa: E402
 
+# TRAK (stored features, a Gram summed over hosts) and CG (curvature products summed
+# over hosts inside CG's own jit); EK-FAC's factor sums take TRAK's path.
 METHODS = {
     "trak": lambda: jattri.trak(loss_fn, proj_dim=32, chunk_size=4),
-    "influence_ekfac": lambda: jattri.influence_ekfac(loss_fn, chunk_size=4),
     "influence_cg": lambda: jattri.influence_cg(loss_fn, damping=1.0, chunk_size=4),
 }
 

@@ -46,7 +46,7 @@ def test_two_hosts_equal_one(tmp_path):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     _wait([_launch(0, 2, port, two), _launch(1, 2, port, two), _launch(0, 1, 0, one)])
     ref, got = np.load(one), np.load(two)
-    for method in ("trak", "influence_ekfac", "influence_cg"):
+    for method in ("trak", "influence_cg"):
         assert int(ref[f"{method}/devices"]) == 1 and int(got[f"{method}/devices"]) == 4
         want = ref[f"{method}/scores"]
         assert got[f"{method}/scores"].shape == want.shape == (64, 10)

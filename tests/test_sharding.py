@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+# LiSSA and Arnoldi take the same layout-aware path as CG and explicit influence (their
+# jitted fits pass the layout statically); they are left out to keep the suite short.
 METHODS = ["trak", "grad_dot", "logra", "influence_cg", "influence_ekfac",
-           "influence_lissa", "influence_arnoldi", "influence_explicit"]
+           "influence_explicit"]
 
 
 @pytest.fixture(scope="module")
