@@ -117,8 +117,9 @@ def main(names):
     print(json.dumps({"errors": errors(mesh, train)}), flush=True)
     for name in names:
         attr = METHODS[name]()
-        one = attr.attribute(attr.cache(params, train), test)
-        top_one = attr.attribute(attr.cache(params, train), test, top_k=5)
+        single = attr.cache(params, train)
+        one = attr.attribute(single, test)
+        top_one = attr.attribute(single, test, top_k=5)
         CALLS.clear()
         state = attr.cache(params, sharded)
         many = attr.attribute(state, test)
