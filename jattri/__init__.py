@@ -23,7 +23,7 @@ from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
                             influence_explicit, trak)
 from jattri.methods import knn_shapley, logra, rps, tracin
 from jattri.methods import (influence_arnoldi, influence_datainf, influence_ekfac,
-                            influence_lissa)
+                            influence_lissa, stationary_damping)
 from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
 from jattri import interop, models  # noqa: E402
 from jattri import plot  # noqa: E402  (imports matplotlib only when a function is called)
@@ -37,4 +37,5 @@ __all__ = [
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
     "tracin", "rps", "knn_shapley", "logra",
     "influence_lissa", "influence_arnoldi", "influence_ekfac", "influence_datainf",
+    "stationary_damping",
 ]

@@ -56,6 +56,7 @@ def _numpy_rule(params, x, y):
 
 def test_stationary_damping_equals_the_numpy_rule_and_recovers_the_training_l2():
     loss_fn, params, train, (x, y) = _problem(weight_decay=0.05)
+    assert jattri.stationary_damping is stationary_damping  # exported at top level
     lam = float(stationary_damping(loss_fn, params, train))
     np.testing.assert_allclose(lam, _numpy_rule(params, x, y), rtol=1e-10)
     np.testing.assert_allclose(lam, 0.05, rtol=1e-4)  # converged: stationarity gives it back
