@@ -160,6 +160,23 @@ def test_bad_arguments():
         attr.attribute(state, test, damping=-1.0)
 
 
+def test_singular_fisher_block_is_refused_not_nan():
+    """A layer whose gradients are all zero has F = 0, so F + damping·tr(F)/k·I = 0 and
+    its Cholesky is NaN: attribute and self_attribute say so instead of returning NaN."""
+    loss_fn, params, train, test = make()
+    dead = lambda p, z: loss_fn(p, z) + 0.0 * jnp.sum(
+        nn.Dense(2, name="dead").apply({"params": p["dead"]}, z[0]))
+    p = dict(params[0], dead={"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)})
+    attr = jattri.logra(dead, proj_dim_in=None, proj_dim_out=None)
+    state = attr.cache(p, train)
+    for call in (lambda: attr.attribute(state, test), lambda: attr.self_attribute(state)):
+        with pytest.raises(ValueError, match="not numerically positive definite"):
+            call()
+    # leaving the dead layer out works
+    alive = jattri.logra(dead, proj_dim_in=None, proj_dim_out=None, layers=list(LAYERS))
+    assert np.all(np.isfinite(alive.attribute(alive.cache(p, train), test)))
+
+
 def test_streamed_cache_damping_override_and_top_k():
     loss_fn, params, train, test = make(members=2)
     members = jattri.checkpoints(params)

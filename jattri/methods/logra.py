@@ -160,6 +160,18 @@ def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
     return jnp.concatenate(out, axis=1)
 
 
+def _check_solved(x, damping):
+    """A (concrete) preconditioned result must be finite: a Cholesky of a block that is
+    not numerically positive definite returns NaN, never an error."""
+    if _common.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(
+            f"LoGra's damped Fisher F + λI (λ = damping · tr(F)/k, damping={damping!r}) is "
+            "not numerically positive definite in a layer's block, so its inverse is NaN: "
+            "increase `damping`, or leave out (`layers=`) a layer whose projected "
+            "gradients are all zero")
+    return x
+
+
 def _check_damping(damping):
     # > 0: the Fisher of n < k examples is singular
     return _checks.real(damping, "damping", low=0, open_low=True)
@@ -276,7 +288,8 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         psi = target_phi(state, test)  # (n_test, M, K)
-        solved = _precondition(state.fisher, damping, jnp.transpose(psi, (1, 2, 0)))
+        solved = _check_solved(
+            _precondition(state.fisher, damping, jnp.transpose(psi, (1, 2, 0))), damping)
         n_test = psi.shape[0]
         return engine.score(_tile, None, solved, state.phi,
                             size(state.members, state.phi, state.phi[0].size + n_test),
@@ -290,7 +303,8 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         right = state.phi
         if not task.target_is_loss:
             right = target_phi(state, _common.train_for(state.train, train))
-        inverses = tuple(_inverse(damped_fisher(f, damping)) for f in state.fisher)
+        inverses = tuple(_check_solved(_inverse(damped_fisher(f, damping)), damping)
+                         for f in state.fisher)
         rows = (state.phi, right)
         return engine.per_example(_self_tile, _blocks(state.fisher), inverses, rows,
                                   size(state.members, rows, 2 * state.phi[0].size))
