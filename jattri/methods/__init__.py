@@ -13,5 +13,5 @@ from jattri.methods.logra import logra
 
 __all__ = ["Attributor", "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",
            "tracin", "rps", "knn_shapley", "logra",
-           "influence_lissa", "influence_arnoldi", "influence_ekfac", "influence_datainf",
-           "stationary_damping"]
+           "influence_lissa", "influence_arnoldi", "influence_ekfac", "influence_datainf"]
+# stationary_damping (imported above, re-exported by jattri) is a rule, not a method
