@@ -183,21 +183,13 @@ def plan(facts: dict, runs: dict, ar: dict, args) -> str:
     return "\n".join(out)
 
 
-def _load(path, scale_to=None):
-    """The GPT-2 run of a ``scale.py --json`` file: its result and spec, with
-    ``cache_s`` rescaled to ``scale_to`` seconds per example when given (a run taken
-    under load, anchored to a quiet one side by side)."""
-    if not path:
-        return None
+def _load(path):
+    """The GPT-2 run of a ``scale.py --json`` file: its result and spec merged."""
     with open(path) as f:
         data = json.load(f)
     for r in data.get("runs", []):
         if "result" in r and "cache_s" in r["result"]:
-            out = {**r["spec"], **r["result"]}
-            if scale_to is not None:
-                out["measured_s_per_example"] = out["cache_s"] / out["n_train"]
-                out["cache_s"] = scale_to * out["n_train"]
-            return out
+            return {**r["spec"], **r["result"]}
     raise ValueError(f"{path}: no run with cache_s in it")
 
 
