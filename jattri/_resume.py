@@ -155,7 +155,7 @@ def _run(step, named, config, args, carry, data, size, axis):
         data = engine.as_stream(data)
     name = engine._stage_name(named)
     stage = _Stage(_BLOCKS[-1]._next_dir(name))
-    example = _example_spec(data)
+    example = engine.first_example(data)  # ShapeDtypeStruct leaves
     chunk_spec = engine.Chunk(
         jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((size,) + s.shape, s.dtype),
                                example),
@@ -247,11 +247,6 @@ def _rows(x, start, count):
         # one compiled slice per chunk size, not one per start position
         return _slice_jit(x, np.int32(start), count)
     return np.asarray(x)[start:start + count]
-
-
-def _example_spec(data):
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                  engine.first_example(data))
 
 
 # ------------------------------------------------------------------------ on disk

@@ -82,6 +82,16 @@ def relative(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def grad_probe(seen):
+    """A per-example step computing the chunk's per-example gradients and appending
+    their sharding, as XLA lays them out after propagation, to ``seen``."""
+    def probe(config, params, chunk):
+        g = chunk_grads(lambda p, z, i, aux: loss_fn(p, z), params, None, chunk)
+        jax.debug.inspect_array_sharding(g, callback=seen.append)
+        return g[:, :1]
+    return probe
+
+
 def sharded_leaves(tree):
     """(devices, spec) of every jax.Array leaf of ``tree`` with a leading axis."""
     out = []
@@ -129,12 +139,7 @@ def main(names):
         # propagation, through the same engine path the methods' steps take
         seen = []
 
-        def probe(config, args, chunk):
-            g = chunk_grads(lambda p, z, i, aux: loss_fn(p, z), args, None, chunk)
-            jax.debug.inspect_array_sharding(g, callback=seen.append)
-            return g[:, :1]
-
-        rows = engine.per_example(probe, None, params, sharded, 4)
+        rows = engine.per_example(grad_probe(seen), None, params, sharded, 4)
         print(json.dumps({
             "method": name,
             "rel": relative(many, one),
@@ -188,12 +193,7 @@ def streamed(params, train, test):
     state = attr.cache(params, jattri.stream(batches, mesh=mesh))
     seen = []
 
-    def probe(config, args, chunk):
-        g = chunk_grads(lambda p, z, i, aux: loss_fn(p, z), args, None, chunk)
-        jax.debug.inspect_array_sharding(g, callback=seen.append)
-        return g[:, :1]
-
-    engine.per_example(probe, None, params, jattri.stream(batches, mesh=mesh), 4)
+    engine.per_example(grad_probe(seen), None, params, jattri.stream(batches, mesh=mesh), 4)
     print(json.dumps({"stream": "trak", "rel": relative(attr.attribute(state, test), one),
                       "grads_devices": sorted({len(x.device_set) for x in seen})}), flush=True)
 
