@@ -25,10 +25,19 @@ from jattri.methods import knn_shapley, logra, rps, tracin
 from jattri.methods import (influence_arnoldi, influence_datainf, influence_ekfac,
                             influence_lissa, stationary_damping)
 from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
-from jattri import interop, models  # noqa: E402
+from jattri import interop  # noqa: E402
 from jattri import plot  # noqa: E402  (imports matplotlib only when a function is called)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `jattri.models` (Flax model zoo) is imported on first use: Flax costs ~1 s of a
+    # process's start, and a user's own model does not need it.
+    if name == "models":
+        import importlib
+        return importlib.import_module("jattri.models")
+    raise AttributeError(f"module 'jattri' has no attribute {name!r}")
 
 __all__ = [
     "Attributor", "Members", "Progress", "Stream", "Task", "TopK", "checkpoints", "ensemble",

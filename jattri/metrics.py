@@ -7,7 +7,6 @@ for the test example, e.g. minus the test loss). With jattri's score convention
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
 
 def _as_scores(scores, name="scores") -> np.ndarray:
@@ -44,6 +43,7 @@ def lds(scores, subsets, targets) -> np.ndarray:
     if subsets.shape[0] < 3:
         raise ValueError("`subsets` needs at least 3 subsets for a rank correlation")
     predicted = s[subsets].sum(axis=1)  # (S, n_test)
+    import scipy.stats  # deferred: ~0.3 s of `import jattri`
     return _columnwise(scipy.stats.spearmanr, predicted, targets)
 
 
@@ -78,6 +78,7 @@ def loo_corr(scores, removed, targets) -> np.ndarray:
                          f"got {targets.shape}")
     if removed.size and (removed.min() < 0 or removed.max() >= s.shape[0]):
         raise ValueError(f"`removed` indices must lie in [0, {s.shape[0]})")
+    import scipy.stats  # deferred: ~0.3 s of `import jattri`
     return _columnwise(scipy.stats.pearsonr, s[removed], -targets)
 
 
@@ -110,6 +111,7 @@ def mislabel_auc(self_scores, is_noisy) -> float:
     n_neg = s.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError("`is_noisy` needs both noisy and clean examples for an AUC")
+    import scipy.stats  # deferred: ~0.3 s of `import jattri`
     ranks = scipy.stats.rankdata(s, method="average")  # ties share their mean rank
     return float((ranks[noisy].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

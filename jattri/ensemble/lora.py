@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 import numpy as np
-import optax
 
 from jattri import _checks
 from jattri.ensemble.members import EnsembleCosts, param_bytes, timed
@@ -149,6 +148,8 @@ def lora(task: Any, members: Any, train: PyTree, num_adapters: int, key: jax.Arr
     scale = float(rank if alpha is None else alpha) / rank
     bs = min(batch_size, n)
     per_epoch = n // bs
+    import optax  # deferred: only the adapters' training needs it
+
     opt = optax.adam(learning_rate)
     train = jax.tree_util.tree_map(jnp.asarray, train)
     indices = jnp.arange(n, dtype=jnp.int32)

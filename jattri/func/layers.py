@@ -53,14 +53,17 @@ is named by its leaves, ``"fc1/w+fc1/b"`` (kernel + bias) or ``"W1"`` (no bias).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+# Flax is not imported here (it costs ~1 s at `import jattri`): a loss can only call linen
+# or NNX layers if the user's code imported them, so capture hooks into whichever of
+# `flax.linen` / `flax.nnx` is already in `sys.modules`.
 
 PyTree = Any
 
@@ -230,6 +233,7 @@ def _linen_kind(context) -> str:
     if context.method_name != "__call__":
         return ""
     module = context.module
+    nn = sys.modules["flax.linen"]
     if isinstance(module, nn.Dense):
         return "dense"
     if isinstance(module, nn.Conv) and module.feature_group_count == 1 and module.mask is None:
@@ -299,7 +303,11 @@ def _nnx_call(cls, kind: str) -> Callable:
     return __call__
 
 
-_NNX_LAYERS = ((nnx.Linear, "dense"), (nnx.Conv, "conv"))
+def _nnx_layers() -> tuple:
+    """``((nnx.Linear, "dense"), (nnx.Conv, "conv"))``, or ``()`` while the user's code has
+    not imported ``flax.nnx``."""
+    nnx = sys.modules.get("flax.nnx")
+    return () if nnx is None else ((nnx.Linear, "dense"), (nnx.Conv, "conv"))
 
 
 @contextlib.contextmanager
@@ -309,7 +317,7 @@ def _nnx_patched():
     global _patch_count
     with _patch_lock:
         if _patch_count == 0:
-            for cls, kind in _NNX_LAYERS:
+            for cls, kind in _nnx_layers():
                 _originals[cls] = cls.__dict__["__call__"]
                 cls.__call__ = _nnx_call(cls, kind)
         _patch_count += 1
@@ -319,7 +327,7 @@ def _nnx_patched():
         with _patch_lock:
             _patch_count -= 1
             if _patch_count == 0:
-                for cls, _ in _NNX_LAYERS:
+                for cls in list(_originals):
                     cls.__call__ = _originals.pop(cls)
 
 
@@ -365,7 +373,10 @@ def capturing(params: PyTree, deltas: Optional[Dict[str, list]] = None):
         stack = _active.stack = []
     stack.append(capture)
     try:
-        with _nnx_patched(), nn.intercept_methods(_linen_interceptor):
+        nn = sys.modules.get("flax.linen")
+        linen = (nn.intercept_methods(_linen_interceptor) if nn is not None
+                 else contextlib.nullcontext())
+        with _nnx_patched(), linen:
             yield capture
     finally:
         stack.pop()
@@ -398,6 +409,7 @@ def _conv_patches(geometry: tuple, x: jax.Array) -> jax.Array:
     an identity kernel (the patch of kernel offset k and channel c is output channel
     k·C + c, the order of ``kernel.reshape(-1, features)``)."""
     size, strides, padding, input_dilation, kernel_dilation = geometry
+    import flax.linen as nn  # only reached for a linen/NNX Conv: flax is loaded
     d = int(np.prod(size)) * x.shape[-1]
     eye = jnp.eye(d, dtype=x.dtype).reshape(size + (x.shape[-1], d))
     probe = nn.Conv(d, size, strides=strides, padding=padding,

@@ -46,9 +46,6 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-
-from jattri.models.registry import build
 
 
 class _Layout(NamedTuple):
@@ -168,6 +165,9 @@ def convert(state_dict: Mapping[str, Any], arch: str, **config) -> dict:
     Raises:
       ValueError: listing every missing key, unexpected key and shape mismatch.
     """
+    from flax import traverse_util  # deferred: flax costs ~1 s at `import jattri`
+
+    from jattri.models.registry import build
     model = build(arch, **config)
     layout = _LAYOUTS[arch]
     abstract = jax.eval_shape(model.init, jax.random.key(0))

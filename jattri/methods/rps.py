@@ -39,7 +39,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jattri import _checks, engine
 from jattri.func.grads import as_partial
@@ -84,6 +83,8 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     Returns:
       ``(W (p, C), ‖∇objective(W)‖)``.
     """
+    import optax  # deferred: only the refit needs it
+
     n = features.shape[0]
 
     def objective(w):

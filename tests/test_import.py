@@ -1,0 +1,32 @@
+"""`import jattri` stays light: the heavy optional packages load on first use only.
+
+Every script pays the import on each run (issue 15's end-to-end times start at the
+process's launch); Flax, SciPy's stats, optax and orbax together took ~3 s of it.
+"""
+import subprocess
+import sys
+
+HEAVY = ("flax", "scipy.stats", "optax", "orbax.checkpoint", "matplotlib", "torch",
+         "sklearn")
+
+
+def test_import_jattri_loads_no_heavy_package():
+    code = ("import sys, jattri; jattri.Task; jattri.trak; jattri.metrics.lds; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert out == "[]", f"`import jattri` imported {out}"
+
+
+def test_lazy_pieces_load_when_used():
+    """jattri.models (Flax) and the deferred imports resolve on first use."""
+    code = ("import sys, numpy as np, jattri\n"
+            "m = jattri.models.build('mnist_lr')\n"
+            "r = jattri.metrics.lds(np.arange(4.)[:, None], np.array([[0, 1], [1, 2], "
+            "[2, 3]]), np.array([[1.], [3.], [5.]]))\n"
+            "assert r[0] == 1.0, r\n"
+            "print('flax.linen' in sys.modules, 'scipy.stats' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["True", "True"]
