@@ -50,7 +50,7 @@ def test_sharded_equals_one_device(runs, name):
     # every engine stage over the 64 training examples ran laid out over 8 devices
     assert r["train_stages"] >= 2 and r["train_stage_devices"] == [8], r
     # sums over the training set (Gram, Fisher, factors, curvature products) are kept
-    # per device and reduced once per stage 
+    # per device and reduced once per stage
     assert r["partial_sums"], r
     # per-example gradients inside a stage, per-example outputs and score rows: on 8
     assert r["grads_devices"] == [8] and r["grads_spec"] == ["P('data',)"], r
