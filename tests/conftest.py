@@ -3,6 +3,14 @@ import os
 # Compilations are counted by some tests: no persistent cache may turn them into hits.
 os.environ.setdefault("JATTRI_COMPILE_CACHE", "0")
 
+# The suite's time is mostly XLA compiling many small CPU programs; LLVM's optimisation
+# passes are most of that and buy nothing on test-sized arrays (a third less wall time
+# on tests/test_compile_sharing.py). Set before jax is imported; subprocesses inherit it.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in _FAST_COMPILE if f.split("=")[0]
+                                                not in _flags]).strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -25,7 +25,8 @@ METHODS = ["trak", "logra", "influence_cg", "influence_ekfac", "influence_explic
 
 @pytest.fixture(scope="module")
 def runs():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8",
            "JATTRI_COMPILE_CACHE": "0", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(HERE / "_sharded_run.py"), *METHODS],
                          capture_output=True, text=True, env=env, timeout=900)
