@@ -76,6 +76,18 @@ def chunk_grads(fn: Callable, params: PyTree, aux: PyTree, chunk: engine.Chunk,
     return g * chunk.valid[:, None].astype(g.dtype)
 
 
+def row_spec(tree: PyTree) -> PyTree:
+    """Shapes and dtypes of one row (leading axis dropped): one member's params or aux."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
+
+
+def example_spec(data: Any) -> PyTree:
+    """Shapes and dtypes of one example of an in-memory dataset or a stream."""
+    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    return jax.tree_util.tree_map(spec, engine.first_example(data))
+
+
 def num_params(members: Members) -> int:
     return int(sum(np.prod(np.shape(x)[1:], dtype=np.int64)
                    for x in jax.tree_util.tree_leaves(members.params)))

@@ -4,7 +4,8 @@ averaged over the members.
 
 Both are TracInCP (``jattri.tracin``) with equal member weights 1/M and no projection;
 they share its code (and its memory: nothing of size n·d is stored; training
-gradients are recomputed chunk by chunk when scoring).
+gradients are recomputed chunk by chunk when scoring), including its factored inner
+products for models made of linear layers.
 """
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ from jattri.methods._common import Attributor
 from jattri.methods.tracin import _tracin
 
 
-def grad_dot(task: Any, *, chunk_size: Optional[int] = None) -> Attributor:
-    """Grad-Dot: score(i, t) = ⟨∇loss(z_i), ∇target(z_t)⟩, mean over members."""
-    return _tracin("grad_dot", task, chunk_size=chunk_size)
+def grad_dot(task: Any, *, chunk_size: Optional[int] = None,
+             factored: Optional[bool] = None) -> Attributor:
+    """Grad-Dot: score(i, t) = ⟨∇loss(z_i), ∇target(z_t)⟩, mean over members.
+
+    ``factored``: inner products from the linear layers' inputs and output gradients,
+    never a d-float gradient (``None``: where exact and cheaper; see
+    :func:`jattri.tracin`)."""
+    return _tracin("grad_dot", task, chunk_size=chunk_size, factored=factored)
 
 
-def grad_cos(task: Any, *, chunk_size: Optional[int] = None) -> Attributor:
-    """Grad-Cos: cosine of ∇loss(z_i) and ∇target(z_t), mean over members."""
-    return _tracin("grad_cos", task, normalize=True, chunk_size=chunk_size)
+def grad_cos(task: Any, *, chunk_size: Optional[int] = None,
+             factored: Optional[bool] = None) -> Attributor:
+    """Grad-Cos: cosine of ∇loss(z_i) and ∇target(z_t), mean over members.
+
+    ``factored``: as for :func:`grad_dot` (norms from the same factors)."""
+    return _tracin("grad_cos", task, normalize=True, chunk_size=chunk_size,
+                   factored=factored)

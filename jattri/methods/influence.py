@@ -119,16 +119,6 @@ def _test_side(config, args, chunk) -> jax.Array:
 _grads_jit = jax.jit(_grads, static_argnums=0)
 
 
-def _member_spec(tree):
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
-
-
-def _example_spec(data):
-    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-    return jax.tree_util.tree_map(spec, engine.first_example(data))
-
-
 # ------------------------------------- Hessian or Gauss-Newton of the mean training loss
 
 CURVATURES = ("hessian", "ggn")
@@ -642,10 +632,9 @@ def _jaxpr_floats(jaxpr) -> int:
 def _forward_floats(loss, members, data) -> int:
     """Floats one example's loss creates (traced abstractly, nothing computed): the
     residuals a curvature-vector product keeps per example and tangent."""
-    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-    z = jax.tree_util.tree_map(spec, engine.first_example(data))
-    closed = jax.make_jaxpr(loss)(_member_spec(members.params), z,
-                                  jax.ShapeDtypeStruct((), jnp.int32), _member_spec(members.aux))
+    row = _common.row_spec
+    closed = jax.make_jaxpr(loss)(row(members.params), _common.example_spec(data),
+                                  jax.ShapeDtypeStruct((), jnp.int32), row(members.aux))
     return max(1, _jaxpr_floats(closed.jaxpr))
 
 
@@ -1180,7 +1169,7 @@ def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFacto
     m = members.num
     stacked = lambda tree: jax.tree_util.tree_map(
         lambda x: jnp.zeros((m,) + x.shape, x.dtype), tree)
-    zero = stacked(fisher.ekfac_zero_covariances(layers, _member_spec(members.params),
+    zero = stacked(fisher.ekfac_zero_covariances(layers, _common.row_spec(members.params),
                                                  _common.param_dtype(members)))
     cov, _, n = engine.scan(_ekfac_covariance_step, config, (loss, members), zero, train, size,
                             sums=True)
@@ -1281,9 +1270,10 @@ def influence_ekfac(task: Any, *, damping: Optional[float] = None,
     _checks.choice(curvature, "curvature", fisher.CURVATURES)
 
     def fit(task, members, train, size):
-        layers = fisher.ekfac_layers(task.loss, _member_spec(members.params),
-                                     _example_spec(train), jax.ShapeDtypeStruct((), jnp.int32),
-                                     _member_spec(members.aux))
+        layers = fisher.ekfac_layers(task.loss, _common.row_spec(members.params),
+                                     _common.example_spec(train),
+                                     jax.ShapeDtypeStruct((), jnp.int32),
+                                     _common.row_spec(members.aux))
         return _fit_ekfac((layers, curvature, bool(correct_eigenvalues)), task.loss, members,
                           train, size()), None
 
@@ -1299,7 +1289,7 @@ def _param_groups(members: Members) -> tuple:
     """Layers as parameter groups (``fisher.parameter_groups``) as static runs
     ``((start, stop), ...)`` of the flat parameter vector, one tuple per group."""
     out = []
-    for idx in fisher.parameter_groups(_member_spec(members.params)).values():
+    for idx in fisher.parameter_groups(_common.row_spec(members.params)).values():
         cuts = np.flatnonzero(np.diff(idx) != 1) + 1
         out.append(tuple((int(r[0]), int(r[-1]) + 1) for r in np.split(idx, cuts)))
     return tuple(out)

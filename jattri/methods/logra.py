@@ -177,16 +177,6 @@ def _check_damping(damping):
     return _checks.real(damping, "damping", low=0, open_low=True)
 
 
-def _row_spec(tree):
-    """Shapes and dtypes of one row (leading axis dropped): one example, one member."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
-
-
-def _example_spec(data):
-    return _row_spec(engine.as_stream(data).peek() if engine.is_stream(data) else data)
-
-
 def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[int] = 16,
           damping: float = 0.1, key: Optional[jax.Array] = None,
           projection: str = "gaussian", layers: Optional[Sequence[str]] = None,
@@ -240,8 +230,8 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
 
     def discover(members, data, target):
         fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
-        found = find_layers(fn, _row_spec(members.params), _example_spec(data),
-                            jax.ShapeDtypeStruct((), jnp.int32), _row_spec(members.aux),
+        found = find_layers(fn, _common.row_spec(members.params), _common.example_spec(data),
+                            jax.ShapeDtypeStruct((), jnp.int32), _common.row_spec(members.aux),
                             fn_name=name, method="LoGra")
         names = list(found) if wanted is None else list(wanted)
         missing = [w for w in names if w not in found]

@@ -12,21 +12,25 @@ gradient step on z_i lowers the target on z_t (to first order), i.e. i helps t.
 
 Stages: with a projection, ``cache`` keeps the projected training gradients
 ``(n, M, k)``; without one it keeps nothing of size n·d: ``attribute`` recomputes
-training gradients chunk by chunk against the test gradients ``(n_test, M, d)``.
+training gradients chunk by chunk against the test gradients ``(n_test, M, d)``, or,
+factored (``factored=``, below), against the test examples' layer inputs and output
+gradients, never forming a d-float gradient.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jattri import _checks, engine
+from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.task import Members, as_task
+from jattri.task import Members, as_task, first_member
 
 PyTree = Any
 
@@ -105,11 +109,188 @@ def _self_tile(config, args, chunk):
     return jnp.einsum("bmk,bmk,m->b", left, right, weights.astype(left.dtype))
 
 
+# ------------------------------------------ factored ("ghost") gradient inner products
+#
+# Without a projection, when every parameter is the kernel or bias of a linear layer,
+# a per-example gradient is a sum of outer products per layer: ∇W_ℓ = Σ_τ ã_τ ⊗ s_τ
+# (ã = [a, 1] with a bias, s = ∂loss/∂y, τ over the layer's T positions). Then
+#
+#     ⟨g_i, g_t⟩ = Σ_ℓ Σ_{τ,σ} ⟨ã_iτ, ã_tσ⟩ ⟨s_iτ, s_tσ⟩,
+#
+# which costs T²·(d_in + 1 + d_out) per pair and layer instead of (d_in + 1)·d_out, and
+# never forms the d-float gradient (the "ghost" inner product of Goodfellow, 2015,
+# "Efficient Per-Example Gradient Computations", used for data attribution by Wang et
+# al., 2024, "Data Shapley in One Training Run").
+
+
+def _with_bias(layer, a):
+    if not layer.use_bias:
+        return a
+    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def _factors(layers, fn, params, aux, example, index):
+    """One example's factors: a tuple over layers of ``(ã (T, d_in + b), s (T, d_out))``."""
+    io = layer_io(fn, params, example, index, aux, layers={l.name: l for l in layers})
+    return tuple((_with_bias(l, io[l.name][0]), io[l.name][1]) for l in layers)
+
+
+def _chunk_factors(layers, fn, params, aux, chunk):
+    """``_factors`` of every example of a chunk (leading ``size`` axis; zero on padding)."""
+    out = jax.vmap(lambda z, i: _factors(layers, fn, params, aux, z, i))(chunk.data,
+                                                                         chunk.index)
+    valid = chunk.valid[:, None, None]
+    return tuple((a, s * valid.astype(s.dtype)) for a, s in out)
+
+
+def _factored_dot(left, right) -> jax.Array:
+    """``(b, t)`` gradient inner products from factors ``(b, T, ·)`` and ``(t, T', ·)``."""
+    total = 0.0
+    for (a1, s1), (a2, s2) in zip(left, right):
+        if a1.shape[1] == 1 and a2.shape[1] == 1:
+            total = total + (a1[:, 0] @ a2[:, 0].T) * (s1[:, 0] @ s2[:, 0].T)
+        else:
+            total = total + jnp.einsum("btxy,btxy->bt", jnp.einsum("bxp,typ->btxy", a1, a2),
+                                       jnp.einsum("bxq,tyq->btxy", s1, s2))
+    return total
+
+
+def _factored_pair(left, right) -> jax.Array:
+    """``(b,)`` inner products of example b's gradient on the left and on the right."""
+    total = 0.0
+    for (a1, s1), (a2, s2) in zip(left, right):
+        total = total + jnp.einsum("bxy,bxy->b", jnp.einsum("bxp,byp->bxy", a1, a2),
+                                   jnp.einsum("bxq,byq->bxy", s1, s2))
+    return total
+
+
+def _norm(factors) -> jax.Array:
+    norm = jnp.sqrt(jnp.maximum(_factored_pair(factors, factors), 0.0))
+    return jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)
+
+
+def _factored_step(config, args, chunk):
+    """Factors ``(size, M, T, ·)`` of every member for one chunk, and with
+    ``normalize`` the gradient norms ``(size, M)``."""
+    layers, normalize = config
+    fn, members = args
+    out = _common.member_map(lambda p, a: _chunk_factors(layers, fn, p, a, chunk), members)
+    norms = jax.vmap(_norm)(out) if normalize else None
+    swap = lambda x: jnp.swapaxes(x, 0, 1)
+    return jax.tree_util.tree_map(swap, out), (None if norms is None else swap(norms))
+
+
+def _factored_tile(config, args, chunk):
+    layers, normalize = config
+    loss, members, (test, test_norms), weights = args
+    swap = lambda x: jnp.swapaxes(x, 0, 1)
+
+    def one(p, a, t, t_norm):
+        f = _chunk_factors(layers, loss, p, a, chunk)
+        dots = _factored_dot(f, t)
+        return dots / (_norm(f)[:, None] * t_norm[None, :]) if normalize else dots
+
+    norms = (jnp.ones(jax.tree_util.tree_leaves(test)[0].shape[:2])
+             if test_norms is None else test_norms)
+    per = _common.member_map(one, members, jax.tree_util.tree_map(swap, test), swap(norms))
+    return jnp.einsum("mbt,m->bt", per, weights.astype(per.dtype))
+
+
+def _factored_self_step(config, args, chunk):
+    """``(size,)`` Σ_m w_m ⟨∇loss, ∇target⟩ (cosine with ``normalize``) per example;
+    ``right_layers`` is ``None`` when the target is the loss."""
+    left_layers, right_layers, normalize = config
+    loss, target, members, weights = args
+
+    def one(p, a):
+        left = _chunk_factors(left_layers, loss, p, a, chunk)
+        right = (left if right_layers is None else
+                 _chunk_factors(right_layers, target, p, a, chunk))
+        pair = _factored_pair(left, right)
+        return pair / (_norm(left) * _norm(right)) if normalize else pair
+
+    per = _common.member_map(one, members)
+    return jnp.einsum("mb,m->b", per, weights.astype(per.dtype))
+
+
+def _factored_error(layers, fn, params, aux, example) -> jax.Array:
+    """‖∇fn − the gradient rebuilt from the layer factors‖ / ‖∇fn‖ on one example:
+    0 when every parameter enters the loss only through its linear layer (not, e.g.,
+    through an L2 penalty or a weight tied elsewhere)."""
+    index = jnp.zeros((), jnp.int32)
+    grads = dict(leaf_keys(jax.grad(fn)(params, example, index, aux)))
+    rebuilt = {}
+    for layer, (a, s) in zip(layers, _factors(layers, fn, params, aux, example, index)):
+        kernel, bias = layer_keys(grads, layer.name)
+        outer = a.T @ s  # (d_in + b, d_out)
+        rebuilt[kernel] = outer[:layer.d_in].reshape(layer.kernel_shape)
+        if bias is not None:
+            rebuilt[bias] = outer[layer.d_in]
+    diff = sum(jnp.sum(jnp.square(g - rebuilt[k])) for k, g in grads.items())
+    norm = sum(jnp.sum(jnp.square(g)) for g in grads.values())
+    return jnp.sqrt(diff / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+
+
+_factored_error_jit = jax.jit(_factored_error, static_argnums=(0, 1))
+
+
+def _first_row(data):
+    rows = engine.as_stream(data).peek() if engine.is_stream(data) else data
+    return jax.tree_util.tree_map(lambda x: x[0], rows)
+
+
+def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
+                    required: bool = False) -> Optional[tuple]:
+    """The linear layers through which ``fn``'s per-example gradient inner products can
+    be taken factored (see above), or ``None`` (``required``: raise ValueError saying
+    why). Conditions: every parameter leaf is the kernel or bias of a layer
+    ``jattri.func.layers`` finds; unless ``required``, the factored cost
+    Σ_ℓ T_ℓ²·(d_in,ℓ + 1 + d_out,ℓ) is below d, and on the first example of ``data``
+    (member 0, concrete params only) the gradient rebuilt from the factors equals
+    ``jax.grad`` to 1e3 · machine epsilon (one compiled check per call)."""
+    def refuse(why):
+        if required:
+            raise ValueError(f"`factored=True`: {why}")
+        return None
+
+    params = _common.row_spec(members.params)
+    try:
+        found = find_layers(fn, params, _common.example_spec(data),
+                            jax.ShapeDtypeStruct((), jnp.int32),
+                            _common.row_spec(members.aux), fn_name=fn_name,
+                            method="factored Grad-Dot/Grad-Cos/TracIn")
+    except ValueError as err:
+        return refuse(str(err).splitlines()[0])
+    layers = tuple(found.values())
+    covered = {l.kernel_key for l in layers} | {l.bias_key for l in layers if l.bias_key}
+    outside = [k for k, _ in leaf_keys(params) if k not in covered]
+    if outside:
+        return refuse(f"parameters {outside[:5]} of `{fn_name}` are not in a linear layer")
+    if required:
+        return layers
+    d = _common.num_params(members)
+    cost = sum(l.positions ** 2 * (l.d_in + int(l.use_bias) + l.d_out) for l in layers)
+    if cost >= d or not _common.is_concrete((members.params, members.aux)) or not \
+            _common.is_concrete(data if not engine.is_stream(data) else 0):
+        return None
+    p, a = first_member(members)
+    try:
+        hash(fn)
+        check = partial(_factored_error_jit, layers, fn)
+    except TypeError:  # an unhashable loss: compiled afresh
+        check = jax.jit(partial(_factored_error, layers, fn))
+    error = float(check(p, a, _first_row(data)))
+    eps = float(jnp.finfo(_common.param_dtype(members)).eps)
+    return layers if error <= 1e3 * eps else None
+
+
+
 def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
            proj_dim: Optional[int] = None, projection: str = "auto",
            normalize: bool = False, key: Optional[jax.Array] = None,
            chunk_size: Optional[int] = None,
-           proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
+           proj_chunk_size: Optional[int] = DEFAULT_CHUNK,
+           factored: Optional[bool] = None) -> Attributor:
     """TracInCP: score(i, t) = Σ_k w_k ⟨P_k g_i^k, P_k g_t^k⟩ over the members.
 
     Members vs weights: with ``weights=None`` every member gets w_k = 1/M, so the
@@ -133,23 +314,39 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
       chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
         with a projection);
         proj_chunk_size: parameters projected at a time.
+      factored: without a projection, take the inner products from each linear layer's
+        inputs and output gradients, ⟨g_i, g_t⟩ = Σ_ℓ Σ_τσ ⟨ã_iτ, ã_tσ⟩⟨s_iτ, s_tσ⟩
+        (Goodfellow, 2015), never forming a d-float gradient: exact, and
+        (d_in + 1)·d_out / (T²·(d_in + 1 + d_out)) times fewer flops per pair and
+        layer. ``None`` (default): whenever every parameter is the kernel or bias of a
+        linear layer ``jattri.func.layers`` sees, it is cheaper, and on the first
+        example the rebuilt gradient equals ``jax.grad`` (an L2 penalty inside the
+        loss, or a weight also used outside its layer, fails that check); ``True``:
+        always (ValueError where a parameter is outside a layer; the caller vouches
+        for the rest); ``False``: never.
 
     Memory: state n·M·k floats with a projection, none proportional to n without;
-    ``attribute`` holds the test side n_test·M·k (k = d without a projection) and one
-    chunk of ``chunk_size`` gradients.
+    ``attribute`` holds the test side n_test·M·k (k = d without a projection; factored:
+    n_test·M·Σ_ℓ T_ℓ·(d_in,ℓ + 1 + d_out,ℓ)) and one chunk of ``chunk_size`` gradients.
     """
     return _tracin("tracin", task, weights=weights, proj_dim=proj_dim, projection=projection,
                    normalize=normalize, key=key, chunk_size=chunk_size,
-                   proj_chunk_size=proj_chunk_size)
+                   proj_chunk_size=proj_chunk_size, factored=factored)
 
 
 def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
             proj_dim: Optional[int] = None, projection: str = "auto",
             normalize: bool = False, key: Optional[jax.Array] = None,
             chunk_size: Optional[int] = None,
-            proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
+            proj_chunk_size: Optional[int] = DEFAULT_CHUNK,
+            factored: Optional[bool] = None) -> Attributor:
     """:func:`tracin`, its states marked as made by ``name`` (``grad_dot``, ...)."""
     check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
+    if factored is not None:
+        _checks.flag(factored, "factored")
+    if factored and proj_dim is not None:
+        raise ValueError("`factored=True` takes the raw gradients' inner products: it needs "
+                         f"`proj_dim=None`, got proj_dim={proj_dim!r}")
     chunk_size = engine.check_chunk_size(chunk_size)
     _checks.flag(normalize, "normalize")
     if weights is not None:
@@ -172,6 +369,27 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         return engine.per_example(_feature_step, config(members), args, data,
                                   size(members, data))
 
+    def plan(members, left, right):
+        """``(left_layers, right_layers)`` for factored inner products of ∇loss on
+        ``left`` and ∇target on ``right``, or ``None`` (the dense path)."""
+        if k is not None or factored is False:
+            return None
+        required = factored is True
+        left_layers = factored_layers(task.loss, members, left, required=required)
+        if left_layers is None:
+            return None
+        if task.target_is_loss:
+            return left_layers, None
+        right_layers = factored_layers(task.target, members, right, fn_name="target_fn",
+                                       required=required)
+        shape = lambda ls: [(l.name, l.d_in, l.d_out, l.use_bias) for l in ls]
+        if right_layers is None or shape(right_layers) != shape(left_layers):
+            if required:
+                raise ValueError("`factored=True`: `target_fn` must use the same linear "
+                                 "layers as `loss_fn`")
+            return None
+        return left_layers, right_layers
+
     def cache(members, train) -> TracInState:
         members = _common.setup(task, members, train)
         w = _check_weights(weights, members.num)
@@ -184,6 +402,19 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         _common.check_state(state, TracInState, name, made, train=train)
         members = state.members
         _common.check_data(task, members, test, "test", target=True, like=state.train)
+        if state.train_grads is None:
+            rows = _common.train_for(state.train, train)
+            layers = plan(members, rows, test)
+            if layers is not None:
+                left, right = layers
+                t = engine.per_example(_factored_step, (right or left, bool(normalize)),
+                                       (task.target, members), test, size(members, test))
+                n_test = jax.tree_util.tree_leaves(t)[0].shape[0]
+                return engine.score(_factored_tile, (left, bool(normalize)),
+                                    (task.loss, members, t, state.weights), rows,
+                                    size(members, rows), n_test,
+                                    _common.param_dtype(members), top_k=top_k,
+                                    lowest=lowest)
         t = features(members, task.target, test)  # (n_test, M, k)
         if state.train_grads is not None:
             rows = state.train_grads
@@ -201,6 +432,11 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         members = state.members
         data = (None if state.train_grads is not None and task.target_is_loss else
                 _common.train_for(state.train, train))
+        layers = None if state.train_grads is not None else plan(members, data, data)
+        if layers is not None:
+            return engine.per_example(_factored_self_step, layers + (bool(normalize),),
+                                      (task.loss, task.target, members, state.weights), data,
+                                      size(members, data))
         left = (state.train_grads if state.train_grads is not None else
                 features(members, task.loss, data))
         right = left if task.target_is_loss else features(members, task.target, data)
