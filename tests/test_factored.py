@@ -105,6 +105,11 @@ def test_default_takes_the_factored_path_only_where_exact(x64, monkeypatch):
     np.testing.assert_allclose(auto.attribute(auto.cache(params, train), test), want,
                                rtol=1e-10)
     assert not calls
+    # layers at several positions: only when asked (the tile grows with T²)
+    sparams, strain, stest, sloss, _ = _setup(*CASES["seq_conv"])
+    auto = jattri.grad_dot(sloss)
+    auto.attribute(auto.cache(sparams, strain), stest)
+    assert not calls
     forced = jattri.grad_dot(penalised, factored=True)  # the caller vouched, wrongly
     assert not np.allclose(forced.attribute(forced.cache(params, train), test), want,
                            rtol=1e-3)

@@ -244,8 +244,10 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     """The linear layers through which ``fn``'s per-example gradient inner products can
     be taken factored (see above), or ``None`` (``required``: raise ValueError saying
     why). Conditions: every parameter leaf is the kernel or bias of a layer
-    ``jattri.func.layers`` finds; unless ``required``, the factored cost
-    Σ_ℓ T_ℓ²·(d_in,ℓ + 1 + d_out,ℓ) is below d, and on the first example of ``data``
+    ``jattri.func.layers`` finds; unless ``required``, every layer has one position
+    (T = 1: a layer at T positions makes a ``(chunk, n_test, T, T)`` tile), the
+    factored cost Σ_ℓ (d_in,ℓ + 1 + d_out,ℓ) per pair is below d, and on the first
+    example of ``data``
     (member 0, concrete params only) the gradient rebuilt from the factors equals
     ``jax.grad`` to 1e3 · machine epsilon (one compiled check per call)."""
     def refuse(why):
@@ -269,8 +271,8 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     if required:
         return layers
     d = _common.num_params(members)
-    cost = sum(l.positions ** 2 * (l.d_in + int(l.use_bias) + l.d_out) for l in layers)
-    if cost >= d or not _common.is_concrete((members.params, members.aux)) or not \
+    cost = sum(l.d_in + int(l.use_bias) + l.d_out for l in layers)
+    if any(l.positions > 1 for l in layers) or cost >= d or not _common.is_concrete((members.params, members.aux)) or not \
             _common.is_concrete(data if not engine.is_stream(data) else 0):
         return None
     p, a = first_member(members)
@@ -319,11 +321,13 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         (Goodfellow, 2015), never forming a d-float gradient: exact, and
         (d_in + 1)·d_out / (T²·(d_in + 1 + d_out)) times fewer flops per pair and
         layer. ``None`` (default): whenever every parameter is the kernel or bias of a
-        linear layer ``jattri.func.layers`` sees, it is cheaper, and on the first
-        example the rebuilt gradient equals ``jax.grad`` (an L2 penalty inside the
-        loss, or a weight also used outside its layer, fails that check); ``True``:
-        always (ValueError where a parameter is outside a layer; the caller vouches
-        for the rest); ``False``: never.
+        linear layer ``jattri.func.layers`` sees, at one position each (T = 1: an
+        MLP's Dense layers), it is cheaper, and on the first example the rebuilt
+        gradient equals ``jax.grad`` (an L2 penalty inside the loss, or a weight also
+        used outside its layer, fails that check); ``True``: always, layers at T > 1
+        positions included (a scoring tile then holds chunk·n_test·T² floats;
+        ValueError where a parameter is outside a layer; the caller vouches for the
+        rest); ``False``: never.
 
     Memory: state n·M·k floats with a projection, none proportional to n without;
     ``attribute`` holds the test side n_test·M·k (k = d without a projection; factored:
