@@ -137,3 +137,22 @@ def test_unknown_setting():
     with pytest.raises(SystemExit) as info:
         bench.main(["--methods", "nope"])
     assert info.value.code == 2
+
+
+def test_sub_model_default_damping_is_the_whole_models(tmp_path, monkeypatch):
+    """The registry's top-layer influence (fc3 only, the rest held in aux) defaults to
+    the stationary L2 of the whole model, not of fc3 alone (issue 12)."""
+    from jattri.benchmark import registry
+    tiny_mlp = dataclasses.replace(TINY, model="mlp", epochs=20, batch_size=20,
+                                   learning_rate=3e-3, weight_decay=1e-3, num_full=1)
+    monkeypatch.setitem(digits.SETTINGS, "digits_tiny_mlp", tiny_mlp)
+    b = benchmark.load("digits_tiny_mlp", cache=str(tmp_path), progress=None)
+    attr = registry._on_layers(jattri.influence_explicit, ("fc3",), b, curvature="ggn")
+    members = jattri.checkpoints(b.models_full[:1])
+    state = attr.cache(members, b.train)
+    whole = float(jattri.stationary_damping(b.loss_fn, members, b.train))
+    assert abs(float(state.damping) - whole) > 0.05 * whole  # fc3's own estimate differs
+    np.testing.assert_allclose(attr.attribute(state, b.test),
+                               attr.attribute(state, b.test, damping=whole), rtol=1e-5)
+    assert not np.allclose(attr.attribute(state, b.test),
+                           attr.attribute(state, b.test, damping=state.damping), rtol=1e-3)
