@@ -121,12 +121,34 @@ def test_ekfac_default_damping_is_a_tenth_of_the_mean_eigenvalue():
                                rtol=1e-8)
 
 
-def test_trak_default_damping_is_a_tenth_of_the_kernel_mean_eigenvalue():
+def test_trak_default_damping_is_the_objectives_l2_in_the_kernel():
+    """damping = n·λ̂·d / (r̄ · tr ΦᵀΦ), r̄ = mean p(1 − p), λ̂ the numpy stationary L2;
+    with ``prob_fn`` the same (λ̂ then from a separate gradient pass); an explicit
+    damping keeps Kronfluence's relative rule."""
     from test_methods_core import trak_reference
-    loss_fn, params, train, _ = _problem(weight_decay=0.02, steps=200)
+    loss_fn, params, train, (x, y) = _problem(weight_decay=0.02, steps=200)
     task = jattri.Task(loss_fn)
     key = jax.random.PRNGKey(3)
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
+    logits = x @ w + b
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob = (prob / prob.sum(1, keepdims=True))[np.arange(len(y)), y]
+    r_bar = np.mean(prob * (1 - prob))
+    lam, n, d = _numpy_rule(params, x, y), len(y), w.size + b.size
+    rule = lambda kern: n * lam * d / (r_bar * np.trace(kern))
+    want = trak_reference(task, [params], train, train, 8, rule, key)
+    members = jattri.checkpoints([params])
     attr = jattri.trak(task, proj_dim=8, key=key)
-    got = attr.attribute(attr.cache(jattri.checkpoints([params]), train), train)
-    want = trak_reference(task, [params], train, train, 8, 0.1, key)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7, atol=1e-10)
+    state = attr.cache(members, train)
+    np.testing.assert_allclose(np.asarray(attr.attribute(state, train)), want, rtol=1e-7,
+                               atol=1e-10)
+    assert 0.01 < float(state.damping[0]) < 1e3
+    prob_fn = lambda p, z: jax.nn.softmax(z[0] @ p["w"] + p["b"])[z[1]]
+    with_prob = jattri.trak(task, proj_dim=8, key=key, prob_fn=prob_fn)
+    np.testing.assert_allclose(with_prob.cache(members, train).damping, state.damping,
+                               rtol=1e-8)
+    fixed = jattri.trak(task, proj_dim=8, key=key, damping=0.1)
+    assert fixed.cache(members, train).damping is None
+    np.testing.assert_allclose(
+        np.asarray(fixed.attribute(fixed.cache(members, train), train)),
+        trak_reference(task, [params], train, train, 8, 0.1, key), rtol=1e-7, atol=1e-10)

@@ -151,7 +151,8 @@ def trak_reference(task, params_list, train, test, proj_dim, damping, key, share
         phit = np.stack([ravel_pytree(grad_t(p, (xt[j], yt[j])))[0]
                          for j in range(len(xt))]) @ pm
         kern = phi.T @ phi
-        kern += damping * np.trace(kern) / proj_dim * np.eye(proj_dim)
+        rel = damping(kern) if callable(damping) else damping  # relative to tr/k
+        kern += rel * np.trace(kern) / proj_dim * np.eye(proj_dim)
         acc = acc + phi @ np.linalg.inv(kern) @ phit.T
         loss_i = jax.jit(loss_fn)
         q = q + np.array([1 - np.exp(-float(loss_i(p, (x[i], y[i])))) for i in range(len(x))])

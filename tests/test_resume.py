@@ -147,7 +147,7 @@ def _files(directory):
 
 
 @pytest.mark.parametrize("change, field", [
-    (dict(proj_dim=8), r"config\[2\]"),
+    (dict(proj_dim=8), r"config\[0\]\[2\]"),
     (dict(params=_params(1)), r"args\.leaves\[1\]\.params\['w'\]"),
     (dict(n=13), r"data\.n"),
     (dict(chunk_size=3), r"chunk_size"),

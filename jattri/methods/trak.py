@@ -8,7 +8,16 @@ and φ_t,m (test):
 with margin f = log p − log(1 − p) and Q = 1 − p, where p = exp(−loss) is the
 probability of the correct label for a cross-entropy loss (or ``prob_fn``). The train
 side uses ``loss_fn``, the test side ``target_fn``. λ_m = ``damping`` × mean diagonal
-of Φ_mᵀΦ_m (relative, so the default 0.1 fits any gradient scale).
+of Φ_mᵀΦ_m (relative). The default damping follows from the training objective:
+
+    damping_m = n · λ̂ · d / (r̄_m · tr(Φ_mᵀΦ_m)),   r̄_m = mean_i p_i(1 − p_i),
+
+with λ̂ the members' stationary L2 (``jattri.stationary_damping``). Why: TRAK's kernel
+stands in for the Gauss-Newton matrix of the objective the model minimised, Σ_i
+p_i(1 − p_i) ∇f_i ∇f_iᵀ + nλ̂I (sum of the margin loss's curvature p(1 − p) and the
+L2 term), projected: Pᵀ(·)P with PᵀP ≈ (d/k) I. TRAK replaces the weights p_i(1 − p_i)
+by one constant (Park et al., 2023, the R of their one-step Newton estimate); taking
+it as their mean r̄ gives r̄ (ΦᵀΦ + nλ̂d/(r̄k) I), i.e. the damping above.
 
 Stages: ``cache`` streams the training set once, keeping Φ (``(n, M, k)``), the
 kernels Φ_mᵀΦ_m and Q; ``attribute`` projects the test gradients, solves the
@@ -28,6 +37,7 @@ from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
+from jattri.methods.influence import _stationary, _stationary_damping
 from jattri.task import Members, as_task
 
 PyTree = Any
@@ -37,7 +47,10 @@ class TrakState(NamedTuple):
     """members: the Members scored. train: the in-memory training set (a reference) or
     ``None`` if streamed. phi: ``(n, M, k)`` projected train margin gradients.
     kernel: ``(M, k, k)`` Φ_mᵀΦ_m. q: ``(n,)`` mean_m (1 − p). made: its
-    :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
+    :class:`jattri.methods._common.Provenance` (checked by ``attribute``). damping:
+    ``(M,)`` the relative damping of the default rule (module docstring), used by
+    ``attribute`` when neither it nor the factory is given one; ``None`` when the
+    factory had a damping.
 
     Memory: n·M·k + M·k² floats (no ``(n, d)`` array)."""
 
@@ -47,6 +60,7 @@ class TrakState(NamedTuple):
     kernel: jax.Array
     q: jax.Array
     made: _common.Provenance
+    damping: Optional[jax.Array] = None
 
 
 def margin_from_loss(loss: jax.Array) -> jax.Array:
@@ -104,17 +118,39 @@ def _phi(proj_config, fn, params, aux, key, chunk):
     return _common.chunk_grads(fn, params, aux, chunk, _projection(proj_config, key))
 
 
-def _cache_step(config, args, kernel, chunk):
+def _cache_step(config, args, carry, chunk):
+    """carry: the kernels ``(M, k, k)``; with ``stats`` ≥ 1 (config's last entry) also
+    Σ_i p_i(1 − p_i) ``(M,)``, with ``stats`` = 2 also Σ_i ∇loss_i ``(M, d)``, from
+    ∇loss = −(1 − p)∇f (a cross-entropy loss: f = log p − log(1 − p), p = e^−loss)."""
+    proj_config, stats = config
     fns, members, keys = args  # keys (M,): member m's projection
+    valid = chunk.valid.astype(carry[0].dtype)
 
     def one(params, aux, key):
-        phi = _phi(config, fns.train_margin, params, aux, key, chunk)  # (size, k)
         q = jax.vmap(fns.q, (None, 0, 0, None))(params, chunk.data, chunk.index, aux)
-        return phi, q
+        qv = q.astype(valid.dtype) * valid
+        r = jnp.sum(qv * (1 - q.astype(valid.dtype)))
+        if stats < 2:
+            return _phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r, None
+        g = _common.chunk_grads(fns.train_margin, params, aux, chunk)  # (size, d)
+        proj = _projection(proj_config, key)
+        return (g if proj is None else proj(g)), q, r, -(qv.astype(g.dtype) @ g)
 
-    phi, q = _common.member_map(one, members, keys)  # (M, size, k), (M, size)
-    kernel = kernel + jnp.einsum("mbk,mbl->mkl", phi, phi)
-    return kernel, (jnp.swapaxes(phi, 0, 1), jnp.mean(q, axis=0))
+    phi, q, r, gsum = _common.member_map(one, members, keys)  # (M, size, k), (M, size)
+    out = (jnp.swapaxes(phi, 0, 1), jnp.mean(q, axis=0))
+    kernel = carry[0] + jnp.einsum("mbk,mbl->mkl", phi, phi)
+    if stats == 0:
+        return (kernel,), out
+    if stats == 1:
+        return (kernel, carry[1] + r), out
+    return (kernel, carry[1] + r, carry[2] + gsum), out
+
+
+def _default_damping(kernel, r, lam, n, d):
+    """``(M,)`` n·λ̂·d / (r̄_m · tr K_m), r̄_m = r_m / n (module docstring); 0.1 where
+    it is not a positive finite number (no curvature left: every p is 1)."""
+    rel = n * lam * d / ((r / n) * jnp.trace(kernel, axis1=-2, axis2=-1))
+    return jnp.where(jnp.isfinite(rel) & (rel > 0), rel, 0.1).astype(kernel.dtype)
 
 
 def _test_phi(config, args, chunk):
@@ -154,7 +190,7 @@ def damped_kernel(kernel: jax.Array, damping) -> jax.Array:
     return kernel + lam[:, None, None] * jnp.eye(k, dtype=kernel.dtype)
 
 
-def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
+def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] = None,
          key: Optional[jax.Array] = None, prob_fn: Optional[Callable] = None,
          projection: str = "auto", chunk_size: Optional[int] = None,
          proj_chunk_size: Optional[int] = DEFAULT_CHUNK,
@@ -170,15 +206,16 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
         reference code: the members' projection errors are independent and average
         out in the ensemble (with one shared projection, M checkpoints of a convex
         model score like one).
-      damping: relative λ ≥ 0 (see module docstring); must be > 0 when k exceeds n.
-        ``attribute(..., damping=...)`` overrides it without re-caching. Default 0.1:
-        λ_m = 0.1 × the mean eigenvalue of Φ_mᵀΦ_m, the rule of Kronfluence (Grosse
-        et al., 2023) and LoGra, and jattri's for LoGra, DataInf and EK-FAC; relative
-        because the kernel's scale follows the loss, the data and k. The former 1e-2
-        (0.01 × the mean eigenvalue) was worse on both embedded digits settings; there
-        the best value is 1-3 × the mean eigenvalue, which this rule does not reach
-        (``benchmarks/RESULTS.md``, "Damping grids"). No ground-truth-free way to
-        pick TRAK's damping is known (the paper has none; dattri's default is 0).
+      damping: relative λ ≥ 0 (λ_m = damping × the mean eigenvalue of Φ_mᵀΦ_m); must
+        be > 0 when k exceeds n. ``attribute(..., damping=...)`` overrides it without
+        re-caching. Default ``None``: the rule of the module docstring, n·λ̂·d /
+        (r̄_m · tr Φ_mᵀΦ_m), the damping of the training objective's own L2 carried
+        into TRAK's kernel (``state.damping``; on the embedded digits settings 1.8-1.9
+        on the LR, 0.7-0.8 on the MLP, where the grids peak at 1-3 and 0.3-3:
+        ``benchmarks/RESULTS.md``). It costs no extra pass for a cross-entropy loss
+        (∇loss = −(1 − p)∇f in the same pass), one gradient pass with ``prob_fn``. The
+        former default, 0.1 × the mean eigenvalue (Kronfluence's rule), stays
+        available as ``damping=0.1``.
       key: PRNG key of the projection (default ``PRNGKey(0)``).
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
       projection: ``"auto"`` (default: the dense Gaussian while d·k ≤ 2²⁷, else the
@@ -192,7 +229,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
     the projection's ``proj_chunk_size × k`` block.
     """
-    _checks.real(damping, "damping", low=0)
+    _checks.real(damping, "damping", low=0, none=True)
     check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
     _checks.optional_callable(prob_fn, "prob_fn")
@@ -223,11 +260,24 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
         k = cfg[1] if cfg[2] is None else cfg[2]
         _common.check_fits(members.num * k * k * 4, f"the ({members.num}, {k}, {k}) kernel "
                            "ΦᵀΦ", "proj_dim")
-        kernel0 = jnp.zeros((members.num, k, k), _common.param_dtype(members))
-        kernel, (phi, q), _ = engine.scan(_cache_step, cfg, (fns, members, keys(members)),
-                                          kernel0, train, size(members, train), sums=True)
-        return TrakState(members, _common.stored_train(train), phi, kernel, q,
-                         _common.provenance("trak", made, members, train, phi.shape[0]))
+        dtype = _common.param_dtype(members)
+        stats = 0 if damping is not None else (2 if prob_fn is None else 1)
+        carry0 = ((jnp.zeros((members.num, k, k), dtype),)
+                  + ((jnp.zeros((members.num,), dtype),) if stats else ())
+                  + ((jnp.zeros((members.num, cfg[1]), dtype),) if stats == 2 else ()))
+        carry, (phi, q), n = engine.scan(_cache_step, (cfg, stats),
+                                         (fns, members, keys(members)), carry0, train,
+                                         size(members, train), sums=True)
+        default = None
+        if stats:
+            if stats == 2:
+                lam = _stationary(carry[2], n, members)
+            else:  # prob_fn: ∇loss is not −(1 − p)∇f; one gradient pass of the loss
+                lam = _stationary_damping(task.loss, members, train, size(members, train))
+            default = _default_damping(carry[0], carry[1], lam, n, cfg[1])
+        return TrakState(members, _common.stored_train(train), phi, carry[0], q,
+                         _common.provenance("trak", made, members, train, phi.shape[0]),
+                         default)
 
     def test_phi(state, data):
         return engine.per_example(_test_phi, config(state.members),
@@ -235,10 +285,16 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
                                   data,
                                   size(state.members, data))
 
+    def damping_of(damping, state):
+        """The relative damping: ``damping``, else the factory's, else the state's rule."""
+        if damping is not None:
+            return _checks.real(damping, "damping", low=0)
+        return state.damping if state.damping is not None else 0.1
+
     def attribute(state: TrakState, test, *, train=None, top_k=None, lowest=False,
                   damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
-        _checks.real(damping, "damping", low=0)
+        damping = damping_of(damping, state)
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         phi_t = test_phi(state, test)  # (n_test, M, k)
@@ -251,7 +307,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: float = 0.1,
 
     def self_attribute(state: TrakState, *, train=None, damping=damping):
         _common.check_state(state, TrakState, "trak", made, train=train)
-        _checks.real(damping, "damping", low=0)
+        damping = damping_of(damping, state)
         inverse = _inverse(state.kernel, damping)
         right = (state.phi if task.target_is_loss else
                  test_phi(state, _common.train_for(state.train, train)))
