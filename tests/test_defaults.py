@@ -152,3 +152,23 @@ def test_trak_default_damping_is_the_objectives_l2_in_the_kernel():
     np.testing.assert_allclose(
         np.asarray(fixed.attribute(fixed.cache(members, train), train)),
         trak_reference(task, [params], train, train, 8, 0.1, key), rtol=1e-7, atol=1e-10)
+
+
+def test_rps_default_l2_is_half_the_stationary_l2():
+    """l2 = λ̂/2 (the refit's λ‖W‖² against training's (λ/2)‖θ‖²), λ̂ the numpy rule
+    over every parameter under the cross-entropy of ``logits_fn`` at the labels; with
+    ``label_fn="predicted"`` there is no label objective: 1e-3."""
+    loss_fn, params, train, (x, y) = _problem(weight_decay=0.05)
+    lam = _numpy_rule(params, x, y)
+    assert abs(lam - 0.05) < 1e-3  # the training L2, recovered
+    kw = dict(features_fn=lambda p, z: z[0], logits_fn=lambda p, z: z[0] @ p["w"] + p["b"],
+              tol=1e-10)
+    got = jattri.rps(**kw).cache(params, train)
+    want = jattri.rps(l2=lam / 2, **kw).cache(params, train)
+    np.testing.assert_allclose(got.alpha, want.alpha, rtol=1e-6)
+    assert not np.allclose(got.alpha, jattri.rps(l2=1e-3, **kw).cache(params, train).alpha,
+                           rtol=1e-2)
+    predicted = jattri.rps(label_fn="predicted", **kw).cache(params, train)
+    np.testing.assert_allclose(
+        predicted.alpha,
+        jattri.rps(label_fn="predicted", l2=1e-3, **kw).cache(params, train).alpha, rtol=1e-6)
