@@ -272,8 +272,9 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
         return layers
     d = _common.num_params(members)
     cost = sum(l.d_in + int(l.use_bias) + l.d_out for l in layers)
-    if any(l.positions > 1 for l in layers) or cost >= d or not _common.is_concrete((members.params, members.aux)) or not \
-            _common.is_concrete(data if not engine.is_stream(data) else 0):
+    concrete = _common.is_concrete((members.params, members.aux)) and (
+        engine.is_stream(data) or _common.is_concrete(data))
+    if any(l.positions > 1 for l in layers) or cost >= d or not concrete:
         return None
     p, a = first_member(members)
     try:
