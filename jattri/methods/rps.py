@@ -197,12 +197,6 @@ def _label_loss(logits_fn, label, params, z, i, aux):
     return -jax.nn.log_softmax(logits)[label(z)]
 
 
-def _grad_sum_step(config, args, acc, chunk):
-    loss, members = args
-    return acc + _common.member_map(
-        lambda p, a: jnp.sum(_common.chunk_grads(loss, p, a, chunk), axis=0), members), None
-
-
 def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         label_fn: Any = None, targets: str = "labels", l2: Optional[float] = None,
         bias: bool = False, maxiter: int = 1000, tol: float = 1e-6,
@@ -300,13 +294,9 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         """λ̂/2 (see ``l2``): one gradient pass of the label cross-entropy."""
         if label == "predicted":
             return 1e-3
-        from jattri.methods.influence import _stationary
+        from jattri.methods.influence import _stationary_damping
         loss = Partial(_label_loss, fns[1], fns[2])
-        zero = jnp.zeros((members.num, _common.num_params(members)),
-                         _common.param_dtype(members))
-        gsum, _, n = engine.scan(_grad_sum_step, None, (loss, members), zero, train,
-                                 size(members, train), sums=True)
-        return _stationary(gsum, n, members) / 2
+        return _stationary_damping(loss, members, train, size(members, train)) / 2
 
     def cache(members, train) -> RPSState:
         members = as_members(members)
