@@ -151,8 +151,16 @@ def test_sub_model_default_damping_is_the_whole_models(tmp_path, monkeypatch):
     members = jattri.checkpoints(b.models_full[:1])
     state = attr.cache(members, b.train)
     whole = float(jattri.stationary_damping(b.loss_fn, members, b.train))
-    assert abs(float(state.damping) - whole) > 0.05 * whole  # fc3's own estimate differs
-    np.testing.assert_allclose(attr.attribute(state, b.test),
-                               attr.attribute(state, b.test, damping=whole), rtol=1e-5)
-    assert not np.allclose(attr.attribute(state, b.test),
-                           attr.attribute(state, b.test, damping=state.damping), rtol=1e-3)
+    params = members.params
+    fc3_task = jattri.Task.from_member_fns(lambda p, z, i, a: b.loss_fn({**a, **p}, z))
+    own = float(jattri.stationary_damping(fc3_task, jattri.Members(
+        {"fc3": params["fc3"]}, {k: v for k, v in params.items() if k != "fc3"}, num=1),
+        b.train))
+    assert abs(own - whole) > 0.05 * whole  # fc3's own estimate differs
+    np.testing.assert_allclose(float(state.damping), whole, rtol=1e-6)  # cached at it
+    scores = attr.attribute(state, b.test)
+    np.testing.assert_allclose(scores, attr.attribute(state, b.test, damping=whole),
+                               rtol=1e-5)
+    assert not np.allclose(scores, attr.attribute(state, b.test, damping=own), rtol=1e-3)
+    np.testing.assert_allclose(attr.self_attribute(state),
+                               np.diag(np.asarray(attr.attribute(state, b.train))), rtol=1e-5)

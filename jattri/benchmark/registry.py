@@ -110,38 +110,32 @@ def _on_layers(factory, layers, b, **kwargs):
         None if b.target_fn is b.loss_fn else lambda p, z, i, a: b.target_fn(join(p, a), z),
         output=lambda p, z, i, a: output(join(p, a), z),
         output_loss=lambda o, z, i, a: output_loss(o, z))
-    attr = factory(task, **kwargs)
 
-    def cache(members, train):
-        params = members.params
-        sub = jattri.Members({k: v for k, v in params.items() if k in layers},
-                             {k: v for k, v in params.items() if k not in layers},
-                             num=members.num)
-        return attr.cache(sub, train)
-
-    def whole_model_damping(state, train):
+    def whole_model_damping(members, train) -> float:
         """The default damping of a sub-model: the stationary L2 of the WHOLE model
         (``jattri.stationary_damping`` over all its parameters). The training objective
         has one L2 coefficient for every parameter, and its estimate from all of them
         is the one the sub-block H_fc3 + λI of the objective's Hessian needs; from fc3
         alone it reads the noise of one layer's distance from stationarity (digits_mlp:
         3.2e-4 from fc3, 8.8e-5 from all 17,226 parameters, trained with 1e-4)."""
-        members = state.members
-        whole = jattri.Members(join(members.params, members.aux), num=members.num)
-        return jattri.stationary_damping(b.loss_fn, whole,
-                                         state.train if train is None else train)
+        return float(jattri.stationary_damping(b.loss_fn, members, train))
 
-    def attribute(state, test, *, damping=None, train=None, **kw):
-        if damping is None and kwargs.get("damping") is None:
-            damping = whole_model_damping(state, train)
-        return attr.attribute(state, test, damping=damping, train=train, **kw)
+    # With no damping given, the state is cached at the whole model's λ̂ (one gradient
+    # pass, once) and attributed by a factory built at the state's damping.
+    at = (lambda damping: factory(task, **kwargs)) if "damping" in kwargs else (
+        lambda damping: factory(task, damping=damping, **kwargs))
 
-    def self_attribute(state, *, damping=None, train=None, **kw):
-        if damping is None and kwargs.get("damping") is None:
-            damping = whole_model_damping(state, train)
-        return attr.self_attribute(state, damping=damping, train=train, **kw)
+    def cache(members, train):
+        params = members.params
+        sub = jattri.Members({k: v for k, v in params.items() if k in layers},
+                             {k: v for k, v in params.items() if k not in layers},
+                             num=members.num)
+        lam = None if "damping" in kwargs else whole_model_damping(members, train)
+        return at(lam).cache(sub, train)
 
-    return attr._replace(cache=cache, attribute=attribute, self_attribute=self_attribute)
+    return jattri.Attributor(
+        cache, lambda state, *a, **kw: at(float(state.damping)).attribute(state, *a, **kw),
+        lambda state, **kw: at(float(state.damping)).self_attribute(state, **kw))
 
 
 def _last_layer_input(bench):
