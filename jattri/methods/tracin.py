@@ -185,14 +185,12 @@ def _factored_tile(config, args, chunk):
     loss, members, (test, test_norms), weights = args
     swap = lambda x: jnp.swapaxes(x, 0, 1)
 
-    def one(p, a, t, t_norm):
+    def one(p, a, t, t_norm):  # t_norm: None unless normalize
         f = _chunk_factors(layers, loss, p, a, chunk)
         dots = _factored_dot(f, t)
         return dots / (_norm(f)[:, None] * t_norm[None, :]) if normalize else dots
 
-    norms = (jnp.ones(jax.tree_util.tree_leaves(test)[0].shape[:2])
-             if test_norms is None else test_norms)
-    per = _common.member_map(one, members, jax.tree_util.tree_map(swap, test), swap(norms))
+    per = _common.member_map(one, members, *jax.tree_util.tree_map(swap, (test, test_norms)))
     return jnp.einsum("mbt,m->bt", per, weights.astype(per.dtype))
 
 
@@ -247,9 +245,8 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     ``jattri.func.layers`` finds; unless ``required``, every layer has one position
     (T = 1: a layer at T positions makes a ``(chunk, n_test, T, T)`` tile), the
     factored cost Σ_ℓ (d_in,ℓ + 1 + d_out,ℓ) per pair is below d, and on the first
-    example of ``data``
-    (member 0, concrete params only) the gradient rebuilt from the factors equals
-    ``jax.grad`` to 1e3 · machine epsilon (one compiled check per call)."""
+    example of ``data`` (member 0, concrete params only) the gradient rebuilt from the
+    factors equals ``jax.grad`` to 1e3 · machine epsilon (one compiled check per call)."""
     def refuse(why):
         if required:
             raise ValueError(f"`factored=True`: {why}")
@@ -285,7 +282,6 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     error = float(check(p, a, _first_row(data)))
     eps = float(jnp.finfo(_common.param_dtype(members)).eps)
     return layers if error <= 1e3 * eps else None
-
 
 
 def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
