@@ -46,7 +46,10 @@ import tempfile
 import time
 
 METHODS = ("grad_dot", "grad_cos", "tracin", "trak", "if_explicit", "if_cg", "if_lissa",
-           "if_arnoldi", "if_datainf", "if_ekfac", "rps")
+           "if_arnoldi", "if_datainf", "if_ekfac", "rps", "tracin_kron", "trak_kron")
+#: jattri variants timed against dattri's method of the same name: TracIn and TRAK with
+#: ``projection="kronecker"`` (dattri has only dense projections; same k).
+VARIANTS = {"tracin_kron": "tracin", "trak_kron": "trak"}
 MODELS = ("lr", "mlp")
 #: Deterministic methods whose scores must agree (Pearson >= 0.99, issue 15).
 DETERMINISTIC = ("grad_dot", "grad_cos", "if_explicit", "if_cg")
@@ -230,11 +233,13 @@ def _jattri_worker(method: str, work: str, cfg: dict):
         attr = jattri.grad_dot(loss_fn)
     elif method == "grad_cos":
         attr = jattri.grad_cos(loss_fn)
-    elif method == "tracin":
+    elif method in ("tracin", "tracin_kron"):
         members = jattri.checkpoints(ckpts)
-        attr = jattri.tracin(loss_fn, weights=[LR_SGD] * len(ckpts), proj_dim=cfg["proj_dim"])
-    elif method == "trak":
-        attr = jattri.trak(loss_fn, proj_dim=cfg["proj_dim"], damping=cfg["trak_damping"])
+        attr = jattri.tracin(loss_fn, weights=[LR_SGD] * len(ckpts), proj_dim=cfg["proj_dim"],
+                             projection="kronecker" if method == "tracin_kron" else "auto")
+    elif method in ("trak", "trak_kron"):
+        attr = jattri.trak(loss_fn, proj_dim=cfg["proj_dim"], damping=cfg["trak_damping"],
+                           projection="kronecker" if method == "trak_kron" else "auto")
     elif method == "if_explicit":
         attr = jattri.influence_explicit(loss_fn, damping=lam)
     elif method == "if_cg":
@@ -281,6 +286,8 @@ def _dattri_worker(method: str, work: str, cfg: dict):
                                   IFAttributorEKFAC, IFAttributorExplicit, IFAttributorLiSSA,
                                   RPSAttributor, TRAKAttributor, TracInAttributor)
     from dattri.task import AttributionTask
+
+    method = VARIANTS.get(method, method)
 
     data = np.load(os.path.join(work, "data.npz"))
     xtr, ytr = torch.from_numpy(data["xtr"]), torch.from_numpy(data["ytr"])

@@ -276,7 +276,11 @@ def test_stream_batches_that_disagree_are_refused(problem):
 def test_impossible_sizes_are_refused_before_allocating(problem):
     params, train = problem
     with pytest.raises(ValueError, match="reduce `proj_dim`"):
-        jattri.trak(loss, proj_dim=10**7).cache(params, train)
+        jattri.trak(loss, proj_dim=10**7, projection="gaussian").cache(params, train)
+    # the Kronecker projection ("auto" picks it at this d·k) keeps every side whole at
+    # k ≥ d: K = d, nothing impossible to allocate
+    d = sum(v.size for v in jax.tree_util.tree_leaves(params))
+    assert jattri.trak(loss, proj_dim=10**7).cache(params, train).phi.shape[-1] == d
 
 
 def test_damping_must_be_a_scalar():

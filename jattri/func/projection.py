@@ -200,10 +200,11 @@ _BY_NAME = {"gaussian": gaussian_projection, "rademacher": rademacher_projection
             "sjlt": sjlt_projection}
 
 
-def check_projection_args(projection: str, **dims) -> None:
-    """Validate a projection name and output sizes (each a positive int or ``None``)."""
+def check_projection_args(projection: str, extra: tuple = (), **dims) -> None:
+    """Validate a projection name (one of ``PROJECTIONS``, ``"auto"`` or ``extra``) and
+    output sizes (each a positive int or ``None``)."""
     from jattri import _checks
-    _checks.choice(projection, "projection", PROJECTIONS + ("auto",))
+    _checks.choice(projection, "projection", PROJECTIONS + ("auto",) + tuple(extra))
     for name, v in dims.items():
         _checks.integer(v, name, none=True)
 

@@ -82,12 +82,21 @@ def _member_phi(config, fn, params, aux, key, chunk):
     """``(size, K)`` Kronecker-projected layer gradients of one member (zero on
     padding); layer ℓ projects with ``fold_in(key, ℓ)``."""
     layers, proj_dim_in, proj_dim_out, kind, proj_chunk = config
+    dims = tuple((proj_dim_in, proj_dim_out) for _ in layers)
+    return kronecker_phi(layers, dims, kind, proj_chunk, fn, params, aux, key, chunk)
+
+
+def kronecker_phi(layers, dims, kind, proj_chunk, fn, params, aux, key, chunk):
+    """``(size, Σ_ℓ k_in,ℓ·k_out,ℓ)``: every example's layer gradients G_ℓ = Σ_τ ã_τ ⊗ s_τ
+    projected by P_in,ℓ ⊗ P_out,ℓ (``jattri.func.projection.kronecker_projection``,
+    layer ℓ keyed ``fold_in(key, ℓ)``; ``dims[ℓ] = (k_in, k_out)``, ``None`` the
+    identity on that side), never forming G_ℓ; zero on padding. Shared by LoGra and
+    the ``projection="kronecker"`` of TRAK and TracIn."""
     projections = []
-    for l, layer in enumerate(layers):
-        d_in, _, _ = _layer_dims(layer, proj_dim_in, proj_dim_out)
+    for l, (layer, (k_in, k_out)) in enumerate(zip(layers, dims)):
         projections.append(kronecker_projection(
-            jax.random.fold_in(key, l), d_in, layer.d_out, proj_dim_in, proj_dim_out,
-            kind=kind, chunk_size=proj_chunk))
+            jax.random.fold_in(key, l), layer.d_in + int(layer.use_bias), layer.d_out,
+            k_in, k_out, kind=kind, chunk_size=proj_chunk))
     by_name = {layer.name: layer for layer in layers}
 
     def one(z, i):

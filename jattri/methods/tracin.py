@@ -27,9 +27,10 @@ import jax.numpy as jnp
 from jattri import _checks, engine
 from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
-                                     random_projection)
+                                     random_projection, resolve_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
+from jattri.methods.logra import kronecker_phi
 from jattri.task import Members, as_task, first_member
 
 PyTree = Any
@@ -76,10 +77,15 @@ def _check_weights(weights, num_members: int) -> jax.Array:
 
 def _features(config, fn, params, aux, key, chunk):
     """``(size, k)``: one member's gradients of a chunk, projected and normalised as
-    configured (``(size, d)`` without a projection)."""
-    kind, d, k, proj_chunk, normalize = config
-    proj = None if k is None else random_projection(kind, key, d, k, chunk_size=proj_chunk)
-    g = _common.chunk_grads(fn, params, aux, chunk, proj)
+    configured (``(size, d)`` without a projection; ``(size, K)`` Kronecker-projected
+    when ``kron = (layers, dims)``, never forming a gradient)."""
+    kind, d, k, proj_chunk, normalize, kron = config
+    if kron is not None:
+        g = kronecker_phi(*kron, "gaussian", proj_chunk, fn, params, aux, key, chunk)
+    else:
+        proj = None if k is None else random_projection(kind, key, d, k,
+                                                        chunk_size=proj_chunk)
+        g = _common.chunk_grads(fn, params, aux, chunk, proj)
     return _normalize(g) if normalize else g
 
 
@@ -237,6 +243,47 @@ def _first_row(data):
     return jax.tree_util.tree_map(lambda x: x[0], rows)
 
 
+def _linear_cover(fn, members: Members, data, fn_name: str, method: str):
+    """``(layers, None)``: the linear layers ``jattri.func.layers`` finds in ``fn`` when
+    every parameter leaf is the kernel or bias of one of them; else ``(None, why)``."""
+    params = _common.row_spec(members.params)
+    try:
+        found = find_layers(fn, params, _common.example_spec(data),
+                            jax.ShapeDtypeStruct((), jnp.int32),
+                            _common.row_spec(members.aux), fn_name=fn_name, method=method)
+    except ValueError as err:
+        return None, str(err).splitlines()[0]
+    layers = tuple(found.values())
+    covered = {l.kernel_key for l in layers} | {l.bias_key for l in layers if l.bias_key}
+    outside = [k for k, _ in leaf_keys(params) if k not in covered]
+    if outside:
+        return None, f"parameters {outside[:5]} of `{fn_name}` are not in a linear layer"
+    return layers, None
+
+
+def _concrete(members, data) -> bool:
+    return _common.is_concrete((members.params, members.aux)) and (
+        engine.is_stream(data) or _common.is_concrete(data))
+
+
+def _rebuild_error(layers, fn, members, data) -> float:
+    """:func:`_factored_error` on the first example of ``data`` (member 0; concrete)."""
+    p, a = first_member(members)
+    try:
+        hash(fn)
+        check = partial(_factored_error_jit, layers, fn)
+    except TypeError:  # an unhashable loss: compiled afresh
+        check = jax.jit(partial(_factored_error, layers, fn))
+    return float(check(p, a, _first_row(data)))
+
+
+def _rebuilds(layers, fn, members, data) -> bool:
+    """The gradient rebuilt from the layer factors equals ``jax.grad`` on the first
+    example, to 1e3 · machine epsilon."""
+    eps = float(jnp.finfo(_common.param_dtype(members)).eps)
+    return _rebuild_error(layers, fn, members, data) <= 1e3 * eps
+
+
 def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
                     required: bool = False) -> Optional[tuple]:
     """The linear layers through which ``fn``'s per-example gradient inner products can
@@ -247,41 +294,121 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     factored cost Σ_ℓ (d_in,ℓ + 1 + d_out,ℓ) per pair is below d, and on the first
     example of ``data`` (member 0, concrete params only) the gradient rebuilt from the
     factors equals ``jax.grad`` to 1e3 · machine epsilon (one compiled check per call)."""
-    def refuse(why):
+    layers, why = _linear_cover(fn, members, data, fn_name,
+                                "factored Grad-Dot/Grad-Cos/TracIn")
+    if layers is None:
         if required:
             raise ValueError(f"`factored=True`: {why}")
         return None
-
-    params = _common.row_spec(members.params)
-    try:
-        found = find_layers(fn, params, _common.example_spec(data),
-                            jax.ShapeDtypeStruct((), jnp.int32),
-                            _common.row_spec(members.aux), fn_name=fn_name,
-                            method="factored Grad-Dot/Grad-Cos/TracIn")
-    except ValueError as err:
-        return refuse(str(err).splitlines()[0])
-    layers = tuple(found.values())
-    covered = {l.kernel_key for l in layers} | {l.bias_key for l in layers if l.bias_key}
-    outside = [k for k, _ in leaf_keys(params) if k not in covered]
-    if outside:
-        return refuse(f"parameters {outside[:5]} of `{fn_name}` are not in a linear layer")
     if required:
         return layers
     d = _common.num_params(members)
     cost = sum(l.d_in + int(l.use_bias) + l.d_out for l in layers)
-    concrete = _common.is_concrete((members.params, members.aux)) and (
-        engine.is_stream(data) or _common.is_concrete(data))
-    if any(l.positions > 1 for l in layers) or cost >= d or not concrete:
+    if any(l.positions > 1 for l in layers) or cost >= d or not _concrete(members, data):
         return None
-    p, a = first_member(members)
-    try:
-        hash(fn)
-        check = partial(_factored_error_jit, layers, fn)
-    except TypeError:  # an unhashable loss: compiled afresh
-        check = jax.jit(partial(_factored_error, layers, fn))
-    error = float(check(p, a, _first_row(data)))
-    eps = float(jnp.finfo(_common.param_dtype(members)).eps)
-    return layers if error <= 1e3 * eps else None
+    return layers if _rebuilds(layers, fn, members, data) else None
+
+
+# ------------------------------------- the Kronecker projection of TRAK and TracIn
+#
+# A linear layer's per-example gradient G_ℓ = Σ_τ ã_τ ⊗ s_τ is projected by P_in ⊗ P_out
+# as Σ_τ (ã_τ P_in) ⊗ (s_τ P_out) (LoGra; ``jattri.methods.logra.kronecker_phi``),
+# at Σ_τ (d_in·k_in + d_out·k_out) multiply-adds per example and layer instead of the
+# d·k of a dense projection of the formed gradient.
+
+
+def kronecker_dims(layers, k: int) -> tuple:
+    """``((k_in, k_out), ...)`` per layer (``None``: the identity on that side) for a
+    total of at most ``k`` projected coordinates.
+
+    Rule: layer ℓ gets k_ℓ = ⌊k · d_ℓ / d⌋ ≥ 1 coordinates (d_ℓ = (d_in + b)·d_out, its
+    share of the d parameters: a dense projection's share, and P_ℓᵀP_ℓ ≈ (d/k) I in
+    every block, the scale TRAK's damping rule assumes). Within the layer, k_in·k_out ≤
+    k_ℓ minimises the relative variance of the projected squared norm of a rank-one
+    gradient, 2/k_in + 2/k_out (Gaussian factors; a side kept whole, k = its width, is
+    exact and adds 0). So a narrow side is kept whole when the other side can still
+    take ≥ 2 k_ℓ / width coordinates... e.g. a 785 × 10 layer at k = 512 keeps the 10
+    outputs and projects the inputs to 51; at k_ℓ ≥ d_ℓ the layer is exact."""
+    sizes = [(l.d_in + int(l.use_bias), l.d_out) for l in layers]
+    d = sum(a * b for a, b in sizes)
+    out = []
+    for d_in, d_out in sizes:
+        k_l = max(1, (int(k) * d_in * d_out) // d)
+        best = None
+        for k_small in range(1, min(d_in, d_out) + 1):
+            small_is_in = d_in <= d_out
+            k_big = min(d_out if small_is_in else d_in, k_l // k_small)
+            if k_big < 1:
+                break
+            k_in, k_out = (k_small, k_big) if small_is_in else (k_big, k_small)
+            var = (0.0 if k_in == d_in else 2.0 / k_in) + (0.0 if k_out == d_out
+                                                           else 2.0 / k_out)
+            rank = (var, -(k_in * k_out))
+            if best is None or rank < best[0]:
+                best = (rank, k_in, k_out)
+        _, k_in, k_out = best
+        out.append((None if k_in == d_in else k_in, None if k_out == d_out else k_out))
+    return tuple(out)
+
+
+def kronecker_width(layers, dims) -> int:
+    """K = Σ_ℓ k_in,ℓ·k_out,ℓ: the projected dimension of ``kronecker_dims``."""
+    return sum((l.d_in + int(l.use_bias) if ki is None else ki) *
+               (l.d_out if ko is None else ko) for l, (ki, ko) in zip(layers, dims))
+
+
+def resolve_kronecker(projection: str, fn, members: Members, data, k: int, *,
+                      fn_name: str = "loss_fn", method: str) -> Optional[tuple]:
+    """``(layers, dims)`` when gradients of ``fn`` are to be Kronecker-projected, else
+    ``None`` (a named dense or sparse projection).
+
+    ``projection="kronecker"``: required; ValueError when a parameter is outside a
+    linear layer or (concrete params) the gradient rebuilt from the layers' inputs and
+    output gradients is not ``jax.grad`` (e.g. an L2 penalty inside the loss).
+    ``"auto"``: Kronecker where the dense Gaussian would be too big to regenerate
+    (d·k > ``AUTO_DENSE_ENTRIES``), every parameter is in a linear layer and the rebuilt
+    gradient matches; otherwise the rule of ``resolve_projection`` (dense Gaussian, or
+    the SJLT at that size)."""
+    if projection not in ("kronecker", "auto"):
+        return None
+    d = _common.num_params(members)
+    if projection == "auto" and resolve_projection("auto", d, k) == "gaussian":
+        return None
+    layers, why = _linear_cover(fn, members, data, fn_name, method)
+    if layers is None:
+        if projection == "kronecker":
+            raise ValueError(f'`projection="kronecker"`: {why}')
+        return None
+    if _concrete(members, data):
+        error = _rebuild_error(layers, fn, members, data)
+        if error > 1e3 * float(jnp.finfo(_common.param_dtype(members)).eps):
+            if projection == "auto":
+                return None
+            raise ValueError(
+                f'`projection="kronecker"`: the gradient of `{fn_name}` rebuilt from its '
+                f"linear layers' inputs and output gradients differs from jax.grad "
+                f"(relative error {error:.3g} on the first example): a parameter also "
+                "enters the loss outside its layer (an L2 penalty inside the loss, a "
+                "tied weight); use a dense or sparse projection")
+    return layers, kronecker_dims(layers, k)
+
+
+def kronecker_plan(projection: str, fn, target_fn, members: Members, data, k: int, *,
+                   method: str) -> Optional[tuple]:
+    """``(layers, dims)`` for the gradients of ``target_fn`` (``None``: of ``fn``)
+    under the Kronecker projection that :func:`resolve_kronecker` picks from ``fn``
+    (the training side decides, so both sides agree), or ``None``. ValueError when
+    ``target_fn`` does not use the same linear layers."""
+    plan = resolve_kronecker(projection, fn, members, data, k, method=method)
+    if plan is None or target_fn is None:
+        return plan
+    layers, dims = plan
+    right, why = _linear_cover(target_fn, members, data, "target_fn", method)
+    shape = lambda ls: [(l.name, l.kind, l.d_in, l.d_out, l.use_bias) for l in ls]
+    if right is None or shape(right) != shape(layers):
+        raise ValueError("the Kronecker projection needs `target_fn` to use the same linear "
+                         f"layers as `loss_fn`{'' if why is None else ' (' + why + ')'}")
+    return right, dims
 
 
 def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
@@ -304,10 +431,16 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
       weights: ``(M,)`` per-member weights w_k (checked against the members given to
         ``cache``), or ``None`` for 1/M each.
       proj_dim: k, the projection dimension; ``None`` uses the raw gradients.
-      projection: ``"auto"`` (Gaussian while d·k ≤ 2²⁷, else SJLT), ``"gaussian"``,
-        ``"rademacher"`` or ``"sjlt"`` (``jattri.func``); each
-        is scaled so inner products are preserved in expectation. Member k uses
-        ``fold_in(key, k)``.
+      projection: ``"auto"`` (Gaussian while d·k ≤ 2²⁷; above, the Kronecker
+        projection where every parameter is in a linear layer, else the SJLT:
+        :func:`resolve_kronecker`), ``"gaussian"``, ``"rademacher"``, ``"sjlt"``
+        (``jattri.func``) or ``"kronecker"``: each linear layer's gradient Σ_τ ã_τ ⊗ s_τ
+        projected by P_in ⊗ P_out without forming it (LoGra's projection; Choe et al.,
+        2024), Σ_τ (d_in·k_in + d_out·k_out) multiply-adds per example and layer
+        instead of d·k, to K ≤ k coordinates split over layers by
+        :func:`kronecker_dims`; its JL error is larger than a dense projection's at the
+        same k (``benchmarks/RESULTS.md``). Each is scaled so inner products are
+        preserved in expectation. Member k uses ``fold_in(key, k)``.
       normalize: divide each (projected) gradient by its norm: cosine similarity.
       key: PRNG key of the projections (default ``PRNGKey(0)``).
       chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
@@ -342,7 +475,8 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
             proj_chunk_size: Optional[int] = DEFAULT_CHUNK,
             factored: Optional[bool] = None) -> Attributor:
     """:func:`tracin`, its states marked as made by ``name`` (``grad_dot``, ...)."""
-    check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
+    check_projection_args(projection, ("kronecker",), proj_dim=proj_dim,
+                          proj_chunk_size=proj_chunk_size)
     if factored is not None:
         _checks.flag(factored, "factored")
     if factored and proj_dim is not None:
@@ -358,16 +492,21 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
     made = _common.hyper(task, weights=weights, proj_dim=proj_dim, projection=projection,
                          normalize=normalize, key=key, proj_chunk_size=proj_chunk_size)
 
-    def config(members):
-        return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize))
+    def config(members, kron=None):
+        return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize),
+                kron)
 
     def size(members, data, floats=None):
         projected = floats is None and proj_dim is not None  # gradient steps that project
         return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected)
 
     def features(members, fn, data):
+        kron = None if k is None else kronecker_plan(
+            projection, task.loss, None if fn is task.loss or task.target_is_loss else fn,
+            members, data, k,
+            method=name)
         args = (fn, members, _common.member_keys(key, members.num))
-        return engine.per_example(_feature_step, config(members), args, data,
+        return engine.per_example(_feature_step, config(members, kron), args, data,
                                   size(members, data))
 
     def plan(members, left, right):

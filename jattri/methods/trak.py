@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks, engine
@@ -38,6 +39,8 @@ from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.influence import _stationary, _stationary_damping
+from jattri.methods.logra import kronecker_phi
+from jattri.methods.tracin import kronecker_plan, kronecker_width
 from jattri.task import Members, as_task
 
 PyTree = Any
@@ -108,14 +111,27 @@ def _fns(task, prob_fn) -> _Fns:
 
 
 def _projection(config, key):
-    kind, d, k, proj_chunk = config
+    kind, d, k, proj_chunk, _ = config
     if k is None:
         return None
     return random_projection(kind, key, d, k, chunk_size=proj_chunk)
 
 
 def _phi(proj_config, fn, params, aux, key, chunk):
+    kron = proj_config[-1]
+    if kron is not None:  # (layers, dims): never forms a gradient
+        return kronecker_phi(*kron, "gaussian", proj_config[3], fn, params, aux, key, chunk)
     return _common.chunk_grads(fn, params, aux, chunk, _projection(proj_config, key))
+
+
+def _batch_grad(fn, params, aux, chunk, weights):
+    """``(d,)`` Σ_i w_i ∇fn(z_i): one backward pass over the chunk, no per-example
+    gradient."""
+    def total(p):
+        f = jax.vmap(fn, (None, 0, 0, None))(p, chunk.data, chunk.index, aux)
+        return jnp.sum(jax.lax.stop_gradient(weights).astype(f.dtype) * f)
+
+    return ravel_pytree(jax.grad(total)(params))[0]
 
 
 def _cache_step(config, args, carry, chunk):
@@ -132,6 +148,9 @@ def _cache_step(config, args, carry, chunk):
         r = jnp.sum(qv * (1 - q.astype(valid.dtype)))
         if stats < 2:
             return _phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r, None
+        if proj_config[-1] is not None:  # Kronecker: the sum by one backward pass
+            return (_phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r,
+                    -_batch_grad(fns.train_margin, params, aux, chunk, qv))
         g = _common.chunk_grads(fns.train_margin, params, aux, chunk)  # (size, d)
         proj = _projection(proj_config, key)
         return (g if proj is None else proj(g)), q, r, -(qv.astype(g.dtype) @ g)
@@ -218,9 +237,14 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         available as ``damping=0.1``.
       key: PRNG key of the projection (default ``PRNGKey(0)``).
       prob_fn: optional ``prob_fn(params, example) -> p`` in (0, 1).
-      projection: ``"auto"`` (default: the dense Gaussian while d·k ≤ 2²⁷, else the
-        SJLT; ``jattri.func.projection.resolve_projection``), ``"gaussian"``,
-        ``"rademacher"`` or ``"sjlt"`` (sparse, O(d) per example).
+      projection: ``"auto"`` (default: the dense Gaussian while d·k ≤ 2²⁷; above, the
+        Kronecker projection where every parameter is in a linear layer, else the
+        SJLT; ``jattri.methods.tracin.resolve_kronecker``), ``"gaussian"``,
+        ``"rademacher"``, ``"sjlt"`` (sparse, O(d) per example) or ``"kronecker"``
+        (each linear layer's margin gradient projected by P_in ⊗ P_out without forming
+        it, as LoGra; K ≤ k coordinates split over layers by
+        ``jattri.methods.tracin.kronecker_dims``; larger JL error than a dense
+        projection at the same k).
       chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB
         when projecting, to amortise the projection's per-call cost).
       proj_chunk_size: projection rows generated at a time.
@@ -230,7 +254,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
     the projection's ``proj_chunk_size × k`` block.
     """
     _checks.real(damping, "damping", low=0, none=True)
-    check_projection_args(projection, proj_dim=proj_dim, proj_chunk_size=proj_chunk_size)
+    check_projection_args(projection, ("kronecker",), proj_dim=proj_dim,
+                          proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
     _checks.optional_callable(prob_fn, "prob_fn")
     task = as_task(task)
@@ -245,9 +270,16 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
             return jnp.broadcast_to(key, (members.num,) + key.shape)
         return _common.member_keys(key, members.num)
 
-    def config(members):
+    def config(members, data, fns, target=False):
+        """The projection's static config; its last entry ``(layers, dims)`` when the
+        margin gradients are Kronecker-projected (``projection="kronecker"``, or
+        ``"auto"`` at large d·k: ``jattri.methods.tracin.resolve_kronecker``)."""
         d = _common.num_params(members)
-        return (projection, d, None if proj_dim is None else int(proj_dim), proj_chunk_size)
+        k = None if proj_dim is None else int(proj_dim)
+        kron = None if k is None else kronecker_plan(
+            projection, fns.train_margin, fns.test_margin if target else None, members,
+            data, k, method="TRAK")
+        return (projection, d, k, proj_chunk_size, kron)
 
     def size(members, data, floats=None):
         projected = floats is None and proj_dim is not None  # gradient steps that project
@@ -256,8 +288,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
     def cache(members, train) -> TrakState:
         members = _common.setup(task, members, train)
         fns = _fns(task, prob_fn)
-        cfg = config(members)
-        k = cfg[1] if cfg[2] is None else cfg[2]
+        cfg = config(members, train, fns)
+        k = cfg[1] if cfg[2] is None else cfg[2] if cfg[4] is None else kronecker_width(*cfg[4])
         _common.check_fits(members.num * k * k * 4, f"the ({members.num}, {k}, {k}) kernel "
                            "ΦᵀΦ", "proj_dim")
         dtype = _common.param_dtype(members)
@@ -280,8 +312,10 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                          default)
 
     def test_phi(state, data):
-        return engine.per_example(_test_phi, config(state.members),
-                                  (_fns(task, prob_fn), state.members, keys(state.members)),
+        fns = _fns(task, prob_fn)
+        target = not (task.target_is_loss and prob_fn is None)
+        return engine.per_example(_test_phi, config(state.members, data, fns, target),
+                                  (fns, state.members, keys(state.members)),
                                   data,
                                   size(state.members, data))
 
