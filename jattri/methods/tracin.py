@@ -323,12 +323,14 @@ def kronecker_dims(layers, k: int) -> tuple:
 
     Rule: layer ℓ gets k_ℓ = ⌊k · d_ℓ / d⌋ ≥ 1 coordinates (d_ℓ = (d_in + b)·d_out, its
     share of the d parameters: a dense projection's share, and P_ℓᵀP_ℓ ≈ (d/k) I in
-    every block, the scale TRAK's damping rule assumes). Within the layer, k_in·k_out ≤
-    k_ℓ minimises the relative variance of the projected squared norm of a rank-one
-    gradient, 2/k_in + 2/k_out (Gaussian factors; a side kept whole, k = its width, is
-    exact and adds 0). So a narrow side is kept whole when the other side can still
-    take ≥ 2 k_ℓ / width coordinates... e.g. a 785 × 10 layer at k = 512 keeps the 10
-    outputs and projects the inputs to 51; at k_ℓ ≥ d_ℓ the layer is exact."""
+    every block, the scale TRAK's damping rule assumes). Within the layer, the split
+    k_in·k_out ≤ k_ℓ is the one, over every width of the narrower side, that minimises
+    the relative variance of a rank-one gradient's projected squared norm, 2/k_in +
+    2/k_out (Gaussian factors; a side kept whole is exact and adds 0). E.g. a 785 × 10
+    layer at k = 512 keeps its 10 outputs whole and projects its inputs to 51; at
+    k_ℓ ≥ d_ℓ the layer is exact. (Shares ∝ √d_ℓ or equal shares were measured too:
+    LDS within 0.02 on digits_mlp, and they break the uniform scale;
+    ``benchmarks/RESULTS.md``.)"""
     sizes = [(l.d_in + int(l.use_bias), l.d_out) for l in layers]
     d = sum(a * b for a, b in sizes)
     out = []

@@ -265,6 +265,10 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                          projection=projection, proj_chunk_size=proj_chunk_size,
                          shared_projection=shared)
 
+    # made once: the Partials are static arguments of compiled programs (the layer
+    # check of the Kronecker projection), keyed by identity
+    fns = _fns(task, prob_fn)
+
     def keys(members):
         if shared:
             return jnp.broadcast_to(key, (members.num,) + key.shape)
@@ -287,7 +291,6 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
 
     def cache(members, train) -> TrakState:
         members = _common.setup(task, members, train)
-        fns = _fns(task, prob_fn)
         cfg = config(members, train, fns)
         k = cfg[1] if cfg[2] is None else cfg[2] if cfg[4] is None else kronecker_width(*cfg[4])
         _common.check_fits(members.num * k * k * 4, f"the ({members.num}, {k}, {k}) kernel "
@@ -312,7 +315,6 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                          default)
 
     def test_phi(state, data):
-        fns = _fns(task, prob_fn)
         target = not (task.target_is_loss and prob_fn is None)
         return engine.per_example(_test_phi, config(state.members, data, fns, target),
                                   (fns, state.members, keys(state.members)),
