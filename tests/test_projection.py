@@ -156,3 +156,17 @@ def test_auto_projection_rule():
     key = jax.random.PRNGKey(1)
     np.testing.assert_array_equal(P.random_projection("auto", key, 50, 8)(x),
                                   P.gaussian_projection(key, 50, 8)(x))
+
+
+def test_projection_matrix_is_the_projector():
+    """The ``(d, k)`` matrix of each kind (the Kronecker factors LoGra, TRAK and TracIn
+    multiply by) applies exactly as the chunked projector of the same key."""
+    key = jax.random.PRNGKey(4)
+    x = jax.random.normal(jax.random.PRNGKey(5), (3, 37))
+    for kind in KINDS:
+        m = P.projection_matrix(key, kind=kind, d=37, k=5)
+        assert m.shape == (37, 5)
+        np.testing.assert_allclose(x @ m, P.random_projection(kind, key, 37, 5)(x),
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="projection"):
+        P.projection_matrix(key, kind="auto", d=4, k=2)

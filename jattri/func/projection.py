@@ -200,6 +200,25 @@ _BY_NAME = {"gaussian": gaussian_projection, "rademacher": rademacher_projection
             "sjlt": sjlt_projection}
 
 
+@partial(jax.jit, static_argnames=("kind", "d", "k"))
+def projection_matrix(key: jax.Array, *, kind: str, d: int, k: int) -> jax.Array:
+    """The ``(d, k)`` matrix P of the projector ``kind`` (not ``"auto"``) keyed ``key``:
+    ``x P`` equals ``random_projection(kind, key, d, k)(x)``. For small d·k only (the
+    Kronecker factors of a layer); the projectors themselves never hold P."""
+    rows = jnp.arange(d)
+    if kind == "sjlt":
+        bucket, sign = sjlt_hash(key, rows, k)
+        return jax.nn.one_hot(bucket, k, dtype=_float()) * sign[:, None].astype(_float())
+    if kind == "gaussian":
+        p = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,)))(rows)
+    elif kind == "rademacher":
+        p = jax.vmap(lambda r: jax.random.rademacher(jax.random.fold_in(key, r), (k,),
+                                                     dtype=_float()))(rows)
+    else:
+        raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {kind!r}")
+    return p / jnp.sqrt(k)
+
+
 def check_projection_args(projection: str, extra: tuple = (), **dims) -> None:
     """Validate a projection name (one of ``PROJECTIONS``, ``"auto"`` or ``extra``) and
     output sizes (each a positive int or ``None``)."""

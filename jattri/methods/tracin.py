@@ -30,7 +30,7 @@ from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection, resolve_projection)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.methods.logra import kronecker_phi
+from jattri.methods.logra import kronecker_factors, kronecker_phi
 from jattri.task import Members, as_task, first_member
 
 PyTree = Any
@@ -80,8 +80,8 @@ def _features(config, fn, params, aux, key, chunk):
     configured (``(size, d)`` without a projection; ``(size, K)`` Kronecker-projected
     when ``kron = (layers, dims)``, never forming a gradient)."""
     kind, d, k, proj_chunk, normalize, kron = config
-    if kron is not None:
-        g = kronecker_phi(*kron, "gaussian", proj_chunk, fn, params, aux, key, chunk)
+    if kron is not None:  # ``key``: this member's Kronecker factors
+        g = kronecker_phi(kron[0], key, fn, params, aux, chunk)
     else:
         proj = None if k is None else random_projection(kind, key, d, k,
                                                         chunk_size=proj_chunk)
@@ -507,7 +507,10 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
             projection, task.loss, None if fn is task.loss or task.target_is_loss else fn,
             members, data, k,
             method=name)
-        args = (fn, members, _common.member_keys(key, members.num))
+        keys = _common.member_keys(key, members.num)
+        if kron is not None:  # the factors, made once, in place of the keys
+            keys = kronecker_factors(*kron, "gaussian", keys)
+        args = (fn, members, keys)
         return engine.per_example(_feature_step, config(members, kron), args, data,
                                   size(members, data))
 

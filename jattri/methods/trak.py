@@ -39,7 +39,7 @@ from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.influence import _stationary, _stationary_damping
-from jattri.methods.logra import kronecker_phi
+from jattri.methods.logra import kronecker_factors, kronecker_phi
 from jattri.methods.tracin import kronecker_plan, kronecker_width
 from jattri.task import Members, as_task
 
@@ -119,8 +119,8 @@ def _projection(config, key):
 
 def _phi(proj_config, fn, params, aux, key, chunk):
     kron = proj_config[-1]
-    if kron is not None:  # (layers, dims): never forms a gradient
-        return kronecker_phi(*kron, "gaussian", proj_config[3], fn, params, aux, key, chunk)
+    if kron is not None:  # (layers, dims); ``key``: this member's Kronecker factors
+        return kronecker_phi(kron[0], key, fn, params, aux, chunk)
     return _common.chunk_grads(fn, params, aux, chunk, _projection(proj_config, key))
 
 
@@ -269,10 +269,13 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
     # check of the Kronecker projection), keyed by identity
     fns = _fns(task, prob_fn)
 
-    def keys(members):
+    def keys(members, cfg):
+        """Member m's projection key, or with the Kronecker projection its factors."""
         if shared:
-            return jnp.broadcast_to(key, (members.num,) + key.shape)
-        return _common.member_keys(key, members.num)
+            out = jnp.broadcast_to(key, (members.num,) + key.shape)
+        else:
+            out = _common.member_keys(key, members.num)
+        return out if cfg[-1] is None else kronecker_factors(*cfg[-1], "gaussian", out)
 
     def config(members, data, fns, target=False):
         """The projection's static config; its last entry ``(layers, dims)`` when the
@@ -301,7 +304,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                   + ((jnp.zeros((members.num,), dtype),) if stats else ())
                   + ((jnp.zeros((members.num, cfg[1]), dtype),) if stats == 2 else ()))
         carry, (phi, q), n = engine.scan(_cache_step, (cfg, stats),
-                                         (fns, members, keys(members)), carry0, train,
+                                         (fns, members, keys(members, cfg)), carry0, train,
                                          size(members, train), sums=True)
         default = None
         if stats:
@@ -316,9 +319,9 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
 
     def test_phi(state, data):
         target = not (task.target_is_loss and prob_fn is None)
-        return engine.per_example(_test_phi, config(state.members, data, fns, target),
-                                  (fns, state.members, keys(state.members)),
-                                  data,
+        cfg = config(state.members, data, fns, target)
+        return engine.per_example(_test_phi, cfg,
+                                  (fns, state.members, keys(state.members, cfg)), data,
                                   size(state.members, data))
 
     def damping_of(damping, state):
