@@ -329,7 +329,7 @@ def kronecker_dims(layers, k: int) -> tuple:
     2/k_out (Gaussian factors; a side kept whole is exact and adds 0). E.g. a 785 × 10
     layer at k = 512 keeps its 10 outputs whole and projects its inputs to 51; at
     k_ℓ ≥ d_ℓ the layer is exact. (Shares ∝ √d_ℓ or equal shares were measured too:
-    LDS within 0.02 on digits_mlp, and they break the uniform scale;
+    at most 0.022 more LDS on digits_mlp, and they break the uniform scale;
     ``benchmarks/RESULTS.md``.)"""
     sizes = [(l.d_in + int(l.use_bias), l.d_out) for l in layers]
     d = sum(a * b for a, b in sizes)
