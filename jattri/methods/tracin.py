@@ -463,7 +463,9 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
 
     Memory: state n·M·k floats with a projection, none proportional to n without;
     ``attribute`` holds the test side n_test·M·k (k = d without a projection; factored:
-    n_test·M·Σ_ℓ T_ℓ·(d_in,ℓ + 1 + d_out,ℓ)) and one chunk of ``chunk_size`` gradients.
+    n_test·M·Σ_ℓ T_ℓ·(d_in,ℓ + 1 + d_out,ℓ)) and one chunk of ``chunk_size`` gradients
+    (Kronecker: their layer inputs and output gradients instead, plus the factors,
+    M·Σ_ℓ (d_in,ℓ·k_in,ℓ + d_out,ℓ·k_out,ℓ) floats).
     """
     return _tracin("tracin", task, weights=weights, proj_dim=proj_dim, projection=projection,
                    normalize=normalize, key=key, chunk_size=chunk_size,

@@ -251,7 +251,10 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
       shared_projection: one projection (``key`` itself) for every member instead.
 
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
-    the projection's ``proj_chunk_size × k`` block.
+    the projection's ``proj_chunk_size × k`` block; with the Kronecker projection no
+    d-float gradient: ``chunk_size`` examples' layer inputs and output gradients
+    (Σ_ℓ T_ℓ·(d_in,ℓ + d_out,ℓ) floats each) and the factors, M·Σ_ℓ (d_in,ℓ·k_in,ℓ +
+    d_out,ℓ·k_out,ℓ) floats.
     """
     _checks.real(damping, "damping", low=0, none=True)
     check_projection_args(projection, ("kronecker",), proj_dim=proj_dim,
