@@ -145,3 +145,30 @@ def test_auto_rule_and_refusals(x64, monkeypatch):
             {**params, "scale": jnp.ones(())}, train)
     with pytest.raises(ValueError, match="projection"):
         jattri.trak(_loss, projection="kron")
+
+
+def test_kronecker_with_a_target_and_prob_fn_is_exact_at_k_above_d(x64):
+    """The test side differentiates the target (its own layers), and ``prob_fn``'s
+    margin: at k ≥ d both equal TRAK and TracIn on raw gradients."""
+    params, train, test = _setup()
+
+    def target(p, z):  # the label's logit, not the loss
+        return -MODEL.apply({"params": p}, z[0][None])[0][z[1]]
+
+    def prob(p, z):
+        return jax.nn.softmax(MODEL.apply({"params": p}, z[0][None])[0])[z[1]]
+
+    task = jattri.Task(_loss, target)
+    for kwargs in ({}, {"prob_fn": prob}):
+        raw = jattri.trak(task, proj_dim=None, **kwargs)
+        kron = jattri.trak(task, proj_dim=100, projection="kronecker", **kwargs)
+        want = raw.attribute(raw.cache(params, train), test)
+        np.testing.assert_allclose(kron.attribute(kron.cache(params, train), test), want,
+                                   rtol=1e-7, atol=1e-10)
+    dot = jattri.tracin(task)
+    tr = jattri.tracin(task, proj_dim=100, projection="kronecker")
+    np.testing.assert_allclose(tr.attribute(tr.cache(params, train), test),
+                               dot.attribute(dot.cache(params, train), test), rtol=1e-9)
+    np.testing.assert_allclose(tr.self_attribute(tr.cache(params, train), train=train),
+                               dot.self_attribute(dot.cache(params, train), train=train),
+                               rtol=1e-9)
