@@ -319,7 +319,8 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
 
 def kronecker_dims(layers, k: int) -> tuple:
     """``((k_in, k_out), ...)`` per layer (``None``: the identity on that side) for a
-    total of at most ``k`` projected coordinates.
+    total of at most ``k`` projected coordinates (every layer keeps at least one, so
+    at most the number of layers when k is smaller).
 
     Rule: layer ℓ gets k_ℓ = ⌊k · d_ℓ / d⌋ ≥ 1 coordinates (d_ℓ = (d_in + b)·d_out, its
     share of the d parameters: a dense projection's share, and P_ℓᵀP_ℓ ≈ (d/k) I in
@@ -370,7 +371,11 @@ def resolve_kronecker(projection: str, fn, members: Members, data, k: int, *,
     ``"auto"``: Kronecker where the dense Gaussian would be too big to regenerate
     (d·k > ``AUTO_DENSE_ENTRIES``), every parameter is in a linear layer and the rebuilt
     gradient matches; otherwise the rule of ``resolve_projection`` (dense Gaussian, or
-    the SJLT at that size)."""
+    the SJLT at that size). The choice is made again at every stage (``cache``,
+    ``attribute``): under ``jax.jit`` (traced params or data) the rebuild check cannot
+    run and is skipped, so with a loss whose parameters also enter outside their layers
+    (an L2 term) above the threshold, a traced stage would project by Kronecker where a
+    concrete one took the SJLT: pass ``projection="sjlt"`` for such a loss."""
     if projection not in ("kronecker", "auto"):
         return None
     d = _common.num_params(members)
