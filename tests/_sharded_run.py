@@ -47,6 +47,8 @@ def data():
 
 METHODS = {
     "trak": lambda: jattri.trak(loss_fn, proj_dim=32, chunk_size=4),
+    "trak_kron": lambda: jattri.trak(loss_fn, proj_dim=32, projection="kronecker",
+                                     chunk_size=4),
     "grad_dot": lambda: jattri.grad_dot(loss_fn, chunk_size=4),
     "logra": lambda: jattri.logra(loss_fn, proj_dim_in=4, proj_dim_out=4, chunk_size=4),
     "influence_cg": lambda: jattri.influence_cg(loss_fn, damping=1.0, chunk_size=4),

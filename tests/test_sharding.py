@@ -20,7 +20,9 @@ HERE = Path(__file__).resolve().parent
 # LiSSA and Arnoldi take the same layout-aware path as CG and explicit influence (their
 # jitted fits pass the layout statically), Grad-Dot TRAK's per-example path without its
 # Gram sum: they are left out to keep the suite short.
-METHODS = ["trak", "logra", "influence_cg", "influence_ekfac", "influence_explicit"]
+# "trak_kron": TRAK with the Kronecker projection (its factors are replicated arguments).
+METHODS = ["trak", "trak_kron", "logra", "influence_cg", "influence_ekfac",
+           "influence_explicit"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_sharded_equals_one_device(runs, name):
     assert r["probe_devices"] == 8 and r["scores_devices"] == 8, r
 
 
-@pytest.mark.parametrize("name", ["trak", "logra"])
+@pytest.mark.parametrize("name", ["trak", "trak_kron", "logra"])
 def test_stored_features_stay_sharded(runs, name):
     """The per-example features a cache keeps (n along axis 0 or 1) stay spread."""
     per_example = [leaf for leaf in runs[name]["state_leaves"] if "'data'" in leaf[1]]
