@@ -172,3 +172,20 @@ def test_kronecker_with_a_target_and_prob_fn_is_exact_at_k_above_d(x64):
     np.testing.assert_allclose(tr.self_attribute(tr.cache(params, train), train=train),
                                dot.self_attribute(dot.cache(params, train), train=train),
                                rtol=1e-9)
+
+
+def test_auto_choice_made_concretely_holds_under_jit(x64, monkeypatch):
+    """Above the threshold, a loss with an L2 term gets the SJLT from a concrete
+    ``cache``; a jitted ``attribute`` (its test data traced: no rebuild check possible)
+    must project the test side the same way, not by Kronecker."""
+    params, train, test = _setup()
+    monkeypatch.setattr(P, "AUTO_DENSE_ENTRIES", 100)
+
+    def l2_loss(p, z):
+        return _loss(p, z) + 1e-2 * jnp.sum(p["Dense_0"]["kernel"] ** 2)
+
+    for attr in (jattri.tracin(l2_loss, proj_dim=20), jattri.trak(l2_loss, proj_dim=20)):
+        state = attr.cache(params, train)
+        want = np.asarray(attr.attribute(state, test))
+        got = jax.jit(lambda s, t: attr.attribute(s, t))(state, test)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

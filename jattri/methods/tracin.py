@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattri import _checks, engine
 from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys
@@ -361,7 +362,8 @@ def kronecker_width(layers, dims) -> int:
 
 
 def resolve_kronecker(projection: str, fn, members: Members, data, k: int, *,
-                      fn_name: str = "loss_fn", method: str) -> Optional[tuple]:
+                      fn_name: str = "loss_fn", method: str,
+                      memo: Optional[dict] = None) -> Optional[tuple]:
     """``(layers, dims)`` when gradients of ``fn`` are to be Kronecker-projected, else
     ``None`` (a named dense or sparse projection).
 
@@ -371,42 +373,54 @@ def resolve_kronecker(projection: str, fn, members: Members, data, k: int, *,
     ``"auto"``: Kronecker where the dense Gaussian would be too big to regenerate
     (d·k > ``AUTO_DENSE_ENTRIES``), every parameter is in a linear layer and the rebuilt
     gradient matches; otherwise the rule of ``resolve_projection`` (dense Gaussian, or
-    the SJLT at that size). The choice is made again at every stage (``cache``,
-    ``attribute``): under ``jax.jit`` (traced params or data) the rebuild check cannot
-    run and is skipped, so with a loss whose parameters also enter outside their layers
-    (an L2 term) above the threshold, a traced stage would project by Kronecker where a
-    concrete one took the SJLT: pass ``projection="sjlt"`` for such a loss."""
+    the SJLT at that size).
+
+    ``memo``: the factory's record of choices made with the rebuild check, by the
+    members' structure and shapes. Under ``jax.jit`` (traced params or data) the check
+    cannot run, so a traced stage reuses the choice a concrete one made (a concrete
+    ``cache`` then a jitted ``attribute`` project both sides alike); with no such
+    record it decides on the layers alone."""
     if projection not in ("kronecker", "auto"):
         return None
     d = _common.num_params(members)
     if projection == "auto" and resolve_projection("auto", d, k) == "gaussian":
         return None
+    leaves = jax.tree_util.tree_leaves((members.params, members.aux))
+    sig = (fn_name, k, jax.tree_util.tree_structure((members.params, members.aux)),
+           tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves))
+    concrete = _concrete(members, data)
+    if memo is not None and not concrete and sig in memo:
+        return memo[sig]
     layers, why = _linear_cover(fn, members, data, fn_name, method)
     if layers is None:
         if projection == "kronecker":
             raise ValueError(f'`projection="kronecker"`: {why}')
         return None
-    if _concrete(members, data):
+    plan = layers, kronecker_dims(layers, k)
+    if concrete:
         error = _rebuild_error(layers, fn, members, data)
         if error > 1e3 * float(jnp.finfo(_common.param_dtype(members)).eps):
             if projection == "auto":
-                return None
-            raise ValueError(
-                f'`projection="kronecker"`: the gradient of `{fn_name}` rebuilt from its '
-                f"linear layers' inputs and output gradients differs from jax.grad "
-                f"(relative error {error:.3g} on the first example): a parameter also "
-                "enters the loss outside its layer (an L2 penalty inside the loss, a "
-                "tied weight); use a dense or sparse projection")
-    return layers, kronecker_dims(layers, k)
+                plan = None
+            else:
+                raise ValueError(
+                    f'`projection="kronecker"`: the gradient of `{fn_name}` rebuilt from '
+                    f"its linear layers' inputs and output gradients differs from "
+                    f"jax.grad (relative error {error:.3g} on the first example): a "
+                    "parameter also enters the loss outside its layer (an L2 penalty "
+                    "inside the loss, a tied weight); use a dense or sparse projection")
+        if memo is not None:
+            memo[sig] = plan
+    return plan
 
 
 def kronecker_plan(projection: str, fn, target_fn, members: Members, data, k: int, *,
-                   method: str) -> Optional[tuple]:
+                   method: str, memo: Optional[dict] = None) -> Optional[tuple]:
     """``(layers, dims)`` for the gradients of ``target_fn`` (``None``: of ``fn``)
     under the Kronecker projection that :func:`resolve_kronecker` picks from ``fn``
     (the training side decides, so both sides agree), or ``None``. ValueError when
     ``target_fn`` does not use the same linear layers."""
-    plan = resolve_kronecker(projection, fn, members, data, k, method=method)
+    plan = resolve_kronecker(projection, fn, members, data, k, method=method, memo=memo)
     if plan is None or target_fn is None:
         return plan
     layers, dims = plan
@@ -501,6 +515,8 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
     made = _common.hyper(task, weights=weights, proj_dim=proj_dim, projection=projection,
                          normalize=normalize, key=key, proj_chunk_size=proj_chunk_size)
 
+    memo = {}  # the Kronecker choices made concretely (``resolve_kronecker``)
+
     def config(members, kron=None):
         return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize),
                 kron)
@@ -512,8 +528,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
     def features(members, fn, data):
         kron = None if k is None else kronecker_plan(
             projection, task.loss, None if fn is task.loss or task.target_is_loss else fn,
-            members, data, k,
-            method=name)
+            members, data, k, method=name, memo=memo)
         keys = _common.member_keys(key, members.num)
         if kron is not None:  # the factors, made once, in place of the keys
             keys = kronecker_factors(*kron, "gaussian", keys)

@@ -271,6 +271,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
     # made once: the Partials are static arguments of compiled programs (the layer
     # check of the Kronecker projection), keyed by identity
     fns = _fns(task, prob_fn)
+    memo = {}  # the Kronecker choices made concretely (``resolve_kronecker``)
 
     def keys(members, cfg):
         """Member m's projection key, or with the Kronecker projection its factors."""
@@ -288,7 +289,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         k = None if proj_dim is None else int(proj_dim)
         kron = None if k is None else kronecker_plan(
             projection, fns.train_margin, fns.test_margin if target else None, members,
-            data, k, method="TRAK")
+            data, k, method="TRAK", memo=memo)
         return (projection, d, k, proj_chunk_size, kron)
 
     def size(members, data, floats=None):
