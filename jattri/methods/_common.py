@@ -76,6 +76,19 @@ def chunk_grads(fn: Callable, params: PyTree, aux: PyTree, chunk: engine.Chunk,
     return g * chunk.valid[:, None].astype(g.dtype)
 
 
+def grad_sum(fn: Callable, params: PyTree, aux: PyTree, chunk: engine.Chunk,
+             weights: Optional[jax.Array] = None) -> jax.Array:
+    """``(d,)`` Σ_i w_i ∇fn(z_i) over the chunk's valid examples (w = 1 without
+    ``weights``): one backward pass of the weighted sum, no per-example gradient."""
+    w = chunk.valid if weights is None else weights * chunk.valid
+
+    def total(p):
+        f = jax.vmap(fn, (None, 0, 0, None))(p, chunk.data, chunk.index, aux)
+        return jnp.sum(jax.lax.stop_gradient(w).astype(f.dtype) * f)
+
+    return ravel_pytree(jax.grad(total)(params))[0]
+
+
 def row_spec(tree: PyTree) -> PyTree:
     """Shapes and dtypes of one row (leading axis dropped): one member's params or aux."""
     return jax.tree_util.tree_map(

@@ -296,7 +296,7 @@ _FALLBACK_DAMPING = 1e-3
 def _grad_sum_step(config, args, acc, chunk):
     loss, members = args
     return acc + _common.member_map(
-        lambda p, a: jnp.sum(_common.chunk_grads(loss, p, a, chunk), axis=0), members), None
+        lambda p, a: _common.grad_sum(loss, p, a, chunk), members).astype(acc.dtype), None
 
 
 @jax.jit

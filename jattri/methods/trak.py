@@ -29,7 +29,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks, engine
@@ -124,16 +123,6 @@ def _phi(proj_config, fn, params, aux, key, chunk):
     return _common.chunk_grads(fn, params, aux, chunk, _projection(proj_config, key))
 
 
-def _batch_grad(fn, params, aux, chunk, weights):
-    """``(d,)`` Σ_i w_i ∇fn(z_i): one backward pass over the chunk, no per-example
-    gradient."""
-    def total(p):
-        f = jax.vmap(fn, (None, 0, 0, None))(p, chunk.data, chunk.index, aux)
-        return jnp.sum(jax.lax.stop_gradient(weights).astype(f.dtype) * f)
-
-    return ravel_pytree(jax.grad(total)(params))[0]
-
-
 def _cache_step(config, args, carry, chunk):
     """carry: the kernels ``(M, k, k)``; with ``stats`` ≥ 1 (config's last entry) also
     Σ_i p_i(1 − p_i) ``(M,)``, with ``stats`` = 2 also Σ_i ∇loss_i ``(M, d)``, from
@@ -150,7 +139,7 @@ def _cache_step(config, args, carry, chunk):
             return _phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r, None
         if proj_config[-1] is not None:  # Kronecker: the sum by one backward pass
             return (_phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r,
-                    -_batch_grad(fns.train_margin, params, aux, chunk, qv))
+                    -_common.grad_sum(fns.train_margin, params, aux, chunk, qv))
         g = _common.chunk_grads(fns.train_margin, params, aux, chunk)  # (size, d)
         proj = _projection(proj_config, key)
         return (g if proj is None else proj(g)), q, r, -(qv.astype(g.dtype) @ g)
@@ -281,7 +270,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
             out = _common.member_keys(key, members.num)
         return out if cfg[-1] is None else kronecker_factors(*cfg[-1], "gaussian", out)
 
-    def config(members, data, fns, target=False):
+    def config(members, data, target=False):
         """The projection's static config; its last entry ``(layers, dims)`` when the
         margin gradients are Kronecker-projected (``projection="kronecker"``, or
         ``"auto"`` at large d·k: ``jattri.methods.tracin.resolve_kronecker``)."""
@@ -298,8 +287,9 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
 
     def cache(members, train) -> TrakState:
         members = _common.setup(task, members, train)
-        cfg = config(members, train, fns)
-        k = cfg[1] if cfg[2] is None else cfg[2] if cfg[4] is None else kronecker_width(*cfg[4])
+        cfg = config(members, train)
+        k = cfg[1] if cfg[2] is None else (cfg[2] if cfg[4] is None
+                                           else kronecker_width(*cfg[4]))
         _common.check_fits(members.num * k * k * 4, f"the ({members.num}, {k}, {k}) kernel "
                            "ΦᵀΦ", "proj_dim")
         dtype = _common.param_dtype(members)
@@ -323,7 +313,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
 
     def test_phi(state, data):
         target = not (task.target_is_loss and prob_fn is None)
-        cfg = config(state.members, data, fns, target)
+        cfg = config(state.members, data, target)
         return engine.per_example(_test_phi, cfg,
                                   (fns, state.members, keys(state.members, cfg)), data,
                                   size(state.members, data))
