@@ -376,21 +376,23 @@ def resolve_kronecker(projection: str, fn, members: Members, data, k: int, *,
     the SJLT at that size).
 
     ``memo``: the factory's record of choices made with the rebuild check, by the
-    members' structure and shapes. Under ``jax.jit`` (traced params or data) the check
-    cannot run, so a traced stage reuses the choice a concrete one made (a concrete
-    ``cache`` then a jitted ``attribute`` project both sides alike); with no such
-    record it decides on the layers alone."""
+    members' and one example's structure, shapes and dtypes: a later stage of the same
+    shapes reuses it (no second layer trace or check), and so does a stage under
+    ``jax.jit``, where the check cannot run (a concrete ``cache`` then a jitted
+    ``attribute`` project both sides alike); a traced stage with no record decides on
+    the layers alone."""
     if projection not in ("kronecker", "auto"):
         return None
     d = _common.num_params(members)
     if projection == "auto" and resolve_projection("auto", d, k) == "gaussian":
         return None
-    leaves = jax.tree_util.tree_leaves((members.params, members.aux))
-    sig = (fn_name, k, jax.tree_util.tree_structure((members.params, members.aux)),
-           tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves))
-    concrete = _concrete(members, data)
-    if memo is not None and not concrete and sig in memo:
+    spec = (members.params, members.aux, _common.example_spec(data))
+    sig = (fn_name, k, jax.tree_util.tree_structure(spec),
+           tuple((np.shape(x), str(jnp.result_type(x)))
+                 for x in jax.tree_util.tree_leaves(spec)))
+    if memo is not None and sig in memo:
         return memo[sig]
+    concrete = _concrete(members, data)
     layers, why = _linear_cover(fn, members, data, fn_name, method)
     if layers is None:
         if projection == "kronecker":
