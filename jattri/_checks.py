@@ -101,13 +101,33 @@ def check_params(params: PyTree, name: str) -> None:
         if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
             raise TypeError(f"`{name}` has a leaf of dtype {dtype}; parameters must be "
                             "floating point (float32, float64, bfloat16 or float16)")
-    host = [x for x in leaves if isinstance(x, (np.ndarray, np.generic))]
-    device = [x for x in leaves if _is_concrete(x) and not isinstance(x, (np.ndarray,
-                                                                         np.generic))]
-    # host arrays checked where they are; device arrays in one compiled reduction
-    if not all(np.all(np.isfinite(x)) for x in host) or (device and
-                                                         not bool(_all_finite(device))):
+    on_host = [isinstance(x, (np.ndarray, np.generic)) or _in_host_memory(x) for x in leaves]
+    host = [x for x, h in zip(leaves, on_host) if h]
+    device = [x for x, h in zip(leaves, on_host) if not h and _is_concrete(x)]
+    # arrays in host memory (numpy, or jax arrays on the CPU backend: a zero-copy view)
+    # checked with numpy, no compilation; accelerator arrays in one compiled reduction
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in host) or (
+            device and not bool(_all_finite(device))):
         raise ValueError(f"`{name}` contains NaN or inf")
+
+
+def _in_host_memory(x) -> bool:
+    """A concrete jax array every shard of which lives on a CPU device."""
+    if not isinstance(x, jax.Array) or not _is_concrete(x):
+        return False
+    try:
+        return x.is_fully_addressable and all(d.platform == "cpu"
+                                              for d in x.sharding.device_set)
+    except (AttributeError, RuntimeError):  # a deleted or donated buffer
+        return False
+
+
+def all_finite(x: Any) -> bool:
+    """No NaN or inf in the concrete array ``x``: numpy on host memory (no
+    compilation), one compiled reduction on an accelerator."""
+    if isinstance(x, (np.ndarray, np.generic)) or _in_host_memory(x):
+        return bool(np.all(np.isfinite(np.asarray(x))))
+    return bool(_all_finite([x]))
 
 
 def first_example(data: PyTree) -> PyTree:

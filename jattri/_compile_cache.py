@@ -5,7 +5,10 @@ process; with the cache on, a second process loads the compiled programs from di
 :func:`enable` runs at ``import jattri`` and points JAX's cache at
 ``<cache dir>/xla`` (``$JATTRI_CACHE_DIR``, else ``$XDG_CACHE_HOME/jattri``, else
 ``~/.cache/jattri``; the same directory as the benchmark's ground truth), caching
-programs whose compilation took at least 0.1 s.
+every program however short its compilation (JAX's own default keeps only those over
+1 s; a method's first call compiles a few large programs and many small ones: TRAK on
+a 7,850-parameter LR compiles 29, of which 23 took under 0.1 s and together 0.45 s;
+reading all 29 back takes 0.09 s).
 
 Turned off, or moved, by the environment variable ``JATTRI_COMPILE_CACHE``: ``0``
 (or ``off``, ``false``, ``no``) leaves JAX's configuration untouched; a path puts the
@@ -21,7 +24,7 @@ from typing import Optional
 import jax
 
 ENV = "JATTRI_COMPILE_CACHE"
-MIN_COMPILE_SECONDS = 0.1
+MIN_COMPILE_SECONDS = 0.0
 
 
 def default_dir() -> Path:

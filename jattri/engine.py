@@ -524,12 +524,37 @@ class progress:
 
 # ------------------------------------------------------------------------------ scan
 
-@partial(jax.jit, static_argnames=("step", "config", "size", "report", "layout", "sums"))
-def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, sums=False):
+def _split_zeros(carry: PyTree) -> tuple:
+    """``(leaves, spec)``: the carry's leaves with those given as
+    ``jax.ShapeDtypeStruct`` (zeros to start from) replaced by ``None``, and the static
+    ``(treedef, ((shape, dtype) | None per leaf))`` that :func:`_join_zeros` rebuilds
+    them from inside a compiled program (eager ``jnp.zeros`` is a compilation per
+    shape)."""
+    leaves, tree = jax.tree_util.tree_flatten(carry)
+    spec = tuple((tuple(x.shape), np.dtype(x.dtype)) if isinstance(x, jax.ShapeDtypeStruct)
+                 else None for x in leaves)
+    return [None if z else x for x, z in zip(leaves, spec)], (tree, spec)
+
+
+def _join_zeros(leaves, spec) -> PyTree:
+    tree, zeros = spec
+    return jax.tree_util.tree_unflatten(
+        tree, [x if z is None else jnp.zeros(*z) for x, z in zip(leaves, zeros)])
+
+
+_zeros_jit = jax.jit(_join_zeros, static_argnums=1)
+
+
+@partial(jax.jit, static_argnames=("step", "config", "size", "report", "layout", "sums",
+                                   "zeros"))
+def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, sums=False,
+              zeros=None):
     # Chunked, scanned and trimmed inside one program: outside it, the padding,
     # reshapes and slices would each be an eager op (a compilation of its own on first
     # use) and leave a full copy (2.56 GiB of test gradients on a 10.7M-parameter
     # model) until Python's next garbage collection.
+    if zeros is not None:
+        carry = _join_zeros(carry, zeros)
     chunks, n = _stacked_chunks(data, size, layout)
     d = _spread(layout)
     # A sum over examples under a sharded layout: every device adds its own rows into a
@@ -582,8 +607,15 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
     f a sum over the chunk's examples): on a sharded dataset each device then keeps a
     partial sum, reduced once at the end instead of at every step.
     Inside :func:`jattri.resumable` the stage is written to disk as it runs.
+    ``carry`` leaves given as ``jax.ShapeDtypeStruct`` start as zeros made inside the
+    compiled program (no eager ``jnp.zeros``, a compilation per shape on first use).
     """
     from jattri import _resume
+    leaves, zeros = _split_zeros(carry)
+    if any(z is not None for z in zeros[1]) and (_resume.active() or is_stream(data)):
+        carry, zeros = _zeros_jit(leaves, zeros), None  # one program for every zero
+    elif not any(z is not None for z in zeros[1]):
+        zeros = None
     if _resume.active():
         return _resume.scan(step, config, args, carry, data, int(size))
     with _stage(step, num_examples(data), args, carry, data) as stage:
@@ -591,9 +623,9 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
             layout = layout_of(data)
             size = int(size) if layout is None else min(
                 int(size), num_examples(data) // layout.devices)
-            carry, outs = _scan_jit(step, config, args, carry, data, size,
-                                    report=stage is not None, layout=layout,
-                                    sums=bool(sums) and layout is not None)
+            carry, outs = _scan_jit(step, config, args, carry if zeros is None else leaves,
+                                    data, size, report=stage is not None, layout=layout,
+                                    sums=bool(sums) and layout is not None, zeros=zeros)
             if stage is not None:
                 jax.block_until_ready((carry, outs))
             return carry, outs, num_examples(data)

@@ -257,9 +257,14 @@ def checkpoints(params_list: Sequence[PyTree]) -> Members:
         if shapes != ref_shapes:
             raise ValueError(f"mismatched checkpoints: checkpoints[{k}] has leaf shapes "
                              f"{shapes}, checkpoints[0] has {ref_shapes}")
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
-                                     *params_list)
-    return Members(stacked, num=len(params_list))
+    return Members(_stack(list(params_list)), num=len(params_list))
+
+
+@jax.jit
+def _stack(params_list: list) -> PyTree:
+    """The checkpoints stacked leaf by leaf, in one compiled program (eagerly, one
+    compilation per distinct leaf shape)."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params_list)
 
 
 def _row(tree: PyTree, j, num: int) -> PyTree:

@@ -331,3 +331,68 @@ def _no_parameter_sized_constants(name):
         biggest = max(_sizes_of_constants(closed), default=0)
         assert biggest <= MAX_CONST, \
             f"{name}.{stage}: a constant of {biggest} elements (model: {d} parameters)"
+
+
+# ------------------------------------------------------ no eager op on a first call
+
+def _eager(name: str) -> bool:
+    """A program compiled for one eager jax operation: a jax.numpy / lax / random
+    function called outside any jit (``_reduce_all`` is ``jnp.all``, ``_threefry_*``
+    the key functions), or ``jnp.asarray`` of a host array (``stage``)."""
+    return (name == "stage" or name.startswith(("_threefry", "_reduce_"))
+            or any(hasattr(ns, name) for ns in (jnp, jnp.linalg, jax.lax, jax.random)))
+
+
+@contextlib.contextmanager
+def compiled_programs():
+    """The names of the programs XLA compiles inside the block (JAX's compile log)."""
+    import logging
+    import re
+
+    names = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            found = re.match(r"Finished XLA compilation of jit\((.*)\) in",
+                             record.getMessage())
+            if found:
+                names.append(found.group(1))
+
+    handler, logger = Handler(), logging.getLogger("jax")
+    before = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    logger.addHandler(handler)
+    try:
+        yield names
+    finally:
+        logger.removeHandler(handler)
+        jax.config.update("jax_log_compiles", before)
+
+
+FIRST_CALL = dict(METHODS,
+                  trak_kronecker=lambda t, lg: jattri.trak(t, proj_dim=6, projection="kronecker"),
+                  tracin_kronecker=lambda t, lg: jattri.tracin(t, proj_dim=6,
+                                                               projection="kronecker"))
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_CALL))
+def test_first_call_runs_no_eager_operation(name):
+    """``cache``, ``attribute`` and ``self_attribute`` on two checkpoints compile only
+    whole programs of
+    jattri's: every eager op (a slice, a zeros, a key, a division) would be an XLA
+    compilation of its own on a first call (issue 15: "fold each stage's eager ops into
+    one jitted function"). Shapes unusual enough that no earlier test compiled them."""
+    p1, p2 = init_mlp(jax.random.PRNGKey(0), d_in=7), init_mlp(jax.random.PRNGKey(1), d_in=7)
+    train, test = mlp_data(jax.random.PRNGKey(2), 23, d_in=7), mlp_data(jax.random.PRNGKey(3),
+                                                                         5, d_in=7)
+    attr = FIRST_CALL[name](jattri.Task(mlp_loss), small_logits)
+    jax.clear_caches()
+    with compiled_programs() as names:
+        members = jattri.checkpoints([p1, p2])
+        state = attr.cache(members, train)
+        scores = attr.attribute(state, test)
+        values = attr.self_attribute(state)
+    assert scores.shape == (23, 5) and values.shape == (23,)
+    assert names, "the compile log caught nothing: the check is not looking"
+    eager = [n for n in names if _eager(n)]
+    assert not eager, f"{name}: eager operations compiled on a first call: {eager}"

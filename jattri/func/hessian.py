@@ -207,7 +207,8 @@ CG_ADVICE = "increase `damping`, or use a positive semi-definite curvature"
 def check_cg(out: Any, advice: str = CG_ADVICE) -> Any:
     """Raise ``ValueError`` when a concrete CG result (solutions, or scores computed
     from them) is non-finite: :func:`cg_solve` met pᵀ(H + λI)p ≤ 0."""
-    if _is_concrete(out) and not bool(jnp.all(jnp.isfinite(jnp.asarray(out)))):
+    from jattri import _checks
+    if _is_concrete(out) and not _checks.all_finite(out):
         raise ValueError(
             "CG returned non-finite values: it met non-positive curvature "
             "(pᵀ(H + damping·I)p <= 0 along a search direction), so H + damping·I is "

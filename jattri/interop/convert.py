@@ -170,7 +170,7 @@ def convert(state_dict: Mapping[str, Any], arch: str, **config) -> dict:
     from jattri.models.registry import build
     model = build(arch, **config)
     layout = _LAYOUTS[arch]
-    abstract = jax.eval_shape(model.init, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0)))  # no eager op
     source = _unwrap(state_dict, layout)
 
     flat, missing, mismatched, used = {}, [], [], set()
@@ -185,7 +185,7 @@ def convert(state_dict: Mapping[str, Any], arch: str, **config) -> dict:
         if got != expected:
             mismatched.append(f"{key}: got {got}, expected {expected}")
             continue
-        flat[path] = jnp.asarray(_to_flax(np.asarray(source[key]), path, layout))
+        flat[path] = jax.device_put(_to_flax(np.asarray(source[key]), path, layout))
 
     untied = []
     for key, base in layout.tied:

@@ -55,6 +55,35 @@ def member_map(fn: Callable, members: Members, *per_member: PyTree) -> PyTree:
     return jax.lax.map(one, jnp.arange(members.num))
 
 
+def zeros_like(x) -> PyTree:
+    """Zeros shaped like ``x`` as an ``engine.scan`` carry: ``jax.ShapeDtypeStruct``
+    leaves, made inside the compiled scan."""
+    return jax.tree_util.tree_map(lambda y: jax.ShapeDtypeStruct(np.shape(y),
+                                                                 jnp.result_type(y)), x)
+
+
+def scalar(x, dtype) -> jax.Array:
+    """``jnp.asarray(x, dtype)``; a Python or numpy number converted on the host (an
+    eager conversion is a compilation of its own on first use)."""
+    if isinstance(x, (int, float, np.number, np.ndarray)):
+        return jax.device_put(np.asarray(x, np.dtype(dtype)))
+    return jnp.asarray(x, dtype)
+
+
+def row_floats(x) -> int:
+    """Elements of one row of ``x`` (``x[0].size`` without slicing: an eager slice is a
+    compilation of its own on first use)."""
+    return int(np.prod(np.shape(x)[1:], dtype=np.int64))
+
+
+def default_key() -> jax.Array:
+    """``jax.random.PRNGKey(0)``, without its eager compilation under JAX's default
+    threefry implementation (where that key is the two words ``[0, 0]``)."""
+    if jax.config.jax_default_prng_impl == "threefry2x32":
+        return jax.device_put(np.zeros(2, np.uint32))
+    return jax.random.PRNGKey(0)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def member_keys(key: jax.Array, num: int) -> jax.Array:
     """``(num,)`` keys ``fold_in(key, j)``: member j's own projection (or mask) key."""
@@ -287,7 +316,7 @@ def provenance(method: str, hyper_: tuple, members: Optional[Members], train: An
     """The :class:`Provenance` of a state cached on ``members`` and ``train``."""
     if train is not None and not engine.is_stream(train):
         n = engine.num_examples(train)
-    return Provenance(method, hyper_, jnp.asarray(fingerprint(members)),
+    return Provenance(method, hyper_, jax.device_put(fingerprint(members)),
                       None if n is None else int(n))
 
 

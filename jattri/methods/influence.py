@@ -219,7 +219,7 @@ def _mean_cvp(fns, params, aux, data, vs, size, indexed=False) -> jax.Array:
     """``(k, d)``: C v for every row v of ``vs``, C the Hessian (``fns`` the loss) or
     the Gauss-Newton matrix (``fns`` the split) of the mean loss over ``data`` (in
     memory), summed chunk by chunk."""
-    acc, _, n = engine.scan(_cvp_step, indexed, (fns, params, aux, vs), jnp.zeros_like(vs),
+    acc, _, n = engine.scan(_cvp_step, indexed, (fns, params, aux, vs), _common.zeros_like(vs),
                             data, size, sums=True)
     return acc / n
 
@@ -337,7 +337,7 @@ def stationary_damping(task: Any, members: Members, train, *,
 
 def _stationary_damping(loss, members, train, size) -> jax.Array:
     d = _common.num_params(members)
-    zero = jnp.zeros((members.num, d), _common.param_dtype(members))
+    zero = jax.ShapeDtypeStruct((members.num, d), _common.param_dtype(members))
     gsum, _, n = engine.scan(_grad_sum_step, None, (loss, members), zero, train, size,
                              sums=True)
     return _stationary(gsum, n, members)
@@ -526,11 +526,12 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         if lam0 is None and spec.default_damping is None:
             lam0 = _stationary_damping(task.loss, members, train, sizes())
         if lam0 is not None:
-            lam0 = jnp.asarray(lam0, _common.param_dtype(members))
+            lam0 = _common.scalar(lam0, _common.param_dtype(members))
         curvature, coords = spec.fit(task, members, train, sizes,
                                      *((lam0,) if spec.damped_fit else ()))
         if lam0 is None:
-            lam0 = jnp.asarray(spec.default_damping(curvature), _common.param_dtype(members))
+            lam0 = _common.scalar(spec.default_damping(curvature),
+                                  _common.param_dtype(members))
         state = InfluenceState(members, _common.stored_train(train), curvature, coords, None,
                                _common.provenance(spec.name, made, members, train), lam0)
         if spec.check is not None and _common.is_concrete(curvature):
@@ -588,7 +589,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         if spec.diagonal is not None:
             rows = (state.coords, norms)
             return engine.score(_coord_tile, None, u, rows,
-                                size(members, rows, 2 * u[0].size), n_test, u.dtype,
+                                size(members, rows, 2 * _common.row_floats(u)), n_test, u.dtype,
                                 top_k=top_k, lowest=lowest)
         return engine.score(_grad_tile, None, (task.loss, members, u, norms), data,
                             size(members, data, d + n_test), n_test, u.dtype,
@@ -600,8 +601,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         lam = damping_of(damping, state)
         if spec.diagonal is not None and task.target_is_loss:
             norms = norms_at(state, None, damping, state.curvature)
-            s = jnp.sum(state.coords ** 2 * spec.diagonal(state.curvature, lam)[None], -1)
-            return jnp.mean(s if norms is None else s / norms, axis=1)
+            return _diagonal_self(spec.diagonal, state.coords, state.curvature, lam, norms)
         data = _common.train_for(state.train, train)
         need_memory(data, "self_attribute")
         curvature = ready(state.curvature, lam, state.damping)
@@ -688,7 +688,7 @@ def _dense_shape(d, pair_floats, size, n=None):
 
 def _dense_sum(block, examples, fns, members, train):
     d = _common.num_params(members)
-    h0 = jnp.zeros((members.num, d, d), _common.param_dtype(members))
+    h0 = jax.ShapeDtypeStruct((members.num, d, d), _common.param_dtype(members))
     h, _, n = engine.scan(_dense_step, block, (fns, members), h0, train, examples,
                           sums=True)
     return h / n
@@ -732,6 +732,16 @@ def _refactor(factors, base, damping):
     return _factor(_each_member(lambda l: l @ l.T, factors), lam - lam0)
 
 
+@jax.jit
+def _bad_pivots(factors) -> jax.Array:
+    """A member's Cholesky factor has a non-finite pivot or one ≤ 1e-12 of its largest
+    (one program; eagerly, eleven compilations on a first call)."""
+    pivots = jnp.square(jnp.diagonal(factors, axis1=-2, axis2=-1))  # (M, d)
+    top = jnp.max(pivots, axis=-1)
+    bad = ~jnp.all(jnp.isfinite(pivots), axis=-1) | (jnp.min(pivots, axis=-1) <= 1e-12 * top)
+    return jnp.any(bad)
+
+
 def _explicit_prepare(what):
     def prepare(factors, damping, base):
         """L with L Lᵀ = C + λI: the state's at its damping λ₀ = ``base``, else one
@@ -746,11 +756,7 @@ def _explicit_prepare(what):
         if not same:
             factors = _refactor(factors, base, damping)
         if _common.is_concrete(factors):
-            pivots = jnp.square(jnp.diagonal(factors, axis1=-2, axis2=-1))  # (M, d)
-            top = jnp.max(pivots, axis=-1)
-            bad = ~jnp.all(jnp.isfinite(pivots), axis=-1) | (
-                jnp.min(pivots, axis=-1) <= 1e-12 * top)
-            if bool(jnp.any(bad)):
+            if bool(_bad_pivots(factors)):
                 advice = "increase `damping`" + (
                     ', or use curvature="ggn" (positive semi-definite)'
                     if what == "Hessian" else "")
@@ -770,7 +776,7 @@ def _explicit_apply(config, args, v):
 
 def _explicit_check(curvature, damping, v, u):
     # (the factors themselves are checked by ``prepare``: finite pivots, none tiny)
-    if u is not None and not bool(jnp.all(jnp.isfinite(u))):
+    if u is not None and not _checks.all_finite(u):
         raise ValueError("influence_explicit returned non-finite values: the curvature + "
                          "damping*I is singular or indefinite; increase `damping`")
 
@@ -916,6 +922,13 @@ def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 1
 _LISSA_FACTOR = 1.5
 
 
+@partial(jax.jit, static_argnums=1)
+def _lissa_keys(key, num):
+    """Member m's scale key and run key: ``split(fold_in(key, m))``, in one program."""
+    keys = jax.vmap(jax.random.split)(_common.member_keys(key, num))
+    return keys[:, 0], keys[:, 1]
+
+
 def _lissa_top(size, args):
     return _lissa_top_jit(size, args, engine.layout_of(args[2]))
 
@@ -937,7 +950,8 @@ def _lissa_tops(size, args):
 
 
 def _lissa_scale(scale, top, damping):
-    return scale if scale is not None else _LISSA_FACTOR * (jnp.abs(top) + damping)
+    # abs(), not jnp.abs: numpy in the host-side divergence check, jax when traced
+    return scale if scale is not None else _LISSA_FACTOR * (abs(top) + damping)
 
 
 def _lissa_apply(config, args, v):
@@ -1021,20 +1035,19 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
     repeats = _checks.integer(repeats, "repeats")
     batch_size = _checks.integer(batch_size, "batch_size", none=True)
     scale = _checks.real(scale, "scale", low=0, open_low=True, none=True)
-    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    key = _common.default_key() if key is None else _checks.prng_key(key)
     _checks.choice(curvature, "curvature", CURVATURES)
     task = as_task(task)
     _check_curvature(curvature, task)
 
     def fit(task, members, train, size):
-        # member m: fold_in(key, m), split into its scale key and its run key
-        keys = jax.vmap(jax.random.split)(_common.member_keys(key, members.num))
+        scale_keys, run_keys = _lissa_keys(key, members.num)
         if scale is None:
             top = _lissa_top(size(), (_curvature_fns(task, curvature), members, train,
-                                      keys[:, 0]))
+                                      scale_keys))
         else:
-            top = jnp.zeros(members.num, _common.param_dtype(members))
-        return (top, keys[:, 1]), None
+            top = jax.device_put(np.zeros(members.num, _common.param_dtype(members)))
+        return (top, run_keys), None
 
     def check(fitted, damping, v, u):
         if u is None:
@@ -1042,7 +1055,9 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
         finite = np.all(np.isfinite(u))
         diverged = not finite
         if v is not None and finite:  # (else u are scores from solutions: finiteness only)
-            s = np.asarray(_lissa_scale(scale, fitted[0], damping)).reshape(-1, 1)
+            top = np.asarray(fitted[0])  # the scale in numpy: no eager compilation
+            s = np.asarray(_lissa_scale(scale, top, np.asarray(damping, top.dtype)),
+                           top.dtype).reshape(-1, 1)
             # With scale > λ_max(C_S) + λ every factor of the series is a contraction, so
             # ‖h‖ ≤ (depth + 1)‖v‖; anything above that is divergence, not data.
             bound = (depth + 1) * np.linalg.norm(np.asarray(v), axis=-1) / s
@@ -1060,6 +1075,14 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
                  hyper=(("depth", depth), ("repeats", repeats), ("batch_size", batch_size),
                         ("scale", scale), ("key", key)) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
+
+
+@partial(jax.jit, static_argnums=0)
+def _diagonal_self(diagonal, coords, curvature, lam, norms):
+    """``(n,)`` Σ_r coords² · diagonal(λ) (over ``norms``), averaged over members, in
+    one program (eagerly, a dozen compilations on a first call)."""
+    s = jnp.sum(coords ** 2 * diagonal(curvature, lam)[None], -1)
+    return jnp.mean(s if norms is None else s / norms, axis=1)
 
 
 # ---------------------------------------------------------------------- Arnoldi
@@ -1098,7 +1121,8 @@ def _arnoldi_fit_jit(config, args, layout):
 def _arnoldi_fits(config, args):
     """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member."""
     rank, iters, size = config
-    fns, loss, members, train, keys = args
+    fns, loss, members, train, key = args
+    keys = _common.member_keys(key, members.num)  # inside this program: no compile of its own
     d, dtype = _common.num_params(members), _common.param_dtype(members)
     eigvals, eigvecs = _common.member_map(
         lambda p, a, k: arnoldi_eigenpairs(
@@ -1148,7 +1172,7 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     rank = _checks.integer(rank, "rank")
     num_iters = _checks.integer(num_iters, "num_iters", none=True)
     tol = _checks.real(tol, "tol", low=0, high=1, open_high=True)
-    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    key = _common.default_key() if key is None else _checks.prng_key(key)
     _checks.choice(curvature, "curvature", CURVATURES)
     task = as_task(task)
     _check_curvature(curvature, task)
@@ -1156,13 +1180,12 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
                                  who="influence_arnoldi", stacklevel=4)
-        keys = _common.member_keys(key, members.num)
         return _arnoldi_fit((r, iters, size()), (_curvature_fns(task, curvature), task.loss,
-                                                 members, train, keys))
+                                                 members, train, key))
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
-                 diagonal=lambda fitted, lam: _arnoldi_weights(fitted, lam, float(tol)),
+                 diagonal=partial(_arnoldi_weights, tol=float(tol)),
                  in_memory=True, ggn=curvature == "ggn",
                  hyper=(("rank", rank), ("num_iters", num_iters), ("tol", tol), ("key", key))
                  + _curvature_hyper(task, curvature))
@@ -1190,6 +1213,12 @@ def _ekfac_eigenvalue_step(config, args, acc, chunk):
     return _add(acc, new), None
 
 
+# stages 2 and 3 of the fit as one program each (eagerly, every division and eigh was a
+# compilation of its own on first use: seven on the LR, 0.4 s)
+_ekfac_eigenbasis = jax.jit(fisher.ekfac_eigenbasis)
+_ekfac_finish = jax.jit(fisher.ekfac_finish, static_argnames=("curvature",))
+
+
 def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFactors:
     """The EK-FAC / K-FAC factors of every member (leading axis M), in the stages of
     ``jattri.func.ekfac_factors``: (1) covariance sums A, S (and the diagonal Fisher of
@@ -1199,18 +1228,19 @@ def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFacto
     layers, curvature, correct = config
     m = members.num
     stacked = lambda tree: jax.tree_util.tree_map(
-        lambda x: jnp.zeros((m,) + x.shape, x.dtype), tree)
-    zero = stacked(fisher.ekfac_zero_covariances(layers, _common.row_spec(members.params),
-                                                 _common.param_dtype(members)))
+        lambda x: jax.ShapeDtypeStruct((m,) + tuple(x.shape), x.dtype), tree)
+    zero = stacked(jax.eval_shape(lambda: fisher.ekfac_zero_covariances(
+        layers, _common.row_spec(members.params), _common.param_dtype(members))))
     cov, _, n = engine.scan(_ekfac_covariance_step, config, (loss, members), zero, train, size,
                             sums=True)
-    qa, qs, la, ls = fisher.ekfac_eigenbasis(cov, n)
+    qa, qs, la, ls = _ekfac_eigenbasis(cov, n)
     sums = None
     if correct:
-        zero = {k: jnp.zeros(q.shape[:-1] + (qs[k].shape[-1],), q.dtype) for k, q in qa.items()}
+        zero = {k: jax.ShapeDtypeStruct(q.shape[:-1] + (qs[k].shape[-1],), q.dtype)
+                for k, q in qa.items()}
         sums, _, _ = engine.scan(_ekfac_eigenvalue_step, config, (loss, members, qa, qs), zero,
                                  train, size, sums=True)
-    return fisher.ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature)
+    return _ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature=curvature)
 
 
 def _ekfac_apply(config, args, v):
@@ -1375,11 +1405,17 @@ def _datainf_apply(config, args, v):
     groups, size = config
     loss, members, stats, damping, train = args
     lam = _datainf_lambdas(stats, damping)  # (M, L)
-    corr, _, n = engine.scan(_datainf_step, groups, (loss, members, lam, v), jnp.zeros_like(v),
+    corr, _, n = engine.scan(_datainf_step, groups, (loss, members, lam, v), _common.zeros_like(v),
                              train, size, sums=True)
     parts = [(_take(v, runs) - _take(corr, runs) / n) / lam[:, l, None, None]
              for l, runs in enumerate(groups)]
     return _put(parts, groups)
+
+
+@jax.jit
+def _per_float(sums, count):
+    """``sums / count`` in the dtype of ``sums``, compiled (not an eager op)."""
+    return (sums / count).astype(sums.dtype)
 
 
 def influence_datainf(task: Any, *, damping: float = 0.1,
@@ -1411,11 +1447,11 @@ def influence_datainf(task: Any, *, damping: float = 0.1,
 
     def fit(task, members, train, size):
         groups = _param_groups(members)
-        zero = jnp.zeros((members.num, len(groups)), _common.param_dtype(members))
+        zero = jax.ShapeDtypeStruct((members.num, len(groups)), _common.param_dtype(members))
         sums, _, n = engine.scan(_datainf_stats_step, groups, (task.loss, members), zero,
                                  train, size(), sums=True)
         dims = np.array([sum(b - a for a, b in runs) for runs in groups], np.float64)
-        return (sums / (n * dims)).astype(sums.dtype), None
+        return _per_float(sums, n * dims), None
 
     spec = _Spec("influence_datainf", damping, fit, _datainf_apply,
                  lambda members, size: (_param_groups(members), size), reads_train=True,

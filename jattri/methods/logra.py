@@ -90,21 +90,26 @@ def _dims(config) -> tuple:
     return tuple((proj_dim_in, proj_dim_out) for _ in layers)
 
 
-def kronecker_factors(layers, dims, kind: str, keys: jax.Array) -> tuple:
-    """Per layer ``(P_in (M, d_in + b, k_in), P_out (M, d_out, k_out))`` of every member
-    (``None``: the identity on that side, ``dims[ℓ] = (k_in, k_out)``), member m's layer
-    ℓ side j keyed ``fold_in(fold_in(keys[m], ℓ), j)``: the matrices of
+def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
+                      shared: bool = False) -> tuple:
+    """Per layer ``(P_in (M, d_in + b, k_in), P_out (M, d_out, k_out))`` of the ``num``
+    members (``None``: the identity on that side, ``dims[ℓ] = (k_in, k_out)``), member
+    m's layer ℓ side j keyed ``fold_in(fold_in(keys[m], ℓ), j)`` with member m's key
+    ``keys[m] = fold_in(key, m)`` (``shared``: ``key`` itself for every member), derived
+    inside the same program: the matrices of
     ``jattri.func.projection.kronecker_projection``. Made once per stage, outside the
     compiled steps, which then only multiply (generated inside every step, TRAK's
     programs on a 3-layer 109k MLP compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
     0.25-0.31 s, plus 1.5 s once for the factors), all in one program (one compilation per model shape instead of one per
     factor). Memory M·Σ_ℓ (d_in·k_in + d_out·k_out) floats."""
     return _kronecker_factors(tuple((l.d_in + int(l.use_bias), l.d_out) for l in layers),
-                              tuple(dims), kind, keys)
+                              tuple(dims), kind, int(num), bool(shared), key)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _kronecker_factors(sizes, dims, kind, keys):
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _kronecker_factors(sizes, dims, kind, num, shared, key):
+    keys = (jnp.broadcast_to(key, (num,) + key.shape) if shared else
+            jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num)))
     out = []
     for l, ((d_in, d_out), (k_in, k_out)) in enumerate(zip(sizes, dims)):
         sides = []
@@ -187,6 +192,25 @@ def _inverse(spd: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(spd, lower=True), eye)
 
 
+@jax.jit
+def _solve(fisher: tuple, damping, psi: jax.Array) -> jax.Array:
+    """``(M, K, n_test)``: :func:`_precondition` of the test side ``psi``
+    ``(n_test, M, K)``, in one program (eagerly, fourteen compilations on a first
+    call)."""
+    return _precondition(fisher, damping, jnp.transpose(psi, (1, 2, 0)))
+
+
+@jax.jit
+def _inverses(fisher: tuple, damping) -> tuple:
+    """(F_ℓ + λ_ℓ I)⁻¹ of every block, in one program."""
+    return tuple(_inverse(damped_fisher(f, damping)) for f in fisher)
+
+
+@jax.jit
+def _mean(fisher: tuple, n) -> tuple:
+    return tuple(f / n for f in fisher)
+
+
 def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
     """``(M, K, t)``: (F_ℓ + λ_ℓ I)⁻¹ applied to layer ℓ's rows of ``rhs`` ``(M, K, t)``,
     by Cholesky, block by block."""
@@ -200,7 +224,7 @@ def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
 def _check_solved(x, damping):
     """A (concrete) preconditioned result must be finite: a Cholesky of a block that is
     not numerically positive definite returns NaN, never an error."""
-    if _common.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    if _common.is_concrete(x) and not _checks.all_finite(x):
         raise ValueError(
             f"LoGra's damped Fisher F + λI (λ = damping · tr(F)/k, damping={damping!r}) is "
             "not numerically positive definite in a layer's block, so its inverse is NaN: "
@@ -256,7 +280,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
                           proj_chunk_size=proj_chunk_size)
     chunk_size = engine.check_chunk_size(chunk_size)
     task = as_task(task)
-    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    key = _common.default_key() if key is None else _checks.prng_key(key)
     if layers is not None and (isinstance(layers, str) or not all(
             isinstance(w, str) for w in layers)):
         raise TypeError(f"`layers` must be a sequence of layer names (str) or None, got "
@@ -294,19 +318,20 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         members = _common.setup(task, members, train)
         cfg = config(members, train, False)
         dtype = _common.param_dtype(members)
-        fisher0 = tuple(jnp.zeros((members.num, k, k), dtype) for k in _block_sizes(cfg))
-        args = (task.loss, members, kronecker_factors(
-            cfg[0], _dims(cfg), projection, _common.member_keys(key, members.num)))
+        fisher0 = tuple(jax.ShapeDtypeStruct((members.num, k, k), dtype)
+                        for k in _block_sizes(cfg))
+        args = (task.loss, members, kronecker_factors(cfg[0], _dims(cfg), projection, key,
+                                                      members.num))
         fisher, phi, n = engine.scan(_cache_step, cfg, args, fisher0, train,
                                      size(members, train), sums=True)
-        fisher = tuple(f / n for f in fisher)
+        fisher = _mean(fisher, n)
         return LograState(members, _common.stored_train(train), phi, fisher,
                           _common.provenance("logra", made, members, train, phi.shape[0]))
 
     def target_phi(state, data):
         cfg = config(state.members, data, True)
         args = (task.target, state.members, kronecker_factors(
-            cfg[0], _dims(cfg), projection, _common.member_keys(key, state.members.num)))
+            cfg[0], _dims(cfg), projection, key, state.members.num))
         return engine.per_example(_phi, cfg, args, data, size(state.members, data))
 
     def attribute(state: LograState, test, *, train=None, top_k=None, lowest=False,
@@ -318,11 +343,10 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         psi = target_phi(state, test)  # (n_test, M, K)
-        solved = _check_solved(
-            _precondition(state.fisher, damping, jnp.transpose(psi, (1, 2, 0))), damping)
+        solved = _check_solved(_solve(state.fisher, damping, psi), damping)
         n_test = psi.shape[0]
         return engine.score(_tile, None, solved, state.phi,
-                            size(state.members, state.phi, state.phi[0].size + n_test),
+                            size(state.members, state.phi, _common.row_floats(state.phi) + n_test),
                             n_test, psi.dtype, top_k=top_k, lowest=lowest)
 
     def self_attribute(state: LograState, *, train=None, damping=damping):
@@ -333,11 +357,10 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         right = state.phi
         if not task.target_is_loss:
             right = target_phi(state, _common.train_for(state.train, train))
-        inverses = tuple(_check_solved(_inverse(damped_fisher(f, damping)), damping)
-                         for f in state.fisher)
+        inverses = tuple(_check_solved(inv, damping) for inv in _inverses(state.fisher, damping))
         rows = (state.phi, right)
         return engine.per_example(_self_tile, _blocks(state.fisher), inverses, rows,
-                                  size(state.members, rows, 2 * state.phi[0].size))
+                                  size(state.members, rows, 2 * _common.row_floats(state.phi)))
 
     return Attributor(cache, attribute, self_attribute)
 

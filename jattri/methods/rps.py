@@ -197,6 +197,13 @@ def _label_loss(logits_fn, label, params, z, i, aux):
     return -jax.nn.log_softmax(logits)[label(z)]
 
 
+@jax.jit
+def _self_values(alpha, labels, features):
+    """``(n,)`` mean_m α_i[y_i] ‖f_i‖², in one program (not six eager ops)."""
+    a = jnp.take_along_axis(alpha, labels[..., None], axis=2)[..., 0]
+    return jnp.mean(a * jnp.sum(features ** 2, axis=-1), axis=1)
+
+
 def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         label_fn: Any = None, targets: str = "labels", l2: Optional[float] = None,
         bias: bool = False, maxiter: int = 1000, tol: float = 1e-6,
@@ -328,7 +335,6 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         """score(i, i) = mean_m α_i[y_i] ‖f_i‖², y_i = ``label_fn(z_i)`` or each
         member's prediction (stored by ``cache``; ``train`` is not needed)."""
         _common.check_state(state, RPSState, "rps", made, train=train)
-        a = jnp.take_along_axis(state.alpha, state.labels[..., None], axis=2)[..., 0]
-        return jnp.mean(a * jnp.sum(state.features ** 2, axis=-1), axis=1)
+        return _self_values(state.alpha, state.labels, state.features)
 
     return Attributor(cache, attribute, self_attribute)

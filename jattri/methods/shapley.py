@@ -135,9 +135,11 @@ def _values(k, args, f_test, y_test):
     return jax.lax.fori_loop(0, num, member, zero) / num
 
 
-def _dense_rows(k, args, chunk):
+def _dense_columns(k, args, chunk):
+    """``(n_train, size)``: the chunk's test examples as columns (the dense output's
+    layout, written in place: no transpose of the whole matrix afterwards)."""
     f_test, y_test = chunk.data
-    return _values(k, args, f_test, y_test)
+    return _values(k, args, f_test, y_test).T
 
 
 def _top_rows(config, args, chunk):
@@ -250,7 +252,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
         top_k = engine.check_top_k(top_k)
         _checks.flag(lowest, "lowest")
         if top_k is None:
-            return engine.per_example(_dense_rows, k, args, rows, chunk).T
+            return engine.per_example(_dense_columns, k, args, rows, chunk, axis=1)
         if top_k > n_train:
             raise ValueError(f"`top_k`={top_k} exceeds the number of training examples "
                              f"{n_train}")

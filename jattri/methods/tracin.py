@@ -32,7 +32,7 @@ from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.logra import kronecker_factors, kronecker_phi
-from jattri.task import Members, as_task, first_member
+from jattri.task import Members, as_task
 
 PyTree = Any
 
@@ -62,18 +62,26 @@ def _check_weights(weights, num_members: int) -> jax.Array:
     if weights is None:
         # Equal weights 1/M: the "average over members" convention of every method;
         # with one member this is Grad-Dot (Grad-Cos with normalize=True).
-        return jnp.full((num_members,), 1.0 / num_members)
+        return jax.device_put(np.full((num_members,), 1.0 / num_members,
+                                      jnp.result_type(float)))
     if isinstance(weights, (str, bytes)):
         raise TypeError(f"`weights` must be a sequence of real numbers or None, got {weights!r}")
-    w = jnp.asarray(weights)
+    if isinstance(weights, jax.core.Tracer):
+        w = weights
+    else:  # checked in numpy: eager jnp checks are a compilation each on first use
+        w = np.asarray(weights)
+        if w.dtype == object:
+            raise TypeError(f"`weights` must be real numbers, got {weights!r}")
     if w.shape != (num_members,):
         raise ValueError(f"`weights` must have one entry per member, shape ({num_members},), "
                          f"got shape {w.shape}")
     if not jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(w.dtype, jnp.integer):
         raise TypeError(f"`weights` must be real numbers, got dtype {w.dtype}")
-    if not bool(jnp.all(jnp.isfinite(w))):
+    if isinstance(w, jax.core.Tracer):
+        return w
+    if not np.all(np.isfinite(w)):
         raise ValueError("`weights` contains NaN or inf")
-    return w
+    return jax.device_put(w)
 
 
 def _features(config, fn, params, aux, key, chunk):
@@ -236,12 +244,22 @@ def _factored_error(layers, fn, params, aux, example) -> jax.Array:
     return jnp.sqrt(diff / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
 
 
-_factored_error_jit = jax.jit(_factored_error, static_argnums=(0, 1))
+def _first_error(layers, fn, params, aux, rows) -> jax.Array:
+    """:func:`_factored_error` of member 0 on the first of ``rows``, sliced inside the
+    program (eagerly, each slice of each leaf was a compilation of its own)."""
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    return _factored_error(layers, fn, first(params), first(aux), first(rows))
 
 
-def _first_row(data):
+_first_error_jit = jax.jit(_first_error, static_argnums=(0, 1))
+
+
+def _check_rows(data):
+    """Rows to take the first example from: a stream's first chunk, else ``data``, its
+    host (numpy) leaves cut to one row here (not copied whole to the device)."""
     rows = engine.as_stream(data).peek() if engine.is_stream(data) else data
-    return jax.tree_util.tree_map(lambda x: x[0], rows)
+    return jax.tree_util.tree_map(
+        lambda x: x[:1] if isinstance(x, (np.ndarray, np.generic)) else x, rows)
 
 
 def _linear_cover(fn, members: Members, data, fn_name: str, method: str):
@@ -269,13 +287,12 @@ def _concrete(members, data) -> bool:
 
 def _rebuild_error(layers, fn, members, data) -> float:
     """:func:`_factored_error` on the first example of ``data`` (member 0; concrete)."""
-    p, a = first_member(members)
     try:
         hash(fn)
-        check = partial(_factored_error_jit, layers, fn)
+        check = partial(_first_error_jit, layers, fn)
     except TypeError:  # an unhashable loss: compiled afresh
-        check = jax.jit(partial(_factored_error, layers, fn))
-    return float(check(p, a, _first_row(data)))
+        check = jax.jit(partial(_first_error, layers, fn))
+    return float(check(members.params, members.aux, _check_rows(data)))
 
 
 def _rebuilds(layers, fn, members, data) -> bool:
@@ -512,7 +529,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
     if weights is not None:
         _check_weights(weights, len(weights) if hasattr(weights, "__len__") else -1)
     task = as_task(task)
-    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    key = _common.default_key() if key is None else _checks.prng_key(key)
     k = None if proj_dim is None else int(proj_dim)
     made = _common.hyper(task, weights=weights, proj_dim=proj_dim, projection=projection,
                          normalize=normalize, key=key, proj_chunk_size=proj_chunk_size)
@@ -531,9 +548,8 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         kron = None if k is None else kronecker_plan(
             projection, task.loss, None if fn is task.loss or task.target_is_loss else fn,
             members, data, k, method=name, memo=memo)
-        keys = _common.member_keys(key, members.num)
-        if kron is not None:  # the factors, made once, in place of the keys
-            keys = kronecker_factors(*kron, "gaussian", keys)
+        keys = (_common.member_keys(key, members.num) if kron is None else
+                kronecker_factors(*kron, "gaussian", key, members.num))  # made once
         args = (fn, members, keys)
         return engine.per_example(_feature_step, config(members, kron), args, data,
                                   size(members, data))
@@ -588,7 +604,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         if state.train_grads is not None:
             rows = state.train_grads
             return engine.score(_stored_tile, None, (t, state.weights), rows,
-                                size(members, rows, rows[0].size + t.shape[0]), t.shape[0],
+                                size(members, rows, _common.row_floats(rows) + t.shape[0]), t.shape[0],
                                 t.dtype, top_k=top_k, lowest=lowest)
         rows = _common.train_for(state.train, train)
         args = (task.loss, members, _common.member_keys(key, members.num), t, state.weights)
@@ -611,6 +627,6 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         right = left if task.target_is_loss else features(members, task.target, data)
         rows = (left, right)
         return engine.per_example(_self_tile, None, state.weights, rows,
-                                  size(members, rows, 2 * left[0].size))
+                                  size(members, rows, 2 * _common.row_floats(left)))
 
     return Attributor(cache, attribute, self_attribute)

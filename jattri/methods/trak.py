@@ -154,6 +154,7 @@ def _cache_step(config, args, carry, chunk):
     return (kernel, carry[1] + r, carry[2] + gsum), out
 
 
+@jax.jit
 def _default_damping(kernel, r, lam, n, d):
     """``(M,)`` n·λ̂·d / (r̄_m · tr K_m), r̄_m = r_m / n (module docstring); 0.1 where
     it is not a positive finite number (no curvature left: every p is 1)."""
@@ -251,7 +252,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
     chunk_size = engine.check_chunk_size(chunk_size)
     _checks.optional_callable(prob_fn, "prob_fn")
     task = as_task(task)
-    key = jax.random.PRNGKey(0) if key is None else _checks.prng_key(key)
+    key = _common.default_key() if key is None else _checks.prng_key(key)
     shared = _checks.flag(shared_projection, "shared_projection")
     made = _common.hyper(task, proj_dim=proj_dim, key=key, prob_fn=prob_fn,
                          projection=projection, proj_chunk_size=proj_chunk_size,
@@ -264,11 +265,11 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
 
     def keys(members, cfg):
         """Member m's projection key, or with the Kronecker projection its factors."""
+        if cfg[-1] is not None:
+            return kronecker_factors(*cfg[-1], "gaussian", key, members.num, shared)
         if shared:
-            out = jnp.broadcast_to(key, (members.num,) + key.shape)
-        else:
-            out = _common.member_keys(key, members.num)
-        return out if cfg[-1] is None else kronecker_factors(*cfg[-1], "gaussian", out)
+            return jnp.broadcast_to(key, (members.num,) + key.shape)
+        return _common.member_keys(key, members.num)
 
     def config(members, data, target=False):
         """The projection's static config; its last entry ``(layers, dims)`` when the
@@ -294,9 +295,9 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                            "ΦᵀΦ", "proj_dim")
         dtype = _common.param_dtype(members)
         stats = 0 if damping is not None else (2 if prob_fn is None else 1)
-        carry0 = ((jnp.zeros((members.num, k, k), dtype),)
-                  + ((jnp.zeros((members.num,), dtype),) if stats else ())
-                  + ((jnp.zeros((members.num, cfg[1]), dtype),) if stats == 2 else ()))
+        zero = lambda *shape: jax.ShapeDtypeStruct((members.num,) + shape, dtype)
+        carry0 = ((zero(k, k),) + ((zero(),) if stats else ())
+                  + ((zero(cfg[1]),) if stats == 2 else ()))
         carry, (phi, q), n = engine.scan(_cache_step, (cfg, stats),
                                          (fns, members, keys(members, cfg)), carry0, train,
                                          size(members, train), sums=True)
@@ -335,7 +336,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         rows = (state.phi, state.q)
         n_test = phi_t.shape[0]
         return engine.score(_tile, None, (solved, state.members.num), rows,
-                            size(state.members, rows, state.phi[0].size + n_test), n_test,
+                            size(state.members, rows, _common.row_floats(state.phi) + n_test), n_test,
                             phi_t.dtype, top_k=top_k, lowest=lowest)
 
     def self_attribute(state: TrakState, *, train=None, damping=damping):
@@ -346,6 +347,6 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                  test_phi(state, _common.train_for(state.train, train)))
         rows = (state.phi, state.q, right)
         return engine.per_example(_self_tile, None, inverse, rows,
-                                  size(state.members, rows, 2 * state.phi[0].size))
+                                  size(state.members, rows, 2 * _common.row_floats(state.phi)))
 
     return Attributor(cache, attribute, self_attribute)
