@@ -36,8 +36,11 @@ def _attributor(name, loss):
         "trak": lambda: jattri.trak(loss, proj_dim=512),
         "influence_explicit": lambda: jattri.influence_explicit(loss, damping=1e-2),
         "influence_cg": lambda: jattri.influence_cg(loss, damping=1e-2, maxiter=50),
+        # full-batch steps: on these random 784-d inputs a 100-example minibatch
+        # Hessian's top eigenvalue exceeds the scale set from the full one, and LiSSA
+        # (rightly) refuses the diverged series
         "influence_lissa": lambda: jattri.influence_lissa(loss, damping=1e-2, depth=100,
-                                                          batch_size=100),
+                                                          batch_size=1000),
         "influence_arnoldi": lambda: jattri.influence_arnoldi(loss, rank=50, damping=1e-2),
         "influence_datainf": lambda: jattri.influence_datainf(loss),
         "influence_ekfac": lambda: jattri.influence_ekfac(loss, damping=1e-2),
