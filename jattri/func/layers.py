@@ -96,6 +96,14 @@ class Layer(NamedTuple):
     bias_key: Optional[str] = None
 
 
+def same_layers(a, b) -> bool:
+    """Two sequences of :class:`Layer` name the same parameters in the same roles
+    (name, kind, input and output widths, bias): what a method that projects or
+    factors ``loss_fn``'s layers needs of ``target_fn``'s. Positions may differ."""
+    shape = lambda ls: [(l.name, l.kind, l.d_in, l.d_out, l.use_bias) for l in ls]
+    return a is not None and b is not None and shape(a) == shape(b)
+
+
 # ------------------------------------------------------------------ params paths
 
 def _key_name(k) -> str:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
-from jattri.func.layers import find_layers, layer_io
+from jattri.func.layers import find_layers, layer_io, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      projection_matrix)
 from jattri.methods import _common
@@ -305,8 +305,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     def config(members, data, target):
         specs = discover(members, data, target)
         if target and not task.target_is_loss:
-            shape = lambda ls: [(l.name, l.kind, l.d_in, l.d_out, l.use_bias) for l in ls]
-            if shape(specs) != shape(discover(members, data, False)):
+            if not same_layers(specs, discover(members, data, False)):
                 raise ValueError("`target_fn` must use the same linear layers as "
                                  "`loss_fn`")
         return (specs, proj_dim_in, proj_dim_out, projection)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
-from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys
+from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection, resolve_projection)
 from jattri.methods import _common
@@ -444,8 +444,7 @@ def kronecker_plan(projection: str, fn, target_fn, members: Members, data, k: in
         return plan
     layers, dims = plan
     right, why = _linear_cover(target_fn, members, data, "target_fn", method)
-    shape = lambda ls: [(l.name, l.kind, l.d_in, l.d_out, l.use_bias) for l in ls]
-    if right is None or shape(right) != shape(layers):
+    if not same_layers(right, layers):
         raise ValueError("the Kronecker projection needs `target_fn` to use the same linear "
                          f"layers as `loss_fn`{'' if why is None else ' (' + why + ')'}")
     return right, dims
@@ -567,8 +566,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
             return left_layers, None
         right_layers = factored_layers(task.target, members, right, fn_name="target_fn",
                                        required=required)
-        shape = lambda ls: [(l.name, l.d_in, l.d_out, l.use_bias) for l in ls]
-        if right_layers is None or shape(right_layers) != shape(left_layers):
+        if not same_layers(right_layers, left_layers):
             if required:
                 raise ValueError("`factored=True`: `target_fn` must use the same linear "
                                  "layers as `loss_fn`")
