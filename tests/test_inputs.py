@@ -160,3 +160,20 @@ def test_metric_errors():
         jattri.metrics.lds(s, np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="`removed`"):
         jattri.metrics.loo_corr(s, np.array([0, 11]), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("host_max", [jattri._checks.HOST_CHECK_MAX, 0])
+def test_nan_params_found_on_host_and_compiled_paths(monkeypatch, host_max):
+    """Small CPU-resident params are checked in numpy (no compilation), larger ones
+    by the compiled reduction (``HOST_CHECK_MAX`` 0 forces it here): both find one
+    NaN or inf among finite values, in jax and in numpy leaves, and pass finite ones."""
+    monkeypatch.setattr(jattri._checks, "HOST_CHECK_MAX", host_max)
+    ok = {"w": jnp.ones((4, 3)), "b": np.zeros(3, np.float32), "h": jnp.ones(2, jnp.bfloat16)}
+    jattri._checks.check_params(ok, "params")
+    assert jattri._checks.all_finite(ok["w"])
+    for leaf, bad in (("w", jnp.ones((4, 3)).at[2, 1].set(jnp.inf)),
+                      ("b", np.array([0.0, np.nan, 0.0], np.float32)),
+                      ("h", jnp.ones(2, jnp.bfloat16).at[0].set(jnp.nan))):
+        with pytest.raises(ValueError, match="`params` contains NaN or inf"):
+            jattri._checks.check_params(dict(ok, **{leaf: bad}), "params")
+    assert not jattri._checks.all_finite(jnp.ones(5).at[4].set(-jnp.inf))
