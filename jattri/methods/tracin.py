@@ -601,9 +601,9 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         t = features(members, task.target, test)  # (n_test, M, k)
         if state.train_grads is not None:
             rows = state.train_grads
-            return engine.score(_stored_tile, None, (t, state.weights), rows,
-                                size(members, rows, _common.row_floats(rows) + t.shape[0]), t.shape[0],
-                                t.dtype, top_k=top_k, lowest=lowest)
+            tile = size(members, rows, _common.row_floats(rows) + t.shape[0])
+            return engine.score(_stored_tile, None, (t, state.weights), rows, tile,
+                                t.shape[0], t.dtype, top_k=top_k, lowest=lowest)
         rows = _common.train_for(state.train, train)
         args = (task.loss, members, _common.member_keys(key, members.num), t, state.weights)
         return engine.score(_recomputed_tile, config(members), args, rows,

@@ -335,8 +335,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         solved = _solve(state.kernel, damping, phi_t)  # (M, k, n_test)
         rows = (state.phi, state.q)
         n_test = phi_t.shape[0]
-        return engine.score(_tile, None, (solved, state.members.num), rows,
-                            size(state.members, rows, _common.row_floats(state.phi) + n_test), n_test,
+        tile = size(state.members, rows, _common.row_floats(state.phi) + n_test)
+        return engine.score(_tile, None, (solved, state.members.num), rows, tile, n_test,
                             phi_t.dtype, top_k=top_k, lowest=lowest)
 
     def self_attribute(state: TrakState, *, train=None, damping=damping):
