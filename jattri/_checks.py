@@ -6,6 +6,7 @@ are skipped and only static shape checks apply.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -153,10 +154,31 @@ def _all_finite(leaves) -> jax.Array:
                                           for x in leaves]))
 
 
+#: fn -> the argument signatures (tree structure, shapes, dtypes) it has passed
+#: :func:`check_scalar_fn` with: a stage called again does not retrace the loss.
+#: Weak keys: the memo keeps no user function (or what it closes over) alive.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def signature(tree: PyTree) -> tuple:
+    """Hashable ``(tree structure, ((shape, dtype), ...))`` of arrays or
+    ``jax.ShapeDtypeStruct``s: what an abstract evaluation of a function depends on."""
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    return structure, tuple((np.shape(x), str(jax.numpy.result_type(x))) for x in leaves)
+
+
 def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extra) -> None:
-    """``fn(params, example, *extra)`` must return a real scalar (checked abstractly)."""
+    """``fn(params, example, *extra)`` must return a real scalar (checked abstractly,
+    once per function and argument shapes)."""
+    example = first_example(data)
+    signature_ = (name, signature((params, example, extra)))
     try:
-        out = jax.eval_shape(fn, params, first_example(data), *extra)
+        if signature_ in _CHECKED.get(fn, ()):
+            return
+    except TypeError:  # not weakly referenceable or unhashable: checked every time
+        pass
+    try:
+        out = jax.eval_shape(fn, params, example, *extra)
     except Exception as err:  # the user's function failed on one example
         raise TypeError(f"`{name}` failed on one unbatched example: "
                         f"{type(err).__name__}: {err}") from err
@@ -166,6 +188,10 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
                         f"shape {shape}; did you pass a batched loss?")
     if not np.issubdtype(out.dtype, np.floating):
         raise TypeError(f"`{name}` must return a floating scalar, got dtype {out.dtype}")
+    try:
+        _CHECKED.setdefault(fn, set()).add(signature_)
+    except TypeError:
+        pass
 
 
 def check_signature(fn: Callable, name: str, **kwargs) -> None:

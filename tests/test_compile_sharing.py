@@ -396,3 +396,31 @@ def test_first_call_runs_no_eager_operation(name):
     assert names, "the compile log caught nothing: the check is not looking"
     eager = [n for n in names if _eager(n)]
     assert not eager, f"{name}: eager operations compiled on a first call: {eager}"
+
+
+# ------------------------------------------------- a second call does not retrace
+
+TRACES = {"n": 0}
+
+
+def counted_loss(params, example, rng=None, rate=None):
+    TRACES["n"] += 1  # Python runs only while jax traces the function
+    return mlp_loss(params, example, rng, rate)
+
+
+@pytest.mark.parametrize("name", sorted(set(FIRST_CALL) - {"knn_shapley", "rps"}))  # no loss
+def test_second_call_does_not_trace_the_loss(name):
+    """Checks and plans are made once per function and shapes: a second ``cache`` +
+    ``attribute`` of the same shapes runs without tracing the loss again (issue 15:
+    "checks that do not retrace"); it traced on the first call."""
+    p1, p2 = init_mlp(jax.random.PRNGKey(0), d_in=6), init_mlp(jax.random.PRNGKey(1), d_in=6)
+    train, test = mlp_data(jax.random.PRNGKey(2), 19, d_in=6), mlp_data(jax.random.PRNGKey(3),
+                                                                         4, d_in=6)
+    attr = FIRST_CALL[name](jattri.Task(counted_loss), small_logits)
+    jax.clear_caches()  # programs of another factory of the same loss are reused
+    TRACES["n"] = 0
+    attr.attribute(attr.cache(jattri.checkpoints([p1, p2]), train), test)
+    assert TRACES["n"] > 0
+    TRACES["n"] = 0
+    attr.attribute(attr.cache(jattri.checkpoints([p2, p1]), train), test)
+    assert TRACES["n"] == 0, f"{name}: the loss was traced {TRACES['n']} times again"

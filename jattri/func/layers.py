@@ -55,11 +55,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jattri import _checks
 
 # Flax is not imported here (it costs ~1 s at `import jattri`): a loss can only call linen
 # or NNX layers if the user's code imported them, so capture hooks into whichever of
@@ -450,26 +453,49 @@ def _layers_of(capture: _Capture) -> Dict[str, Layer]:
     return out
 
 
+#: loss_fn -> {argument signature: (layers, unmatched)}: a function is traced for its
+#: layers once per argument shapes (every method stage asks again). Weak keys: no user
+#: function is kept alive by the memo.
+_FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _discovered(loss_fn: Callable, params: PyTree, example: PyTree, *args) -> tuple:
+    """``({name: Layer}, unmatched)`` of :func:`_discover`, memoised."""
+    key = _checks.signature((params, example, args))
+    try:
+        found = _FOUND.get(loss_fn, {}).get(key)
+    except TypeError:  # not weakly referenceable or unhashable: traced every time
+        found = None
+    if found is None:
+        capture = _discover(loss_fn, params, example, *args)
+        found = (_layers_of(capture), tuple(capture.unmatched))
+        try:
+            _FOUND.setdefault(loss_fn, {})[key] = found
+        except TypeError:
+            pass
+    return dict(found[0]), found[1]
+
+
 def linear_layers(loss_fn: Callable, params: PyTree, example: PyTree,
                   *args) -> Dict[str, Layer]:
     """Discover the linear layers (module docstring) that ``loss_fn(params, example,
     *args)`` calls.
 
-    Abstract evaluation only (``jax.eval_shape``): nothing is computed.
+    Abstract evaluation only (``jax.eval_shape``), once per function and argument
+    shapes: nothing is computed.
 
     Returns:
       ``{name: Layer}`` in call order; empty if the loss calls no such layer.
     """
-    return _layers_of(_discover(loss_fn, params, example, *args))
+    return _discovered(loss_fn, params, example, *args)[0]
 
 
 def find_layers(loss_fn: Callable, params: PyTree, example: PyTree, *args,
                 fn_name: str = "loss_fn", method: str = "K-FAC/EK-FAC") -> Dict[str, Layer]:
     """:func:`linear_layers`, raising :func:`no_layers_error` when there are none."""
-    capture = _discover(loss_fn, params, example, *args)
-    layers = _layers_of(capture)
+    layers, unmatched = _discovered(loss_fn, params, example, *args)
     if not layers:
-        raise no_layers_error(fn_name, method, tuple(capture.unmatched))
+        raise no_layers_error(fn_name, method, unmatched)
     return layers
 
 
