@@ -115,6 +115,40 @@ def test_default_takes_the_factored_path_only_where_exact(x64, monkeypatch):
                            rtol=1e-3)
 
 
+def test_factored_check_runs_once_per_shapes(x64, monkeypatch):
+    """The rebuild check of the default path runs on the first call of a factory and
+    not again on later calls of the same shapes (it was a compiled check and a host
+    sync on every call); a new factory checks again; the penalised loss stays dense."""
+    params, train, test, loss, _ = _setup(*CASES["mlp"])
+    checks = []
+    original = tracin_module._rebuild_error
+
+    def spy(*args):
+        checks.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(tracin_module, "_rebuild_error", spy)
+    auto = jattri.grad_dot(loss)
+    first = np.asarray(auto.attribute(auto.cache(params, train), test))
+    assert len(checks) == 1
+    again = np.asarray(auto.attribute(auto.cache(params, train), test))
+    np.testing.assert_array_equal(again, first)
+    assert len(checks) == 1
+    other = jattri.grad_dot(loss)
+    other.attribute(other.cache(params, train), test)
+    assert len(checks) == 2  # a new factory checks once
+
+    def penalised(p, z):
+        return loss(p, z) + 1e-2 * sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(p))
+
+    auto, dense = jattri.grad_dot(penalised), jattri.grad_dot(penalised, factored=False)
+    want = dense.attribute(dense.cache(params, train), test)
+    for _ in range(2):  # the refusal is remembered too: still dense, not checked again
+        np.testing.assert_allclose(auto.attribute(auto.cache(params, train), test), want,
+                                   rtol=1e-10)
+    assert len(checks) == 3
+
+
 def test_factored_refusals(x64):
     params, train, test, loss, _ = _setup(*CASES["mlp"])
     scaled = {"net": params, "temperature": jnp.ones((), jnp.float64)}

@@ -66,18 +66,14 @@ def _check_weights(weights, num_members: int) -> jax.Array:
                                       jnp.result_type(float)))
     if isinstance(weights, (str, bytes)):
         raise TypeError(f"`weights` must be a sequence of real numbers or None, got {weights!r}")
-    if isinstance(weights, jax.core.Tracer):
-        w = weights
-    else:  # checked in numpy: eager jnp checks are a compilation each on first use
-        w = np.asarray(weights)
-        if w.dtype == object:
-            raise TypeError(f"`weights` must be real numbers, got {weights!r}")
+    traced = isinstance(weights, jax.core.Tracer)
+    w = weights if traced else np.asarray(weights)  # numpy: eager jnp checks compile
     if w.shape != (num_members,):
         raise ValueError(f"`weights` must have one entry per member, shape ({num_members},), "
                          f"got shape {w.shape}")
     if not jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(w.dtype, jnp.integer):
         raise TypeError(f"`weights` must be real numbers, got dtype {w.dtype}")
-    if isinstance(w, jax.core.Tracer):
+    if traced:
         return w
     if not np.all(np.isfinite(w)):
         raise ValueError("`weights` contains NaN or inf")
@@ -244,22 +240,34 @@ def _factored_error(layers, fn, params, aux, example) -> jax.Array:
     return jnp.sqrt(diff / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
 
 
-def _first_error(layers, fn, params, aux, rows) -> jax.Array:
-    """:func:`_factored_error` of member 0 on the first of ``rows``, sliced inside the
-    program (eagerly, each slice of each leaf was a compilation of its own)."""
+def _member0_error(layers, fn, params, aux, example) -> jax.Array:
+    """:func:`_factored_error` of member 0 (sliced inside the program)."""
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-    return _factored_error(layers, fn, first(params), first(aux), first(rows))
+    return _factored_error(layers, fn, first(params), first(aux), example)
 
 
-_first_error_jit = jax.jit(_first_error, static_argnums=(0, 1))
+_member0_error_jit = jax.jit(_member0_error, static_argnums=(0, 1))
 
 
-def _check_rows(data):
-    """Rows to take the first example from: a stream's first chunk, else ``data``, its
-    host (numpy) leaves cut to one row here (not copied whole to the device)."""
+@jax.jit
+def _first_of(rows):
+    return jax.tree_util.tree_map(lambda x: x[0], rows)
+
+
+def _first_row(data):
+    """The first example of ``data`` (a stream: of its first chunk): numpy leaves cut on
+    the host (never copied whole to the device), jax leaves in one small program (an
+    eager slice per leaf was a compilation each)."""
     rows = engine.as_stream(data).peek() if engine.is_stream(data) else data
-    return jax.tree_util.tree_map(
-        lambda x: x[:1] if isinstance(x, (np.ndarray, np.generic)) else x, rows)
+    return _first_of(jax.tree_util.tree_map(
+        lambda x: x[:1] if isinstance(x, (np.ndarray, np.generic)) else x, rows))
+
+
+def _plan_key(fn_name: str, k, members: Members, data) -> tuple:
+    """What a factory's record of a layer plan is keyed by: the function's role, k, and
+    the members' and one example's structure, shapes and dtypes."""
+    return fn_name, k, _checks.signature((members.params, members.aux,
+                                          _common.example_spec(data)))
 
 
 def _linear_cover(fn, members: Members, data, fn_name: str, method: str):
@@ -289,10 +297,10 @@ def _rebuild_error(layers, fn, members, data) -> float:
     """:func:`_factored_error` on the first example of ``data`` (member 0; concrete)."""
     try:
         hash(fn)
-        check = partial(_first_error_jit, layers, fn)
+        check = partial(_member0_error_jit, layers, fn)
     except TypeError:  # an unhashable loss: compiled afresh
-        check = jax.jit(partial(_first_error, layers, fn))
-    return float(check(members.params, members.aux, _check_rows(data)))
+        check = jax.jit(partial(_member0_error, layers, fn))
+    return float(check(members.params, members.aux, _first_row(data)))
 
 
 def _rebuilds(layers, fn, members, data) -> bool:
@@ -303,7 +311,7 @@ def _rebuilds(layers, fn, members, data) -> bool:
 
 
 def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
-                    required: bool = False) -> Optional[tuple]:
+                    required: bool = False, memo: Optional[dict] = None) -> Optional[tuple]:
     """The linear layers through which ``fn``'s per-example gradient inner products can
     be taken factored (see above), or ``None`` (``required``: raise ValueError saying
     why). Conditions: every parameter leaf is the kernel or bias of a layer
@@ -311,7 +319,12 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     (T = 1: a layer at T positions makes a ``(chunk, n_test, T, T)`` tile), the
     factored cost Σ_ℓ (d_in,ℓ + 1 + d_out,ℓ) per pair is below d, and on the first
     example of ``data`` (member 0, concrete params only) the gradient rebuilt from the
-    factors equals ``jax.grad`` to 1e3 · machine epsilon (one compiled check per call)."""
+    factors equals ``jax.grad`` to 1e3 · machine epsilon. ``memo``: the factory's record
+    of these decisions by :func:`_plan_key`, made concretely once and reused by every
+    later call of the same shapes, traced ones included (no second check)."""
+    key = _plan_key(fn_name, None, members, data)
+    if not required and memo is not None and key in memo:
+        return memo[key]
     layers, why = _linear_cover(fn, members, data, fn_name,
                                 "factored Grad-Dot/Grad-Cos/TracIn")
     if layers is None:
@@ -324,7 +337,10 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     cost = sum(l.d_in + int(l.use_bias) + l.d_out for l in layers)
     if any(l.positions > 1 for l in layers) or cost >= d or not _concrete(members, data):
         return None
-    return layers if _rebuilds(layers, fn, members, data) else None
+    plan = layers if _rebuilds(layers, fn, members, data) else None
+    if memo is not None:
+        memo[key] = plan
+    return plan
 
 
 # ------------------------------------- the Kronecker projection of TRAK and TracIn
@@ -403,10 +419,7 @@ def resolve_kronecker(projection: str, fn, members: Members, data, k: int, *,
     d = _common.num_params(members)
     if projection == "auto" and resolve_projection("auto", d, k) == "gaussian":
         return None
-    spec = (members.params, members.aux, _common.example_spec(data))
-    sig = (fn_name, k, jax.tree_util.tree_structure(spec),
-           tuple((np.shape(x), str(jnp.result_type(x)))
-                 for x in jax.tree_util.tree_leaves(spec)))
+    sig = _plan_key(fn_name, k, members, data)
     if memo is not None and sig in memo:
         return memo[sig]
     concrete = _concrete(members, data)
@@ -533,7 +546,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
     made = _common.hyper(task, weights=weights, proj_dim=proj_dim, projection=projection,
                          normalize=normalize, key=key, proj_chunk_size=proj_chunk_size)
 
-    memo = {}  # the Kronecker choices made concretely (``resolve_kronecker``)
+    memo = {}  # the Kronecker / factored plans made concretely (``_plan_key``)
 
     def config(members, kron=None):
         return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize),
@@ -559,13 +572,14 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         if k is not None or factored is False:
             return None
         required = factored is True
-        left_layers = factored_layers(task.loss, members, left, required=required)
+        left_layers = factored_layers(task.loss, members, left, required=required,
+                                      memo=memo)
         if left_layers is None:
             return None
         if task.target_is_loss:
             return left_layers, None
         right_layers = factored_layers(task.target, members, right, fn_name="target_fn",
-                                       required=required)
+                                       required=required, memo=memo)
         if not same_layers(right_layers, left_layers):
             if required:
                 raise ValueError("`factored=True`: `target_fn` must use the same linear "
