@@ -94,16 +94,28 @@ def _chunk(d: int, chunk_size: Optional[int]) -> int:
     return d if chunk_size is None else max(1, min(int(chunk_size), d))
 
 
+# Rows ``rows`` of the dense projectors' P, row r keyed fold_in(key, r): (len(rows), k).
+def _gaussian_rows(key, rows, k):
+    p = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,)))(rows)
+    return p / jnp.sqrt(k)
+
+
+def _rademacher_rows(key, rows, k):
+    p = jax.vmap(lambda r: jax.random.rademacher(jax.random.fold_in(key, r), (k,),
+                                                 dtype=_float()))(rows)
+    return p / jnp.sqrt(k)
+
+
+_DENSE_ROWS = {"gaussian": _gaussian_rows, "rademacher": _rademacher_rows}
+
+
 # Blocks of the named projectors: (key, rows, x_chunk, k) -> contribution (n, k).
 def _gaussian_block(key, rows, xc, k):
-    p = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,)))(rows)
-    return xc @ (p / jnp.sqrt(k)).astype(xc.dtype)  # padded rows meet x = 0
+    return xc @ _gaussian_rows(key, rows, k).astype(xc.dtype)  # padded rows meet x = 0
 
 
 def _rademacher_block(key, rows, xc, k):
-    p = jax.vmap(lambda r: jax.random.rademacher(jax.random.fold_in(key, r), (k,),
-                                                 dtype=_float()))(rows)
-    return xc @ (p / jnp.sqrt(k)).astype(xc.dtype)
+    return xc @ _rademacher_rows(key, rows, k).astype(xc.dtype)
 
 
 def _sjlt_block(key, rows, xc, k):
@@ -209,14 +221,9 @@ def projection_matrix(key: jax.Array, *, kind: str, d: int, k: int) -> jax.Array
     if kind == "sjlt":
         bucket, sign = sjlt_hash(key, rows, k)
         return jax.nn.one_hot(bucket, k, dtype=_float()) * sign[:, None].astype(_float())
-    if kind == "gaussian":
-        p = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,)))(rows)
-    elif kind == "rademacher":
-        p = jax.vmap(lambda r: jax.random.rademacher(jax.random.fold_in(key, r), (k,),
-                                                     dtype=_float()))(rows)
-    else:
+    if kind not in _DENSE_ROWS:
         raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {kind!r}")
-    return p / jnp.sqrt(k)
+    return _DENSE_ROWS[kind](key, rows, k)
 
 
 def check_projection_args(projection: str, extra: tuple = (), **dims) -> None:
