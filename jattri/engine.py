@@ -529,11 +529,13 @@ def _split_zeros(carry: PyTree) -> tuple:
     ``jax.ShapeDtypeStruct`` (zeros to start from) replaced by ``None``, and the static
     ``(treedef, ((shape, dtype) | None per leaf))`` that :func:`_join_zeros` rebuilds
     them from inside a compiled program (eager ``jnp.zeros`` is a compilation per
-    shape)."""
+    shape); ``spec`` is ``None`` when no leaf is a ``ShapeDtypeStruct``."""
     leaves, tree = jax.tree_util.tree_flatten(carry)
-    spec = tuple((tuple(x.shape), np.dtype(x.dtype)) if isinstance(x, jax.ShapeDtypeStruct)
-                 else None for x in leaves)
-    return [None if z else x for x, z in zip(leaves, spec)], (tree, spec)
+    zeros = tuple((tuple(x.shape), np.dtype(x.dtype)) if isinstance(x, jax.ShapeDtypeStruct)
+                  else None for x in leaves)
+    if all(z is None for z in zeros):
+        return leaves, None
+    return [None if z else x for x, z in zip(leaves, zeros)], (tree, zeros)
 
 
 def _join_zeros(leaves, spec) -> PyTree:
@@ -612,10 +614,8 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
     """
     from jattri import _resume
     leaves, zeros = _split_zeros(carry)
-    if any(z is not None for z in zeros[1]) and (_resume.active() or is_stream(data)):
+    if zeros is not None and (_resume.active() or is_stream(data)):
         carry, zeros = _zeros_jit(leaves, zeros), None  # one program for every zero
-    elif not any(z is not None for z in zeros[1]):
-        zeros = None
     if _resume.active():
         return _resume.scan(step, config, args, carry, data, int(size))
     with _stage(step, num_examples(data), args, carry, data) as stage:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
+from jattri import _checks
 from jattri.func.grads import as_partial, flat_fn, unravel_fn
 
 PyTree = Any
@@ -207,7 +208,6 @@ CG_ADVICE = "increase `damping`, or use a positive semi-definite curvature"
 def check_cg(out: Any, advice: str = CG_ADVICE) -> Any:
     """Raise ``ValueError`` when a concrete CG result (solutions, or scores computed
     from them) is non-finite: :func:`cg_solve` met pᵀ(H + λI)p ≤ 0."""
-    from jattri import _checks
     if _is_concrete(out) and not _checks.all_finite(out):
         raise ValueError(
             "CG returned non-finite values: it met non-positive curvature "
@@ -320,7 +320,6 @@ def lissa_flat(flat_f_batch: Callable, theta: jax.Array, v: jax.Array, data: PyT
     Checks the arguments, picks the default scale, runs the jitted recursion and
     raises ``ValueError`` when it diverged (see ``ihvp_lissa``).
     """
-    from jattri import _checks
     n = _checks.num_examples(data)
     if not damping >= 0:
         raise ValueError(f"`damping` must be >= 0, got {damping}")
