@@ -55,11 +55,11 @@ def member_map(fn: Callable, members: Members, *per_member: PyTree) -> PyTree:
     return jax.lax.map(one, jnp.arange(members.num))
 
 
-def zeros_like(x) -> PyTree:
-    """Zeros shaped like ``x`` as an ``engine.scan`` carry: ``jax.ShapeDtypeStruct``
-    leaves, made inside the compiled scan."""
-    return jax.tree_util.tree_map(lambda y: jax.ShapeDtypeStruct(np.shape(y),
-                                                                 jnp.result_type(y)), x)
+def spec_of(tree: PyTree) -> PyTree:
+    """Every leaf's shape and dtype (``jax.ShapeDtypeStruct``); as an ``engine.scan``
+    carry, zeros of those shapes made inside the compiled scan."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
 
 
 def scalar(x, dtype) -> jax.Array:
@@ -120,14 +120,12 @@ def grad_sum(fn: Callable, params: PyTree, aux: PyTree, chunk: engine.Chunk,
 
 def row_spec(tree: PyTree) -> PyTree:
     """Shapes and dtypes of one row (leading axis dropped): one member's params or aux."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), tree)
+    return _checks.first_example(tree)
 
 
 def example_spec(data: Any) -> PyTree:
     """Shapes and dtypes of one example of an in-memory dataset or a stream."""
-    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-    return jax.tree_util.tree_map(spec, engine.first_example(data))
+    return spec_of(engine.first_example(data))
 
 
 def num_params(members: Members) -> int:

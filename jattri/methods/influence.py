@@ -219,7 +219,7 @@ def _mean_cvp(fns, params, aux, data, vs, size, indexed=False) -> jax.Array:
     """``(k, d)``: C v for every row v of ``vs``, C the Hessian (``fns`` the loss) or
     the Gauss-Newton matrix (``fns`` the split) of the mean loss over ``data`` (in
     memory), summed chunk by chunk."""
-    acc, _, n = engine.scan(_cvp_step, indexed, (fns, params, aux, vs), _common.zeros_like(vs),
+    acc, _, n = engine.scan(_cvp_step, indexed, (fns, params, aux, vs), _common.spec_of(vs),
                             data, size, sums=True)
     return acc / n
 
@@ -1052,7 +1052,7 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
     def check(fitted, damping, v, u):
         if u is None:
             return
-        finite = np.all(np.isfinite(u))
+        finite = _checks.all_finite(u)
         diverged = not finite
         if v is not None and finite:  # (else u are scores from solutions: finiteness only)
             top = np.asarray(fitted[0])  # the scale in numpy: no eager compilation
@@ -1405,7 +1405,7 @@ def _datainf_apply(config, args, v):
     groups, size = config
     loss, members, stats, damping, train = args
     lam = _datainf_lambdas(stats, damping)  # (M, L)
-    corr, _, n = engine.scan(_datainf_step, groups, (loss, members, lam, v), _common.zeros_like(v),
+    corr, _, n = engine.scan(_datainf_step, groups, (loss, members, lam, v), _common.spec_of(v),
                              train, size, sums=True)
     parts = [(_take(v, runs) - _take(corr, runs) / n) / lam[:, l, None, None]
              for l, runs in enumerate(groups)]

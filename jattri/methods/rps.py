@@ -38,7 +38,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.tree_util import Partial
 
 from jattri import _checks, engine
@@ -270,9 +269,7 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
             _checks.check_data(data, name)
             if like is not None and not engine.is_stream(like):
                 _checks.check_like(data, like, name, "train")
-        params = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
-            members.params)
+        params = _common.row_spec(members.params)
         z = engine.first_example(data)
         try:
             f, lg = jax.eval_shape(lambda p, z: (jnp.ravel(features_fn(p, z)),

@@ -29,7 +29,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jattri import _checks, engine
 from jattri.func.grads import as_partial
@@ -206,9 +205,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
             if like is not None and not engine.is_stream(like):
                 _checks.check_like(data, like, name, "train")
         z = engine.first_example(data)
-        params = None if members is None else jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
-            members.params)
+        params = None if members is None else _common.row_spec(members.params)
         try:
             y = jax.eval_shape(fns[1], z)
             f = jax.eval_shape(lambda p, z: jnp.ravel(fns[0](p, z)), params, z)
