@@ -60,6 +60,18 @@ def _setup(model, x_shape, seed=0):
 CASES = {"mlp": (MLP(), (5,)), "seq_conv": (SeqConv(), (6, 4))}
 
 
+def _count_calls(monkeypatch, name: str) -> list:
+    """A list that grows by one at every call of ``jattri.methods.tracin.<name>``."""
+    calls, original = [], getattr(tracin_module, name)
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(tracin_module, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_factored_equals_dense(x64, case):
     params, train, test, loss, margin = _setup(*CASES[case])
@@ -81,14 +93,7 @@ def test_factored_equals_dense(x64, case):
 
 def test_default_takes_the_factored_path_only_where_exact(x64, monkeypatch):
     params, train, test, loss, _ = _setup(*CASES["mlp"])
-    calls = []
-    original = tracin_module._factored_tile
-
-    def spy(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(tracin_module, "_factored_tile", spy)
+    calls = _count_calls(monkeypatch, "_factored_tile")
     auto = jattri.grad_dot(loss)
     dense = jattri.grad_dot(loss, factored=False)
     np.testing.assert_allclose(auto.attribute(auto.cache(params, train), test),
@@ -120,14 +125,7 @@ def test_factored_check_runs_once_per_shapes(x64, monkeypatch):
     not again on later calls of the same shapes (it was a compiled check and a host
     sync on every call); a new factory checks again; the penalised loss stays dense."""
     params, train, test, loss, _ = _setup(*CASES["mlp"])
-    checks = []
-    original = tracin_module._rebuild_error
-
-    def spy(*args):
-        checks.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(tracin_module, "_rebuild_error", spy)
+    checks = _count_calls(monkeypatch, "_rebuild_error")
     auto = jattri.grad_dot(loss)
     first = np.asarray(auto.attribute(auto.cache(params, train), test))
     assert len(checks) == 1
