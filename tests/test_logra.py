@@ -304,3 +304,70 @@ def test_curvature_is_validated_and_recorded():
     streamed = attr.cache(params[0], jattri.stream(batches))
     for f, g in zip(streamed.fisher, state.fisher):
         np.testing.assert_allclose(f, g, rtol=1e-12, atol=1e-14)
+
+
+def test_ggn_conv_layer_is_its_hessian_block():
+    """A Conv layer (16 output positions, kernel-ordered patches): F is the block of
+    the loss's Hessian for the kernel and bias, cross-position terms included."""
+    import jax.flatten_util
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(3, (2, 2), name="c1")(x))
+            return nn.Dense(3, name="fc")(x.reshape(-1))
+
+    cnn = CNN()
+    x = jax.random.normal(jax.random.PRNGKey(1), (10, 4, 4, 2))
+    y = jnp.arange(10) % 3
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                    cnn.init(jax.random.PRNGKey(0), x[0])["params"])
+    loss = lambda p, z: -jax.nn.log_softmax(cnn.apply({"params": p}, z[0]))[z[1]]
+    state = jattri.logra(loss, proj_dim_in=None, proj_dim_out=None,
+                         curvature="ggn").cache(params, (x, y))
+    for f, name in zip(state.fisher, ("c1", "fc")):
+        flat0, unravel = jax.flatten_util.ravel_pytree(
+            [params[name]["kernel"], params[name]["bias"]])
+
+        def mean_loss(flat, name=name):
+            kernel, bias = unravel(flat)
+            p = dict(params, **{name: {"kernel": kernel, "bias": bias}})
+            return jnp.mean(jax.vmap(lambda a, c: loss(p, (a, c)))(x, y))
+
+        np.testing.assert_allclose(f[0], jax.hessian(mean_loss)(flat0), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_many_calls_with_many_members_return():
+    """Regression: with 5 members and three layer blocks, LoGra's factorisations were
+    batched over members, and on a 2-core CPU jaxlib 0.10.2's thread pool deadlocked
+    after about 30 ``attribute``-sized solves (every thread idle, the call never
+    returning). In a subprocess, so a hang fails the test instead of the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib
+        import jax.numpy as jnp
+        import numpy as np
+        L = importlib.import_module("jattri.methods.logra")
+        rng = np.random.default_rng(0)
+        fisher = []
+        for k in (256, 256, 160):
+            a = rng.normal(size=(5, 300, k)).astype(np.float32)
+            fisher.append(jnp.asarray(np.einsum("mnk,mnl->mkl", a, a) / 300))
+        fisher = tuple(fisher)
+        psi = jnp.asarray(rng.normal(size=(200, 5, 672)).astype(np.float32))
+        for i in range(120):
+            np.asarray(L._solve(fisher, 10.0 ** (-3 + (i % 30) * 0.2), psi))
+            if i % 20 == 0:
+                np.asarray(L._inverses(fisher, 0.1)[0])
+        print("returned")
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("120 LoGra solves with 5 members did not return within 240 s")
+    assert "returned" in out.stdout, out.stderr[-2000:]

@@ -261,9 +261,19 @@ def _blocks(fisher) -> tuple:
     return tuple((int(b - f.shape[-1]), int(b)) for f, b in zip(fisher, stops))
 
 
-def _inverse(spd: jax.Array) -> jax.Array:
-    """``(M, k, k)`` inverses of symmetric positive definite blocks, by Cholesky."""
-    eye = jnp.broadcast_to(jnp.eye(spd.shape[-1], dtype=spd.dtype), spd.shape)
+def _member_by_member(fn, *xs):
+    """``fn`` on member m's slices of ``xs`` (pytrees with a leading axis M), one member
+    after another (``lax.map``), results stacked. The Cholesky factorisations are made
+    this way, unbatched: in jaxlib 0.10.2 on CPU, Cholesky factorisations batched over
+    members in several layer blocks of one program deadlock XLA's thread pool after a
+    few dozen calls (seen on a 2-core machine: every thread idle, ``attribute`` never
+    returning; ``tests/test_logra.py::test_many_calls_with_many_members_return``)."""
+    return jax.lax.map(lambda x: fn(*x), xs)
+
+
+def _cholesky_inverse(spd: jax.Array) -> jax.Array:
+    """``(k, k)`` inverse of ONE symmetric positive definite block."""
+    eye = jnp.eye(spd.shape[-1], dtype=spd.dtype)
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(spd, lower=True), eye)
 
 
@@ -278,7 +288,8 @@ def _solve(fisher: tuple, damping, psi: jax.Array) -> jax.Array:
 @jax.jit
 def _inverses(fisher: tuple, damping) -> tuple:
     """(F_ℓ + λ_ℓ I)⁻¹ of every block, in one program."""
-    return tuple(_inverse(damped_fisher(f, damping)) for f in fisher)
+    return _member_by_member(lambda *blocks: tuple(_cholesky_inverse(f) for f in blocks),
+                             *(damped_fisher(f, damping) for f in fisher))
 
 
 @jax.jit
@@ -289,11 +300,14 @@ def _mean(fisher: tuple, n) -> tuple:
 def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
     """``(M, K, t)``: (F_ℓ + λ_ℓ I)⁻¹ applied to layer ℓ's rows of ``rhs`` ``(M, K, t)``,
     by Cholesky, block by block."""
-    out = []
-    for f, (a, b) in zip(fisher, _blocks(fisher)):
-        chol = jax.scipy.linalg.cho_factor(damped_fisher(f, damping), lower=True)
-        out.append(jax.scipy.linalg.cho_solve(chol, rhs[:, a:b]))
-    return jnp.concatenate(out, axis=1)
+    edges = _blocks(fisher)
+
+    def one(rhs_m, *blocks):
+        return jnp.concatenate([
+            jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(f, lower=True),
+                                       rhs_m[a:b]) for f, (a, b) in zip(blocks, edges)])
+
+    return _member_by_member(one, rhs, *(damped_fisher(f, damping) for f in fisher))
 
 
 def _check_solved(x, damping):
