@@ -391,7 +391,10 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     wanted = None if layers is None else tuple(layers)
     made = _common.hyper(task, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out, key=key,
                          projection=projection, layers=wanted,
-                         proj_chunk_size=proj_chunk_size, curvature=curvature)
+                         proj_chunk_size=proj_chunk_size,
+                         # recorded only when not the default: states cached before
+                         # the option existed stay valid
+                         **({} if curvature == "empirical" else {"curvature": curvature}))
 
     def discover(members, data, target):
         fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
