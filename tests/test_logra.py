@@ -66,6 +66,16 @@ def layer_block_grads(loss_fn, params, data, layers=LAYERS):
     return {name: np.stack(v) for name, v in out.items()}
 
 
+def dense_projection(key, member, layer, name, k_in=3, k_out=2):
+    """The dense (P_in ⊗ P_out) LoGra never forms: member ``member``'s Rademacher
+    factors of ``LAYERS[layer]`` (keys ``fold_in(fold_in(fold_in(key, m), ℓ), side)``)."""
+    d_in, d_out = {"fc1": (4, 5), "fc2": (5, 4), "fc3": (5, 3)}[name]  # d_in with the bias
+    layer_key = jax.random.fold_in(jax.random.fold_in(key, member), layer)
+    p_in = random_projection("rademacher", jax.random.fold_in(layer_key, 0), d_in, k_in)
+    p_out = random_projection("rademacher", jax.random.fold_in(layer_key, 1), d_out, k_out)
+    return np.kron(np.asarray(p_in(jnp.eye(d_in))), np.asarray(p_out(jnp.eye(d_out))))
+
+
 def reference(loss_fn, params, train, test, damping, project=None):
     """Σ_ℓ g_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ g_ℓ,t with F_ℓ = mean_j g_ℓ,j g_ℓ,jᵀ (dense)."""
     g_train = layer_block_grads(loss_fn, params, train)
@@ -101,18 +111,9 @@ def test_projected_equals_dense_kronecker_projection_of_full_gradients():
     attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.1, key=key,
                         projection="rademacher")
     state = attr.cache(jattri.checkpoints(params), train)
-    dims = {"fc1": (4, 5), "fc2": (5, 4), "fc3": (5, 3)}  # (d_in (+1 for bias), d_out)
     per_member = []
     for m, p in enumerate(params):
-        proj = []
-        for l, name in enumerate(LAYERS):
-            layer_key = jax.random.fold_in(jax.random.fold_in(key, m), l)
-            d_in, d_out = dims[name]
-            p_in = np.asarray(random_projection("rademacher", jax.random.fold_in(layer_key, 0),
-                                                d_in, 3)(jnp.eye(d_in)))
-            p_out = np.asarray(random_projection("rademacher", jax.random.fold_in(layer_key, 1),
-                                                 d_out, 2)(jnp.eye(d_out)))
-            proj.append(np.kron(p_in, p_out))  # the dense (P_in ⊗ P_out) LoGra never forms
+        proj = [dense_projection(key, m, l, name) for l, name in enumerate(LAYERS)]
         # Scored on the training set itself (one compilation less than a test set).
         per_member.append(reference(loss_fn, p, train, train, 0.1, project=proj))
     scores = attr.attribute(state, train)
@@ -276,17 +277,10 @@ def test_ggn_projected_is_the_projected_hessian_block():
     attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, key=key,
                         projection="rademacher", curvature="ggn")
     state = attr.cache(jattri.checkpoints(params), train)
-    dims = {"fc1": (4, 5), "fc2": (5, 4), "fc3": (5, 3)}
     for m, p in enumerate(params):
         hess = layer_hessian_blocks(loss_fn, p, train)
         for l, name in enumerate(LAYERS):
-            layer_key = jax.random.fold_in(jax.random.fold_in(key, m), l)
-            d_in, d_out = dims[name]
-            p_in = np.asarray(random_projection("rademacher", jax.random.fold_in(layer_key, 0),
-                                                d_in, 3)(jnp.eye(d_in)))
-            p_out = np.asarray(random_projection("rademacher", jax.random.fold_in(layer_key, 1),
-                                                 d_out, 2)(jnp.eye(d_out)))
-            proj = np.kron(p_in, p_out)
+            proj = dense_projection(key, m, l, name)
             np.testing.assert_allclose(state.fisher[l][m], proj.T @ hess[name] @ proj,
                                        rtol=1e-9, atol=1e-12)
 
