@@ -185,28 +185,43 @@ def _layer_leaves(layers: tuple) -> Dict[str, tuple]:
 CURVATURES = ("empirical", "ggn")
 
 
+def projected_output_hessian(loss_fn: Callable, params: PyTree, example: PyTree,
+                             args: tuple, layer: Layer, p_out: Optional[jax.Array] = None):
+    """``(a (T, d_in), P_outᵀ H P_out (T, k_out, T, k_out))`` of ONE layer and ONE
+    example of ``loss_fn(params, example, *args)``: a the layer's input rows, H =
+    ∂²loss/∂δ² ``(T, d_out, T, d_out)`` at δ = 0, δ the zero perturbation of the
+    layer's outputs at its T positions (the handle ``layer_io`` differentiates once).
+    One Hessian-vector product (forward over reverse) per column of ``p_out``
+    ``(d_out, k_out)`` and position, T·k_out in all, never the whole H; ``p_out=None``
+    is the identity (T·d_out products: H itself)."""
+    sizes = [int(np.prod(s[:-1], dtype=np.int64)) for s, _ in layer.out_shapes]
+
+    def loss_at(flat):
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=0)
+        deltas = [x.reshape(s) for x, (s, _) in zip(parts, layer.out_shapes)]
+        return perturbed_loss(loss_fn, params, example, args, {layer.name: deltas})
+
+    flat0 = jnp.zeros((layer.positions, layer.d_out), layer.out_shapes[0][1])
+    _, inputs = loss_at(flat0)
+    grad = jax.grad(lambda flat: loss_at(flat)[0])
+    cols = (jnp.eye(layer.d_out, dtype=flat0.dtype) if p_out is None
+            else p_out.astype(flat0.dtype))  # (d_out, k_out)
+    t, k = layer.positions, cols.shape[1]
+    # tangent (τ, j): column j of P_out at position τ, zero elsewhere
+    tangents = jnp.einsum("tu,cj->tjuc", jnp.eye(t, dtype=cols.dtype), cols).reshape(
+        t * k, t, layer.d_out)
+    hv = jax.vmap(lambda v: jax.jvp(grad, (flat0,), (v,))[1])(tangents)  # (T·k, T, d_out)
+    hp = hv if p_out is None else hv @ cols
+    return input_rows(layer, inputs[layer.name]), hp.reshape(t, k, t, k)
+
+
 def _layer_output_hessians(loss_fn: Callable, params: PyTree, example: PyTree,
                            layers: Dict[str, Layer], *args) -> Dict[str, tuple]:
     """Inputs ``a: (T, d_in)`` and output Hessians ``H: (T, d_out, T, d_out)`` of every
-    layer, for ONE example of ``loss_fn(params, example, *args)``: H = ∂²loss/∂δ² at
-    δ = 0, δ the zero perturbation of the layer's outputs at its T positions (the handle
-    ``layer_io`` differentiates once; here forward-over-reverse, one jvp of the gradient
-    per output coordinate)."""
-    def flat_loss(name, flat):
-        layer = layers[name]
-        sizes = [int(np.prod(s[:-1], dtype=np.int64)) for s, _ in layer.out_shapes]
-        parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=0)
-        mine = [p.reshape(s) for p, (s, _) in zip(parts, layer.out_shapes)]
-        loss, inputs = perturbed_loss(loss_fn, params, example, args, {name: mine})
-        return loss, inputs[name]
-
-    out = {}
-    for name, layer in layers.items():
-        flat0 = jnp.zeros((layer.positions, layer.d_out), layer.out_shapes[0][1])
-        grad = jax.grad(partial(flat_loss, name), has_aux=True)
-        hess, inputs = jax.jacfwd(grad, has_aux=True)(flat0)
-        out[name] = (input_rows(layer, inputs), hess)
-    return out
+    layer, for ONE example of ``loss_fn(params, example, *args)``
+    (:func:`projected_output_hessian` without a projection)."""
+    return {name: projected_output_hessian(loss_fn, params, example, args, layer)
+            for name, layer in layers.items()}
 
 
 # The fit runs in streamable stages (as Kronfluence's): (1) the covariance sums A, S

@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
-from jattri.func.layers import (find_layers, input_rows, layer_io, perturbed_loss,
-                                same_layers)
+from jattri.func.fisher import projected_output_hessian
+from jattri.func.layers import find_layers, layer_io, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      projection_matrix)
 from jattri.methods import _common
@@ -184,33 +184,6 @@ def _cache_step(config, args, fisher, chunk):
     return fisher, phi
 
 
-def _projected_output_hessians(fn, params, aux, example, index, layer, p_out):
-    """``(a (T, d_in), P_outᵀ H P_out (T, k_out, T, k_out))`` of ONE layer and ONE
-    example: H = ∂²loss/∂δ² ``(T, d_out, T, d_out)`` at δ = 0, δ a perturbation of the
-    layer's outputs at its T positions (``jattri.func.fisher`` takes the same Hessian
-    for EK-FAC's ``curvature="ggn"``). One Hessian-vector product per column of P_out
-    and position (forward over reverse), T·k_out in all (T·d_out with ``p_out=None``),
-    never the whole H."""
-    sizes = [int(np.prod(s[:-1], dtype=np.int64)) for s, _ in layer.out_shapes]
-
-    def loss_at(flat):
-        parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=0)
-        deltas = [x.reshape(s) for x, (s, _) in zip(parts, layer.out_shapes)]
-        return perturbed_loss(fn, params, example, (index, aux), {layer.name: deltas})
-
-    flat0 = jnp.zeros((layer.positions, layer.d_out), layer.out_shapes[0][1])
-    _, inputs = loss_at(flat0)
-    grad = jax.grad(lambda flat: loss_at(flat)[0])
-    cols = (jnp.eye(layer.d_out, dtype=flat0.dtype) if p_out is None
-            else p_out.astype(flat0.dtype))  # (d_out, k_out)
-    t, k = layer.positions, cols.shape[1]
-    # tangent (τ, j): column j of P_out at position τ, zero elsewhere
-    tangents = jnp.einsum("tu,cj->tjuc", jnp.eye(t, dtype=cols.dtype), cols).reshape(
-        t * k, t, layer.d_out)
-    hv = jax.vmap(lambda v: jax.jvp(grad, (flat0,), (v,))[1])(tangents)  # (T·k, T, d_out)
-    return input_rows(layer, inputs[layer.name]), (hv @ cols).reshape(t, k, t, k)
-
-
 def _ggn_floats(config) -> int:
     """Floats per example of the Gauss-Newton fit's largest layer: its T·k_out
     Hessian-vector products ``(T, d_out)`` and their projection."""
@@ -226,8 +199,8 @@ def _member_ggn(layers, factors, fn, params, aux, chunk):
     H_i[τ, σ] (one member)."""
     out = []
     for layer, (p_in, p_out) in zip(layers, factors):
-        a, hp = jax.vmap(lambda z, i: _projected_output_hessians(
-            fn, params, aux, z, i, layer, p_out))(chunk.data, chunk.index)
+        a, hp = jax.vmap(lambda z, i: projected_output_hessian(
+            fn, params, z, (i, aux), layer, p_out))(chunk.data, chunk.index)
         if layer.use_bias:
             a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
         pa = a if p_in is None else a @ p_in.astype(a.dtype)  # (b, T, k_in)
