@@ -55,6 +55,19 @@ def member_map(fn: Callable, members: Members, *per_member: PyTree) -> PyTree:
     return jax.lax.map(one, jnp.arange(members.num))
 
 
+def each_member(fn: Callable, *xs: PyTree) -> PyTree:
+    """``fn`` over the leading member axis of ``xs`` (pytrees), one member after another
+    (``lax.map``), results stacked; one member without ``lax.map``, whose slicing of a
+    stacked operand would copy it. Matrix factorisations of several members are made
+    this way, unbatched: in jaxlib 0.10.2 on CPU, Cholesky factorisations batched over
+    members in several blocks of one program deadlocked XLA's thread pool after a few
+    dozen calls (LoGra; ``tests/test_logra.py::test_many_calls_with_many_members_return``)."""
+    if jax.tree_util.tree_leaves(xs)[0].shape[0] == 1:
+        return jax.tree_util.tree_map(
+            lambda y: y[None], fn(*jax.tree_util.tree_map(lambda x: x[0], xs)))
+    return jax.lax.map(lambda args: fn(*args), xs)
+
+
 def spec_of(tree: PyTree) -> PyTree:
     """Every leaf's shape and dtype (``jax.ShapeDtypeStruct``); as an ``engine.scan``
     carry, zeros of those shapes made inside the compiled scan."""
@@ -354,4 +367,5 @@ def check_state(state: Any, cls: type, method: str, hyper_: tuple, *,
 
 __all__ = ["Provenance", "check_state", "fingerprint", "hyper", "provenance",
            "Attributor", "chunk_grads", "chunk_size_for", "check_data", "flat_grad",
-           "member_map", "num_params", "param_dtype", "setup", "stored_train", "train_for"]
+           "each_member", "member_map", "num_params", "param_dtype", "setup", "stored_train",
+           "train_for"]

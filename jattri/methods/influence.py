@@ -700,14 +700,6 @@ def _dense_factors(block, examples, fns, members, train, damping, layout=None):
         _dense_sum(block, examples, fns, members, train), damping))
 
 
-def _each_member(fn, *xs):
-    """``fn`` over the leading member axis of ``xs``; one member without ``lax.map``,
-    whose slicing of the stacked ``(M, d, d)`` operand would copy it."""
-    if xs[0].shape[0] == 1:
-        return fn(*(x[0] for x in xs))[None]
-    return jax.lax.map(lambda args: fn(*args), xs)
-
-
 def _factor(h, damping):
     """``(M, d, d)`` lower Cholesky factors of H + λI, member by member (the lower
     triangle of H is read)."""
@@ -718,7 +710,7 @@ def _factor(h, damping):
         damped = hm + jnp.where(eye[:, None] == eye[None, :], lm, 0).astype(hm.dtype)
         return jax.lax.linalg.cholesky(damped, symmetrize_input=False)
 
-    return _each_member(one, h, lam)
+    return _common.each_member(one, h, lam)
 
 
 _cholesky = jax.jit(_factor)
@@ -729,7 +721,7 @@ def _refactor(factors, base, damping):
     """Factors of C + λI from those of C + λ₀I: C + λI = L Lᵀ + (λ − λ₀) I."""
     lam = jnp.broadcast_to(jnp.asarray(damping, factors.dtype), factors.shape[:1])
     lam0 = jnp.broadcast_to(jnp.asarray(base, factors.dtype), factors.shape[:1])
-    return _factor(_each_member(lambda l: l @ l.T, factors), lam - lam0)
+    return _factor(_common.each_member(lambda l: l @ l.T, factors), lam - lam0)
 
 
 @jax.jit
@@ -770,8 +762,8 @@ def _explicit_prepare(what):
 
 def _explicit_apply(config, args, v):
     _, _, factors, _, _ = args
-    return _each_member(lambda l, vm: jax.scipy.linalg.cho_solve((l, True), vm.T).T,
-                        factors, v)
+    return _common.each_member(
+        lambda l, vm: jax.scipy.linalg.cho_solve((l, True), vm.T).T, factors, v)
 
 
 def _explicit_check(curvature, damping, v, u):

@@ -234,16 +234,6 @@ def _blocks(fisher) -> tuple:
     return tuple((int(b - f.shape[-1]), int(b)) for f, b in zip(fisher, stops))
 
 
-def _member_by_member(fn, *xs):
-    """``fn`` on member m's slices of ``xs`` (pytrees with a leading axis M), one member
-    after another (``lax.map``), results stacked. The Cholesky factorisations are made
-    this way, unbatched: in jaxlib 0.10.2 on CPU, Cholesky factorisations batched over
-    members in several layer blocks of one program deadlock XLA's thread pool after a
-    few dozen calls (seen on a 2-core machine: every thread idle, ``attribute`` never
-    returning; ``tests/test_logra.py::test_many_calls_with_many_members_return``)."""
-    return jax.lax.map(lambda x: fn(*x), xs)
-
-
 def _cholesky_inverse(spd: jax.Array) -> jax.Array:
     """``(k, k)`` inverse of ONE symmetric positive definite block."""
     eye = jnp.eye(spd.shape[-1], dtype=spd.dtype)
@@ -261,7 +251,7 @@ def _solve(fisher: tuple, damping, psi: jax.Array) -> jax.Array:
 @jax.jit
 def _inverses(fisher: tuple, damping) -> tuple:
     """(F_ℓ + λ_ℓ I)⁻¹ of every block, in one program."""
-    return _member_by_member(lambda *blocks: tuple(_cholesky_inverse(f) for f in blocks),
+    return _common.each_member(lambda *blocks: tuple(_cholesky_inverse(f) for f in blocks),
                              *(damped_fisher(f, damping) for f in fisher))
 
 
@@ -280,7 +270,7 @@ def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
             jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(f, lower=True),
                                        rhs_m[a:b]) for f, (a, b) in zip(blocks, edges)])
 
-    return _member_by_member(one, rhs, *(damped_fisher(f, damping) for f in fisher))
+    return _common.each_member(one, rhs, *(damped_fisher(f, damping) for f in fisher))
 
 
 def _check_solved(x, damping):
