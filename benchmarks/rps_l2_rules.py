@@ -12,6 +12,12 @@ targets, no bias: RPS's defaults).
   α = γ / ‖W‖², γ = Σ_j h_j / (h_j + α), h_j the eigenvalues of the summed
   Gauss-Newton matrix Σ_i f_i f_iᵀ ⊗ (diag q_i − q_i q_iᵀ) at the refit.
 - **cross-validation**: 5-fold held-out negative log-likelihood of the refit.
+- **dropout as L2** (Wager, Wang & Liang, 2013, "Dropout Training as Adaptive
+  Regularization"): a softmax layer trained with dropout δ on its inputs f is, to second
+  order, penalised by ½·δ/(1 − δ)·(1/n) Σ_i Σ_j f_ij² w_jᵀ(diag p_i − p_i p_iᵀ)w_j
+  (w_j: row j of the trained last layer W, p_i its softmax); the isotropic l2 with the
+  same value at W, added to the stationary L2's λ̂/2, is the refit's penalty the
+  training imposed (printed for settings trained with dropout).
 
     python benchmarks/rps_l2_rules.py digits_lr digits_mlp
 """
@@ -26,6 +32,8 @@ from jattri.benchmark import load, registry
 from jattri.methods.rps import refit_last_layer
 
 jax.config.update("jax_enable_x64", True)
+# setting -> (last layer, dropout rate on its inputs in training: jattri.benchmark.digits)
+DROPOUT = {"digits_mlp": ("fc3", 0.1)}
 GRID = (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 5e-2, 0.1, 0.2, 0.3, 1.0)
 
 
@@ -40,6 +48,14 @@ def refit(f, targets, l2):
     return np.asarray(w)
 
 
+def dropout_l2(f, kernel, bias, rate):
+    """The isotropic l2 equal at W to dropout's quadratic penalty (module docstring)."""
+    probs = np.asarray(jax.nn.softmax(f @ kernel + bias))
+    quad = (np.einsum("ic,jc->ij", probs, kernel ** 2)
+            - np.einsum("ic,jc->ij", probs, kernel) ** 2)  # w_jᵀ A_i w_j
+    return 0.5 * rate / (1 - rate) * np.sum(f ** 2 * quad) / len(f) / np.sum(kernel ** 2)
+
+
 def main(settings):
     for setting in settings:
         bench = load(setting, progress=None)
@@ -48,6 +64,12 @@ def main(settings):
         y, yt = np.asarray(bench.train[1]), np.asarray(bench.test[1])
         n, p = f.shape
         c = int(y.max()) + 1
+        if setting in DROPOUT:
+            last = params[DROPOUT[setting][0]]
+            extra = dropout_l2(f, np.asarray(last["kernel"], np.float64),
+                               np.asarray(last["bias"], np.float64), DROPOUT[setting][1])
+            print(f"  dropout {DROPOUT[setting][1]} on the last layer's inputs as L2: "
+                  f"{extra:.3g} (add the stationary L2's λ̂/2)", flush=True)
         onehot = np.eye(c)[y]
         msq = float(np.mean(np.sum(f ** 2, 1)) / p)
         print(f"{setting}: n {n}, p {p}, C {c}; mean eigenvalue of the refit Hessian at "
