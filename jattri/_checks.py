@@ -140,10 +140,30 @@ def _all_finite(leaves) -> jax.Array:
                                           for x in leaves]))
 
 
-#: fn -> the argument signatures (tree structure, shapes, dtypes) it has passed
-#: :func:`check_scalar_fn` with: a stage called again does not retrace the loss.
-#: Weak keys: the memo keeps no user function (or what it closes over) alive.
-_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class FnMemo:
+    """Results remembered per user function and key (an argument signature): what a
+    stage called again with the same shapes need not trace again. Weak keys on the
+    function: the memo keeps no user function (or what it closes over) alive; a
+    function that is not weakly referenceable or hashable is simply not remembered."""
+
+    def __init__(self):
+        self._table = weakref.WeakKeyDictionary()
+
+    def get(self, fn: Callable, key: Any, default: Any = None) -> Any:
+        try:
+            return self._table.get(fn, {}).get(key, default)
+        except TypeError:
+            return default
+
+    def put(self, fn: Callable, key: Any, value: Any) -> None:
+        try:
+            self._table.setdefault(fn, {})[key] = value
+        except TypeError:
+            pass
+
+
+#: fn -> the argument signatures it has passed :func:`check_scalar_fn` with.
+_CHECKED = FnMemo()
 
 
 def signature(tree: PyTree) -> tuple:
@@ -158,11 +178,8 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
     once per function and argument shapes)."""
     example = first_example(data)
     signature_ = (name, signature((params, example, extra)))
-    try:
-        if signature_ in _CHECKED.get(fn, ()):
-            return
-    except TypeError:  # not weakly referenceable or unhashable: checked every time
-        pass
+    if _CHECKED.get(fn, signature_, False):
+        return
     try:
         out = jax.eval_shape(fn, params, example, *extra)
     except Exception as err:  # the user's function failed on one example
@@ -174,10 +191,7 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
                         f"shape {shape}; did you pass a batched loss?")
     if not np.issubdtype(out.dtype, np.floating):
         raise TypeError(f"`{name}` must return a floating scalar, got dtype {out.dtype}")
-    try:
-        _CHECKED.setdefault(fn, set()).add(signature_)
-    except TypeError:
-        pass
+    _CHECKED.put(fn, signature_, True)
 
 
 def check_signature(fn: Callable, name: str, **kwargs) -> None:

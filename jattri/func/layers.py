@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
@@ -454,25 +453,18 @@ def _layers_of(capture: _Capture) -> Dict[str, Layer]:
 
 
 #: loss_fn -> {argument signature: (layers, unmatched)}: a function is traced for its
-#: layers once per argument shapes (every method stage asks again). Weak keys: no user
-#: function is kept alive by the memo.
-_FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: layers once per argument shapes (every method stage asks again).
+_FOUND = _checks.FnMemo()
 
 
 def _discovered(loss_fn: Callable, params: PyTree, example: PyTree, *args) -> tuple:
     """``({name: Layer}, unmatched)`` of :func:`_discover`, memoised."""
     key = _checks.signature((params, example, args))
-    try:
-        found = _FOUND.get(loss_fn, {}).get(key)
-    except TypeError:  # not weakly referenceable or unhashable: traced every time
-        found = None
+    found = _FOUND.get(loss_fn, key)
     if found is None:
         capture = _discover(loss_fn, params, example, *args)
         found = (_layers_of(capture), tuple(capture.unmatched))
-        try:
-            _FOUND.setdefault(loss_fn, {})[key] = found
-        except TypeError:
-            pass
+        _FOUND.put(loss_fn, key, found)
     return dict(found[0]), found[1]
 
 

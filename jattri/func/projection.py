@@ -110,12 +110,8 @@ _DENSE_ROWS = {"gaussian": _gaussian_rows, "rademacher": _rademacher_rows}
 
 
 # Blocks of the named projectors: (key, rows, x_chunk, k) -> contribution (n, k).
-def _gaussian_block(key, rows, xc, k):
-    return xc @ _gaussian_rows(key, rows, k).astype(xc.dtype)  # padded rows meet x = 0
-
-
-def _rademacher_block(key, rows, xc, k):
-    return xc @ _rademacher_rows(key, rows, k).astype(xc.dtype)
+def _dense_block(make_rows, key, rows, xc, k):
+    return xc @ make_rows(key, rows, k).astype(xc.dtype)  # padded rows meet x = 0
 
 
 def _sjlt_block(key, rows, xc, k):
@@ -124,7 +120,8 @@ def _sjlt_block(key, rows, xc, k):
     return jax.ops.segment_sum(signed.T, bucket, num_segments=k).T
 
 
-_BLOCKS = {"gaussian": _gaussian_block, "rademacher": _rademacher_block, "sjlt": _sjlt_block}
+_BLOCKS = {"gaussian": partial(_dense_block, _gaussian_rows),
+           "rademacher": partial(_dense_block, _rademacher_rows), "sjlt": _sjlt_block}
 
 
 @partial(jax.jit, static_argnames=("kind", "d", "k", "chunk"))
