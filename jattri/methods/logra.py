@@ -326,8 +326,9 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         (LDS 0.714 → 0.791 for 16 × 16 projections on the LR, 0.380 → 0.476 for exact
         blocks on the MLP; ``benchmarks/RESULTS.md``, "LoGra with Gauss-Newton
         blocks"), for T·k_out Hessian-vector products per example and layer at
-        ``cache`` (on the digits MLP 16 + 16 + 10; on a 64-token text model's 16-column
-        P_out, 1,024 per layer: too many there). A block can be indefinite when smooth
+        ``cache`` (16 per layer with 16 × 16 projections on the digits MLP, d_out
+        with exact blocks; on a 64-token text model's 16-column P_out, 1,024 per
+        layer: too many there). A block can be indefinite when smooth
         activations (tanh, GELU) follow the layer; ``attribute`` then refuses with
         ``ValueError`` below a damping that makes it positive definite.
       chunk_size: examples per compiled step (default: 256 MiB of d-float gradients;
