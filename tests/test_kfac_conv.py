@@ -218,7 +218,8 @@ def test_logra_identity_projection_on_cnn_equals_block_fisher_influence():
         f = gtr.T @ gtr / len(gtr)
         f += 0.05 * np.trace(f) / len(f) * np.eye(len(f))
         total = total + gtr @ np.linalg.solve(f, gte.T)
-    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, damping=0.05)
+    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, damping=0.05,
+                        curvature="empirical")
     np.testing.assert_allclose(attr.attribute(attr.cache(params, train), test), total,
                                rtol=1e-8)
 

@@ -94,7 +94,8 @@ def reference(loss_fn, params, train, test, damping, project=None):
 @pytest.mark.parametrize("pool", [False, True])
 def test_identity_projection_equals_block_diagonal_fisher_influence(pool):
     loss_fn, params, train, test = make(pool=pool)
-    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, damping=0.05)
+    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, damping=0.05,
+                        curvature="empirical")
     state = attr.cache(params[0], train)
     expect = reference(loss_fn, params[0], train, test, 0.05)
     np.testing.assert_allclose(attr.attribute(state, test), expect, rtol=1e-8, atol=1e-12)
@@ -109,7 +110,7 @@ def test_projected_equals_dense_kronecker_projection_of_full_gradients():
     loss_fn, params, train, _ = make(members=2)
     key = jax.random.PRNGKey(3)
     attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.1, key=key,
-                        projection="rademacher")
+                        projection="rademacher", curvature="empirical")
     state = attr.cache(jattri.checkpoints(params), train)
     per_member = []
     for m, p in enumerate(params):
@@ -129,7 +130,7 @@ def test_layer_selection_and_target_fn():
     target_fn = lambda p, z: -net.apply({"params": p}, z[0][None])[0, z[1]]
     task = jattri.Task(loss_fn, target_fn=target_fn)
     attr = jattri.logra(task, proj_dim_in=None, proj_dim_out=None, damping=0.05,
-                        layers=["fc3"])
+                        layers=["fc3"], curvature="empirical")
     state = attr.cache(params[0], train)
     g_train = layer_block_grads(loss_fn, params[0], train, layers=["fc3"])["fc3"]
     g_test = layer_block_grads(target_fn, params[0], test, layers=["fc3"])["fc3"]
@@ -181,7 +182,8 @@ def test_singular_fisher_block_is_refused_not_nan():
 def test_streamed_cache_damping_override_and_top_k():
     loss_fn, params, train, test = make(members=2)
     members = jattri.checkpoints(params)
-    attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.1, chunk_size=4)
+    attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.1, chunk_size=4,
+                        curvature="empirical")
     state = attr.cache(members, train)
     # Five batches of uneven sizes, re-cut into chunks of 4: the same φ and Fisher.
     cuts = [0, 3, 5, 9, 10, 14]
@@ -195,7 +197,8 @@ def test_streamed_cache_damping_override_and_top_k():
     dense = np.asarray(attr.attribute(state, test))
     np.testing.assert_allclose(attr.attribute(streamed, test), dense, rtol=1e-10, atol=1e-14)
     # Damping changed at scoring time == a fresh cache at that damping.
-    fresh = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.01, chunk_size=4)
+    fresh = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, damping=0.01, chunk_size=4,
+                         curvature="empirical")
     fresh_state = fresh.cache(members, train)
     np.testing.assert_allclose(attr.attribute(state, test, damping=0.01),
                                fresh.attribute(fresh_state, test), rtol=1e-10, atol=1e-14)
@@ -262,7 +265,8 @@ def test_ggn_is_each_layers_hessian_block(pool):
         expect = expect + g_train[name] @ np.linalg.solve(h, g_test[name].T)
     np.testing.assert_allclose(attr.attribute(state, test), expect, rtol=1e-8, atol=1e-12)
     # the empirical Fisher is another matrix
-    emp = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None).cache(params[0], train)
+    emp = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None,
+                       curvature="empirical").cache(params[0], train)
     assert not np.allclose(emp.fisher[0], state.fisher[0], rtol=1e-3)
 
 
@@ -365,3 +369,84 @@ def test_many_calls_with_many_members_return():
     except subprocess.TimeoutExpired:
         pytest.fail("120 LoGra solves with 5 members did not return within 240 s")
     assert "returned" in out.stdout, out.stderr[-2000:]
+
+
+class ReluNet(nn.Module):
+    """Net with ReLUs: every layer's Hessian block is its Gauss-Newton block (PSD)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(5, name="fc1")(x))
+        h = nn.relu(nn.Dense(4, name="fc2", use_bias=False)(h))
+        return nn.Dense(3, name="fc3")(h)
+
+
+def test_default_is_gauss_newton_with_the_stationary_l2_on_exact_blocks():
+    """Defaults (``curvature="auto"``, ``damping=None``) on a ReLU MLP of T·k_out ≤ 256:
+    the Gauss-Newton blocks; with identity projections damped by the stationary L2 λ̂
+    (absolute, every layer), scores Σ_ℓ g_ℓ,iᵀ (H_ℓ + λ̂I)⁻¹ g_ℓ,t with H_ℓ from
+    ``jax.hessian``; projected, LogIX's relative 0.1."""
+    import jax.flatten_util  # noqa: F401  (ravel_pytree in the reference)
+
+    net = ReluNet()
+    x = jax.random.normal(jax.random.PRNGKey(10), (14, 3))
+    y = jax.random.randint(jax.random.PRNGKey(11), (14,), 0, 3)
+    train, test = (x[:10], y[:10]), (x[10:], y[10:])
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                    net.init(jax.random.PRNGKey(0), x[0])["params"])
+    loss_fn = lambda p, z: optax.softmax_cross_entropy_with_integer_labels(
+        net.apply({"params": p}, z[0]), z[1])
+    attr = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None)
+    state = attr.cache(params, train)
+    lam = float(jattri.stationary_damping(loss_fn, params, train))
+    assert [float(d[0]) for d in state.damping] == [lam] * 3
+    hess = layer_hessian_blocks(loss_fn, params, train)
+    g_train = layer_block_grads(loss_fn, params, train)
+    g_test = layer_block_grads(loss_fn, params, test)
+    expect = 0.0
+    for f, name in zip(state.fisher, LAYERS):
+        np.testing.assert_allclose(f[0], hess[name], rtol=1e-9, atol=1e-12)
+        h = hess[name] + lam * np.eye(len(hess[name]))
+        expect = expect + g_train[name] @ np.linalg.solve(h, g_test[name].T)
+    np.testing.assert_allclose(attr.attribute(state, test), expect, rtol=1e-8, atol=1e-12)
+    fixed = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None, curvature="ggn",
+                         damping=0.3)  # a given damping is relative
+    np.testing.assert_allclose(attr.attribute(state, test, damping=0.3),
+                               fixed.attribute(fixed.cache(params, train), test), rtol=1e-10)
+    # projected: the same Gauss-Newton blocks as curvature="ggn", relative 0.1
+    projected = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2)
+    ggn = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, curvature="ggn", damping=0.1)
+    got, want = projected.cache(params, train), ggn.cache(params, train)
+    assert got.damping is None
+    for f, g in zip(got.fisher, want.fisher):
+        np.testing.assert_allclose(f, g, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(projected.attribute(got, test), ggn.attribute(want, test),
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_auto_falls_back_to_the_empirical_fisher(monkeypatch):
+    """``curvature="auto"`` keeps the empirical Fisher where a Gauss-Newton block is
+    indefinite at the default damping (tanh at random weights), with a warning, and
+    where a layer would need more than ``GGN_AUTO_PRODUCTS`` products (silently)."""
+    import importlib
+    L = importlib.import_module("jattri.methods.logra")
+
+    loss_fn, params, train, test = make()
+    empirical = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None,
+                             curvature="empirical")
+    want = empirical.cache(params[0], train)
+    auto = jattri.logra(loss_fn, proj_dim_in=None, proj_dim_out=None)
+    with pytest.warns(UserWarning, match="not positive definite"):
+        got = auto.cache(params[0], train)
+    for f, g in zip(got.fisher, want.fisher):
+        np.testing.assert_allclose(f, g, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(auto.attribute(got, test), empirical.attribute(want, test),
+                               rtol=1e-10, atol=1e-14)  # at relative 0.1 per layer
+    monkeypatch.setattr(L, "GGN_AUTO_PRODUCTS", 1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cheap = auto.cache(params[0], train)
+    assert cheap.damping is None
+    for f, g in zip(cheap.fisher, want.fisher):
+        np.testing.assert_allclose(f, g, rtol=1e-12, atol=1e-15)

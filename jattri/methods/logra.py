@@ -40,6 +40,7 @@ stored rows tile by tile (dense or top-k).
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -63,7 +64,9 @@ class LograState(NamedTuple):
     """members: the Members scored. train: the in-memory training set (a reference) or
     ``None`` if streamed. phi: ``(n, M, K)`` projected train loss gradients of all
     layers (K = Σ_ℓ k_ℓ, k_ℓ = k_in·k_out). fisher: tuple over layers of ``(M, k_ℓ,
-    k_ℓ)`` undamped F_ℓ = (1/n) Σ_j φ_ℓ,j φ_ℓ,jᵀ. made: its
+    k_ℓ)`` undamped F_ℓ = (1/n) Σ_j φ_ℓ,j φ_ℓ,jᵀ (or the Gauss-Newton blocks).
+    damping: per layer ``(M,)`` the absolute λ of the default rule where it applies
+    (exact Gauss-Newton blocks: the stationary L2), else ``None``. made: its
     :class:`jattri.methods._common.Provenance` (checked by ``attribute``).
 
     Memory: n·M·K + M·Σ_ℓ k_ℓ² floats (no ``(n, d)`` array)."""
@@ -72,11 +75,31 @@ class LograState(NamedTuple):
     train: PyTree
     phi: jax.Array
     fisher: tuple
+    damping: Optional[jax.Array]
     made: _common.Provenance
 
 
 #: ``curvature``: the Fisher F_ℓ of the empirical loss gradients, or the Gauss-Newton blocks.
 CURVATURES = ("empirical", "ggn")
+
+#: ``curvature="auto"`` takes the Gauss-Newton blocks while every layer needs at most
+#: this many Hessian-vector products per example (T·k_out), else the empirical Fisher.
+GGN_AUTO_PRODUCTS = 256
+
+#: The relative damping where no absolute rule applies: LogIX's 0.1 × tr(F_ℓ)/k_ℓ.
+RELATIVE_DAMPING = 0.1
+
+
+def resolve_curvature(curvature: str, layers, proj_dim_out: Optional[int]) -> str:
+    """The blocks ``cache`` accumulates: ``"auto"`` → ``"auto"`` (both the Gauss-Newton
+    and the empirical blocks, one kept per member by :func:`_auto_blocks`) if max_ℓ
+    T_ℓ·k_out,ℓ ≤ :data:`GGN_AUTO_PRODUCTS`, else ``"empirical"``; any other value as
+    it is."""
+    if curvature != "auto":
+        return curvature
+    products = max(layer.positions * (layer.d_out if proj_dim_out is None
+                                      else int(proj_dim_out)) for layer in layers)
+    return "auto" if products <= GGN_AUTO_PRODUCTS else "empirical"
 
 # config = (layers: tuple of func.layers.Layer, proj_dim_in, proj_dim_out, projection,
 #           curvature): static and hashable.
@@ -173,15 +196,19 @@ def _phi(config, args, chunk):
 
 
 def _cache_step(config, args, fisher, chunk):
+    """Adds the chunk's blocks to ``fisher``: the Gauss-Newton blocks (``"ggn"``), the
+    empirical ones (``"empirical"``), or both, Gauss-Newton first (``"auto"``)."""
     phi = _phi(config, args, chunk)
-    if config[-1] == "ggn":
+    new = ()
+    if config[-1] in ("ggn", "auto"):
         fn, members, factors = args
-        blocks = _common.member_map(
+        new += _common.member_map(
             lambda p, a, f: _member_ggn(config[0], f, fn, p, a, chunk), members, factors)
-        return tuple(f + g for f, g in zip(fisher, blocks)), phi
-    fisher = tuple(f + jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b])
-                   for f, (a, b) in zip(fisher, _blocks(fisher)))
-    return fisher, phi
+    if config[-1] in ("empirical", "auto"):
+        edges = _blocks(fisher[:len(config[0])])
+        new += tuple(jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b])
+                     for a, b in edges)
+    return tuple(f + g.astype(f.dtype) for f, g in zip(fisher, new)), phi
 
 
 def _ggn_floats(config) -> int:
@@ -221,11 +248,42 @@ def _self_tile(edges, inverses, chunk):
     return total / phi.shape[1]
 
 
-def damped_fisher(fisher: jax.Array, damping) -> jax.Array:
-    """F + λ I with λ = damping · tr(F) / k, for every member (``(M, k, k)``)."""
-    k = fisher.shape[-1]
-    lam = damping * jnp.trace(fisher, axis1=-2, axis2=-1) / k
-    return fisher + lam[:, None, None] * jnp.eye(k, dtype=fisher.dtype)
+def _positive_definite(fisher: jax.Array, lam: jax.Array) -> jax.Array:
+    """``(M,)``: whether F + λI (``(M, k, k)``, ``(M,)``) has a finite Cholesky factor,
+    member by member."""
+    eye = jnp.eye(fisher.shape[-1], dtype=fisher.dtype)
+    return _common.each_member(
+        lambda f, l: jnp.all(jnp.isfinite(jnp.linalg.cholesky(f + l * eye))), fisher, lam)
+
+
+def _relative(fisher: jax.Array, damping) -> jax.Array:
+    """``(M,)`` λ = damping · tr(F)/k of every member."""
+    return damping * jnp.trace(fisher, axis1=-2, axis2=-1) / fisher.shape[-1]
+
+
+@jax.jit
+def _auto_blocks(ggn: tuple, empirical: tuple, stationary):
+    """``curvature="auto"``'s blocks and absolute damping: per member, the Gauss-Newton
+    blocks where every layer's is positive definite at the default damping (``stationary``
+    absolute, or ``RELATIVE_DAMPING`` relative where ``None``), else the empirical
+    Fisher's. Returns ``(blocks, absolute, kept)``: absolute per layer ``(M,)`` (the
+    stationary L2 where the Gauss-Newton blocks were kept, else the relative rule on the
+    empirical blocks; ``None`` without ``stationary``), kept ``(M,)``."""
+    lam = [_relative(g, RELATIVE_DAMPING) if stationary is None
+           else jnp.broadcast_to(stationary, g.shape[:1]).astype(g.dtype) for g in ggn]
+    kept = jnp.all(jnp.stack([_positive_definite(g, l) for g, l in zip(ggn, lam)]), axis=0)
+    blocks = tuple(jnp.where(kept[:, None, None], g, e) for g, e in zip(ggn, empirical))
+    absolute = None if stationary is None else tuple(
+        jnp.where(kept, l, _relative(e, RELATIVE_DAMPING)) for l, e in zip(lam, empirical))
+    return blocks, absolute, kept
+
+
+def damped_fisher(fisher: jax.Array, damping, absolute=None) -> jax.Array:
+    """F + λ I for every member (``(M, k, k)``): λ = ``absolute`` if given, else
+    damping · tr(F) / k."""
+    lam = (_relative(fisher, damping) if absolute is None
+           else jnp.broadcast_to(jnp.asarray(absolute, fisher.dtype), fisher.shape[:1]))
+    return fisher + lam[:, None, None] * jnp.eye(fisher.shape[-1], dtype=fisher.dtype)
 
 
 def _blocks(fisher) -> tuple:
@@ -241,18 +299,24 @@ def _cholesky_inverse(spd: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _solve(fisher: tuple, damping, psi: jax.Array) -> jax.Array:
+def _solve(fisher: tuple, damping, psi: jax.Array, absolute=None) -> jax.Array:
     """``(M, K, n_test)``: :func:`_precondition` of the test side ``psi``
     ``(n_test, M, K)``, in one program (eagerly, fourteen compilations on a first
     call)."""
-    return _precondition(fisher, damping, jnp.transpose(psi, (1, 2, 0)))
+    return _precondition(fisher, damping, jnp.transpose(psi, (1, 2, 0)), absolute)
 
 
 @jax.jit
-def _inverses(fisher: tuple, damping) -> tuple:
+def _inverses(fisher: tuple, damping, absolute=None) -> tuple:
     """(F_ℓ + λ_ℓ I)⁻¹ of every block, in one program."""
     return _common.each_member(lambda *blocks: tuple(_cholesky_inverse(f) for f in blocks),
-                             *(damped_fisher(f, damping) for f in fisher))
+                             *_damped(fisher, damping, absolute))
+
+
+def _damped(fisher: tuple, damping, absolute) -> tuple:
+    """Every block damped: ``absolute`` ``None`` or one λ ``(M,)`` per block."""
+    absolute = (None,) * len(fisher) if absolute is None else absolute
+    return tuple(damped_fisher(f, damping, a) for f, a in zip(fisher, absolute))
 
 
 @jax.jit
@@ -260,7 +324,7 @@ def _mean(fisher: tuple, n) -> tuple:
     return tuple(f / n for f in fisher)
 
 
-def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
+def _precondition(fisher: tuple, damping, rhs: jax.Array, absolute=None) -> jax.Array:
     """``(M, K, t)``: (F_ℓ + λ_ℓ I)⁻¹ applied to layer ℓ's rows of ``rhs`` ``(M, K, t)``,
     by Cholesky, block by block."""
     edges = _blocks(fisher)
@@ -270,7 +334,7 @@ def _precondition(fisher: tuple, damping, rhs: jax.Array) -> jax.Array:
             jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(f, lower=True),
                                        rhs_m[a:b]) for f, (a, b) in zip(blocks, edges)])
 
-    return _common.each_member(one, rhs, *(damped_fisher(f, damping) for f in fisher))
+    return _common.each_member(one, rhs, *_damped(fisher, damping, absolute))
 
 
 def _check_solved(x, damping):
@@ -278,7 +342,7 @@ def _check_solved(x, damping):
     not numerically positive definite returns NaN, never an error."""
     if _common.is_concrete(x) and not _checks.all_finite(x):
         raise ValueError(
-            f"LoGra's damped Fisher F + λI (λ = damping · tr(F)/k, damping={damping!r}) is "
+            f"LoGra's damped Fisher F + λI ({damping}) is "
             "not numerically positive definite in a layer's block, so its inverse is NaN: "
             "increase `damping`, or leave out (`layers=`) a layer whose projected "
             "gradients are all zero (with curvature=\"ggn\", a layer followed by smooth "
@@ -288,13 +352,23 @@ def _check_solved(x, damping):
 
 def _check_damping(damping):
     # > 0: the Fisher of n < k examples is singular
-    return _checks.real(damping, "damping", low=0, open_low=True)
+    return _checks.real(damping, "damping", low=0, open_low=True, none=True)
+
+
+def _damping_of(damping, state):
+    """``(relative, absolute, text)`` of an ``attribute`` call: a given ``damping`` is
+    relative; ``None`` is the state's absolute λ where the default rule set one, else
+    :data:`RELATIVE_DAMPING` relative."""
+    if damping is None and state.damping is not None:
+        return RELATIVE_DAMPING, state.damping, "λ = the stationary L2 of the default rule"
+    relative = RELATIVE_DAMPING if damping is None else damping
+    return relative, None, f"λ = damping · tr(F)/k, damping={relative!r}"
 
 
 def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[int] = 16,
-          damping: float = 0.1, key: Optional[jax.Array] = None,
+          damping: Optional[float] = None, key: Optional[jax.Array] = None,
           projection: str = "gaussian", layers: Optional[Sequence[str]] = None,
-          curvature: str = "empirical", chunk_size: Optional[int] = None,
+          curvature: str = "auto", chunk_size: Optional[int] = None,
           proj_chunk_size: Optional[int] = DEFAULT_CHUNK) -> Attributor:
     """LoGra influence: Σ_ℓ φ_ℓ,iᵀ (F_ℓ + λ_ℓ I)⁻¹ ψ_ℓ,t, mean over members.
 
@@ -311,26 +385,41 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
       proj_dim_in, proj_dim_out: k_in, k_out of the Kronecker factors P_in
         ``(d_in + 1, k_in)`` and P_out ``(d_out, k_out)`` of every layer; ``None`` is the
         identity on that side (both ``None``: exact per-layer gradients).
-      damping: relative λ > 0: λ_ℓ = damping · tr(F_ℓ) / dim(F_ℓ);
-        ``attribute(..., damping=...)`` overrides it without re-caching.
+      damping: relative λ > 0: λ_ℓ = damping · tr(F_ℓ) / dim(F_ℓ) (LogIX's form);
+        ``attribute(..., damping=...)`` overrides it without re-caching. Default
+        ``None``, a stated rule: with exact Gauss-Newton blocks (both projections
+        ``None`` and ``curvature`` resolved to ``"ggn"``) the blocks are those of the
+        loss's Hessian, and the objective a model was trained on adds its L2 to them:
+        λ_ℓ = λ̂, the stationary L2 of the whole model (``jattri.stationary_damping``,
+        the influence family's default, one gradient pass at ``cache``; stored as
+        ``state.damping``). Everywhere else LogIX's relative 0.1: λI does not survive
+        a random projection as a multiple of the identity, and an empirical Fisher is
+        not the Hessian λ̂ is added to. On the embedded digits settings the default
+        scores within 0.03 of the best damping of the grid in all six LoGra builds
+        (``benchmarks/RESULTS.md``, "LoGra's defaults").
       key: PRNG key (member m, layer ℓ: ``fold_in(fold_in(key, m), ℓ)``); default
         ``PRNGKey(0)``.
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` for both factors.
       layers: names of the layers to use (default: all, in call order): linen module
         paths (``"fc1"``), NNX attribute paths (``"layers/0"``), plain layers by their
         leaves (``"fc1/w+fc1/b"``); ``jattri.func.linear_layers`` lists them.
-      curvature: ``"empirical"`` (default, LoGra's: F_ℓ from the observed-label
-        gradients φ) or ``"ggn"`` (each layer's projected block of the loss's Hessian,
-        the Gauss-Newton block for ReLU networks: module docstring). On the embedded
-        digits settings ``"ggn"`` scores higher at every build and the default damping
-        (LDS 0.714 → 0.791 for 16 × 16 projections on the LR, 0.380 → 0.476 for exact
-        blocks on the MLP; ``benchmarks/RESULTS.md``, "LoGra with Gauss-Newton
-        blocks"), for T·k_out Hessian-vector products per example and layer at
-        ``cache`` (16 per layer with 16 × 16 projections on the digits MLP, d_out
-        with exact blocks; on a 64-token text model's 16-column P_out, 1,024 per
-        layer: too many there). A block can be indefinite when smooth
-        activations (tanh, GELU) follow the layer; ``attribute`` then refuses with
-        ``ValueError`` below a damping that makes it positive definite.
+      curvature: ``"empirical"`` (LoGra's: F_ℓ from the observed-label gradients φ),
+        ``"ggn"`` (each layer's projected block of the loss's Hessian, the Gauss-Newton
+        block for ReLU networks and the model's own Fisher for cross-entropy: module
+        docstring), or ``"auto"`` (default): ``"ggn"`` while every layer needs at most
+        ``GGN_AUTO_PRODUCTS`` = 256 Hessian-vector products per example (T·k_out: 16
+        per layer with 16 × 16 projections on a one-position model, d_out with exact
+        blocks), else ``"empirical"`` (a 64-token text model's 16-column P_out needs
+        1,024 per layer, against one backward pass). Why the Gauss-Newton blocks where
+        they are affordable: influence needs the curvature of the loss, which the
+        empirical Fisher approximates poorly (Kunstner et al., 2019); Kronfluence's
+        default is the same "true Fisher". On the digits settings they score higher in
+        every build (LDS 0.714 → 0.791 for 16 × 16 projections on the LR, 0.380 →
+        0.476 for exact blocks on the MLP; ``benchmarks/RESULTS.md``, "LoGra with
+        Gauss-Newton blocks"). A block can be indefinite when smooth activations (tanh,
+        GELU) follow the layer; ``attribute`` then refuses with ``ValueError`` below a
+        damping that makes it positive definite (pass ``curvature="empirical"`` or more
+        damping).
       chunk_size: examples per compiled step (default: 256 MiB of d-float gradients;
         with ``"ggn"`` at least T²·k_out·(d_out + k_out) floats per example);
         proj_chunk_size: accepted for compatibility and ignored: the Kronecker
@@ -344,7 +433,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     _check_damping(damping)
     check_projection_args(projection, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out,
                           proj_chunk_size=proj_chunk_size)
-    _checks.choice(curvature, "curvature", CURVATURES)
+    _checks.choice(curvature, "curvature", CURVATURES + ("auto",))
     chunk_size = engine.check_chunk_size(chunk_size)
     task = as_task(task)
     key = _common.default_key() if key is None else _checks.prng_key(key)
@@ -356,9 +445,9 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     made = _common.hyper(task, proj_dim_in=proj_dim_in, proj_dim_out=proj_dim_out, key=key,
                          projection=projection, layers=wanted,
                          proj_chunk_size=proj_chunk_size,
-                         # recorded only when not the default: states cached before
-                         # the option existed stay valid
-                         **({} if curvature == "empirical" else {"curvature": curvature}))
+                         # recorded only for "ggn": states cached before the option
+                         # existed (empirical) stay valid
+                         **({} if curvature != "ggn" else {"curvature": curvature}))
 
     def discover(members, data, target):
         fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
@@ -378,7 +467,8 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
             if not same_layers(specs, discover(members, data, False)):
                 raise ValueError("`target_fn` must use the same linear layers as "
                                  "`loss_fn`")
-        return (specs, proj_dim_in, proj_dim_out, projection, curvature)
+        return (specs, proj_dim_in, proj_dim_out, projection,
+                resolve_curvature(curvature, specs, proj_dim_out))
 
     def size(members, data, floats=None):
         return _common.chunk_size_for(chunk_size, members, data, floats)
@@ -388,15 +478,31 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         cfg = config(members, train, False)
         dtype = _common.param_dtype(members)
         fisher0 = tuple(jax.ShapeDtypeStruct((members.num, k, k), dtype)
-                        for k in _block_sizes(cfg))
+                        for k in _block_sizes(cfg)) * (2 if cfg[-1] == "auto" else 1)
         args = (task.loss, members, kronecker_factors(cfg[0], _dims(cfg), projection, key,
                                                       members.num))
-        floats = None if curvature == "empirical" else max(
-            _common.num_params(members), _ggn_floats(cfg))
+        ggn = cfg[-1] != "empirical"
+        floats = max(_common.num_params(members), _ggn_floats(cfg)) if ggn else None
         fisher, phi, n = engine.scan(_cache_step, cfg, args, fisher0, train,
                                      size(members, train, floats), sums=True)
         fisher = _mean(fisher, n)
-        return LograState(members, _common.stored_train(train), phi, fisher,
+        lam = None
+        if damping is None and ggn and proj_dim_in is None and proj_dim_out is None:
+            from jattri.methods.influence import _stationary_damping
+            lam = _stationary_damping(task.loss, members, train, size(members, train))
+        if cfg[-1] == "auto":
+            num = len(cfg[0])
+            fisher, lam, kept = _auto_blocks(fisher[:num], fisher[num:], lam)
+            if _common.is_concrete(kept) and not bool(np.all(np.asarray(kept))):
+                warnings.warn(
+                    "LoGra (curvature='auto'): a layer's Gauss-Newton block is not positive "
+                    "definite at the default damping (smooth activations above it), so the "
+                    "empirical Fisher is used for members "
+                    f"{np.flatnonzero(~np.asarray(kept)).tolist()}; pass curvature='ggn' "
+                    "with more damping, or curvature='empirical', to choose", stacklevel=2)
+        elif lam is not None:
+            lam = tuple(lam for _ in fisher)
+        return LograState(members, _common.stored_train(train), phi, fisher, lam,
                           _common.provenance("logra", made, members, train, phi.shape[0]))
 
     def target_phi(state, data):
@@ -414,7 +520,8 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         _common.check_data(task, state.members, test, "test", target=True,
                            like=state.train)
         psi = target_phi(state, test)  # (n_test, M, K)
-        solved = _check_solved(_solve(state.fisher, damping, psi), damping)
+        relative, absolute, text = _damping_of(damping, state)
+        solved = _check_solved(_solve(state.fisher, relative, psi, absolute), text)
         n_test = psi.shape[0]
         return engine.score(_tile, None, solved, state.phi,
                             size(state.members, state.phi, _common.row_floats(state.phi) + n_test),
@@ -428,7 +535,9 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         right = state.phi
         if not task.target_is_loss:
             right = target_phi(state, _common.train_for(state.train, train))
-        inverses = tuple(_check_solved(inv, damping) for inv in _inverses(state.fisher, damping))
+        relative, absolute, text = _damping_of(damping, state)
+        inverses = tuple(_check_solved(inv, text)
+                         for inv in _inverses(state.fisher, relative, absolute))
         rows = (state.phi, right)
         return engine.per_example(_self_tile, _blocks(state.fisher), inverses, rows,
                                   size(state.members, rows, 2 * _common.row_floats(state.phi)))
