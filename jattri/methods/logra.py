@@ -15,7 +15,8 @@ and scores with the damped empirical Fisher of each layer in that projected spac
 ψ being the same projection of ∇target(z_t), averaged over members. This is influence
 (jattri's orientation: positive = i lowers the target on t) under a block-diagonal
 (per-layer) Fisher. λ_ℓ = ``damping`` × tr(F_ℓ)/dim(F_ℓ), relative like TRAK's, so one
-default fits every layer's gradient scale.
+value fits every layer's gradient scale (LogIX's 0.1 by default; with exact
+Gauss-Newton blocks the default is the training objective's own L2 instead: ``logra``).
 
 ``curvature="ggn"`` replaces the empirical Fisher by each layer's block of the loss's
 Hessian, projected: F_ℓ = (1/n) Σ_j (P_in ⊗ P_out)ᵀ [Σ_τσ ã_τ ã_σᵀ ⊗ ∂²loss_j/∂y_τ∂y_σ]
@@ -26,7 +27,8 @@ predictive distribution (Kronfluence's default "true Fisher", in closed form ins
 sampled labels). The empirical Fisher of the observed-label gradients can be a poor
 stand-in for it (Kunstner et al., 2019, "Limitations of the Empirical Fisher
 Approximation for Natural Gradient Descent"). Its price: T·k_out Hessian-vector
-products (forward over reverse) per example and layer instead of one backward pass.
+products (forward over reverse) per example and layer instead of one backward pass, so
+the default ``curvature="auto"`` takes it only while that is at most 256.
 Layer inputs and output gradients come
 hook-free from ``jattri.func.layers``; only linear layers are attributed through (other
 parameters are left out, as in LoGra): Flax linen ``nn.Dense`` / ``nn.Conv``, Flax NNX
@@ -91,8 +93,8 @@ RELATIVE_DAMPING = 0.1
 
 
 def resolve_curvature(curvature: str, layers, proj_dim_out: Optional[int]) -> str:
-    """The blocks ``cache`` accumulates: ``"auto"`` → ``"auto"`` (both the Gauss-Newton
-    and the empirical blocks, one kept per member by :func:`_auto_blocks`) if max_ℓ
+    """The blocks ``cache`` accumulates: ``"auto"`` → ``"auto"`` (the Gauss-Newton
+    blocks, kept per member or not by :func:`_auto_blocks`) if max_ℓ
     T_ℓ·k_out,ℓ ≤ :data:`GGN_AUTO_PRODUCTS`, else ``"empirical"``; any other value as
     it is."""
     if curvature != "auto":
@@ -196,18 +198,16 @@ def _phi(config, args, chunk):
 
 
 def _cache_step(config, args, fisher, chunk):
-    """Adds the chunk's blocks to ``fisher``: the Gauss-Newton blocks (``"ggn"``), the
-    empirical ones (``"empirical"``), or both, Gauss-Newton first (``"auto"``)."""
+    """Adds the chunk's blocks to ``fisher``: the Gauss-Newton blocks (``"ggn"``, and
+    ``"auto"``: :func:`_auto_blocks` chooses afterwards) or the empirical ones."""
     phi = _phi(config, args, chunk)
-    new = ()
     if config[-1] in ("ggn", "auto"):
         fn, members, factors = args
-        new += _common.member_map(
+        new = _common.member_map(
             lambda p, a, f: _member_ggn(config[0], f, fn, p, a, chunk), members, factors)
-    if config[-1] in ("empirical", "auto"):
-        edges = _blocks(fisher[:len(config[0])])
-        new += tuple(jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b])
-                     for a, b in edges)
+    else:
+        new = tuple(jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b])
+                    for a, b in _blocks(fisher))
     return tuple(f + g.astype(f.dtype) for f, g in zip(fisher, new)), phi
 
 
@@ -252,8 +252,12 @@ def _positive_definite(fisher: jax.Array, lam: jax.Array) -> jax.Array:
     """``(M,)``: whether F + λI (``(M, k, k)``, ``(M,)``) has a finite Cholesky factor,
     member by member."""
     eye = jnp.eye(fisher.shape[-1], dtype=fisher.dtype)
-    return _common.each_member(
-        lambda f, l: jnp.all(jnp.isfinite(jnp.linalg.cholesky(f + l * eye))), fisher, lam)
+
+    def one(f, l):  # a failed factorisation is NaN throughout: its diagonal shows it
+        factor = jax.lax.linalg.cholesky(f + l * eye, symmetrize_input=False)
+        return jnp.all(jnp.isfinite(jnp.diagonal(factor)))
+
+    return _common.each_member(one, fisher, lam)
 
 
 def _relative(fisher: jax.Array, damping) -> jax.Array:
@@ -262,20 +266,28 @@ def _relative(fisher: jax.Array, damping) -> jax.Array:
 
 
 @jax.jit
-def _auto_blocks(ggn: tuple, empirical: tuple, stationary):
+def _auto_blocks(ggn: tuple, phi: jax.Array, stationary):
     """``curvature="auto"``'s blocks and absolute damping: per member, the Gauss-Newton
     blocks where every layer's is positive definite at the default damping (``stationary``
     absolute, or ``RELATIVE_DAMPING`` relative where ``None``), else the empirical
-    Fisher's. Returns ``(blocks, absolute, kept)``: absolute per layer ``(M,)`` (the
-    stationary L2 where the Gauss-Newton blocks were kept, else the relative rule on the
-    empirical blocks; ``None`` without ``stationary``), kept ``(M,)``."""
-    lam = [_relative(g, RELATIVE_DAMPING) if stationary is None
-           else jnp.broadcast_to(stationary, g.shape[:1]).astype(g.dtype) for g in ggn]
+    Fisher's, made from the stored φ ``(n, M, K)`` only when some member needs them
+    (``lax.cond``). Returns ``(blocks, absolute, kept)``: absolute per layer ``(M,)``
+    (the stationary L2 where the Gauss-Newton blocks were kept, else the relative rule
+    on the empirical blocks; ``None`` without ``stationary``), kept ``(M,)``."""
+    lam = tuple(_relative(g, RELATIVE_DAMPING) if stationary is None
+                else jnp.broadcast_to(stationary, g.shape[:1]).astype(g.dtype) for g in ggn)
     kept = jnp.all(jnp.stack([_positive_definite(g, l) for g, l in zip(ggn, lam)]), axis=0)
-    blocks = tuple(jnp.where(kept[:, None, None], g, e) for g, e in zip(ggn, empirical))
-    absolute = None if stationary is None else tuple(
-        jnp.where(kept, l, _relative(e, RELATIVE_DAMPING)) for l, e in zip(lam, empirical))
-    return blocks, absolute, kept
+
+    def mixed(_):
+        empirical = tuple(jnp.einsum("nmk,nml->mkl", phi[..., a:b], phi[..., a:b])
+                          .astype(g.dtype) / phi.shape[0]
+                          for g, (a, b) in zip(ggn, _blocks(ggn)))
+        blocks = tuple(jnp.where(kept[:, None, None], g, e) for g, e in zip(ggn, empirical))
+        return blocks, tuple(jnp.where(kept, l, _relative(e, RELATIVE_DAMPING))
+                             for l, e in zip(lam, empirical))
+
+    blocks, absolute = jax.lax.cond(jnp.all(kept), lambda _: (ggn, lam), mixed, None)
+    return blocks, None if stationary is None else absolute, kept
 
 
 def damped_fisher(fisher: jax.Array, damping, absolute=None) -> jax.Array:
@@ -478,7 +490,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         cfg = config(members, train, False)
         dtype = _common.param_dtype(members)
         fisher0 = tuple(jax.ShapeDtypeStruct((members.num, k, k), dtype)
-                        for k in _block_sizes(cfg)) * (2 if cfg[-1] == "auto" else 1)
+                        for k in _block_sizes(cfg))
         args = (task.loss, members, kronecker_factors(cfg[0], _dims(cfg), projection, key,
                                                       members.num))
         ggn = cfg[-1] != "empirical"
@@ -491,8 +503,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
             from jattri.methods.influence import _stationary_damping
             lam = _stationary_damping(task.loss, members, train, size(members, train))
         if cfg[-1] == "auto":
-            num = len(cfg[0])
-            fisher, lam, kept = _auto_blocks(fisher[:num], fisher[num:], lam)
+            fisher, lam, kept = _auto_blocks(fisher, phi, lam)
             if _common.is_concrete(kept) and not bool(np.all(np.asarray(kept))):
                 warnings.warn(
                     "LoGra (curvature='auto'): a layer's Gauss-Newton block is not positive "
