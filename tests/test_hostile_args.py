@@ -149,7 +149,9 @@ def test_ensemble_arguments():
     lambda: jattri.grad_dot(loss),
     lambda: jattri.trak(loss, proj_dim=8),
     lambda: jattri.influence_ekfac(loss, damping=1e-2),
-], ids=["grad_dot", "trak", "influence_ekfac"])
+    lambda: jattri.logra(loss, proj_dim_in=2, proj_dim_out=2),
+    lambda: jattri.logra(loss, proj_dim_in=None, proj_dim_out=None),
+], ids=["grad_dot", "trak", "influence_ekfac", "logra", "logra_exact"])
 def test_bfloat16_params_compute_in_float32(problem, make):
     """bfloat16 params are accepted, and scored exactly as their float32 values."""
     params, train = problem
