@@ -429,9 +429,11 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         every build (LDS 0.714 → 0.791 for 16 × 16 projections on the LR, 0.380 →
         0.476 for exact blocks on the MLP; ``benchmarks/RESULTS.md``, "LoGra with
         Gauss-Newton blocks"). A block can be indefinite when smooth activations (tanh,
-        GELU) follow the layer; ``attribute`` then refuses with ``ValueError`` below a
-        damping that makes it positive definite (pass ``curvature="empirical"`` or more
-        damping).
+        GELU) follow the layer: ``"auto"`` factorises every block once at ``cache`` and
+        keeps the empirical Fisher (made from the stored φ) for a member with a block
+        that is not positive definite at the default damping, with a ``UserWarning``
+        naming it; with ``"ggn"``, ``attribute`` refuses such a block with
+        ``ValueError`` (pass ``curvature="empirical"`` or more damping).
       chunk_size: examples per compiled step (default: 256 MiB of d-float gradients;
         with ``"ggn"`` at least T²·k_out·(d_out + k_out) floats per example);
         proj_chunk_size: accepted for compatibility and ignored: the Kronecker
