@@ -61,3 +61,52 @@ def test_dense_build_trades_tangents_for_examples_within_the_budget():
     # a chunk_size the user gave is kept, with the most tangents
     block, examples = influence._dense_shape(d, pair, lambda f: 10, 5000)
     assert (block, examples) == (dense_block(d), 10)
+
+
+def _dense_reference(loss, params, train, test, damping):
+    """g_iᵀ (H + λI)⁻¹ g_t with H = jax.hessian of the mean loss, float64."""
+    from jax.flatten_util import ravel_pytree
+    flat, unravel = ravel_pytree(params)
+    mean = lambda f: jnp.mean(jax.vmap(lambda x, y: loss(unravel(f), (x, y)))(*train))
+    h = np.asarray(jax.hessian(mean)(flat)) + damping * np.eye(len(flat))
+    grads = jax.vmap(lambda x, y: ravel_pytree(jax.grad(loss)(params, (x, y)))[0])
+    return np.asarray(grads(*train)) @ np.linalg.solve(h, np.asarray(grads(*test)).T)
+
+
+def test_one_linear_layer_builds_its_hessian_from_output_products(monkeypatch, x64):
+    """A model that is one linear layer (softmax regression through flax Dense, a
+    bias-free Dense, a Conv with bias) builds H from T·d_out output-space products
+    (``_layer_fit``) and scores as jax.hessian's H; a loss with its own L2 term reads θ
+    outside the layer and keeps the generic build, still exact."""
+    import flax.linen as nn
+
+    used = []
+    real = influence._layer_fit
+    monkeypatch.setattr(influence, "_layer_fit", lambda *a: used.append(1) or real(*a))
+    x, y = classification_data(30, 8, 3, seed=2)
+    train, test = (x[:24], y[:24]), (x[24:], y[24:])
+    images = (x.reshape(30, 2, 2, 2), y)
+    cases = {
+        "dense": (nn.Dense(3), train, test, 0.0),
+        "dense_no_bias": (nn.Dense(3, use_bias=False), train, test, 0.0),
+        "conv": (nn.Conv(3, (2, 2), padding="VALID"),
+                 jax.tree_util.tree_map(lambda a: a[:24], images),
+                 jax.tree_util.tree_map(lambda a: a[24:], images), 0.0),
+        "l2_in_loss": (nn.Dense(3), train, test, 0.05),
+    }
+    for name, (module, tr, te, l2) in cases.items():
+        params = jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.float64) + 0.3,
+            module.init(jax.random.PRNGKey(1), tr[0][:1])["params"])
+
+        def loss(p, z, module=module, l2=l2):
+            logits = module.apply({"params": p}, z[0][None]).reshape(-1)
+            penalty = 0.5 * l2 * sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(p))
+            return -jax.nn.log_softmax(logits)[z[1]] + penalty
+
+        used.clear()
+        attr = influence_explicit(loss, damping=0.1)
+        got = np.asarray(attr.attribute(attr.cache(params, tr), te))
+        np.testing.assert_allclose(got, _dense_reference(loss, params, tr, te, 0.1),
+                                   rtol=1e-8, atol=1e-12, err_msg=name)
+        assert used == ([] if l2 else [1]), name

@@ -646,6 +646,9 @@ def _explicit_fit(curvature, task, members, train, size, damping):
     (``jattri.func.hessian.dense_block``), on chunks of as many examples as keep
     block · examples · 3F floats within it, F the floats of one example's forward pass
     (its residuals, tangents and cotangents); see :func:`_dense_shape`."""
+    layer = _single_layer(task, members, train) if curvature == "hessian" else None
+    if layer is not None and _only_through(task, layer, members, train):
+        return _layer_fit(task, layer, members, train, size, damping), None
     block, examples = _dense_shape(_common.num_params(members),
                                    3 * _forward_floats(task.loss, members, train), size,
                                    engine.num_examples(train))
@@ -657,6 +660,110 @@ def _explicit_fit(curvature, task, members, train, size, damping):
     # live, then 2·M·d² in the factorisation, never the sum and its factors together
     return _dense_factors(block, examples, fns, members, train, damping,
                           engine.layout_of(train)), None
+
+
+def _single_layer(task, members, train):
+    """The one linear layer (``jattri.func.layers``) that holds every parameter of the
+    members and is called once per example, or ``None``: then the loss is a function of
+    that layer's outputs y = ã W alone, and its Hessian in W is exactly
+    Σ_i Σ_τσ ã_iτ ã_iσᵀ ⊗ ∂²loss_i/∂y_τ∂y_σ (:func:`_layer_fit`)."""
+    from jattri.func.layers import find_layers
+    try:
+        found = find_layers(task.loss, _common.row_spec(members.params),
+                            _common.example_spec(train), jax.ShapeDtypeStruct((), jnp.int32),
+                            _common.row_spec(members.aux))
+    except (ValueError, TypeError):
+        return None
+    if len(found) != 1:
+        return None
+    layer = next(iter(found.values()))
+    size = (layer.d_in + int(layer.use_bias)) * layer.d_out
+    if len(layer.out_shapes) != 1 or size != _common.num_params(members):
+        return None
+    return layer
+
+
+def _only_through(task, layer, members, train) -> bool:
+    """Whether the loss reads the parameters only through ``layer``'s outputs, checked
+    where a penalty on θ (an L2 term in the loss) would show: at θ' = θ + noise, on the
+    first example, ∇_θ loss must equal the layer's ã ⊗ ∂loss/∂y (relative 1e-4). In
+    memory only: a stream keeps the generic build."""
+    if engine.is_stream(train):  # (checked on an example in memory; a stream is not read twice)
+        return False
+    params = jax.tree_util.tree_map(lambda x: x[0], members.params)
+    aux = jax.tree_util.tree_map(lambda x: x[0], members.aux)
+    z = jax.tree_util.tree_map(lambda x: x[0], train)
+    order = _layer_order(layer, members)
+    return bool(_through_check(layer, task.loss, params, aux, z, jnp.asarray(order)))
+
+
+@partial(jax.jit, static_argnums=0)
+def _through_check(layer, loss, params, aux, z, order):
+    from jattri.func.layers import layer_io
+    flat, unravel = ravel_pytree(params)
+    noise = jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype)
+    moved = unravel(flat + noise * (1 + jnp.std(flat)))
+    index = jnp.zeros((), jnp.int32)
+    grad = ravel_pytree(jax.grad(lambda p: loss(p, z, index, aux))(moved))[0]
+    a, s = layer_io(loss, moved, z, index, aux, layers={layer.name: layer})[layer.name]
+    if layer.use_bias:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+    structured = jnp.einsum("tk,tl->kl", a, s).reshape(-1)[order]
+    err = jnp.linalg.norm(grad - structured)
+    return err <= 1e-4 * jnp.linalg.norm(grad) + 1e-30
+
+
+def _layer_order(layer, members) -> np.ndarray:
+    """``(d,)``: for each coordinate of the raveled params, its index in the layer's
+    block order (kernel rows row-major, the bias as the last input row), the order of
+    LoGra's exact blocks."""
+    from jattri.func.layers import leaf_key
+    d_in, d_out = layer.d_in, layer.d_out
+    index = {layer.kernel_key: np.arange(d_in * d_out, dtype=np.float64).reshape(
+        layer.kernel_shape)}
+    if layer.use_bias:
+        index[layer.bias_key] = d_in * d_out + np.arange(d_out, dtype=np.float64)
+    probe = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: index[leaf_key(path)], _common.row_spec(members.params))
+    return np.asarray(ravel_pytree(probe)[0]).astype(np.int64)
+
+
+def _layer_step(layer, args, acc, chunk):
+    """``acc (M, d, d)`` += the chunk's summed Hessian blocks of the single layer, in
+    block order: one Hessian-vector product per output column and position (LoGra's
+    exact Gauss-Newton block, :func:`jattri.methods.logra._member_ggn`), never d."""
+    from jattri.methods.logra import _member_ggn
+    loss, members = args
+    blocks = _common.member_map(
+        lambda p, a: _member_ggn((layer,), ((None, None),), loss, p, a, chunk)[0], members)
+    return acc + blocks.astype(acc.dtype), None
+
+
+def _layer_sum(layer, examples, loss, members, train, order):
+    d = _common.num_params(members)
+    h0 = jax.ShapeDtypeStruct((members.num, d, d), _common.param_dtype(members))
+    h, _, n = engine.scan(_layer_step, layer, (loss, members), h0, train, examples,
+                          sums=True)
+    return (h / n)[:, order][:, :, order]
+
+
+@partial(jax.jit, static_argnums=(0, 1, 7))
+def _layer_factors(layer, examples, loss, members, train, order, damping, layout=None):
+    return engine.traced_with_layout(layout, train, lambda: _factor(
+        _layer_sum(layer, examples, loss, members, train, order), damping))
+
+
+def _layer_fit(task, layer, members, train, size, damping):
+    """:func:`_explicit_fit` for a model that is one linear layer (logistic or softmax
+    regression, a single Conv): the Hessian from T·d_out Hessian-vector products of
+    the loss in the layer's outputs per example instead of d in the parameters
+    (7,850-parameter softmax regression, 5,000 examples: ``benchmarks/RESULTS.md``),
+    then factored as there; in memory (:func:`_only_through`)."""
+    from jattri.methods.logra import _ggn_floats
+    examples = size(_ggn_floats(((layer,), None, None)))
+    order = jnp.asarray(_layer_order(layer, members))
+    return _layer_factors(layer, examples, task.loss, members, train, order, damping,
+                          engine.layout_of(train))
 
 
 #: Examples per chunk the dense curvature build trades tangents for (below).
