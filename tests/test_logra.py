@@ -270,13 +270,14 @@ def test_ggn_is_each_layers_hessian_block(pool):
     assert not np.allclose(emp.fisher[0], state.fisher[0], rtol=1e-3)
 
 
-def test_ggn_projected_is_the_projected_hessian_block():
+@pytest.mark.parametrize("pool", [False, True])
+def test_ggn_projected_is_the_projected_hessian_block(pool):
     """With P_in ⊗ P_out (two members, each its own factors) F_ℓ = (P_in ⊗ P_out)ᵀ H_ℓ
     (P_in ⊗ P_out): one Hessian-vector product per column of P_out, never the whole
-    output Hessian."""
+    output Hessian; at one position (the class-pair path) and at T = 3."""
     import jax.flatten_util  # noqa: F401
 
-    loss_fn, params, train, _ = make(members=2, pool=True)
+    loss_fn, params, train, _ = make(members=2, pool=pool)
     key = jax.random.PRNGKey(3)
     attr = jattri.logra(loss_fn, proj_dim_in=3, proj_dim_out=2, key=key,
                         projection="rademacher", curvature="ggn")

@@ -232,9 +232,25 @@ def _member_ggn(layers, factors, fn, params, aux, chunk):
             a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
         pa = a if p_in is None else a @ p_in.astype(a.dtype)  # (b, T, k_in)
         w = chunk.valid.astype(hp.dtype)
+        if layer.positions == 1:
+            out.append(_one_position_block(pa[:, 0], hp[:, 0, :, 0], w))
+            continue
         g = jnp.einsum("b,btk,buK,btluL->klKL", w, pa, pa, hp)
         out.append(g.reshape(g.shape[0] * g.shape[1], -1))
     return tuple(out)
+
+
+def _one_position_block(a, h, w):
+    """``(k·c, k·c)``: Σ_b w_b (a_b a_bᵀ) ⊗ h_b for a (b, k) and symmetric h (b, c, c),
+    from the c(c + 1)/2 class pairs l ≤ L only: block (l, L) = Σ_b w_b h_b[l, L] a_b a_bᵀ
+    equals block (L, l) (half the flops of the whole einsum)."""
+    c, k = h.shape[-1], a.shape[-1]
+    rows, cols = np.triu_indices(c)
+    blocks = jnp.einsum("bp,bk,bK->pkK", h[:, rows, cols] * w[:, None], a, a)  # (P, k, k)
+    pair = np.zeros((c, c), np.int64)
+    pair[rows, cols] = pair[cols, rows] = np.arange(len(rows))
+    full = blocks[pair.reshape(-1)].reshape(c, c, k, k)  # [l, L, k, K]
+    return jnp.transpose(full, (2, 0, 3, 1)).reshape(k * c, k * c)
 
 
 def _tile(config, solved, chunk):
