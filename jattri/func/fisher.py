@@ -168,7 +168,8 @@ class EKFACFactors(NamedTuple):
     diag: PyTree
 
 
-def _augment(a: jax.Array, use_bias: bool) -> jax.Array:
+def augment(a: jax.Array, use_bias: bool) -> jax.Array:
+    """ã = [a, 1] along the last axis (the bias as a constant input) if ``use_bias``."""
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1) if use_bias else a
 
 
@@ -213,6 +214,49 @@ def projected_output_hessian(loss_fn: Callable, params: PyTree, example: PyTree,
     hv = jax.vmap(lambda v: jax.jvp(grad, (flat0,), (v,))[1])(tangents)  # (T·k, T, d_out)
     hp = hv if p_out is None else hv @ cols
     return input_rows(layer, inputs[layer.name]), hp.reshape(t, k, t, k)
+
+
+def layer_hessian_blocks(layers: tuple, factors: tuple, loss_fn: Callable, params: PyTree,
+                         aux: PyTree, chunk) -> tuple:
+    """Per layer ``(k_in·k_out, k_in·k_out)``: Σ over the chunk's valid examples of
+    (P_in ⊗ P_out)ᵀ G_ℓ,i (P_in ⊗ P_out), G_ℓ,i = Σ_τσ ã_τ ã_σᵀ ⊗ ∂²loss_i/∂y_τ∂y_σ the
+    block of the loss's Hessian for layer ℓ's own parameters (exact: the layer is linear
+    in them), rows in block order (input row-major, the bias as the last input row, then
+    the output). ``factors``: per layer ``(P_in, P_out)``, ``None`` the identity. T·k_out
+    products of :func:`projected_output_hessian` per example and layer (one member's
+    ``params``; ``loss_fn(params, example, index, aux)``)."""
+    out = []
+    for layer, (p_in, p_out) in zip(layers, factors):
+        a, hp = jax.vmap(lambda z, i: projected_output_hessian(
+            loss_fn, params, z, (i, aux), layer, p_out))(chunk.data, chunk.index)
+        a = augment(a, layer.use_bias)
+        pa = a if p_in is None else a @ p_in.astype(a.dtype)  # (b, T, k_in)
+        w = chunk.valid.astype(hp.dtype)
+        if layer.positions == 1:
+            out.append(_one_position_block(pa[:, 0], hp[:, 0, :, 0], w))
+            continue
+        g = jnp.einsum("b,btk,buK,btluL->klKL", w, pa, pa, hp)
+        out.append(g.reshape(g.shape[0] * g.shape[1], -1))
+    return tuple(out)
+
+
+def _one_position_block(a, h, w):
+    """``(k·c, k·c)``: Σ_b w_b (a_b a_bᵀ) ⊗ h_b for a (b, k) and symmetric h (b, c, c),
+    from the c(c + 1)/2 class pairs l ≤ L only: block (l, L) = Σ_b w_b h_b[l, L] a_b a_bᵀ
+    equals block (L, l) (half the flops of the whole einsum)."""
+    c, k = h.shape[-1], a.shape[-1]
+    rows, cols = np.triu_indices(c)
+    blocks = jnp.einsum("bp,bk,bK->pkK", h[:, rows, cols] * w[:, None], a, a)  # (P, k, k)
+    pair = np.zeros((c, c), np.int64)
+    pair[rows, cols] = pair[cols, rows] = np.arange(len(rows))
+    full = blocks[pair.reshape(-1)].reshape(c, c, k, k)  # [l, L, k, K]
+    return jnp.transpose(full, (2, 0, 3, 1)).reshape(k * c, k * c)
+
+
+def hessian_block_floats(layer: Layer, k_in: int, k_out: int) -> int:
+    """Floats per example of :func:`layer_hessian_blocks` for one layer: its T·k_out
+    products ``(T, d_out)``, their projection and the input rows."""
+    return layer.positions ** 2 * k_out * (layer.d_out + k_out) + layer.positions * k_in
 
 
 def _layer_output_hessians(loss_fn: Callable, params: PyTree, example: PyTree,
@@ -287,7 +331,7 @@ def _chunk_io(loss, params, aux, chunk, layers, curvature):
             io = _layer_output_hessians(loss, params, z, by_name, i, aux)
         else:
             io = layer_io(loss, params, z, i, aux, layers=by_name)
-        return {k: (_augment(a, by_name[k].use_bias), s) for k, (a, s) in io.items()}
+        return {k: (augment(a, by_name[k].use_bias), s) for k, (a, s) in io.items()}
 
     return jax.vmap(one)(chunk.data, chunk.index)
 

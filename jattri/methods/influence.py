@@ -64,6 +64,7 @@ from jax.flatten_util import ravel_pytree
 from jattri import _checks, engine
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
+from jattri.func.layers import find_layers, layer_io, leaf_key
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, cg_solve, check_cg, dense_block, hvp,
                                  top_eigenvalue)
@@ -646,9 +647,9 @@ def _explicit_fit(curvature, task, members, train, size, damping):
     (``jattri.func.hessian.dense_block``), on chunks of as many examples as keep
     block · examples · 3F floats within it, F the floats of one example's forward pass
     (its residuals, tangents and cotangents); see :func:`_dense_shape`."""
-    layer = _single_layer(task, members, train) if curvature == "hessian" else None
-    if layer is not None and _only_through(task, layer, members, train):
-        return _layer_fit(task, layer, members, train, size, damping), None
+    one = _one_layer(task, members, train) if curvature == "hessian" else None
+    if one is not None:
+        return _layer_fit(task, *one, members, train, size, damping), None
     block, examples = _dense_shape(_common.num_params(members),
                                    3 * _forward_floats(task.loss, members, train), size,
                                    engine.num_examples(train))
@@ -662,62 +663,53 @@ def _explicit_fit(curvature, task, members, train, size, damping):
                           engine.layout_of(train)), None
 
 
-def _single_layer(task, members, train):
-    """The one linear layer (``jattri.func.layers``) that holds every parameter of the
-    members and is called once per example, or ``None``: then the loss is a function of
-    that layer's outputs y = ã W alone, and its Hessian in W is exactly
-    Σ_i Σ_τσ ã_iτ ã_iσᵀ ⊗ ∂²loss_i/∂y_τ∂y_σ (:func:`_layer_fit`)."""
-    from jattri.func.layers import find_layers
+def _one_layer(task, members, train):
+    """``(layer, order)`` where the members' parameters are all in one linear layer
+    (``jattri.func.layers``) called once per example and the loss reads them only
+    through its outputs y = ã W, else ``None``. Then the Hessian in W is exactly
+    Σ_i Σ_τσ ã_iτ ã_iσᵀ ⊗ ∂²loss_i/∂y_τ∂y_σ (:func:`_layer_fit`); ``order`` maps the
+    raveled parameters to that block order (:func:`_layer_order`). In memory only: the
+    check reads one example (a stream keeps the generic build)."""
+    if engine.is_stream(train):
+        return None
     try:
         found = find_layers(task.loss, _common.row_spec(members.params),
                             _common.example_spec(train), jax.ShapeDtypeStruct((), jnp.int32),
                             _common.row_spec(members.aux))
     except (ValueError, TypeError):
         return None
-    if len(found) != 1:
-        return None
     layer = next(iter(found.values()))
-    size = (layer.d_in + int(layer.use_bias)) * layer.d_out
-    if len(layer.out_shapes) != 1 or size != _common.num_params(members):
+    if (len(found) != 1 or len(layer.out_shapes) != 1 or _common.num_params(members)
+            != (layer.d_in + int(layer.use_bias)) * layer.d_out):
         return None
-    return layer
-
-
-def _only_through(task, layer, members, train) -> bool:
-    """Whether the loss reads the parameters only through ``layer``'s outputs, checked
-    where a penalty on θ (an L2 term in the loss) would show: at θ' = θ + noise, on the
-    first example, ∇_θ loss must equal the layer's ã ⊗ ∂loss/∂y (relative 1e-4). In
-    memory only: a stream keeps the generic build."""
-    if engine.is_stream(train):  # (checked on an example in memory; a stream is not read twice)
-        return False
-    params = jax.tree_util.tree_map(lambda x: x[0], members.params)
-    aux = jax.tree_util.tree_map(lambda x: x[0], members.aux)
-    z = jax.tree_util.tree_map(lambda x: x[0], train)
-    order = _layer_order(layer, members)
-    return bool(_through_check(layer, task.loss, params, aux, z, jnp.asarray(order)))
+    order = jnp.asarray(_layer_order(layer, members))
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    if not bool(_only_through(layer, task.loss, first(members.params), first(members.aux),
+                              first(train), order)):
+        return None
+    return layer, order
 
 
 @partial(jax.jit, static_argnums=0)
-def _through_check(layer, loss, params, aux, z, order):
-    from jattri.func.layers import layer_io
+def _only_through(layer, loss, params, aux, z, order):
+    """Whether the loss reads the parameters only through ``layer``'s outputs, checked
+    where a penalty on θ (an L2 term in the loss) would show: at θ' = θ + noise, on one
+    example, ∇_θ loss must equal the layer's ã ⊗ ∂loss/∂y (relative 1e-4)."""
     flat, unravel = ravel_pytree(params)
     noise = jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype)
     moved = unravel(flat + noise * (1 + jnp.std(flat)))
     index = jnp.zeros((), jnp.int32)
     grad = ravel_pytree(jax.grad(lambda p: loss(p, z, index, aux))(moved))[0]
     a, s = layer_io(loss, moved, z, index, aux, layers={layer.name: layer})[layer.name]
-    if layer.use_bias:
-        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-    structured = jnp.einsum("tk,tl->kl", a, s).reshape(-1)[order]
-    err = jnp.linalg.norm(grad - structured)
+    structured = jnp.einsum("tk,tl->kl", fisher.augment(a, layer.use_bias), s).reshape(-1)
+    err = jnp.linalg.norm(grad - structured[order])
     return err <= 1e-4 * jnp.linalg.norm(grad) + 1e-30
 
 
 def _layer_order(layer, members) -> np.ndarray:
     """``(d,)``: for each coordinate of the raveled params, its index in the layer's
     block order (kernel rows row-major, the bias as the last input row), the order of
-    LoGra's exact blocks."""
-    from jattri.func.layers import leaf_key
+    :func:`jattri.func.fisher.layer_hessian_blocks`."""
     d_in, d_out = layer.d_in, layer.d_out
     index = {layer.kernel_key: np.arange(d_in * d_out, dtype=np.float64).reshape(
         layer.kernel_shape)}
@@ -729,39 +721,34 @@ def _layer_order(layer, members) -> np.ndarray:
 
 
 def _layer_step(layer, args, acc, chunk):
-    """``acc (M, d, d)`` += the chunk's summed Hessian blocks of the single layer, in
-    block order: one Hessian-vector product per output column and position (LoGra's
-    exact Gauss-Newton block, :func:`jattri.methods.logra._member_ggn`), never d."""
-    from jattri.methods.logra import _member_ggn
+    """``acc (M, d, d)`` += the chunk's summed Hessian block of the single layer, in
+    block order: T·d_out output-space products per example, never d."""
     loss, members = args
-    blocks = _common.member_map(
-        lambda p, a: _member_ggn((layer,), ((None, None),), loss, p, a, chunk)[0], members)
+    blocks = _common.member_map(lambda p, a: fisher.layer_hessian_blocks(
+        (layer,), ((None, None),), loss, p, a, chunk)[0], members)
     return acc + blocks.astype(acc.dtype), None
-
-
-def _layer_sum(layer, examples, loss, members, train, order):
-    d = _common.num_params(members)
-    h0 = jax.ShapeDtypeStruct((members.num, d, d), _common.param_dtype(members))
-    h, _, n = engine.scan(_layer_step, layer, (loss, members), h0, train, examples,
-                          sums=True)
-    return (h / n)[:, order][:, :, order]
 
 
 @partial(jax.jit, static_argnums=(0, 1, 7))
 def _layer_factors(layer, examples, loss, members, train, order, damping, layout=None):
-    return engine.traced_with_layout(layout, train, lambda: _factor(
-        _layer_sum(layer, examples, loss, members, train, order), damping))
+    def build():
+        d = _common.num_params(members)
+        h0 = jax.ShapeDtypeStruct((members.num, d, d), _common.param_dtype(members))
+        h, _, n = engine.scan(_layer_step, layer, (loss, members), h0, train, examples,
+                              sums=True)
+        return _factor(h[:, order[:, None], order[None, :]] / n, damping)  # one gather
+
+    return engine.traced_with_layout(layout, train, build)
 
 
-def _layer_fit(task, layer, members, train, size, damping):
+def _layer_fit(task, layer, order, members, train, size, damping):
     """:func:`_explicit_fit` for a model that is one linear layer (logistic or softmax
-    regression, a single Conv): the Hessian from T·d_out Hessian-vector products of
-    the loss in the layer's outputs per example instead of d in the parameters
-    (7,850-parameter softmax regression, 5,000 examples: ``benchmarks/RESULTS.md``),
-    then factored as there; in memory (:func:`_only_through`)."""
-    from jattri.methods.logra import _ggn_floats
-    examples = size(_ggn_floats(((layer,), None, None)))
-    order = jnp.asarray(_layer_order(layer, members))
+    regression, a single Conv; :func:`_one_layer`): the Hessian from T·d_out
+    Hessian-vector products of the loss in the layer's outputs per example instead of
+    d in the parameters (7,850-parameter softmax regression, 5,000 examples:
+    ``benchmarks/RESULTS.md``), then factored as there."""
+    examples = size(fisher.hessian_block_floats(layer, layer.d_in + int(layer.use_bias),
+                                                layer.d_out))
     return _layer_factors(layer, examples, task.loss, members, train, order, damping,
                           engine.layout_of(train))
 

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
-from jattri.func.fisher import projected_output_hessian
+from jattri.func.fisher import augment, hessian_block_floats, layer_hessian_blocks
 from jattri.func.layers import find_layers, layer_io, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      projection_matrix)
@@ -179,8 +179,7 @@ def kronecker_phi(layers, factors, fn, params, aux, chunk):
     out = []
     for layer, (p_in, p_out) in zip(layers, factors):
         a, s = io[layer.name]  # (b, T, d_in), (b, T, d_out)
-        if layer.use_bias:
-            a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+        a = augment(a, layer.use_bias)
         pa = a if p_in is None else a @ p_in.astype(a.dtype)
         ps = s if p_out is None else s @ p_out.astype(s.dtype)
         out.append(jnp.einsum("btk,btl->bkl", pa, ps).reshape(b, -1))
@@ -204,53 +203,23 @@ def _cache_step(config, args, fisher, chunk):
     if config[-1] in ("ggn", "auto"):
         fn, members, factors = args
         new = _common.member_map(
-            lambda p, a, f: _member_ggn(config[0], f, fn, p, a, chunk), members, factors)
+            lambda p, a, f: layer_hessian_blocks(config[0], f, fn, p, a, chunk),
+            members, factors)
     else:
-        new = tuple(jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b])
-                    for a, b in _blocks(fisher))
+        new = _empirical_blocks(phi, _blocks(fisher))
     return tuple(f + g.astype(f.dtype) for f, g in zip(fisher, new)), phi
 
 
 def _ggn_floats(config) -> int:
-    """Floats per example of the Gauss-Newton fit's largest layer: its T·k_out
-    Hessian-vector products ``(T, d_out)`` and their projection."""
+    """Floats per example of the Gauss-Newton fit's largest layer."""
     layers, proj_dim_in, proj_dim_out = config[:3]
-    return max(layer.positions ** 2 * k_out * (layer.d_out + k_out) + layer.positions * d_in
-               for layer, (d_in, _, k_out) in
+    return max(hessian_block_floats(layer, k_in, k_out) for layer, (_, k_in, k_out) in
                ((l, _layer_dims(l, proj_dim_in, proj_dim_out)) for l in layers))
 
 
-def _member_ggn(layers, factors, fn, params, aux, chunk):
-    """Per layer ``(k_ℓ, k_ℓ)``: Σ_i over the chunk's valid examples of the projected
-    Gauss-Newton block (P_in ⊗ P_out)ᵀ G_ℓ,i (P_in ⊗ P_out), G_ℓ,i = Σ_τσ ã_τ ã_σᵀ ⊗
-    H_i[τ, σ] (one member)."""
-    out = []
-    for layer, (p_in, p_out) in zip(layers, factors):
-        a, hp = jax.vmap(lambda z, i: projected_output_hessian(
-            fn, params, z, (i, aux), layer, p_out))(chunk.data, chunk.index)
-        if layer.use_bias:
-            a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-        pa = a if p_in is None else a @ p_in.astype(a.dtype)  # (b, T, k_in)
-        w = chunk.valid.astype(hp.dtype)
-        if layer.positions == 1:
-            out.append(_one_position_block(pa[:, 0], hp[:, 0, :, 0], w))
-            continue
-        g = jnp.einsum("b,btk,buK,btluL->klKL", w, pa, pa, hp)
-        out.append(g.reshape(g.shape[0] * g.shape[1], -1))
-    return tuple(out)
-
-
-def _one_position_block(a, h, w):
-    """``(k·c, k·c)``: Σ_b w_b (a_b a_bᵀ) ⊗ h_b for a (b, k) and symmetric h (b, c, c),
-    from the c(c + 1)/2 class pairs l ≤ L only: block (l, L) = Σ_b w_b h_b[l, L] a_b a_bᵀ
-    equals block (L, l) (half the flops of the whole einsum)."""
-    c, k = h.shape[-1], a.shape[-1]
-    rows, cols = np.triu_indices(c)
-    blocks = jnp.einsum("bp,bk,bK->pkK", h[:, rows, cols] * w[:, None], a, a)  # (P, k, k)
-    pair = np.zeros((c, c), np.int64)
-    pair[rows, cols] = pair[cols, rows] = np.arange(len(rows))
-    full = blocks[pair.reshape(-1)].reshape(c, c, k, k)  # [l, L, k, K]
-    return jnp.transpose(full, (2, 0, 3, 1)).reshape(k * c, k * c)
+def _empirical_blocks(phi: jax.Array, edges: tuple) -> tuple:
+    """Per layer ``(M, k_ℓ, k_ℓ)``: Σ over rows of φ_ℓ φ_ℓᵀ, φ ``(rows, M, K)``."""
+    return tuple(jnp.einsum("bmk,bml->mkl", phi[..., a:b], phi[..., a:b]) for a, b in edges)
 
 
 def _tile(config, solved, chunk):
@@ -295,9 +264,8 @@ def _auto_blocks(ggn: tuple, phi: jax.Array, stationary):
     kept = jnp.all(jnp.stack([_positive_definite(g, l) for g, l in zip(ggn, lam)]), axis=0)
 
     def mixed(_):
-        empirical = tuple(jnp.einsum("nmk,nml->mkl", phi[..., a:b], phi[..., a:b])
-                          .astype(g.dtype) / phi.shape[0]
-                          for g, (a, b) in zip(ggn, _blocks(ggn)))
+        empirical = tuple(e.astype(g.dtype) / phi.shape[0]
+                          for g, e in zip(ggn, _empirical_blocks(phi, _blocks(ggn))))
         blocks = tuple(jnp.where(kept[:, None, None], g, e) for g, e in zip(ggn, empirical))
         return blocks, tuple(jnp.where(kept, l, _relative(e, RELATIVE_DAMPING))
                              for l, e in zip(lam, empirical))

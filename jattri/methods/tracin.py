@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
+from jattri.func.fisher import augment
 from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection, resolve_projection)
@@ -134,16 +135,10 @@ def _self_tile(config, args, chunk):
 # al., 2024, "Data Shapley in One Training Run").
 
 
-def _with_bias(layer, a):
-    if not layer.use_bias:
-        return a
-    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-
-
 def _factors(layers, fn, params, aux, example, index):
     """One example's factors: a tuple over layers of ``(ã (T, d_in + b), s (T, d_out))``."""
     io = layer_io(fn, params, example, index, aux, layers={l.name: l for l in layers})
-    return tuple((_with_bias(l, io[l.name][0]), io[l.name][1]) for l in layers)
+    return tuple((augment(io[l.name][0], l.use_bias), io[l.name][1]) for l in layers)
 
 
 def _chunk_factors(layers, fn, params, aux, chunk):
