@@ -199,25 +199,25 @@ def fidelity_l2(features: jax.Array, logits: jax.Array, targets: jax.Array, *,
     return _fidelity_refit(features, logits, targets, maxiter, tol)[0]
 
 
-@partial(jax.jit, static_argnames=("maxiter", "labels", "choose"))
-def _refit_members(features, logits, y, l2, tol, *, maxiter, labels, choose=False):
+@partial(jax.jit, static_argnames=("maxiter", "labels"))
+def _refit_members(features, logits, y, l2, tol, *, maxiter, labels):
     """Every member's refit: features ``(n, M, p)``, logits ``(n, M, C)``, classes
-    ``(n, M)``, one λ (ignored where ``choose``: each member's :func:`fidelity_l2`)
-    -> ``(alpha (n, M, C), weights (M, p, C), grad_norm (M,), l2 (M,))``, one member at
-    a time; targets the one-hot classes (``labels``) or the softmax of the logits."""
-    l2 = jnp.broadcast_to(jnp.asarray(l2, features.dtype), features.shape[1:2])
+    ``(n, M)``, one λ or ``None`` (each member's :func:`fidelity_l2`) -> ``(alpha (n, M,
+    C), weights (M, p, C), grad_norm (M,), l2 (M,))``, one member at a time; targets
+    the one-hot classes (``labels``) or the softmax of the logits."""
     def one(fly):
-        f, lg, yj, lam = fly
+        f, lg, yj = fly
         probs = _targets(yj, lg, labels)
-        if choose:
+        if l2 is None:
             lam, w, gnorm = _fidelity_refit(f, lg, probs, maxiter, tol)
         else:
+            lam = jnp.asarray(l2, f.dtype)
             w, gnorm = refit_last_layer(f, probs, lam, maxiter=maxiter, tol=tol)
         return representer_values(f, probs, w, lam), w, gnorm, lam
 
     alpha, w, gnorm, lam = jax.lax.map(one, (jnp.swapaxes(features, 0, 1),
                                              jnp.swapaxes(logits, 0, 1),
-                                             jnp.swapaxes(y, 0, 1), l2))
+                                             jnp.swapaxes(y, 0, 1)))
     return jnp.swapaxes(alpha, 0, 1), w, gnorm, lam
 
 
@@ -322,8 +322,8 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         objective's own penalty (λ/2)‖θ‖², λ‖W‖² in the refit's convention, right when
         the last layer is at the refit's optimum (a trained linear model) and far too
         small otherwise. On the embedded digits settings, LDS with the default /
-        ``"stationary"`` / the best of a grid: LR 0.609 / 0.606 / 0.613, MLP 0.274 /
-        0.174 / 0.280, CNN 0.190 / 0.181 / 0.213 (``benchmarks/RESULTS.md``). The λ
+        ``"stationary"`` / the best of a grid: LR 0.606 / 0.606 / 0.613, MLP 0.274 /
+        0.174 / 0.280, CNN 0.189 / 0.181 / 0.213 (``benchmarks/RESULTS.md``). The λ
         used is ``state.l2``.
       bias: append a constant 1 feature (the last layer's bias, refit and regularised
         like the weights); off by default, as in the paper (a bias changes no score
@@ -402,11 +402,9 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         check(members, train, "train")
         f, lg, y = engine.per_example(_train_side, bool(bias), fns + (members,), train,
                                       size(members, train))
-        lam = (default_l2(members, train) if l2 == "stationary"
-               else 1.0 if l2 is None else l2)  # (None: chosen per member below)
+        lam = default_l2(members, train) if l2 == "stationary" else l2
         alpha, w, gnorm, lam = _refit_members(f, lg, y, lam, tol, maxiter=int(maxiter),
-                                              labels=targets == "labels",
-                                              choose=l2 is None)
+                                              labels=targets == "labels")
         return RPSState(members, _common.stored_train(train), f, alpha, y, w, gnorm, lam,
                         _common.provenance("rps", made, members, train, f.shape[0]))
 
