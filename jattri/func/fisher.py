@@ -542,6 +542,47 @@ def ekfac_factors(loss_fn: Callable, params: PyTree, data: Any, *,
     return ekfac_finish(qa, qs, la, ls, sums, cov.diag, n, curvature)
 
 
+def ekfac_coordinates(fn: Callable, params: PyTree, aux: PyTree, chunk, layers: tuple,
+                      factors: EKFACFactors) -> jax.Array:
+    """``(size, Σ_l (d_in,l + b)·d_out,l)`` the per-example gradients of ``fn`` in the
+    EK-FAC eigenbasis, Q_Aᵀ G_i Q_S of every layer flattened in ``layers``' order, from
+    the layers' inputs and output gradients (never the d-float gradient G_i; zero on
+    padding rows). Exact only where every parameter is a kernel or bias of ``layers``
+    and enters ``fn`` through its layer (see ``jattri.methods.tracin.rebuilt_layers``).
+
+    In these coordinates (F_EKFAC + λI)⁻¹ is the diagonal
+    :func:`ekfac_inverse_weights`, so g_iᵀ(F + λI)⁻¹g_t is a weighted inner product of
+    coordinates: no test vector is rotated back to the parameters."""
+    io = _chunk_io(fn, params, aux, chunk, layers, "empirical")
+    parts = []
+    for layer in layers:
+        a, s = io[layer.name]
+        f = factors.layers[layer.name]
+        parts.append(_rotated_grads(a, s, f.qa, f.qs).reshape(a.shape[0], -1))
+    return jnp.concatenate(parts, axis=1) * chunk.valid[:, None].astype(parts[0].dtype)
+
+
+def ekfac_inverse_weights(factors: EKFACFactors, layers: tuple, damping) -> jax.Array:
+    """``(Σ_l (d_in,l + b)·d_out,l,)`` 1/(Λ* + λ) in the order of
+    :func:`ekfac_coordinates` (0 where Λ* + λ = 0, as :func:`ekfac_ihvp`)."""
+    return jnp.concatenate([_safe_inverse(factors.layers[l.name].eigvals + damping).ravel()
+                            for l in layers])
+
+
+def ekfac_rotation_floats(layers: tuple) -> tuple:
+    """Multiply-adds per example ``(coordinates, dense)``: of
+    :func:`ekfac_coordinates`, and of the parameter-space route (forming the
+    per-example gradient, Σ T·i·o, plus, for a test example, rotating it into the
+    eigenbasis and back, 2·Σ i·o·(i + o)), i = d_in + b, o = d_out."""
+    coords = dense = back = 0
+    for l in layers:
+        t, i, o = l.positions, l.d_in + int(l.use_bias), l.d_out
+        coords += min(t * (i * i + o * o + i * o), t * i * o + i * o * (i + o))
+        dense += t * i * o
+        back += 2 * i * o * (i + o)
+    return coords, dense, back
+
+
 def _safe_inverse(x: jax.Array) -> jax.Array:
     """1/x where x > 0, else 0: the pseudo-inverse of a PSD diagonal, never inf/NaN."""
     return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)

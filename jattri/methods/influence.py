@@ -64,12 +64,13 @@ from jax.flatten_util import ravel_pytree
 from jattri import _checks, engine
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
-from jattri.func.layers import find_layers, layer_io, leaf_key
+from jattri.func.layers import find_layers, layer_io, leaf_key, same_layers
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, cg_solve, check_cg, dense_block, hvp,
                                  top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
+from jattri.methods.tracin import rebuilt_layers
 from jattri.task import Members, as_task, first_member, member
 
 PyTree = Any
@@ -283,6 +284,11 @@ class _Spec(NamedTuple):
     damped_fit: bool = False   # fit takes the cached damping: fit(..., size, damping)
     default_damping: Optional[Callable] = None  # curvature -> λ when damping is None
                                                 # (else the stationary L2)
+    # basis(task, members, train, test, memo) -> a static plan or None: score in the
+    # curvature's eigenbasis, both sides' coordinates made from the layers
+    # (``_basis_test`` / ``_basis_tile``; EK-FAC), instead of forming gradients and
+    # rotating the test side back to the parameters
+    basis: Optional[Callable] = None
 
 
 def _check_damping(damping, positive=False, none=False):
@@ -411,6 +417,25 @@ def _solved_tile(config, args, chunk):
     return jnp.mean(s, axis=0)
 
 
+def _basis_test(config, args, chunk):
+    """``(M, size, k)``: the test chunk's gradient coordinates in the eigenbasis, times
+    (Λ + λ)⁻¹ (``config = (coordinates, weights)``, module-level functions of the plan)."""
+    coordinates, weights = config
+    fn, members, curvature, damping = args
+    return _common.member_map(
+        lambda p, a, f: coordinates(fn, p, a, chunk, f) * weights(f, damping)[None],
+        members, curvature)
+
+
+def _basis_tile(config, args, chunk):
+    """``(size, n_test)``: mean_m of the training chunk's coordinates against ``u``."""
+    coordinates, = config
+    loss, members, curvature, u = args  # u (M, n_test, k)
+    s = _common.member_map(lambda p, a, f, uj: coordinates(loss, p, a, chunk, f) @ uj.T,
+                           members, curvature, u)
+    return jnp.mean(s, axis=0)
+
+
 def _coord_tile(config, u, chunk):
     """``(size, n_test)`` from stored coordinates ``(size, M, r)`` and ``u (M, n_test, r)``."""
     coords, norms = chunk.data
@@ -447,6 +472,8 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
     made = _common.hyper(task, relatif=relatif,
                          **{**dict(spec.hyper),
                             **({} if relatif is None else {"damping": spec.damping})})
+
+    memo = {}  # the eigenbasis plan's checks, made concretely once per shape
 
     def check_state(state, train=None):
         _common.check_state(state, InfluenceState, spec.name, made, train=train)
@@ -558,9 +585,17 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         need_memory(data, "attribute")
         d = _common.num_params(members)
         curvature = ready(state.curvature, lam, state.damping)
-        apply_config = spec.config(members, size(members, data))
         b = size(members, test, members.num * d)
         n_test = engine.num_examples(test)
+        plan = (None if spec.basis is None or relatif is not None
+                else spec.basis(task, members, data, test, memo))
+        if plan is not None:  # (train coordinates, test coordinates, weights)
+            u = engine.per_example(_basis_test, plan[1:], (task.target, members, curvature,
+                                                           lam), test, b, axis=1)  # (M, n_test, k)
+            return engine.score(_basis_tile, plan[:1], (task.loss, members, curvature, u), data,
+                                size(members, data, members.num * (d + u.shape[1])),
+                                u.shape[1], u.dtype, top_k=top_k, lowest=lowest)
+        apply_config = spec.config(members, size(members, data))
         # Koh & Liang's s_test solves the n_test test systems; when the training set is
         # the smaller side, solving its n_train systems gives the same scores (H + λI
         # is symmetric) for fewer solves.
@@ -1343,6 +1378,48 @@ def _ekfac_apply(config, args, v):
     return _common.member_map(one, members, factors, v)
 
 
+def _ekfac_coordinates(layers, fn, params, aux, chunk, factors):
+    return fisher.ekfac_coordinates(fn, params, aux, chunk, layers, factors)
+
+
+def _ekfac_weights(layers, factors, damping):
+    return fisher.ekfac_inverse_weights(factors, layers, damping)
+
+
+def _ekfac_basis(task, members, train, test, memo):
+    """EK-FAC's eigenbasis plan (``_Spec.basis``): both sides' gradients as coordinates
+    Q_Aᵀ G Q_S made from the layers' inputs and output gradients, the inverse a
+    diagonal between them, so no test vector is rotated back. Taken where exact (every
+    parameter in a factored layer, the gradient rebuilt from the layers equal to
+    ``jax.grad`` on the first example of each side: ``rebuilt_layers``) and cheaper in
+    multiply-adds than forming the gradients and rotating the test side there and back
+    (``fisher.ekfac_rotation_floats``); else ``None``. On dattri's MLP (5,000 × 500)
+    it takes the test side from 1.2 s to a few ms (``benchmarks/RESULTS.md``)."""
+    left = rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
+                          method="influence_ekfac", memo=memo)
+    if left is None:
+        return None
+    right = left
+    if not task.target_is_loss:
+        right = rebuilt_layers(task.target, members, test, fn_name="target_fn",
+                               method="influence_ekfac", memo=memo)
+        if not same_layers(right, left):
+            return None
+    coords, dense, back = fisher.ekfac_rotation_floats(left)
+    n, m = engine.num_examples(train), engine.num_examples(test)
+    if n is None or m is None:  # a Stream: per example of the (unbounded) training side
+        cheaper = coords <= dense
+    else:
+        cheaper = (n + m) * coords <= (n + m) * dense + m * back
+    if not cheaper:
+        return None
+    key = ("basis", left, right)
+    if key not in memo:
+        memo[key] = (partial(_ekfac_coordinates, left), partial(_ekfac_coordinates, right),
+                     partial(_ekfac_weights, left))
+    return memo[key]
+
+
 _EKFAC_RELATIVE_DAMPING = 0.1
 
 
@@ -1426,7 +1503,7 @@ def influence_ekfac(task: Any, *, damping: Optional[float] = None,
 
     spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: size,
                  hyper=(("correct_eigenvalues", correct_eigenvalues), ("curvature", curvature)),
-                 default_damping=_ekfac_damping)
+                 default_damping=_ekfac_damping, basis=_ekfac_basis)
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 

@@ -338,6 +338,26 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     return plan
 
 
+def rebuilt_layers(fn, members: Members, data, *, fn_name: str, method: str,
+                   memo: Optional[dict] = None) -> Optional[tuple]:
+    """The linear layers ``jattri.func.layers`` finds in ``fn`` (any number of
+    positions), when every parameter leaf is a kernel or bias of one of them and, on the
+    first example of ``data`` (member 0), the gradient rebuilt from their inputs and
+    output gradients equals ``jax.grad`` to 1e3 · machine epsilon; else ``None`` (also
+    for traced members or data, where the check cannot run). ``memo``: the factory's
+    record by :func:`_plan_key`, so the check compiles and runs once per shape."""
+    key = _plan_key(fn_name, "rebuilt", members, data)
+    if memo is not None and key in memo:
+        return memo[key]
+    if not _concrete(members, data):
+        return None
+    layers, _ = _linear_cover(fn, members, data, fn_name, method)
+    plan = layers if layers is not None and _rebuilds(layers, fn, members, data) else None
+    if memo is not None:
+        memo[key] = plan
+    return plan
+
+
 # ------------------------------------- the Kronecker projection of TRAK and TracIn
 #
 # A linear layer's per-example gradient G_ℓ = Σ_τ ã_τ ⊗ s_τ is projected by P_in ⊗ P_out
