@@ -11,7 +11,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jattri
+from jattri import engine
 from jattri.func import fisher
+from jattri.methods import influence
 from jattri.func.hessian import (ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa)
 from jattri.methods.influence import (influence_arnoldi, influence_cg, influence_datainf,
                                       influence_ekfac, influence_explicit, influence_lissa)
@@ -566,3 +568,34 @@ def test_brittleness_against_loop_reference():
         assert got[t] == want
     with pytest.raises(ValueError, match="k_grid"):
         jattri.metrics.brittleness(scores, [3, 1], train_fn, predict_fn)
+
+
+def test_arnoldi_linearized_products_equal_recomputed_ones(monkeypatch):
+    """Arnoldi multiplies by one H a hundred times: the default keeps the forward and
+    backward passes' residuals (``jax.linearize`` of the mean gradient) within the chunk
+    budget. Under a budget of 1 byte it recomputes each product chunk by chunk; both give
+    the exact top eigenpairs of the dense Hessian, hence the same scores."""
+    _, loss, params, data, damping = _problems()[2]
+    theta, unravel = ravel_pytree(params)
+    hess = jax.jit(jax.hessian(lambda t: jnp.mean(jax.vmap(
+        lambda z: loss(unravel(t), z))(data))))(theta)
+    taken = []
+    real = influence._linearized_cvp
+    monkeypatch.setattr(influence, "_linearized_cvp",
+                        lambda *a: taken.append(real(*a) is not None) or real(*a))
+
+    def run():
+        jax.clear_caches()  # the choice is made while tracing: trace again
+        attr = influence_arnoldi(loss, rank=len(theta), damping=damping, chunk_size=7)
+        state = attr.cache(params, data)
+        return attr.attribute(state, data), state.curvature[0][0]
+
+    scores, eigvals = run()
+    assert taken == [True]
+    monkeypatch.setattr(engine, "DEFAULT_CHUNK_BYTES", 1)
+    again, eigvals2 = run()
+    assert taken == [True, False]
+    want = np.sort(np.linalg.eigvalsh(np.asarray(hess)))[::-1]
+    for got in (eigvals, eigvals2):
+        np.testing.assert_allclose(np.sort(np.asarray(got))[::-1], want, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(again, scores, rtol=1e-7, atol=1e-10 * np.abs(scores).max())

@@ -226,6 +226,39 @@ def _mean_cvp(fns, params, aux, data, vs, size, indexed=False) -> jax.Array:
     return acc / n
 
 
+def _grad_sum_chunk(config, args, acc, chunk):
+    loss, params, aux = args
+    return acc + _common.grad_sum(loss, params, aux, chunk).astype(acc.dtype), None
+
+
+def _linearized_cvp(fns, params, aux, data, size) -> Optional[Callable]:
+    """``v (d,) -> H v``, H the Hessian of the mean loss over ``data``, as ONE linear
+    function (``jax.linearize`` of the mean gradient): the forward and backward passes
+    at θ run once and their residuals are kept, so each product reruns only the tangent
+    passes, not the forward pass at θ (on dattri's MLP: two of the four matrix products
+    over the training set). For a method that multiplies by the same H many times in a
+    row (Arnoldi). ``None`` (the caller recomputes each product chunk by chunk, as
+    :func:`_mean_cvp`) for the Gauss-Newton matrix, or when the residuals exceed the
+    chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``; a large model's activations
+    over the whole training set)."""
+    if isinstance(fns, tuple):
+        return None
+    theta, unravel = ravel_pytree(params)
+
+    def mean_grad(t):
+        acc, _, n = engine.scan(_grad_sum_chunk, None, (fns, unravel(t), aux),
+                                jax.ShapeDtypeStruct(theta.shape, theta.dtype), data, size,
+                                sums=True)
+        return acc / n
+
+    kept = jax.eval_shape(lambda t: jax.vjp(mean_grad, t)[1], theta)
+    held = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(kept))
+    if held > engine.DEFAULT_CHUNK_BYTES:
+        return None
+    return jax.linearize(mean_grad, theta)[1]
+
+
 def _dense_step(block, args, acc, chunk):
     """``acc (M, d, d)`` += the chunk's summed Hessian / GGN of every member, ``block``
     columns at a time, in place (``jattri.func.hessian.add_dense``)."""
@@ -1245,10 +1278,12 @@ def _arnoldi_fits(config, args):
     fns, loss, members, train, key = args
     keys = _common.member_keys(key, members.num)  # inside this program: no compile of its own
     d, dtype = _common.num_params(members), _common.param_dtype(members)
-    eigvals, eigvecs = _common.member_map(
-        lambda p, a, k: arnoldi_eigenpairs(
-            lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0], d, rank=rank,
-            num_iters=iters, key=k, dtype=dtype), members, keys)
+    def one(p, a, k):
+        product = _linearized_cvp(fns, p, a, train, size) or (
+            lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0])
+        return arnoldi_eigenpairs(product, d, rank=rank, num_iters=iters, key=k, dtype=dtype)
+
+    eigvals, eigvecs = _common.member_map(one, members, keys)
     coords = engine.per_example(_arnoldi_coords, None, (loss, members, eigvecs), train, size)
     return (eigvals, eigvecs), coords
 
@@ -1287,7 +1322,11 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
         ``"l"``, ``"theta"``.
 
     Memory: state M·rank·(d + 1) + n·M·rank floats; the fit holds num_iters·d floats
-    (the Krylov basis) per member.
+    (the Krylov basis) per member, and, with ``curvature="hessian"``, the forward and
+    backward passes' residuals over the whole training set when they fit the chunk
+    budget (``jattri.engine.DEFAULT_CHUNK_BYTES``), so that each of the num_iters
+    products reruns only the tangent passes; else every product is recomputed chunk by
+    chunk.
     """
     _check_damping(damping, none=True)
     rank = _checks.integer(rank, "rank")
