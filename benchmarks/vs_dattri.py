@@ -409,8 +409,20 @@ def worker(lib: str, method: str, work: str, start: float, save: str | None,
 
 # ---------------------------------------------------------------------------- parent
 
+def _rss_gib(pid: int) -> float:
+    """Resident memory of ``pid`` in GiB (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def _spawn(lib: str, method: str, work: str, cache_dir: str | None, save: str | None,
-           timeout: float, calls: int = 2) -> dict:
+           timeout: float, calls: int = 2, max_rss_gib: float = float("inf")) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     if cache_dir is not None:
@@ -419,10 +431,23 @@ def _spawn(lib: str, method: str, work: str, cache_dir: str | None, save: str | 
     cmd = ([sys.executable, os.path.abspath(__file__), "--worker", lib, "--method", method,
             "--work", work, "--start", repr(start), "--calls", str(calls)]
            + (["--save", save] if save else []))
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timeout after {timeout:.0f} s")
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
+        peak = 0.0
+        while proc.poll() is None:  # watch the child: a run that would exhaust the
+            rss = _rss_gib(proc.pid)  # machine's memory is stopped before the kernel's
+            peak = max(peak, rss)     # out-of-memory killer picks a victim
+            if rss > max_rss_gib or time.time() - start > timeout:
+                proc.kill()
+                proc.wait()
+                why = (f"timeout after {timeout:.0f} s" if rss <= max_rss_gib else
+                       f"stopped at {rss:.1f} GiB resident (--max-rss-gib {max_rss_gib:g}) "
+                       f"after {time.time() - start:.0f} s")
+                return dict(error=why, peak_seen_gib=peak)
+            time.sleep(0.2)
+        out_f.seek(0)
+        err_f.seek(0)
+        out = subprocess.CompletedProcess(cmd, proc.returncode, out_f.read(), err_f.read())
     exit_s = time.time() - start
     if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]
@@ -466,6 +491,10 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; --quick 1)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per process")
+    p.add_argument("--max-rss-gib", type=float, default=None,
+                   help="stop a process whose resident memory passes this (default: 85%% "
+                        "of physical memory), reported as an error instead of the kernel's "
+                        "out-of-memory killer ending it or another process")
     p.add_argument("--json", help="write every run here")
     p.add_argument("--calls", type=int, choices=(1, 2), default=2, help=argparse.SUPPRESS)
     p.add_argument("--dattri-calls", type=int, choices=(1, 2), default=2,
@@ -478,6 +507,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.method, args.work, args.start, args.save,
                                 args.calls)))
         return 0
+    if args.max_rss_gib is None:
+        args.max_rss_gib = 0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     n_train = args.n_train or (500 if args.quick else 5000)
     n_test = args.n_test or (50 if args.quick else 500)
     reps = args.reps or (1 if args.quick else 3)
@@ -516,14 +547,15 @@ def main(argv=None) -> int:
                     def run_dattri():
                         runs["dattri"].append(_spawn("dattri", method, work, None,
                                                      saves["dattri"] if first else None,
-                                                     args.timeout, args.dattri_calls))
+                                                     args.timeout, args.dattri_calls,
+                                                     args.max_rss_gib))
 
                     def run_jattri():
                         runs["jattri_cold"].append(_spawn("jattri", method, work, xla,
                                                           saves["jattri"] if first else None,
-                                                          args.timeout))
+                                                          args.timeout, 2, args.max_rss_gib))
                         runs["jattri_warm"].append(_spawn("jattri", method, work, xla, None,
-                                                          args.timeout))
+                                                          args.timeout, 2, args.max_rss_gib))
 
                     order = (run_dattri, run_jattri) if rep % 2 == 0 else (run_jattri, run_dattri)
                     for fn in order:

@@ -259,12 +259,12 @@ def test_ekfac_stages_each_resume_and_other_damping_is_refused(tmp_path):
     with jattri.resumable(tmp_path):
         scores = attr.attribute(attr.cache(params, train), test)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "000-ekfac-covariance", "001-ekfac-eigenvalue", "002-test-side", "003-score"]
+        "000-ekfac-covariance", "001-ekfac-eigenvalue", "002-basis-test", "003-score"]
     np.testing.assert_allclose(scores, attr.attribute(attr.cache(params, train), test),
                                rtol=1e-5, atol=1e-5 * np.abs(scores).max())
     before = _files(tmp_path)
     other = jattri.influence_ekfac(dense_loss, damping=1e-2, chunk_size=8)
-    refused = r"002-test-side .* args\.leaves\[\d+\] differs \(saved .*0\.001.*, now .*0\.0(1|0999)"
+    refused = r"002-basis-test .* args\.leaves\[\d+\] differs \(saved .*0\.001.*, now .*0\.0(1|0999)"
     with jattri.resumable(tmp_path), pytest.raises(ValueError, match=refused):
         other.attribute(other.cache(params, train), test)
     assert _files(tmp_path) == before

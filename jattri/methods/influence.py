@@ -1417,12 +1417,20 @@ def _ekfac_apply(config, args, v):
     return _common.member_map(one, members, factors, v)
 
 
-def _ekfac_coordinates(layers, fn, params, aux, chunk, factors):
-    return fisher.ekfac_coordinates(fn, params, aux, chunk, layers, factors)
+class _EKFACCoordinates(NamedTuple):
+    """``fisher.ekfac_coordinates`` through ``layers``: hashable by value, so every
+    factory with the same layers shares the compiled programs of its plan."""
+    layers: tuple
+
+    def __call__(self, fn, params, aux, chunk, factors):
+        return fisher.ekfac_coordinates(fn, params, aux, chunk, self.layers, factors)
 
 
-def _ekfac_weights(layers, factors, damping):
-    return fisher.ekfac_inverse_weights(factors, layers, damping)
+class _EKFACWeights(NamedTuple):
+    layers: tuple
+
+    def __call__(self, factors, damping):
+        return fisher.ekfac_inverse_weights(factors, self.layers, damping)
 
 
 def _ekfac_basis(task, members, train, test, memo):
@@ -1452,11 +1460,7 @@ def _ekfac_basis(task, members, train, test, memo):
         cheaper = (n + m) * coords <= (n + m) * dense + m * back
     if not cheaper:
         return None
-    key = ("basis", left, right)
-    if key not in memo:
-        memo[key] = (partial(_ekfac_coordinates, left), partial(_ekfac_coordinates, right),
-                     partial(_ekfac_weights, left))
-    return memo[key]
+    return _EKFACCoordinates(left), _EKFACCoordinates(right), _EKFACWeights(left)
 
 
 _EKFAC_RELATIVE_DAMPING = 0.1
