@@ -305,3 +305,12 @@ def test_rps_self_attribution_ranks_flipped_labels_first(x64):
                       targets="predictions")
     other = np.asarray(pred.self_attribute(pred.cache(params, (x, y_noisy))))
     assert jattri.metrics.mislabel_auc(other, flipped) < 0.5
+
+
+def test_refit_history_length_rule():
+    """The refit's L-BFGS history: 80 pairs for small layers, cut to 64 MiB of float32
+    pairs for large ones, never below optax's 10."""
+    from jattri.methods.rps import LBFGS_MEMORY_BYTES, lbfgs_memory
+    assert lbfgs_memory(7_840) == 80  # the MNIST LR's 784 × 10 refit
+    assert lbfgs_memory(200_000) == LBFGS_MEMORY_BYTES // (8 * 200_000) == 41
+    assert lbfgs_memory(4_096_000) == 10  # 4,096 features × 1,000 classes
