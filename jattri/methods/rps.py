@@ -88,6 +88,17 @@ def lbfgs_memory(num_weights: int) -> int:
     return int(max(10, min(LBFGS_MEMORY, LBFGS_MEMORY_BYTES // (8 * max(num_weights, 1)))))
 
 
+@jax.custom_vjp
+def _logits(w, features, transposed):
+    """``features @ w``, its gradient in ``w`` taken with ``transposed`` = featuresᵀ
+    (no cotangent for the features: the refit never differentiates them)."""
+    return features @ w
+
+
+_logits.defvjp(lambda w, features, transposed: (features @ w, transposed),
+               lambda transposed, g: (transposed @ g, None, None))
+
+
 def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
                      maxiter: int = 1000, tol: float = 1e-6):
     """L2-regularised soft-label refit of a softmax layer by L-BFGS (optax).
@@ -104,9 +115,15 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     import optax  # deferred: only the refit needs it
 
     n = features.shape[0]
+    logits = lambda w: features @ w
+    if features.size * features.dtype.itemsize <= engine.DEFAULT_CHUNK_BYTES:
+        # the gradient's Fᵀ(softmax − P) reads a transposed copy made once: XLA would
+        # otherwise transpose F inside every iteration (MNIST LR refit 0.43 -> 0.33 s)
+        transposed = jax.lax.optimization_barrier(features.T)
+        logits = lambda w: _logits(w, features, transposed)
 
     def objective(w):
-        logp = jax.nn.log_softmax(features @ w, axis=-1)
+        logp = jax.nn.log_softmax(logits(w), axis=-1)
         return -jnp.sum(probs * logp) / n + l2 * jnp.sum(w * w)
 
     opt = optax.lbfgs(memory_size=lbfgs_memory(features.shape[1] * probs.shape[1]))
