@@ -5,7 +5,7 @@ program (no jattri), timed on this machine, against the bound the issue sets
 (1/10 of dattri's compiled call, 1/5 of its end-to-end time).
 
     python benchmarks/floors.py                # about a minute
-    python benchmarks/floors.py --dattri-ekfac 1.74 --dattri-cg 72 ...   # other bounds
+    python benchmarks/floors.py --dattri-cg 72 ...   # dattri's times of another run
 
 Each figure is the fastest of ``--reps`` calls of a compiled program (float32, random
 data of the workload's shapes: the cost of these programs does not depend on values).

@@ -570,10 +570,10 @@ def ekfac_inverse_weights(factors: EKFACFactors, layers: tuple, damping) -> jax.
 
 
 def ekfac_rotation_floats(layers: tuple) -> tuple:
-    """Multiply-adds per example ``(coordinates, dense)``: of
-    :func:`ekfac_coordinates`, and of the parameter-space route (forming the
-    per-example gradient, Σ T·i·o, plus, for a test example, rotating it into the
-    eigenbasis and back, 2·Σ i·o·(i + o)), i = d_in + b, o = d_out."""
+    """Multiply-adds ``(coordinates, dense, back)``: per example of
+    :func:`ekfac_coordinates`; per example of the parameter-space route's gradients,
+    Σ T·i·o; and per test example of its rotation into the eigenbasis and back,
+    2·Σ i·o·(i + o); i = d_in + b, o = d_out."""
     coords = dense = back = 0
     for l in layers:
         t, i, o = l.positions, l.d_in + int(l.use_bias), l.d_out

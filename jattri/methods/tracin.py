@@ -317,25 +317,18 @@ def factored_layers(fn, members: Members, data, *, fn_name: str = "loss_fn",
     factors equals ``jax.grad`` to 1e3 · machine epsilon. ``memo``: the factory's record
     of these decisions by :func:`_plan_key`, made concretely once and reused by every
     later call of the same shapes, traced ones included (no second check)."""
-    key = _plan_key(fn_name, None, members, data)
-    if not required and memo is not None and key in memo:
-        return memo[key]
-    layers, why = _linear_cover(fn, members, data, fn_name,
-                                "factored Grad-Dot/Grad-Cos/TracIn")
+    method = "factored Grad-Dot/Grad-Cos/TracIn"
+    layers, why = _linear_cover(fn, members, data, fn_name, method)
     if layers is None:
         if required:
             raise ValueError(f"`factored=True`: {why}")
         return None
     if required:
         return layers
-    d = _common.num_params(members)
     cost = sum(l.d_in + int(l.use_bias) + l.d_out for l in layers)
-    if any(l.positions > 1 for l in layers) or cost >= d or not _concrete(members, data):
+    if any(l.positions > 1 for l in layers) or cost >= _common.num_params(members):
         return None
-    plan = layers if _rebuilds(layers, fn, members, data) else None
-    if memo is not None:
-        memo[key] = plan
-    return plan
+    return rebuilt_layers(fn, members, data, fn_name=fn_name, method=method, memo=memo)
 
 
 def rebuilt_layers(fn, members: Members, data, *, fn_name: str, method: str,
