@@ -599,3 +599,44 @@ def test_arnoldi_linearized_products_equal_recomputed_ones(monkeypatch):
     for got in (eigvals, eigvals2):
         np.testing.assert_allclose(np.sort(np.asarray(got))[::-1], want, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(again, scores, rtol=1e-7, atol=1e-10 * np.abs(scores).max())
+
+
+def test_arnoldi_restarts_after_breakdown():
+    """On an operator with 3 distinct eigenvalues in 12 dimensions the Krylov space is
+    invariant after 3 steps: the run restarts with a fresh orthogonal vector (drawn
+    only then, inside a ``lax.cond``) and still finds the whole spectrum, with an
+    orthonormal basis."""
+    from jattri.func import hessian
+    q = jnp.asarray(np.linalg.qr(np.random.default_rng(0).normal(size=(12, 12)))[0])
+    want = np.array([5.0] * 4 + [2.0] * 4 + [0.5] * 4)
+    a = q @ jnp.diag(jnp.asarray(want)) @ q.T
+    basis, t = hessian._arnoldi_iterations(lambda v: a @ v, 12, 12, jax.random.PRNGKey(3),
+                                           jnp.float64)
+    assert np.sum(np.abs(np.diag(np.asarray(t), -1)) < 1e-12) >= 3  # it broke down
+    np.testing.assert_allclose(np.asarray(basis) @ np.asarray(basis).T, np.eye(12), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(basis) @ np.asarray(a) @ np.asarray(basis).T, t,
+                               atol=1e-12)
+    vals, _ = hessian.arnoldi_eigenpairs(lambda v: a @ v, 12, rank=12, num_iters=12,
+                                         key=jax.random.PRNGKey(3), dtype=jnp.float64)
+    np.testing.assert_allclose(np.sort(np.asarray(vals))[::-1], want, rtol=1e-10)
+    # the zero operator breaks down exactly (w = 0) at every step: only the restart
+    # vectors make the basis
+    basis, t = hessian._arnoldi_iterations(lambda v: 0.0 * v, 6, 6, jax.random.PRNGKey(3),
+                                           jnp.float64)
+    np.testing.assert_allclose(np.asarray(basis) @ np.asarray(basis).T, np.eye(6), atol=1e-12)
+    np.testing.assert_array_equal(t, np.zeros((6, 6)))
+
+
+def test_chunk_grads_times_equals_raveled_product():
+    """``chunk_grads_times`` multiplies leaf by leaf; it equals the raveled per-example
+    gradients times the whole matrix, padding rows zero, for a pytree of mixed shapes."""
+    from jattri.methods import _common
+    params = {"b": jnp.arange(3.0), "w": jnp.arange(12.0).reshape(4, 3) / 7, "s": jnp.array(0.5)}
+    fn = lambda p, z, i, aux: jnp.sum(jnp.tanh(z @ p["w"] + p["b"]) ** 2) * p["s"] + i * 0.0
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 4)))
+    chunk = engine.Chunk(x, jnp.arange(5), jnp.array([True, True, True, True, False]))
+    mat = jnp.asarray(np.random.default_rng(2).normal(size=(16, 6)))
+    got = _common.chunk_grads_times(fn, params, None, chunk, _common.row_blocks(params, mat))
+    want = _common.chunk_grads(fn, params, None, chunk) @ mat
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.all(np.asarray(got[4]) == 0) and np.all(np.abs(np.asarray(got[:4])) > 0)

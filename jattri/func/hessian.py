@@ -402,7 +402,11 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     Returns the orthonormal basis ``Q`` ``(num_iters, dim)`` and the projected matrix
     ``T = Q A Qᵀ`` ``(num_iters, num_iters)``. On breakdown (the Krylov space is
     invariant) a fresh random vector orthogonal to the basis continues the run, with a
-    zero sub-diagonal entry, so the decomposition stays exact.
+    zero sub-diagonal entry, so the decomposition stays exact. That vector is drawn and
+    orthogonalised only on breakdown (a ``lax.cond``): computing it at every step, as
+    before, read the whole basis twice more per step (100 steps on dattri's
+    109,386-parameter MLP: 1.1-1.5 s → 0.6 s with a cheap product; its LR's whole
+    Arnoldi ``cache``: 0.56-0.69 s → 0.50-0.55 s).
     """
     eps = jnp.finfo(dtype).eps
     q0 = jax.random.normal(key, (dim,), dtype)
@@ -416,6 +420,10 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
             w = w - coef @ basis
         return w
 
+    def restart(j, basis, active):
+        fresh = orthogonalize(jax.random.normal(keys[j], (dim,), dtype), basis, active)
+        return fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(dtype).tiny)
+
     def step(carry, j):
         basis, hess = carry
         active = (jnp.arange(num_iters + 1) <= j).astype(dtype)
@@ -427,9 +435,8 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
         coef = coef + coef2
         beta = jnp.linalg.norm(w)
         broke = beta <= 100 * eps * jnp.maximum(jnp.linalg.norm(w0), jnp.finfo(dtype).tiny)
-        fresh = orthogonalize(jax.random.normal(keys[j], (dim,), dtype), basis, active)
-        nxt = jnp.where(broke, fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(dtype).tiny),
-                        w / jnp.where(broke, 1.0, beta))
+        # the restart's two passes over the basis run only on breakdown
+        nxt = jax.lax.cond(broke, restart, lambda j, basis, active: w / beta, j, basis, active)
         coef = coef.at[j + 1].set(jnp.where(broke, 0.0, beta))
         return (basis.at[j + 1].set(nxt), hess.at[:, j].set(coef)), None
 

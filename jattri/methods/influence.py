@@ -231,6 +231,13 @@ def _grad_sum_chunk(config, args, acc, chunk):
     return acc + _common.grad_sum(loss, params, aux, chunk).astype(acc.dtype), None
 
 
+def _grad_tree_sum_chunk(config, args, acc, chunk):
+    """As :func:`_grad_sum_chunk` with the gradient kept as a pytree (raveled once,
+    after the sum, instead of at every chunk)."""
+    loss, params, aux = args
+    return _add(acc, _common.grad_sum(loss, params, aux, chunk, flat=False)), None
+
+
 def _linearized_cvp(fns, params, aux, data, size) -> Optional[Callable]:
     """``v (d,) -> H v``, H the Hessian of the mean loss over ``data``, as ONE linear
     function (``jax.linearize`` of the mean gradient): the forward and backward passes
@@ -245,10 +252,11 @@ def _linearized_cvp(fns, params, aux, data, size) -> Optional[Callable]:
     theta, unravel = ravel_pytree(params)
 
     def mean_grad(t):
-        acc, _, n = engine.scan(_grad_sum_chunk, None, (fns, unravel(t), aux),
-                                jax.ShapeDtypeStruct(theta.shape, theta.dtype), data, size,
-                                sums=True)
-        return acc / n
+        acc, _, n = engine.scan(_grad_tree_sum_chunk, None, (fns, unravel(t), aux),
+                                jax.tree_util.tree_map(
+                                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+                                data, size, sums=True)
+        return ravel_pytree(acc)[0] / n
 
     kept = jax.eval_shape(lambda t: jax.vjp(mean_grad, t)[1], theta)
     held = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -1257,9 +1265,9 @@ def _arnoldi_apply(config, args, v):
 
 
 def _arnoldi_coords(config, args, chunk):
-    loss, members, eigvecs = args
-    c = _common.member_map(lambda p, a, vecs: _common.chunk_grads(loss, p, a, chunk) @ vecs,
-                           members, eigvecs)
+    loss, members, blocks = args  # blocks: eigvecs (M, d, r) split by leaf
+    c = _common.member_map(
+        lambda p, a, b: _common.chunk_grads_times(loss, p, a, chunk, b), members, blocks)
     return jnp.swapaxes(c, 0, 1)  # (size, M, r)
 
 
@@ -1284,7 +1292,8 @@ def _arnoldi_fits(config, args):
         return arnoldi_eigenpairs(product, d, rank=rank, num_iters=iters, key=k, dtype=dtype)
 
     eigvals, eigvecs = _common.member_map(one, members, keys)
-    coords = engine.per_example(_arnoldi_coords, None, (loss, members, eigvecs), train, size)
+    blocks = _common.row_blocks(_common.row_spec(members.params), eigvecs, axis=1)
+    coords = engine.per_example(_arnoldi_coords, None, (loss, members, blocks), train, size)
     return (eigvals, eigvecs), coords
 
 
