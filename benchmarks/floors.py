@@ -22,6 +22,22 @@ machine (RESULTS.md); pass others with the flags.
   multiply-adds each), 21 times, a lower bound on any implementation.
 - ``trak``: TRAK with the Kronecker projection (k = 510): features of 5,500 examples,
   the 510 × 510 kernel, its solve against the 500 test features, the 5,000 × 500 scores.
+- ``arnoldi_lr``: Arnoldi's 100 Hessian-vector products of the softmax regression over
+  5,000 examples. Timed: the two products each needs, X̃V and X̃ᵀZ (V 785 × 10), 100
+  times in one compiled loop, X̃ᵀ read from a transposed copy made once (its faster
+  form here); the softmax Hessian between them and the orthogonalisation left out.
+- ``arnoldi_mlp``: the same on dattri's 784-128-64-10 MLP (109,386 parameters), plus
+  the training coordinates (5,000 × 109,386) · (109,386 × 50). Two figures: the shortest
+  pure-JAX program (100 products by ``jax.linearize`` of the mean gradient, one product
+  of per-example gradients with the 50 eigenvectors), and a lower bound on any
+  implementation: only the first layer's two products per Hessian-vector product
+  (X·dW₁ and Xᵀ·dZ₁, 5,000 × 784 × 128 each) and the coordinates' one product.
+- ``explicit``: explicit influence on the LR: the 7,850² Hessian built as its 55
+  class-pair blocks X̃ᵀ diag(w) X̃ (785² each, one einsum), its Cholesky factorisation,
+  the two triangular solves against the 500 test gradients, and the (5,000 × 7,850) ·
+  (7,850 × 500) scores. Also reported: the same with the Hessian build halved (each
+  block is symmetric, so an implementation could compute half of it; XLA has no
+  symmetric rank-k product), a lower bound.
 - ``import``: ``python -c "import jax"``, the least a JAX process spends before any
   work, against 1/5 of dattri's end-to-end time for the fastest methods.
 """
@@ -96,6 +112,102 @@ def trak(reps):
     return _best(both, x, xt, reps=reps)
 
 
+def arnoldi_lr(reps, iters=100):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.random((N, D_IN), np.float32))
+
+    @jax.jit
+    def loop(x):
+        xt = x.T.copy()  # noqa: the transposed copy, made once
+
+        def body(i, v):
+            z = x @ v
+            return (xt @ z) / N
+
+        return jax.lax.fori_loop(0, iters, body, jnp.ones((D_IN, C), x.dtype))
+
+    return _best(loop, x, reps=reps)
+
+
+MLP_SIZES = (784, 128, 64, 10)
+
+
+def arnoldi_mlp(reps, iters=100, rank=50):
+    """(pure-JAX program, lower bound) in seconds."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.random((N, MLP_SIZES[0]), np.float32))
+    y = jnp.asarray(rng.integers(0, C, N).astype(np.int32))
+    params = [(jnp.asarray(rng.standard_normal((a, b), np.float32) / np.sqrt(a)),
+               jnp.zeros(b, jnp.float32)) for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:])]
+    from jax.flatten_util import ravel_pytree
+    theta, unravel = ravel_pytree(params)
+    d = theta.size
+
+    def logits(p, x):
+        for i, (w, b) in enumerate(p):
+            x = x @ w + b
+            if i < len(p) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    def example_loss(t, xi, yi):
+        return -jax.nn.log_softmax(logits(unravel(t), xi[None])[0])[yi]
+
+    def mean_loss(t):
+        return jnp.mean(jax.vmap(example_loss, (None, 0, 0))(t, x, y))
+
+    @jax.jit
+    def program(t, vecs):
+        hvp = jax.linearize(jax.grad(mean_loss), t)[1]
+        v = jax.lax.fori_loop(0, iters, lambda i, v: hvp(v) / jnp.linalg.norm(v),
+                              jnp.ones(d, t.dtype))
+        per = jax.vmap(jax.grad(example_loss), (None, 0, 0))
+        coords = jax.lax.map(lambda c: per(t, *c) @ vecs,
+                             (x.reshape(10, N // 10, -1), y.reshape(10, N // 10)))
+        return v, coords
+
+    vecs = jnp.asarray(rng.standard_normal((d, rank), np.float32))
+    full = _best(program, theta, vecs, reps=reps)
+    h = MLP_SIZES[1]
+    dw = jnp.asarray(rng.standard_normal((MLP_SIZES[0], h), np.float32))
+
+    @jax.jit
+    def first_layer(x, dw):
+        xt = x.T.copy()
+        return jax.lax.fori_loop(0, iters, lambda i, w: (xt @ (x @ w)) / N, dw)
+
+    g = jnp.asarray(rng.standard_normal((N, d), np.float32))
+    bound = (_best(first_layer, x, dw, reps=reps)
+             + _best(jax.jit(lambda g, v: g @ v), g, vecs, reps=reps))
+    return full, bound
+
+
+def explicit(reps):
+    """(program, lower bound with the Hessian build halved) in seconds."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.random((N, D_IN), np.float32))
+    w = jnp.asarray(rng.random((N, C * (C + 1) // 2), np.float32))
+    g_test = jnp.asarray(rng.standard_normal((D_IN * C, M), np.float32))
+    g_train = jnp.asarray(rng.standard_normal((N, D_IN * C), np.float32))
+
+    @jax.jit
+    def build(x, w):  # the 55 symmetric class-pair blocks X̃ᵀ diag(w_pair) X̃
+        return jnp.einsum("na,np,nb->pab", x, w, x)
+
+    d = D_IN * C
+    a = jnp.asarray(rng.random((d, d), np.float32))
+    h = (a + a.T) / 2 + d * jnp.eye(d)  # diagonally dominant: positive definite, like H + λI
+
+    @jax.jit
+    def solve(h, g_test, g_train):
+        chol = jax.scipy.linalg.cho_factor(h, lower=True)
+        return g_train @ jax.scipy.linalg.cho_solve(chol, g_test)
+
+    t_build = _best(build, x, w, reps=reps)
+    t_rest = _best(solve, h, g_test, g_train, reps=reps)
+    return t_build + t_rest, t_build / 2 + t_rest
+
+
 def imports(reps):
     times = []
     for _ in range(reps):
@@ -115,14 +227,33 @@ def main(argv=None) -> int:
                    help="dattri's compiled TRAK call, s")
     p.add_argument("--dattri-e2e", type=float, default=4.51,
                    help="dattri's fastest end-to-end run (Grad-Dot), s")
+    p.add_argument("--dattri-arnoldi-lr", type=float, default=2.592,
+                   help="dattri's compiled Arnoldi call on the LR, s")
+    p.add_argument("--dattri-arnoldi-mlp", type=float, default=23.128,
+                   help="dattri's compiled Arnoldi call on the MLP, s")
+    p.add_argument("--dattri-explicit", type=float, default=37.332,
+                   help="dattri's compiled explicit IF call on the LR, s")
     args = p.parse_args(argv)
+    few = max(1, args.reps // 3)
+    mlp_program, mlp_bound = arnoldi_mlp(few)
+    explicit_program, explicit_bound = explicit(few)
     rows = [
         ("EK-FAC compiled", "1/10", args.dattri_ekfac / 10, ekfac(args.reps)),
         ("CG compiled", "1/10", args.dattri_cg / 10, cg(max(1, args.reps // 3))),
         ("TRAK (Kronecker) compiled", "1/10", args.dattri_trak / 10, trak(args.reps)),
+        ("Arnoldi compiled (the two products of 100 HVPs only)", "1/10",
+         args.dattri_arnoldi_lr / 10, arnoldi_lr(args.reps)),
+        ("explicit IF compiled (build, Cholesky, solves, scores)", "1/10",
+         args.dattri_explicit / 10, explicit_program),
+        ("explicit IF compiled (the same, Hessian build halved: a lower bound)", "1/10",
+         args.dattri_explicit / 10, explicit_bound),
+        ("MLP: Arnoldi compiled (100 linearized HVPs + coordinates, pure JAX)", "1/10",
+         args.dattri_arnoldi_mlp / 10, mlp_program),
+        ("MLP: Arnoldi compiled (first layer's products + coordinates' product only: "
+         "a lower bound)", "1/10", args.dattri_arnoldi_mlp / 10, mlp_bound),
         ("end to end, warm", "1/5", args.dattri_e2e / 5, imports(max(1, args.reps // 2))),
     ]
-    print("| cell (LR, 5,000 × 500) | bound | bound s | least work, pure JAX, s | floor / bound |")
+    print("| cell (LR unless named, 5,000 × 500) | bound | bound s | least work, pure JAX, s | floor / bound |")
     print("|---|---|---|---|---|")
     for name, frac, bound, floor in rows:
         print(f"| {name} | {frac} of dattri | {bound:.3f} | {floor:.3f} | {floor / bound:.2f} |")
