@@ -110,3 +110,18 @@ def test_one_linear_layer_builds_its_hessian_from_output_products(monkeypatch, x
         np.testing.assert_allclose(got, _dense_reference(loss, params, tr, te, 0.1),
                                    rtol=1e-8, atol=1e-12, err_msg=name)
         assert used == ([] if l2 else [1]), name
+
+
+def test_one_position_block_of_wide_inputs_from_symmetric_pieces(x64):
+    """With k ≥ 256 input rows the class-pair blocks are built from their upper column
+    groups (2 and 4 groups here) and mirrored: equal to the whole einsum."""
+    from jattri.func.fisher import _one_position_block
+    rng = np.random.default_rng(0)
+    for k in (300, 530):
+        a = jnp.asarray(rng.normal(size=(7, k)))
+        h = rng.normal(size=(7, 3, 3))
+        h = jnp.asarray(h + np.swapaxes(h, 1, 2))
+        w = jnp.asarray([1.0, 1, 1, 0, 1, 1, 1])
+        want = np.einsum("b,bk,bK,blL->klKL", np.asarray(w), np.asarray(a), np.asarray(a),
+                         np.asarray(h)).reshape(3 * k, 3 * k)
+        np.testing.assert_allclose(_one_position_block(a, h, w), want, rtol=1e-12, atol=1e-12)
