@@ -227,13 +227,8 @@ def _mean_cvp(fns, params, aux, data, vs, size, indexed=False) -> jax.Array:
 
 
 def _grad_sum_chunk(config, args, acc, chunk):
-    loss, params, aux = args
-    return acc + _common.grad_sum(loss, params, aux, chunk).astype(acc.dtype), None
-
-
-def _grad_tree_sum_chunk(config, args, acc, chunk):
-    """As :func:`_grad_sum_chunk` with the gradient kept as a pytree (raveled once,
-    after the sum, instead of at every chunk)."""
+    """``acc`` (a pytree like the params) += the chunk's summed gradient, not raveled
+    (the caller ravels once, after the sum)."""
     loss, params, aux = args
     return _add(acc, _common.grad_sum(loss, params, aux, chunk, flat=False)), None
 
@@ -252,7 +247,7 @@ def _linearized_cvp(fns, params, aux, data, size) -> Optional[Callable]:
     theta, unravel = ravel_pytree(params)
 
     def mean_grad(t):
-        acc, _, n = engine.scan(_grad_tree_sum_chunk, None, (fns, unravel(t), aux),
+        acc, _, n = engine.scan(_grad_sum_chunk, None, (fns, unravel(t), aux),
                                 jax.tree_util.tree_map(
                                     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
                                 data, size, sums=True)
