@@ -13,8 +13,9 @@ import sys
 
 process_id, num_processes, port, out_path = (int(sys.argv[1]), int(sys.argv[2]),
                                              int(sys.argv[3]), sys.argv[4])
-if num_processes > 1:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+fast = os.environ.get("JATTRI_TEST_FAST_XLA", "")  # the suite's fast compile
+os.environ["XLA_FLAGS"] = (fast + " --xla_force_host_platform_device_count=2"
+                           if num_processes > 1 else fast).strip()
 os.environ["JATTRI_COMPILE_CACHE"] = "0"
 os.environ["JAX_PLATFORMS"] = "cpu"
 

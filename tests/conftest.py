@@ -7,6 +7,8 @@ os.environ.setdefault("JATTRI_COMPILE_CACHE", "0")
 # passes are most of that and buy nothing on test-sized arrays (78 s -> 52 s for
 # tests/test_compile_sharing.py -k dropout_members_share on the 2-core machine). Set before jax is imported; subprocesses inherit it.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+# Subprocesses that build their own XLA_FLAGS (notebooks, multi-host runs) add these.
+os.environ["JATTRI_TEST_FAST_XLA"] = " ".join(_FAST_COMPILE)
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in _FAST_COMPILE if f.split("=")[0]
                                                 not in _flags]).strip()

@@ -47,7 +47,8 @@ def test_notebook_runs_at_ci_size(name, tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JATTRI_NOTEBOOK_SMALL="1", MPLBACKEND="Agg")
+    env.update(JATTRI_NOTEBOOK_SMALL="1", MPLBACKEND="Agg",
+               XLA_FLAGS=os.environ.get("JATTRI_TEST_FAST_XLA", ""))  # the suite's fast compile
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", RUNNER, str(NOTEBOOKS / name)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
