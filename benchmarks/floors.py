@@ -153,12 +153,12 @@ def arnoldi_mlp(reps, iters=100, rank=50):
     def example_loss(t, xi, yi):
         return -jax.nn.log_softmax(logits(unravel(t), xi[None])[0])[yi]
 
-    def mean_loss(t):
+    def mean_loss(t, x, y):
         return jnp.mean(jax.vmap(example_loss, (None, 0, 0))(t, x, y))
 
     @jax.jit
-    def program(t, vecs):
-        hvp = jax.linearize(jax.grad(mean_loss), t)[1]
+    def program(t, vecs, x, y):  # the data as arguments, not constants of the program
+        hvp = jax.linearize(lambda t: jax.grad(mean_loss)(t, x, y), t)[1]
         v = jax.lax.fori_loop(0, iters, lambda i, v: hvp(v) / jnp.linalg.norm(v),
                               jnp.ones(d, t.dtype))
         per = jax.vmap(jax.grad(example_loss), (None, 0, 0))
@@ -167,7 +167,7 @@ def arnoldi_mlp(reps, iters=100, rank=50):
         return v, coords
 
     vecs = jnp.asarray(rng.standard_normal((d, rank), np.float32))
-    full = _best(program, theta, vecs, reps=reps)
+    full = _best(program, theta, vecs, x, y, reps=reps)
     h = MLP_SIZES[1]
     dw = jnp.asarray(rng.standard_normal((MLP_SIZES[0], h), np.float32))
 

@@ -238,8 +238,8 @@ def _linearized_cvp(fns, params, aux, data, size) -> Optional[Callable]:
     function (``jax.linearize`` of the mean gradient): the forward and backward passes
     at θ run once and their residuals are kept, so each product reruns only the tangent
     passes (Arnoldi's fit on dattri's 109,386-parameter MLP, 5,000 examples: 4.9-5.8 s
-    → 3.8-3.9 s). For a method that multiplies by the same H many times in a row. ``None`` (the caller recomputes each product chunk by chunk, as
-    :func:`_mean_cvp`) for the Gauss-Newton matrix, or when the residuals exceed the
+    → 3.8-3.9 s). For a method that multiplies by the same H many times in a row.
+    ``None`` (the caller recomputes each product chunk by chunk, as :func:`_mean_cvp`) for the Gauss-Newton matrix, or when the residuals exceed the
     chunk budget (``jattri.engine.DEFAULT_CHUNK_BYTES``; a large model's activations
     over the whole training set)."""
     if isinstance(fns, tuple):
