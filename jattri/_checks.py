@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jattri._jit import jit
+
 PyTree = Any
 
 
@@ -134,7 +136,7 @@ def first_example(data: PyTree) -> PyTree:
         lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jax.numpy.result_type(x)), data)
 
 
-@jax.jit
+@jit
 def _all_finite(leaves) -> jax.Array:
     return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x))
                                           for x in leaves]))

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jattri import _checks, engine
+from jattri._jit import jit
 
 _BLOCKS: list = []   # the active resumable blocks, innermost last
 _SUSPENDED = [0]     # > 0 while a stage traced inside a jit runs the usual way
@@ -237,7 +238,7 @@ def _chunks(data, size, skip, done, where):
         yield i, engine.Chunk(rows, np.where(valid, pos, 0).astype(np.int32), valid), count
 
 
-@partial(jax.jit, static_argnames="count")
+@partial(jit, static_argnames="count")
 def _slice_jit(x, start, count):
     return jax.lax.dynamic_slice_in_dim(x, start, count)
 

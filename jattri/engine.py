@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks
+from jattri._jit import jit
 
 PyTree = Any
 
@@ -544,11 +545,11 @@ def _join_zeros(leaves, spec) -> PyTree:
         tree, [x if z is None else jnp.zeros(*z) for x, z in zip(leaves, zeros)])
 
 
-_zeros_jit = jax.jit(_join_zeros, static_argnums=1)
+_zeros_jit = jit(_join_zeros, static_argnums=1)
 
 
-@partial(jax.jit, static_argnames=("step", "config", "size", "report", "layout", "sums",
-                                   "zeros"))
+@partial(jit, static_argnames=("step", "config", "size", "report", "layout", "sums",
+                               "zeros"))
 def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, sums=False,
               zeros=None):
     # Chunked, scanned and trimmed inside one program: outside it, the padding,
@@ -592,7 +593,7 @@ def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, 
     return carry, (outs if layout is None else layout.constrain(outs))
 
 
-@partial(jax.jit, static_argnames=("step", "config"))
+@partial(jit, static_argnames=("step", "config"))
 def _step_jit(step, config, args, carry, chunk):
     return step(config, args, carry, chunk)
 
@@ -726,7 +727,7 @@ def _self_step(config, args, carry, chunk):
     return carry, fn(fn_config, args, chunk)
 
 
-@partial(jax.jit, static_argnames=("fn", "config", "size", "axis", "n", "report", "layout"))
+@partial(jit, static_argnames=("fn", "config", "size", "axis", "n", "report", "layout"))
 def _fill_jit(fn, config, args, data, starts, size, axis, n, report=False, layout=None):
     # Rows are viewed as (devices, n_local, ...) blocks (one block on one device; under
     # a sharded layout each device's own examples): a chunk takes rows start ...

@@ -19,6 +19,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jattri import _checks
+from jattri._jit import jit
 from jattri.func.grads import as_partial, shared
 
 PyTree = Any
@@ -233,7 +234,7 @@ def as_members(members: Any) -> Members:
     return _computing(Members(_one_member(members), num=1))
 
 
-@jax.jit
+@jit
 def _one_member(params: PyTree) -> PyTree:
     """A leading member axis of size 1 on every leaf (one compiled call, not one
     eager op per leaf)."""
@@ -260,7 +261,7 @@ def checkpoints(params_list: Sequence[PyTree]) -> Members:
     return Members(_stack(list(params_list)), num=len(params_list))
 
 
-@jax.jit
+@jit
 def _stack(params_list: list) -> PyTree:
     """The checkpoints stacked leaf by leaf, in one compiled program (eagerly, one
     compilation per distinct leaf shape)."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jattri._jit import jit
 from jattri.models import MLP, LogisticRegression, SmallCNN
 
 
@@ -149,14 +150,14 @@ def train_models(cfg: DigitsConfig, x, y, subsets, seeds):
         (params, _), _ = jax.lax.scan(step, (params, state), jnp.arange(num_steps))
         return params
 
-    return jax.jit(jax.vmap(train_one))(subsets, seeds)
+    return jit(jax.vmap(train_one))(subsets, seeds)
 
 
 def test_losses(cfg: DigitsConfig, params_stack, x, y):
     """``(M, n_test)`` deterministic cross-entropy of every model on every example."""
     _, apply_fn, _ = model_fns(cfg)
 
-    @jax.jit
+    @jit
     def run(ps, x, y):
         logits = jax.vmap(lambda p: apply_fn(p, x))(ps)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])

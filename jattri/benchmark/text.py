@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jattri._jit import jit
 from jattri.benchmark import digits
 from jattri.models import NanoGPT
 
@@ -169,15 +170,15 @@ def train_models(cfg: TextConfig, blocks, subsets, seeds):
                                       jnp.arange(cfg.epochs * steps_per_epoch))
         return params
 
-    return jax.jit(jax.vmap(train_one))(subsets, seeds)
+    return jit(jax.vmap(train_one))(subsets, seeds)
 
 
 def block_losses(cfg: TextConfig, params_stack, blocks):
     """``(M, n)`` deterministic mean token loss of every model on every block."""
     _, _, loss_fn = model_fns(cfg)
     per_model = lambda p, b: jax.vmap(lambda z: loss_fn(p, z))(b)
-    return jax.jit(jax.vmap(per_model, in_axes=(0, None)))(params_stack,
-                                                          jnp.asarray(blocks, jnp.int32))
+    return jit(jax.vmap(per_model, in_axes=(0, None)))(params_stack,
+                                                      jnp.asarray(blocks, jnp.int32))
 
 
 def compute(cfg: TextConfig, progress=None) -> dict:

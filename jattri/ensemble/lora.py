@@ -25,6 +25,7 @@ from jax.tree_util import Partial
 import numpy as np
 
 from jattri import _checks
+from jattri._jit import jit
 from jattri.ensemble.members import EnsembleCosts, param_bytes, timed
 from jattri.methods import _common
 from jattri.task import Members, Task, as_members, as_task, check_members, first_member, member
@@ -176,7 +177,7 @@ def lora(task: Any, members: Any, train: PyTree, num_adapters: int, key: jax.Arr
                                         jnp.arange(steps))
         return adapters
 
-    fit_all = jax.jit(jax.vmap(fit, (0, None)))
+    fit_all = jit(jax.vmap(fit, (0, None)))
     stacks, seconds = [], 0.0
     for c in range(members.num):  # training only; attribution sees one stacked Members
         base = member(members, c)[0]

@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks
+from jattri._jit import jit
 from jattri.func.grads import as_partial, flat_fn, unravel_fn
 
 PyTree = Any
@@ -109,7 +110,7 @@ def dense_hessian(f: Callable, theta: jax.Array, block: Optional[int] = None) ->
     return add_dense(jnp.zeros((d, d), theta.dtype), matvec, block)
 
 
-_dense_hessian_jit = jax.jit(dense_hessian, static_argnums=2)
+_dense_hessian_jit = jit(dense_hessian, static_argnums=2)
 
 
 def damped_inverse(h: jax.Array, damping: float, *, what: str = "Hessian") -> jax.Array:
@@ -131,12 +132,12 @@ def damped_inverse(h: jax.Array, damping: float, *, what: str = "Hessian") -> ja
     return _inverse_from_eigh(w, q)
 
 
-@jax.jit
+@jit
 def _sym_eigh(h):
     return jnp.linalg.eigh(0.5 * (h + h.T))
 
 
-@jax.jit
+@jit
 def _inverse_from_eigh(w, q):
     return (q / w) @ q.T
 
@@ -157,7 +158,7 @@ def ihvp_explicit(f: Callable, params: PyTree, v: PyTree, *, damping: float = 0.
     return _unflat(out, unravel, batched)
 
 
-@partial(jax.jit, static_argnums=(4, 5))
+@partial(jit, static_argnums=(4, 5))
 def _cg_jit(flat_f, theta, b, damping, maxiter, tol):
     return cg_solve(lambda x: hvp(flat_f, theta, x) + damping * x, b, maxiter=maxiter, tol=tol)
 
@@ -296,9 +297,9 @@ def _lissa_flat(flat_f_batch, theta, v, data, key, damping, scale, depth, repeat
 
 
 # The functions are ``Partial`` pytrees (``as_partial``): traced, not static.
-_lissa_jit = jax.jit(_lissa_flat, static_argnums=(7, 8, 9, 10))
-_top_eigenvalue_jit = jax.jit(lambda f, t, k: top_eigenvalue(lambda x: hvp(f, t, x), t.shape[0],
-                                                            key=k, dtype=t.dtype))
+_lissa_jit = jit(_lissa_flat, static_argnums=(7, 8, 9, 10))
+_top_eigenvalue_jit = jit(lambda f, t, k: top_eigenvalue(lambda x: hvp(f, t, x), t.shape[0],
+                                                        key=k, dtype=t.dtype))
 
 
 def _on_batch(flat_f_batch, batch, theta):
@@ -509,7 +510,7 @@ def arnoldi_inverse_weights(eigvals: jax.Array, damping: float, tol: float) -> j
     return jnp.where(keep, 1.0 / jnp.where(keep, damped, 1.0), 0.0)
 
 
-@partial(jax.jit, static_argnums=(5, 6, 7))
+@partial(jit, static_argnums=(5, 6, 7))
 def _arnoldi_ihvp_jit(flat_f, theta, flat_v, key, damping, rank, num_iters, tol):
     eigvals, eigvecs = arnoldi_eigenpairs(lambda x: hvp(flat_f, theta, x), theta.shape[0],
                                           rank=rank, num_iters=num_iters, key=key,

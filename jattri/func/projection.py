@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from jattri._jit import jit
+
 DEFAULT_CHUNK = 4096
 PROJECTIONS = ("gaussian", "rademacher", "sjlt")
 #: ``projection="auto"`` picks the dense Gaussian up to this many entries d·k of P.
@@ -124,7 +126,7 @@ _BLOCKS = {"gaussian": partial(_dense_block, _gaussian_rows),
            "rademacher": partial(_dense_block, _rademacher_rows), "sjlt": _sjlt_block}
 
 
-@partial(jax.jit, static_argnames=("kind", "d", "k", "chunk"))
+@partial(jit, static_argnames=("kind", "d", "k", "chunk"))
 def _project(x, key, *, kind, d, k, chunk):
     block = _BLOCKS[kind]
     return _scan_chunks(lambda rows, xc: block(key, rows, xc, k), x, d, k, chunk)
@@ -209,7 +211,7 @@ _BY_NAME = {"gaussian": gaussian_projection, "rademacher": rademacher_projection
             "sjlt": sjlt_projection}
 
 
-@partial(jax.jit, static_argnames=("kind", "d", "k"))
+@partial(jit, static_argnames=("kind", "d", "k"))
 def projection_matrix(key: jax.Array, *, kind: str, d: int, k: int) -> jax.Array:
     """The ``(d, k)`` matrix P of the projector ``kind`` (not ``"auto"``) keyed ``key``:
     ``x P`` equals ``random_projection(kind, key, d, k)(x)``. For small d·k only (the

@@ -13,6 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
+from jattri._jit import jit
 from jattri.task import Members, Task, as_members, member
 
 PyTree = Any
@@ -97,7 +98,7 @@ def default_key() -> jax.Array:
     return jax.random.PRNGKey(0)
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@functools.partial(jit, static_argnums=1)
 def member_keys(key: jax.Array, num: int) -> jax.Array:
     """``(num,)`` keys ``fold_in(key, j)``: member j's own projection (or mask) key."""
     return jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num))
@@ -313,7 +314,7 @@ def hyper(task: Optional[Task] = None, **values: Any) -> tuple:
     return tuple((k, _plain(v)) for k, v in sorted(values.items()))
 
 
-@jax.jit
+@jit
 def _leaf_sums(leaves):
     return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
                                  jnp.sum(jnp.square(x.astype(jnp.float32)))])

@@ -62,6 +62,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
+from jattri._jit import jit
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
 from jattri.func.layers import find_layers, layer_io, leaf_key, same_layers
@@ -118,7 +119,7 @@ def _test_side(config, args, chunk) -> jax.Array:
     return apply(apply_config, (fns, members, curvature, damping, None), g)
 
 
-_grads_jit = jax.jit(_grads, static_argnums=0)
+_grads_jit = jit(_grads, static_argnums=0)
 
 
 # ------------------------------------- Hessian or Gauss-Newton of the mean training loss
@@ -152,7 +153,7 @@ def _curvature_hyper(task, curvature) -> tuple:
     return (("curvature", curvature), ("output_fn", output), ("output_loss_fn", output_loss))
 
 
-@jax.jit
+@jit
 def _split_losses(loss, output, output_loss, members, data):
     """``loss(p, z)`` and ``output_loss(output(p, z), z)`` on the first example and
     member."""
@@ -341,7 +342,7 @@ def _grad_sum_step(config, args, acc, chunk):
         lambda p, a: _common.grad_sum(loss, p, a, chunk), members).astype(acc.dtype), None
 
 
-@jax.jit
+@jit
 def _stationary(gsum, n, members):
     def one(p, a, g):
         theta = ravel_pytree(p)[0].astype(g.dtype)
@@ -411,7 +412,7 @@ def _combine(config, left, u, norms, index):
     return jnp.mean(s, axis=0)
 
 
-_combine_jit = jax.jit(_combine, static_argnums=0)
+_combine_jit = jit(_combine, static_argnums=0)
 
 
 def _self_fn(config, args, chunk, eager=False):
@@ -480,7 +481,7 @@ def _coord_tile(config, u, chunk):
     return jnp.mean(s, axis=1)
 
 
-_apply_jit = jax.jit(
+_apply_jit = jit(
     lambda apply, config, args, v, layout: engine.traced_with_layout(
         layout, args[-1], lambda: apply(config, args, v)), static_argnums=(0, 1, 4))
 
@@ -761,7 +762,7 @@ def _one_layer(task, members, train):
     return layer, order
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jit, static_argnums=0)
 def _only_through(layer, loss, params, aux, z, order):
     """Whether the loss reads the parameters only through ``layer``'s outputs, checked
     where a penalty on θ (an L2 term in the loss) would show: at θ' = θ + noise, on one
@@ -800,7 +801,7 @@ def _layer_step(layer, args, acc, chunk):
     return acc + blocks.astype(acc.dtype), None
 
 
-@partial(jax.jit, static_argnums=(0, 1, 7))
+@partial(jit, static_argnums=(0, 1, 7))
 def _layer_factors(layer, examples, loss, members, train, order, damping, layout=None):
     def build():
         d = _common.num_params(members)
@@ -859,7 +860,7 @@ def _dense_sum(block, examples, fns, members, train):
     return h / n
 
 
-@partial(jax.jit, static_argnums=(0, 1, 6))
+@partial(jit, static_argnums=(0, 1, 6))
 def _dense_factors(block, examples, fns, members, train, damping, layout=None):
     return engine.traced_with_layout(layout, train, lambda: _factor(
         _dense_sum(block, examples, fns, members, train), damping))
@@ -878,10 +879,10 @@ def _factor(h, damping):
     return _common.each_member(one, h, lam)
 
 
-_cholesky = jax.jit(_factor)
+_cholesky = jit(_factor)
 
 
-@jax.jit
+@jit
 def _refactor(factors, base, damping):
     """Factors of C + λI from those of C + λ₀I: C + λI = L Lᵀ + (λ − λ₀) I."""
     lam = jnp.broadcast_to(jnp.asarray(damping, factors.dtype), factors.shape[:1])
@@ -889,7 +890,7 @@ def _refactor(factors, base, damping):
     return _factor(_common.each_member(lambda l: l @ l.T, factors), lam - lam0)
 
 
-@jax.jit
+@jit
 def _bad_pivots(factors) -> jax.Array:
     """A member's Cholesky factor has a non-finite pivot or one ≤ 1e-12 of its largest
     (one program; eagerly, eleven compilations on a first call)."""
@@ -1079,7 +1080,7 @@ def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 1
 _LISSA_FACTOR = 1.5
 
 
-@partial(jax.jit, static_argnums=1)
+@partial(jit, static_argnums=1)
 def _lissa_keys(key, num):
     """Member m's scale key and run key: ``split(fold_in(key, m))``, in one program."""
     keys = jax.vmap(jax.random.split)(_common.member_keys(key, num))
@@ -1090,7 +1091,7 @@ def _lissa_top(size, args):
     return _lissa_top_jit(size, args, engine.layout_of(args[2]))
 
 
-@partial(jax.jit, static_argnums=(0, 2))
+@partial(jit, static_argnums=(0, 2))
 def _lissa_top_jit(size, args, layout):
     return engine.traced_with_layout(layout, args[2], lambda: _lissa_tops(size, args))
 
@@ -1234,7 +1235,7 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jit, static_argnums=0)
 def _diagonal_self(diagonal, coords, curvature, lam, norms):
     """``(n,)`` Σ_r coords² · diagonal(λ) (over ``norms``), averaged over members, in
     one program (eagerly, a dozen compilations on a first call)."""
@@ -1270,7 +1271,7 @@ def _arnoldi_fit(config, args):
     return _arnoldi_fit_jit(config, args, engine.layout_of(args[3]))
 
 
-@partial(jax.jit, static_argnums=(0, 2))
+@partial(jit, static_argnums=(0, 2))
 def _arnoldi_fit_jit(config, args, layout):
     return engine.traced_with_layout(layout, args[3], lambda: _arnoldi_fits(config, args))
 
@@ -1379,8 +1380,8 @@ def _ekfac_eigenvalue_step(config, args, acc, chunk):
 
 # stages 2 and 3 of the fit as one program each (eagerly, every division and eigh was a
 # compilation of its own on first use: seven on the LR, 0.4 s)
-_ekfac_eigenbasis = jax.jit(fisher.ekfac_eigenbasis)
-_ekfac_finish = jax.jit(fisher.ekfac_finish, static_argnames=("curvature",))
+_ekfac_eigenbasis = jit(fisher.ekfac_eigenbasis)
+_ekfac_finish = jit(fisher.ekfac_finish, static_argnames=("curvature",))
 
 
 def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFactors:
@@ -1470,7 +1471,7 @@ def _ekfac_basis(task, members, train, test, memo):
 _EKFAC_RELATIVE_DAMPING = 0.1
 
 
-@jax.jit
+@jit
 def _ekfac_damping(factors: fisher.EKFACFactors) -> jax.Array:
     """0.1 × the mean eigenvalue of the EK-FAC / K-FAC curvature, averaged over members:
     (Σ_layers Σ Λ* + Σ diag) / d, the diagonal Fisher counting only the parameters
@@ -1627,7 +1628,7 @@ def _datainf_apply(config, args, v):
     return _put(parts, groups)
 
 
-@jax.jit
+@jit
 def _per_float(sums, count):
     """``sums / count`` in the dtype of ``sums``, compiled (not an eager op)."""
     return (sums / count).astype(sums.dtype)

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
+from jattri._jit import jit
 from jattri.func.fisher import augment, hessian_block_floats, layer_hessian_blocks
 from jattri.func.layers import find_layers, layer_io, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
@@ -148,7 +149,7 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
                               tuple(dims), kind, int(num), bool(shared), key)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@partial(jit, static_argnums=(0, 1, 2, 3, 4), keep_emitters=True)
 def _kronecker_factors(sizes, dims, kind, num, shared, key):
     keys = (jnp.broadcast_to(key, (num,) + key.shape) if shared else
             jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num)))
@@ -250,7 +251,7 @@ def _relative(fisher: jax.Array, damping) -> jax.Array:
     return damping * jnp.trace(fisher, axis1=-2, axis2=-1) / fisher.shape[-1]
 
 
-@jax.jit
+@jit
 def _auto_blocks(ggn: tuple, phi: jax.Array, stationary):
     """``curvature="auto"``'s blocks and absolute damping: per member, the Gauss-Newton
     blocks where every layer's is positive definite at the default damping (``stationary``
@@ -294,7 +295,7 @@ def _cholesky_inverse(spd: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(spd, lower=True), eye)
 
 
-@jax.jit
+@jit
 def _solve(fisher: tuple, damping, psi: jax.Array, absolute=None) -> jax.Array:
     """``(M, K, n_test)``: :func:`_precondition` of the test side ``psi``
     ``(n_test, M, K)``, in one program (eagerly, fourteen compilations on a first
@@ -302,7 +303,7 @@ def _solve(fisher: tuple, damping, psi: jax.Array, absolute=None) -> jax.Array:
     return _precondition(fisher, damping, jnp.transpose(psi, (1, 2, 0)), absolute)
 
 
-@jax.jit
+@jit
 def _inverses(fisher: tuple, damping, absolute=None) -> tuple:
     """(F_ℓ + λ_ℓ I)⁻¹ of every block, in one program."""
     return _common.each_member(lambda *blocks: tuple(_cholesky_inverse(f) for f in blocks),
@@ -315,7 +316,7 @@ def _damped(fisher: tuple, damping, absolute) -> tuple:
     return tuple(damped_fisher(f, damping, a) for f, a in zip(fisher, absolute))
 
 
-@jax.jit
+@jit
 def _mean(fisher: tuple, n) -> tuple:
     return tuple(f / n for f in fisher)
 

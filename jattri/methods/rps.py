@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from jattri import _checks, engine
+from jattri._jit import jit
 from jattri.func.grads import as_partial
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -232,7 +233,7 @@ def fidelity_l2(features: jax.Array, logits: jax.Array, targets: jax.Array, *,
     return _fidelity_refit(features, logits, targets, maxiter, tol)[0]
 
 
-@partial(jax.jit, static_argnames=("maxiter", "labels"))
+@partial(jit, static_argnames=("maxiter", "labels"))
 def _refit_members(features, logits, y, l2, tol, *, maxiter, labels):
     """Every member's refit: features ``(n, M, p)``, logits ``(n, M, C)``, classes
     ``(n, M)``, one λ or ``None`` (each member's :func:`fidelity_l2`) -> ``(alpha (n, M,
@@ -314,7 +315,7 @@ def _label_loss(logits_fn, label, params, z, i, aux):
     return -jax.nn.log_softmax(logits)[label(z)]
 
 
-@jax.jit
+@jit
 def _self_values(alpha, labels, features):
     """``(n,)`` mean_m α_i[y_i] ‖f_i‖², in one program (not six eager ops)."""
     a = jnp.take_along_axis(alpha, labels[..., None], axis=2)[..., 0]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattri import _checks, engine
+from jattri._jit import jit
 from jattri.func.fisher import augment
 from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys, same_layers
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
@@ -241,10 +242,10 @@ def _member0_error(layers, fn, params, aux, example) -> jax.Array:
     return _factored_error(layers, fn, first(params), first(aux), example)
 
 
-_member0_error_jit = jax.jit(_member0_error, static_argnums=(0, 1))
+_member0_error_jit = jit(_member0_error, static_argnums=(0, 1))
 
 
-@jax.jit
+@jit
 def _first_of(rows):
     return jax.tree_util.tree_map(lambda x: x[0], rows)
 
@@ -294,7 +295,7 @@ def _rebuild_error(layers, fn, members, data) -> float:
         hash(fn)
         check = partial(_member0_error_jit, layers, fn)
     except TypeError:  # an unhashable loss: compiled afresh
-        check = jax.jit(partial(_member0_error, layers, fn))
+        check = jit(partial(_member0_error, layers, fn))
     return float(check(members.params, members.aux, _first_row(data)))
 
 

@@ -1,0 +1,90 @@
+"""``jax.jit`` for jattri's own programs, compiled with XLA's classic CPU emitters.
+
+On CPU, XLA's newer MLIR fusion emitters make backend compilation the largest part of
+a method's first call, and jattri's programs gain nothing from them at run time. With
+the classic emitters XLA's compilation time per method falls by about a third (dattri's
+109,386-parameter MLP, 5,000 × 500: TRAK 2.35 s → 1.49 s, CG 1.86 s → 1.18 s, RPS
+1.72 s → 1.12 s), and process start to scores, one process each on the 2-core machine,
+EK-FAC 9.25 s → 8.53 s, Arnoldi 8.32 s → 7.59 s, Grad-Dot on the LR 1.79 s → 1.67 s;
+compiled calls are unchanged within run-to-run noise (`benchmarks/RESULTS.md`,
+"Classic CPU emitters"). The one program measured to compile slower with them, the
+generation of the Kronecker projection's random factors, keeps the fusion emitters
+(:func:`jit`'s ``keep_emitters``).
+
+The option goes only to programs jattri compiles itself (each stage's ``jit`` called
+outside any trace), and only when JAX's default backend is the CPU: the choice is made
+at a program's first call, when the backend is known. JAX accepts compiler options on
+top-level programs only, so a stage called inside a trace (``jax.jit(attr.attribute)``,
+``vmap``) is an ordinary ``jax.jit`` and the user's program keeps the user's settings.
+XLA's own choice is kept everywhere when ``XLA_FLAGS`` names
+``xla_cpu_use_fusion_emitters`` or when the environment variable ``JATTRI_XLA_DEFAULTS``
+is ``1``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import jax
+
+_OPTION = "xla_cpu_use_fusion_emitters"
+
+
+def cpu_options() -> Optional[dict]:
+    """The compiler options jattri adds on the CPU backend now, or ``None``."""
+    if os.environ.get("JATTRI_XLA_DEFAULTS", "").strip() in ("1", "true", "yes", "on"):
+        return None
+    if _OPTION in os.environ.get("XLA_FLAGS", "") or jax.default_backend() != "cpu":
+        return None
+    return {_OPTION: False}
+
+
+def _top_level() -> bool:
+    """Whether no trace is active (JAX's own test before it accepts compiler options);
+    ``False`` where this JAX does not say, which keeps XLA's defaults."""
+    try:
+        from jax._src import core
+        return bool(core.trace_state_clean())
+    except (ImportError, AttributeError):
+        return False
+
+
+class _Jitted:
+    """``jax.jit(fun, **kwargs)``: with :func:`cpu_options` when called outside any
+    trace, plain inside one. Both are built at their first use."""
+
+    def __init__(self, fun: Callable, kwargs: dict, keep_emitters: bool = False):
+        self._fun, self._kwargs, self._keep = fun, kwargs, keep_emitters
+        self._jitted: Optional[Callable] = None
+        self._plain = jax.jit(fun, **kwargs)
+        self.__wrapped__ = fun
+        self.__name__ = getattr(fun, "__name__", "jitted")
+        self.__doc__ = getattr(fun, "__doc__", None)
+
+    def _get(self):
+        if not _top_level():
+            return self._plain
+        if self._jitted is None:
+            options = None if self._keep else cpu_options()
+            self._jitted = (self._plain if options is None else
+                            jax.jit(self._fun, compiler_options=options, **self._kwargs))
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, _cache_size
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_keep", "_jitted", "_plain"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
+def jit(fun: Optional[Callable] = None, *, keep_emitters: bool = False, **kwargs):
+    """``jax.jit(fun, **kwargs)`` with :func:`cpu_options`; also a decorator
+    (``@jit`` or ``@partial(jit, static_argnums=...)``). ``keep_emitters=True`` keeps
+    XLA's fusion emitters for a program they compile faster: the one measured so
+    generates random matrices (the Kronecker factors of TRAK on dattri's MLP: 2.2 s
+    with them, 5.3 s without)."""
+    if fun is None:
+        return lambda f: _Jitted(f, kwargs, keep_emitters)
+    return _Jitted(fun, kwargs, keep_emitters)

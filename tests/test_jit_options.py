@@ -1,0 +1,77 @@
+"""jattri's own programs compile with XLA's classic CPU emitters (``jattri._jit``):
+the option reaches the compiler, and the user can keep XLA's defaults."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattri import _jit
+
+
+def test_cpu_options_follow_the_environment(monkeypatch):
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert _jit.cpu_options() == {"xla_cpu_use_fusion_emitters": False}
+    monkeypatch.setenv("JATTRI_XLA_DEFAULTS", "1")
+    assert _jit.cpu_options() is None
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS")
+    # the user's own choice of emitters is kept
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    assert _jit.cpu_options() is None
+
+
+def test_the_option_reaches_the_compiler(monkeypatch):
+    """An option name XLA does not know fails the compilation: so the options are
+    passed to it. Without them the same program compiles and runs."""
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(_jit, "_OPTION", "xla_cpu_no_such_option")
+    x = jnp.arange(3.0)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        _jit.jit(lambda v: jnp.sin(v) * 2)(x)
+    # a program that keeps XLA's emitters gets no option
+    np.testing.assert_allclose(_jit.jit(lambda v: jnp.sin(v) * 2, keep_emitters=True)(x),
+                               np.sin(np.arange(3.0)) * 2, rtol=1e-6)
+    monkeypatch.setenv("JATTRI_XLA_DEFAULTS", "1")
+    f = _jit.jit(lambda v, k: jnp.sin(v) * k, static_argnums=1)
+    np.testing.assert_allclose(f(x, 2), np.sin(np.arange(3.0)) * 2, rtol=1e-6)
+    assert f.__wrapped__ is not None and f.lower(x, 2) is not None  # jax.jit's attributes
+
+
+def test_inside_a_trace_the_stage_is_a_plain_jit(monkeypatch):
+    """JAX takes compiler options on top-level programs only: inside the user's
+    ``jax.jit`` or ``vmap`` a stage compiles as part of the user's program. With an
+    option XLA would refuse, the nested calls still run."""
+    import jax
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(_jit, "_OPTION", "xla_cpu_no_such_option")
+    f = _jit.jit(lambda v: jnp.sin(v) * 2)
+    x = jnp.arange(3.0)
+    np.testing.assert_allclose(jax.jit(lambda v: f(v) + 1)(x), np.sin(np.arange(3.0)) * 2 + 1,
+                               rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f)(x[:, None])[:, 0], np.sin(np.arange(3.0)) * 2,
+                               rtol=1e-6)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        f(x)  # the same stage at top level carries the option
+
+
+def test_a_method_runs_top_level_and_inside_jit_with_the_option(monkeypatch):
+    import jax
+    import jattri
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert _jit.cpu_options() == {"xla_cpu_use_fusion_emitters": False}
+
+    def loss(w, z):
+        x, y = z
+        return (x @ w - y) ** 2
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    x, y = jax.random.normal(k1, (12, 5)), jax.random.normal(k2, (12,))
+    w = jnp.linspace(-1.0, 1.0, 5)
+    attr = jattri.grad_dot(loss, chunk_size=4)
+    top = attr.attribute(attr.cache(w, (x[:8], y[:8])), (x[8:], y[8:]))
+    nested = jax.jit(lambda w: attr.attribute(attr.cache(w, (x[:8], y[:8])), (x[8:], y[8:])))(w)
+    g = 2 * (x @ w - y)[:, None] * x  # the per-example gradients, by hand
+    np.testing.assert_allclose(top, g[:8] @ g[8:].T, rtol=1e-5)  # (train, test)
+    np.testing.assert_allclose(nested, top, rtol=1e-5)
