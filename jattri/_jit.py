@@ -1,12 +1,12 @@
 """``jax.jit`` for jattri's own programs, compiled with XLA's classic CPU emitters.
 
 On CPU, XLA's newer MLIR fusion emitters make backend compilation the largest part of
-a method's first call, and jattri's programs gain nothing from them at run time. With
-the classic emitters XLA's compilation time per method falls by about a third (dattri's
-109,386-parameter MLP, 5,000 × 500: TRAK 2.35 s → 1.49 s, CG 1.86 s → 1.18 s, RPS
-1.72 s → 1.12 s), and process start to scores, one process each on the 2-core machine,
-EK-FAC 9.25 s → 8.53 s, Arnoldi 8.32 s → 7.59 s, Grad-Dot on the LR 1.79 s → 1.67 s;
-compiled calls are unchanged within run-to-run noise (`benchmarks/RESULTS.md`,
+a method's first call. With the classic emitters XLA's compilation time per method
+falls by about a third (dattri's 109,386-parameter MLP, 5,000 × 500: TRAK 2.35 s →
+1.49 s, CG 1.86 s → 1.18 s, RPS 1.72 s → 1.12 s), and process start to scores, one
+process each on the 2-core machine, EK-FAC 9.25 s → 8.53 s, Arnoldi 8.32 s → 7.59 s,
+Grad-Dot on the LR 1.79 s → 1.67 s. Compiled calls are unchanged within run-to-run
+noise, except explicit influence on the LR, 4-8% slower (`benchmarks/RESULTS.md`,
 "Classic CPU emitters"). The one program measured to compile slower with them, the
 generation of the Kronecker projection's random factors, keeps the fusion emitters
 (:func:`jit`'s ``keep_emitters``).
@@ -74,7 +74,8 @@ class _Jitted:
         return self._get()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, _cache_size
-        if name.startswith("__") or name in ("_fun", "_kwargs", "_keep", "_jitted", "_plain"):
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_keep", "_jitted",
+                                             "_plain"):
             raise AttributeError(name)
         return getattr(self._get(), name)
 
