@@ -6,7 +6,7 @@ falls by about a third (dattri's 109,386-parameter MLP, 5,000 × 500: TRAK 2.35 
 1.49 s, CG 1.86 s → 1.18 s, RPS 1.72 s → 1.12 s), and process start to scores, one
 process each on the 2-core machine, EK-FAC 9.25 s → 8.53 s, Arnoldi 8.32 s → 7.59 s,
 Grad-Dot on the LR 1.79 s → 1.67 s. Compiled calls are unchanged within run-to-run
-noise, except explicit influence on the LR, 4-8% slower (`benchmarks/RESULTS.md`,
+noise, except explicit influence on the LR, 3-8% slower (`benchmarks/RESULTS.md`,
 "Classic CPU emitters"). The one program measured to compile slower with them, the
 generation of the Kronecker projection's random factors, keeps the fusion emitters
 (:func:`jit`'s ``keep_emitters``).
@@ -39,13 +39,10 @@ def cpu_options() -> Optional[dict]:
     return {_OPTION: False}
 
 
-def _top_level() -> bool:
-    """Whether no trace is active (JAX's own test before it accepts compiler options);
-    ``False`` where this JAX does not say, which keeps XLA's defaults."""
-    try:
-        from jax._src import core
-        return bool(core.trace_state_clean())
-    except (ImportError, AttributeError):
+try:  # JAX's own test before it accepts compiler options: no trace is active
+    from jax._src.core import trace_state_clean as _top_level
+except ImportError:  # a JAX that does not say: XLA's defaults everywhere
+    def _top_level() -> bool:
         return False
 
 

@@ -7,8 +7,8 @@ os.environ.setdefault("JATTRI_COMPILE_CACHE", "0")
 # passes are most of that and buy nothing on test-sized arrays (78 s -> 52 s for
 # tests/test_compile_sharing.py -k dropout_members_share on the 2-core machine). XLA's
 # newer MLIR fusion emitters cost about half of what remains (tests/test_logra.py alone:
-# 49 s -> 25 s of backend compilation, 85 s -> 61 s wall); the classic emitters give the
-# same programs. Set before jax is imported; subprocesses inherit it.
+# 49 s -> 25 s of backend compilation, 85 s -> 61 s wall); the classic emitters' results
+# differ at most in the last bit. Set before jax is imported; subprocesses inherit it.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
                  "--xla_cpu_use_fusion_emitters=false")
 # Subprocesses that build their own XLA_FLAGS (notebooks, multi-host runs) add these.

@@ -1,10 +1,14 @@
 """jattri's own programs compile with XLA's classic CPU emitters (``jattri._jit``):
 the option reaches the compiler, and the user can keep XLA's defaults."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jattri import _jit
+
+# the option is for the CPU backend only; elsewhere cpu_options() is None
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU option")
 
 
 def test_cpu_options_follow_the_environment(monkeypatch):
@@ -41,7 +45,6 @@ def test_inside_a_trace_the_stage_is_a_plain_jit(monkeypatch):
     """JAX takes compiler options on top-level programs only: inside the user's
     ``jax.jit`` or ``vmap`` a stage compiles as part of the user's program. With an
     option XLA would refuse, the nested calls still run."""
-    import jax
     monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(_jit, "_OPTION", "xla_cpu_no_such_option")
@@ -56,7 +59,6 @@ def test_inside_a_trace_the_stage_is_a_plain_jit(monkeypatch):
 
 
 def test_a_method_runs_top_level_and_inside_jit_with_the_option(monkeypatch):
-    import jax
     import jattri
     monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "")

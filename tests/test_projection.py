@@ -34,9 +34,9 @@ def test_chunked_equals_unchunked(kind):
     np.testing.assert_allclose(out_whole, np.asarray(x) @ p_whole, rtol=1e-12, atol=1e-12)
     for chunk in (1, 7, 500):
         out = np.asarray(P.random_projection(kind, key, d, k, chunk_size=chunk)(xs))
-        # The matrix is the same entry for entry, whatever the chunking (the same keys
-        # draw the same numbers; the suite's classic XLA emitters may round the normal
-        # transform's last bit differently by position: 4e-16 relative) ...
+        # The matrix is the same whatever the chunking: the same keys draw the same
+        # numbers (to the last bit, which the suite's classic XLA emitters may round
+        # differently by position in the normal transform: 4e-16 relative) ...
         np.testing.assert_allclose(out[:d], p_whole, rtol=2e-15, atol=0)
         # ... so results differ only by the order of the floating-point sums.
         np.testing.assert_allclose(out[d:], out_whole, rtol=1e-12, atol=1e-12)
