@@ -106,6 +106,31 @@ def test_entries_have_the_documented_law():
     assert counts.min() > d / k / 2 and np.abs(sjlt.sum()) < 4 * math.sqrt(d)
 
 
+@pytest.mark.parametrize("kind", ("gaussian", "rademacher"))
+def test_counter_based_entries_look_independent(kind):
+    """The hashed entries (``_entry_words``) behave as i.i.d. draws of the law: moments,
+    and sums along rows, along columns, of neighbours and across two keys whose
+    spread would grow with any correlation the hash left (rows or columns repeated,
+    neighbouring counters alike, a key that does not reach every entry)."""
+    d, k = 4000, 256
+    m = [dense_matrix(kind, jax.random.PRNGKey(s), d, k) * math.sqrt(k) for s in (0, 1)]
+    z = m[0]
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    kurt = np.mean(z ** 4) / z.var() ** 2
+    assert abs(kurt - (3.0 if kind == "gaussian" else 1.0)) < (0.05 if kind == "gaussian"
+                                                                else 1e-3)
+    # Sums of d (k) independent unit-variance entries have variance d (k): estimated
+    # over k (d) sums, within 6 standard errors of 1 after normalisation.
+    for sums, count in ((z.sum(0) / math.sqrt(d), k), (z.sum(1) / math.sqrt(k), d)):
+        assert abs(sums.var() - 1) < 6 * math.sqrt(2 / count), sums.var()
+    # Neighbouring counters, along rows and along columns, and two keys: uncorrelated.
+    for a, b in ((z[:, 1:], z[:, :-1]), (z[1:], z[:-1]), (m[0], m[1])):
+        assert abs(np.mean(a * b)) < 6 / math.sqrt(a.size)
+    if kind == "gaussian":  # the tails: P(|z| > 3) = 0.0027
+        assert abs(np.mean(np.abs(z) > 3) - 0.0027) < 6 * math.sqrt(0.0027 / n)
+        assert np.abs(z).max() < 5.4
 def test_sjlt_is_a_scatter_add_not_a_matmul():
     """The jaxpr of the SJLT has a scatter-add and no (n, chunk) x (chunk, k) dot."""
     proj = P.sjlt_projection(jax.random.PRNGKey(0), 50, 8, chunk_size=16)
