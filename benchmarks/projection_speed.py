@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         from dattri.func.projection import BasicProjector, ProjectionType
     except ImportError:
         torch = None
-    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (args.n, args.d)), np.float32)
+    x = np.array(jax.random.normal(jax.random.PRNGKey(1), (args.n, args.d)), np.float32)
     xj = jax.device_put(x)
     sq = (x.astype(np.float64) ** 2).sum(1)
     key = jax.random.PRNGKey(0)

@@ -7,9 +7,10 @@ falls by about a third (dattri's 109,386-parameter MLP, 5,000 × 500: TRAK 2.35 
 process each on the 2-core machine, EK-FAC 9.25 s → 8.53 s, Arnoldi 8.32 s → 7.59 s,
 Grad-Dot on the LR 1.79 s → 1.67 s. Compiled calls are unchanged within run-to-run
 noise, except explicit influence on the LR, 3-8% slower (`benchmarks/RESULTS.md`,
-"Classic CPU emitters"). The one program measured to compile slower with them, the
-generation of the Kronecker projection's random factors, keeps the fusion emitters
-(:func:`jit`'s ``keep_emitters``).
+"Classic CPU emitters"). The one program once measured to compile slower with them,
+the generation of the Kronecker projection's random factors (5.3 s against 2.2 s on
+that MLP), draws its randomness from a hash now and compiles in 0.65-0.75 s with either
+(`benchmarks/RESULTS.md`, "Counter-based projections").
 
 The option goes only to programs jattri compiles itself (each stage's ``jit`` called
 outside any trace), and only when JAX's default backend is the CPU: the choice is made
@@ -50,8 +51,8 @@ class _Jitted:
     """``jax.jit(fun, **kwargs)``: with :func:`cpu_options` when called outside any
     trace, plain inside one. Both are built at their first use."""
 
-    def __init__(self, fun: Callable, kwargs: dict, keep_emitters: bool = False):
-        self._fun, self._kwargs, self._keep = fun, kwargs, keep_emitters
+    def __init__(self, fun: Callable, kwargs: dict):
+        self._fun, self._kwargs = fun, kwargs
         self._jitted: Optional[Callable] = None
         self._plain = jax.jit(fun, **kwargs)
         self.__wrapped__ = fun
@@ -62,7 +63,7 @@ class _Jitted:
         if not _top_level():
             return self._plain
         if self._jitted is None:
-            options = None if self._keep else cpu_options()
+            options = cpu_options()
             self._jitted = (self._plain if options is None else
                             jax.jit(self._fun, compiler_options=options, **self._kwargs))
         return self._jitted
@@ -71,18 +72,15 @@ class _Jitted:
         return self._get()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, _cache_size
-        if name.startswith("__") or name in ("_fun", "_kwargs", "_keep", "_jitted",
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted",
                                              "_plain"):
             raise AttributeError(name)
         return getattr(self._get(), name)
 
 
-def jit(fun: Optional[Callable] = None, *, keep_emitters: bool = False, **kwargs):
+def jit(fun: Optional[Callable] = None, **kwargs):
     """``jax.jit(fun, **kwargs)`` with :func:`cpu_options`; also a decorator
-    (``@jit`` or ``@partial(jit, static_argnums=...)``). ``keep_emitters=True`` keeps
-    XLA's fusion emitters for a program they compile faster: the one measured so
-    generates random matrices (the Kronecker factors of TRAK on dattri's MLP: 2.2 s
-    with them, 5.3 s without)."""
+    (``@jit`` or ``@partial(jit, static_argnums=...)``)."""
     if fun is None:
-        return lambda f: _Jitted(f, kwargs, keep_emitters)
-    return _Jitted(fun, kwargs, keep_emitters)
+        return lambda f: _Jitted(f, kwargs)
+    return _Jitted(fun, kwargs)

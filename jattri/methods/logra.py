@@ -142,9 +142,9 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
     ``jattri.func.projection.kronecker_projection``. Made once per stage, outside the
     compiled steps, which then only multiply (generated inside every step, TRAK's
     programs on a 3-layer 109k MLP compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
-    0.25-0.31 s, plus 1.5 s once for the factors), all in one program (one compilation
-    per model shape instead of one per factor). Memory M·Σ_ℓ (d_in·k_in + d_out·k_out)
-    floats."""
+    0.25-0.31 s, plus 0.65-0.75 s once for the factors), all in one program (one
+    compilation per model shape instead of one per factor). Memory
+    M·Σ_ℓ (d_in·k_in + d_out·k_out) floats."""
     return _kronecker_factors(tuple((l.d_in + int(l.use_bias), l.d_out) for l in layers),
                               tuple(dims), kind, int(num), bool(shared), key)
 
