@@ -640,3 +640,50 @@ def test_chunk_grads_times_equals_raveled_product():
     want = _common.chunk_grads(fn, params, None, chunk) @ mat
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert np.all(np.asarray(got[4]) == 0) and np.all(np.abs(np.asarray(got[:4])) > 0)
+
+
+def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
+    """Where every parameter is in a Dense layer at one position, Arnoldi's training
+    coordinates Vᵀg_i are taken from the layers' inputs and output gradients
+    (``_factored_grads_times``): they equal the formed gradients times V, padding rows
+    zero. A loss with an L2 term on the parameters is not rebuilt from the layers: the
+    fit falls back to the formed gradients, and both give the float64 reference.
+    (The size threshold n·d is lowered to 0 here, so the tiny model takes the path.)"""
+    from jattri.methods import _common
+    from jattri.task import as_task, as_members
+    model = MLP(hidden=(5, 4), num_classes=3)
+    x, y = _classification_data(9, 4, 3, seed=4)
+    monkeypatch.setattr(influence, "_FACTORED_COORDS_MIN", 10 ** 9)
+    assert influence._arnoldi_layers(as_task(_flax_loss(model)), as_members(_f64(
+        model.init(jax.random.PRNGKey(5), x[:1])["params"])), (x, y), {}) is None
+    monkeypatch.setattr(influence, "_FACTORED_COORDS_MIN", 0)
+    params = _f64(model.init(jax.random.PRNGKey(5), x[:1])["params"])
+    task = as_task(_flax_loss(model))
+    members = as_members(params)
+    memo = {}
+    layers = influence._arnoldi_layers(task, members, (x, y), memo)
+    assert layers is not None and len(layers) == 3
+    theta, _ = ravel_pytree(params)
+    mat = jnp.asarray(np.random.default_rng(6).normal(size=(theta.size, 7)))
+    chunk = engine.Chunk((x, y), jnp.arange(9), jnp.arange(9) < 8)
+    blocks = _common.row_blocks(params, mat)
+    got = influence._factored_grads_times(layers, task.loss, params, None, chunk, blocks)
+    want = _common.chunk_grads(task.loss, params, None, chunk) @ mat
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert np.all(np.asarray(got[8]) == 0) and np.all(np.abs(np.asarray(got[:8])) > 0)
+    # the L2 term puts gradient outside the layers: no factored plan
+    l2 = as_task(_flax_loss(model, l2=0.1))
+    assert influence._arnoldi_layers(l2, members, (x, y), {}) is None
+    # scores on both paths against the dense reference g_iᵀ V diag(1/(μ+λ)) Vᵀ g_t
+    for fn in (_flax_loss(model), _flax_loss(model, l2=0.1)):
+        th, unravel = ravel_pytree(params)
+        hess = np.asarray(jax.hessian(lambda t: jnp.mean(jax.vmap(
+            lambda z: fn(unravel(t), z))((x, y))))(th))
+        grads = np.asarray(jax.vmap(lambda z: ravel_pytree(jax.grad(fn)(params, z))[0])((x, y)))
+        mu, vec = np.linalg.eigh(hess)
+        keep = mu + 2.0 > 1e-6 * np.max(mu + 2.0)
+        proj = grads @ vec[:, keep]
+        want = proj @ np.diag(1 / (mu[keep] + 2.0)) @ proj.T
+        attr = influence_arnoldi(fn, rank=th.size, damping=2.0)
+        got = attr.attribute(attr.cache(params, (x, y)), (x, y))
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
