@@ -290,3 +290,32 @@ def test_damping_must_be_a_scalar():
         jattri.trak(loss, damping=np.ones(3))
     with pytest.raises(TypeError, match="`damping` must be a real number"):
         jattri.influence_ekfac(loss, damping=jnp.ones(2))
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_members_fingerprint_on_host_and_compiled(problem, monkeypatch, host):
+    """The members' fingerprint is summed by numpy for CPU-held leaves and by a compiled
+    program otherwise (``host=False`` forces that path here): either way an unchanged
+    copy is accepted, and a change of one entry, of a bfloat16 or integer leaf
+    included, is refused."""
+    from jattri.methods import _common
+    monkeypatch.setattr(_common, "_on_cpu", lambda leaves: host)
+    params, train = problem
+    stacked = jax.tree_util.tree_map(lambda x: x[None], params)
+
+    def members(h, i):  # a bfloat16 parameter, an integer aux leaf
+        return jattri.task.Members({**stacked, "h": h[None]}, {"i": i[None]}, 1)
+
+    h, i = jnp.arange(6, dtype=jnp.bfloat16), jnp.arange(4, dtype=jnp.int32)
+    before = _common.fingerprint(members(h, i))
+    assert _common._same_members(before, _common.fingerprint(members(jnp.copy(h),
+                                                                      jnp.copy(i))))
+    for other in (members(h.at[2].add(1), i), members(h, i.at[2].add(1))):
+        assert not _common._same_members(before, _common.fingerprint(other))
+    attr = jattri.grad_dot(loss)
+    state = attr.cache(params, train)
+    tampered = state._replace(members=jattri.task.as_members(
+        jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].add(0.5), params)))
+    with pytest.raises(ValueError, match="`state.members` differ from the members"):
+        attr.attribute(tampered, train)
+    assert attr.attribute(state, train).shape == (10, 10)
