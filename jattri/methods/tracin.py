@@ -236,27 +236,24 @@ def _factored_error(layers, fn, params, aux, example) -> jax.Array:
     return jnp.sqrt(diff / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
 
 
-def _member0_error(layers, fn, params, aux, example) -> jax.Array:
-    """:func:`_factored_error` of member 0 (sliced inside the program)."""
+def _member0_error(layers, fn, params, aux, rows) -> jax.Array:
+    """:func:`_factored_error` of member 0 on the first of ``rows`` (both sliced inside
+    the program)."""
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-    return _factored_error(layers, fn, first(params), first(aux), example)
+    return _factored_error(layers, fn, first(params), first(aux), first(rows))
 
 
 _member0_error_jit = jit(_member0_error, static_argnums=(0, 1))
 
 
-@jit
-def _first_of(rows):
-    return jax.tree_util.tree_map(lambda x: x[0], rows)
-
-
-def _first_row(data):
-    """The first example of ``data`` (a stream: of its first chunk): numpy leaves cut on
-    the host (never copied whole to the device), jax leaves in one small program (an
-    eager slice per leaf was a compilation each)."""
+def _first_rows(data):
+    """Rows of ``data`` (a stream: its first chunk) whose first is the example checked:
+    numpy leaves cut to one row on the host (never copied whole to the device), jax
+    leaves whole, sliced inside the check's program (a program of its own to slice
+    them cost 0.03 s of compilation on a first call, an eager slice per leaf one each)."""
     rows = engine.as_stream(data).peek() if engine.is_stream(data) else data
-    return _first_of(jax.tree_util.tree_map(
-        lambda x: x[:1] if isinstance(x, (np.ndarray, np.generic)) else x, rows))
+    return jax.tree_util.tree_map(
+        lambda x: x[:1] if isinstance(x, (np.ndarray, np.generic)) else x, rows)
 
 
 def _plan_key(fn_name: str, k, members: Members, data) -> tuple:
@@ -296,7 +293,7 @@ def _rebuild_error(layers, fn, members, data) -> float:
         check = partial(_member0_error_jit, layers, fn)
     except TypeError:  # an unhashable loss: compiled afresh
         check = jit(partial(_member0_error, layers, fn))
-    return float(check(members.params, members.aux, _first_row(data)))
+    return float(check(members.params, members.aux, _first_rows(data)))
 
 
 def _rebuilds(layers, fn, members, data) -> bool:
