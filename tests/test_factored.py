@@ -163,3 +163,23 @@ def test_factored_refusals(x64):
         jattri.tracin(loss, proj_dim=4, factored=True)
     with pytest.raises(TypeError, match="`factored` must be True or False"):
         jattri.grad_cos(loss, factored="yes")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_io_and_grad_is_layer_io_and_grad(x64, case):
+    """The check's single backward pass gives ``layer_io`` and ``jax.grad`` exactly as
+    the two separate passes do, positions > 1 and a Conv included."""
+    from jattri.func.layers import layer_io, layer_io_and_grad, linear_layers
+    model, shape = CASES[case]
+    params, (x, y), _, loss, _ = _setup(model, shape)
+    example = (x[0], y[0])
+    layers = linear_layers(loss, params, example)
+    io, grads = layer_io_and_grad(loss, params, example, layers=layers)
+    want = layer_io(loss, params, example, layers=layers)
+    assert sorted(io) == sorted(want)
+    for name in want:
+        for got, ref in zip(io[name], want[name]):
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    for got, ref in zip(jax.tree_util.tree_leaves(grads),
+                        jax.tree_util.tree_leaves(jax.grad(loss)(params, example))):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)

@@ -555,8 +555,24 @@ def layer_io(loss_fn: Callable, params: PyTree, example: PyTree, *args,
     grads, inputs = jax.grad(
         lambda d: perturbed_loss(loss_fn, params, example, args, d), has_aux=True)(
             zero_deltas(layers))
+    return _io(layers, grads, inputs)
+
+
+def _io(layers, grads, inputs) -> Dict[str, Tuple[jax.Array, jax.Array]]:
     out = {}
     for name, layer in layers.items():
         s = jnp.concatenate([g.reshape(-1, layer.d_out) for g in grads[name]], axis=0)
         out[name] = (input_rows(layer, inputs[name]), s)
     return out
+
+
+def layer_io_and_grad(loss_fn: Callable, params: PyTree, example: PyTree, *args,
+                      layers: Dict[str, Layer]) -> Tuple[Dict, PyTree]:
+    """``(layer_io(...), jax.grad(loss_fn)(params, example, *args))`` from ONE backward
+    pass (the layer outputs' zero perturbations and the params differentiated
+    together): what checking that the layers' factors rebuild the gradient needs, in
+    half the program of two separate passes."""
+    (pgrads, grads), inputs = jax.grad(
+        lambda p, d: perturbed_loss(loss_fn, p, example, args, d), argnums=(0, 1),
+        has_aux=True)(params, zero_deltas(layers))
+    return _io(layers, grads, inputs), pgrads

@@ -28,7 +28,8 @@ import numpy as np
 from jattri import _checks, engine
 from jattri._jit import jit
 from jattri.func.fisher import augment
-from jattri.func.layers import find_layers, layer_io, layer_keys, leaf_keys, same_layers
+from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, layer_keys, leaf_keys,
+                                 same_layers)
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      random_projection, resolve_projection)
 from jattri.methods import _common
@@ -223,9 +224,12 @@ def _factored_error(layers, fn, params, aux, example) -> jax.Array:
     0 when every parameter enters the loss only through its linear layer (not, e.g.,
     through an L2 penalty or a weight tied elsewhere)."""
     index = jnp.zeros((), jnp.int32)
-    grads = dict(leaf_keys(jax.grad(fn)(params, example, index, aux)))
+    io, pgrads = layer_io_and_grad(fn, params, example, index, aux,
+                                   layers={l.name: l for l in layers})
+    grads = dict(leaf_keys(pgrads))
     rebuilt = {}
-    for layer, (a, s) in zip(layers, _factors(layers, fn, params, aux, example, index)):
+    for layer in layers:
+        a, s = augment(io[layer.name][0], layer.use_bias), io[layer.name][1]
         kernel, bias = layer_keys(grads, layer.name)
         outer = a.T @ s  # (d_in + b, d_out)
         rebuilt[kernel] = outer[:layer.d_in].reshape(layer.kernel_shape)
