@@ -44,21 +44,21 @@ def _setup():
 
 def _reference_phi(fn, params, data, key, k):
     """``(n, K)``: per layer, vec([∇kernel; ∇bias]) (P_in ⊗ P_out), P from the same keys
-    (member 0: ``fold_in(key, 0)``; layer ℓ; side 0 = inputs, 1 = outputs)."""
+    (member 0: ``derive_key(key, 0)``; layer ℓ; side 0 = inputs, 1 = outputs)."""
     names = ("Dense_0", "Dense_1")
     shapes = [(6, 6), (7, 3)]  # (d_in + 1, d_out)
     layers = [Layer(n, "dense", a - 1, b, True, 1, (a - 1, b), ()) for n, (a, b) in
               zip(names, shapes)]
     dims = tracin_module.kronecker_dims(layers, k)
-    member = jax.random.fold_in(key, 0)
+    member = P.derive_key(key, 0)
     grads = jax.vmap(jax.grad(fn), (None, 0))(params, data)
     out = []
     for l, (name, (d_in, d_out), (k_in, k_out)) in enumerate(zip(names, shapes, dims)):
         g = np.concatenate([np.asarray(grads[name]["kernel"]),
                             np.asarray(grads[name]["bias"])[:, None, :]], axis=1)
-        lkey = jax.random.fold_in(member, l)
+        lkey = P.derive_key(member, l)
         side = lambda s, d, kk: (np.eye(d) if kk is None else np.asarray(
-            P.gaussian_projection(jax.random.fold_in(lkey, s), d, kk)(jnp.eye(d))))
+            P.seeded_projection("gaussian", P.derive_key(lkey, s), d, kk)(jnp.eye(d))))
         out.append(g.reshape(len(g), -1) @ np.kron(side(0, d_in, k_in), side(1, d_out, k_out)))
     return np.concatenate(out, axis=1), dims
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jattri
-from jattri.func.projection import random_projection
+from jattri.func.projection import derive_key, seeded_projection
 
 
 # float64 throughout (the conftest fixture restores the setting afterwards)
@@ -68,11 +68,12 @@ def layer_block_grads(loss_fn, params, data, layers=LAYERS):
 
 def dense_projection(key, member, layer, name, k_in=3, k_out=2):
     """The dense (P_in ⊗ P_out) LoGra never forms: member ``member``'s Rademacher
-    factors of ``LAYERS[layer]`` (keys ``fold_in(fold_in(fold_in(key, m), ℓ), side)``)."""
+    factors of ``LAYERS[layer]`` (seeds ``derive_key(derive_key(derive_key(key, m), ℓ),
+    side)``)."""
     d_in, d_out = {"fc1": (4, 5), "fc2": (5, 4), "fc3": (5, 3)}[name]  # d_in with the bias
-    layer_key = jax.random.fold_in(jax.random.fold_in(key, member), layer)
-    p_in = random_projection("rademacher", jax.random.fold_in(layer_key, 0), d_in, k_in)
-    p_out = random_projection("rademacher", jax.random.fold_in(layer_key, 1), d_out, k_out)
+    layer_key = derive_key(derive_key(key, member), layer)
+    p_in = seeded_projection("rademacher", derive_key(layer_key, 0), d_in, k_in)
+    p_out = seeded_projection("rademacher", derive_key(layer_key, 1), d_out, k_out)
     return np.kron(np.asarray(p_in(jnp.eye(d_in))), np.asarray(p_out(jnp.eye(d_out))))
 
 

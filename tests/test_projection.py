@@ -22,6 +22,11 @@ def dense_matrix(kind, key, d, k, chunk_size=None):
         jnp.eye(d)))
 
 
+def seeded_dense(kind, seed, d, k):
+    """P of the projector of seed words ``seed``, recovered by projecting the identity."""
+    return np.asarray(P.seeded_projection(kind, seed, d, k, chunk_size=None)(jnp.eye(d)))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_equals_unchunked(kind):
     key = jax.random.PRNGKey(3)
@@ -149,8 +154,8 @@ def test_kronecker_projection_equals_dense_kron():
         grad = np.asarray(a).T @ np.asarray(s)  # Σ_τ a_τ ⊗ s_τ, (d_in, d_out)
         kp = P.kronecker_projection(key, d_in, d_out, k_in, k_out, kind=kind,
                                     chunk_size=None)
-        p_in = dense_matrix(kind, jax.random.fold_in(key, 0), d_in, k_in)
-        p_out = dense_matrix(kind, jax.random.fold_in(key, 1), d_out, k_out)
+        p_in = seeded_dense(kind, P.derive_key(key, 0), d_in, k_in)
+        p_out = seeded_dense(kind, P.derive_key(key, 1), d_out, k_out)
         expect = grad.reshape(-1) @ np.kron(p_in, p_out)
         np.testing.assert_allclose(kp(a, s), expect, rtol=1e-10, atol=1e-12)
     # Identity on both sides returns the flattened gradient itself.
@@ -197,3 +202,40 @@ def test_projection_matrix_is_the_projector():
                                    rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="projection"):
         P.projection_matrix(key, kind="auto", d=4, k=2)
+
+
+def test_seeded_projection_and_derived_keys():
+    """``random_projection(kind, key)`` is ``seeded_projection(kind, seed_words(key))``;
+    ``derive_key`` (the Kronecker factors' seeds, a hash) is a function of the key's
+    words and the counter only: a typed key and its raw words agree, a 4-word key is
+    folded to two words, and different counters or keys give matrices whose entries are
+    uncorrelated at the 1/√(entries) scale."""
+    key = jax.random.PRNGKey(11)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 40))
+    for kind in KINDS:
+        np.testing.assert_array_equal(
+            P.seeded_projection(kind, P.seed_words(key), 40, 8)(x),
+            P.random_projection(kind, key, 40, 8)(x))
+    np.testing.assert_array_equal(P.derive_key(jax.random.key(11), 3), P.derive_key(key, 3))
+    assert P.derive_key(key, 3).dtype == jnp.uint32 and P.derive_key(key, 3).shape == (2,)
+    wide = jax.random.key(11, impl="rbg")  # 4 words
+    assert P.key_words(wide).shape == (2,)
+    assert not np.array_equal(P.derive_key(wide, 0), P.derive_key(wide, 1))
+    seeds = [P.derive_key(key, 0), P.derive_key(key, 1), P.derive_key(P.derive_key(key, 0), 0),
+             P.derive_key(jax.random.PRNGKey(12), 0)]
+    mats = [np.asarray(P.seeded_matrix(s, kind="gaussian", d=200, k=100)).ravel() for s in seeds]
+    for i in range(len(mats)):
+        for j in range(i):
+            r = np.corrcoef(mats[i], mats[j])[0, 1]
+            assert abs(r) < 4 / np.sqrt(mats[i].size), (i, j, r)
+    # the Kronecker factors of two members and two layers are the derived ones
+    from jattri.methods.logra import _kronecker_factors
+    f = _kronecker_factors(((5, 4), (4, 3)), ((3, 2), (2, None)), "rademacher", 2, False, key)
+    for m in range(2):
+        for l, (d_in, d_out) in enumerate(((5, 4), (4, 3))):
+            lkey = P.derive_key(P.derive_key(key, m), l)
+            np.testing.assert_array_equal(
+                f[l][0][m], P.seeded_matrix(P.derive_key(lkey, 0), kind="rademacher",
+                                            d=d_in, k=(3, 2)[l]))
+    assert f[1][1] is None
+    assert not np.array_equal(f[0][0][0], f[0][0][1])

@@ -54,8 +54,8 @@ from jattri import _checks, engine
 from jattri._jit import jit
 from jattri.func.fisher import augment, hessian_block_floats, layer_hessian_blocks
 from jattri.func.layers import find_layers, layer_io, same_layers
-from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
-                                     seed_words, seeded_matrix)
+from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args, derive_key,
+                                     key_words, seeded_matrix)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.task import Members, as_task
@@ -135,11 +135,14 @@ def _dims(config) -> tuple:
 def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
                       shared: bool = False) -> tuple:
     """Per layer ``(P_in (M, d_in + b, k_in), P_out (M, d_out, k_out))`` of the ``num``
-    members (``None``: the identity on that side, ``dims[ℓ] = (k_in, k_out)``), member
-    m's layer ℓ side j keyed ``fold_in(fold_in(keys[m], ℓ), j)`` with member m's key
-    ``keys[m] = fold_in(key, m)`` (``shared``: ``key`` itself for every member), derived
+    members (``None``: the identity on that side, ``dims[ℓ] = (k_in, k_out)``): member
+    m's layer ℓ side j is the projector of seed ``derive_key(derive_key(keys[m], ℓ), j)``
+    with member m's key ``keys[m] = derive_key(key, m)`` (``shared``: ``key`` itself for
+    every member; ``jattri.func.projection.derive_key``, a hash, no threefry), derived
     inside the same program: the matrices of
-    ``jattri.func.projection.kronecker_projection``. Made once per stage, outside the
+    ``jattri.func.projection.kronecker_projection(derive_key(keys[m], ℓ), ...)``.
+    (Derived with threefry ``fold_in``, the program compiled in 1.25 s on dattri's
+    109,386-parameter MLP at k = 512, now 0.42 s.) Made once per stage, outside the
     compiled steps, which then only multiply (generated inside every step, TRAK's
     programs on a 3-layer 109k MLP compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
     0.25-0.31 s, plus 0.65-0.75 s once for the factors), all in one program (one
@@ -151,18 +154,18 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
 
 @partial(jit, static_argnums=(0, 1, 2, 3, 4))
 def _kronecker_factors(sizes, dims, kind, num, shared, key):
-    # Every threefry draw is one vectorised call over all members, layers and sides
-    # (each call site costs ~0.05-0.2 s of XLA compilation; one site per factor took the
-    # 3-layer MLP's program to 2.2 s); the matrices themselves are hashed from the seeds.
-    keys = (jnp.broadcast_to(key, (num,) + key.shape) if shared else
-            jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num)))
+    # Seeds are hashed from the key's words (derive_key), every matrix from its seed:
+    # no threefry call site, each of which cost 0.05-0.3 s of XLA compilation.
+    words = key_words(key)
+    keys = (jnp.broadcast_to(words, (num, 2)) if shared else
+            jax.vmap(lambda m: derive_key(words, m))(jnp.arange(num)))
     sides = [(l, j, int(d), int(k)) for l, (size, ks) in enumerate(zip(sizes, dims))
              for j, (d, k) in enumerate(zip(size, ks)) if k is not None]
     if not sides:
         return tuple((None, None) for _ in sizes)
     ls, js = jnp.array([s[0] for s in sides]), jnp.array([s[1] for s in sides])
-    seeds = jax.vmap(lambda key: jax.vmap(lambda l, j: seed_words(jax.random.fold_in(
-        jax.random.fold_in(key, l), j)))(ls, js))(keys)  # (num, sides, 2)
+    seeds = jax.vmap(lambda w: jax.vmap(lambda l, j: derive_key(derive_key(w, l), j))(
+        ls, js))(keys)  # (num, sides, 2)
     made = {(l, j): jax.vmap(partial(seeded_matrix, kind=kind, d=d, k=k))(seeds[:, i])
             for i, (l, j, d, k) in enumerate(sides)}
     return tuple((made.get((l, 0)), made.get((l, 1))) for l in range(len(sizes)))
@@ -191,7 +194,7 @@ def kronecker_phi(layers, factors, fn, params, aux, chunk):
 
 def _phi(config, args, chunk):
     """``(size, M, K)``: φ of every member for one chunk (member j projects with its own
-    key ``fold_in(key, j)``)."""
+    factors, :func:`kronecker_factors`)."""
     fn, members, factors = args
     phi = _common.member_map(lambda p, a, f: _member_phi(config, fn, p, a, f, chunk),
                              members, factors)
@@ -395,8 +398,9 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         not the Hessian λ̂ is added to. On the embedded digits settings the default
         scores within 0.03 of the best damping of the grid in all six LoGra builds
         (``benchmarks/RESULTS.md``, "LoGra's defaults").
-      key: PRNG key (member m, layer ℓ: ``fold_in(fold_in(key, m), ℓ)``); default
-        ``PRNGKey(0)``.
+      key: PRNG key (member m, layer ℓ: the factors of
+        ``kronecker_projection(derive_key(derive_key(key, m), ℓ), ...)``,
+        ``jattri.func.projection``); default ``PRNGKey(0)``.
       projection: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` for both factors.
       layers: names of the layers to use (default: all, in call order): linen module
         paths (``"fc1"``), NNX attribute paths (``"layers/0"``), plain layers by their

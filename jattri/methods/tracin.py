@@ -502,7 +502,8 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         instead of d·k, to K ≤ k coordinates split over layers by
         :func:`kronecker_dims`; its JL error is larger than a dense projection's at the
         same k (``benchmarks/RESULTS.md``). Each is scaled so inner products are
-        preserved in expectation. Member k uses ``fold_in(key, k)``.
+        preserved in expectation. Member k uses ``fold_in(key, k)`` (Kronecker: its own
+        factors, ``jattri.methods.logra.kronecker_factors``).
       normalize: divide each (projected) gradient by its norm: cosine similarity.
       key: PRNG key of the projections (default ``PRNGKey(0)``).
       chunk_size: examples per compiled step (default: 256 MiB of gradients, 1 GiB

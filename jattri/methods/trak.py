@@ -212,7 +212,8 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         a negative log-probability of the correct label (cross-entropy) unless
         ``prob_fn`` is given.
       proj_dim: k, the JL projection dimension; ``None`` uses raw gradients. Member m
-        is projected with its own key ``fold_in(key, m)``, as in the paper and its
+        is projected with its own key ``fold_in(key, m)`` (``projection="kronecker"``:
+        its own factors, ``jattri.methods.logra.kronecker_factors``), as in the paper and its
         reference code: the members' projection errors are independent and average
         out in the ensemble (with one shared projection, M checkpoints of a convex
         model score like one).
