@@ -674,16 +674,29 @@ def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
     # the L2 term puts gradient outside the layers: no factored plan
     l2 = as_task(_flax_loss(model, l2=0.1))
     assert influence._arnoldi_layers(l2, members, (x, y), {}) is None
-    # scores on both paths against the dense reference g_iᵀ V diag(1/(μ+λ)) Vᵀ g_t
-    for fn in (_flax_loss(model), _flax_loss(model, l2=0.1)):
+    # scores on both paths against the dense reference g_iᵀ V diag(1/(μ+λ)) Vᵀ g_t; the
+    # test side is taken from the layers too where the training side was
+    test = _classification_data(5, 4, 3, seed=7)
+    taken = []
+    real = influence._arnoldi_test_coords
+
+    def spy(*args):
+        taken.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(influence, "_arnoldi_test_coords", spy)
+    for fn, factored in ((_flax_loss(model), True), (_flax_loss(model, l2=0.1), False)):
         th, unravel = ravel_pytree(params)
         hess = np.asarray(jax.hessian(lambda t: jnp.mean(jax.vmap(
             lambda z: fn(unravel(t), z))((x, y))))(th))
-        grads = np.asarray(jax.vmap(lambda z: ravel_pytree(jax.grad(fn)(params, z))[0])((x, y)))
+        flat_grads = jax.vmap(lambda z: ravel_pytree(jax.grad(fn)(params, z))[0])
         mu, vec = np.linalg.eigh(hess)
         keep = mu + 2.0 > 1e-6 * np.max(mu + 2.0)
-        proj = grads @ vec[:, keep]
-        want = proj @ np.diag(1 / (mu[keep] + 2.0)) @ proj.T
+        left = np.asarray(flat_grads((x, y))) @ vec[:, keep]
+        right = np.asarray(flat_grads(test)) @ vec[:, keep]
+        want = left @ np.diag(1 / (mu[keep] + 2.0)) @ right.T
+        del taken[:]
         attr = influence_arnoldi(fn, rank=th.size, damping=2.0)
-        got = attr.attribute(attr.cache(params, (x, y)), (x, y))
+        got = attr.attribute(attr.cache(params, (x, y)), test)
         np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+        assert bool(taken) == factored

@@ -71,7 +71,7 @@ from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_
                                  top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
-from jattri.methods.tracin import _chunk_factors, rebuilt_layers
+from jattri.methods.tracin import _chunk_factors, _plan_key, rebuilt_layers
 from jattri.task import Members, as_task, first_member, member
 
 PyTree = Any
@@ -325,6 +325,11 @@ class _Spec(NamedTuple):
     # (``_basis_test`` / ``_basis_tile``; EK-FAC), instead of forming gradients and
     # rotating the test side back to the parameters
     basis: Optional[Callable] = None
+    # test_side(task, members, test) -> (step, config) or None: a step
+    # ``step(config, (target, members, curvature, damping), chunk) -> (M, size, k)``
+    # that makes the test side's preconditioned coordinates without forming gradients
+    # (Arnoldi's factored coordinates); None: ``_test_side``
+    test_side: Optional[Callable] = None
 
 
 def _check_damping(damping, positive=False, none=False):
@@ -646,9 +651,15 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
                                                                data), v))
         else:  # preconditioned chunk by chunk: only u is ever held whole
             v = None
-            u = checked(curvature, lam, None, engine.per_example(
-                _test_side, (spec.apply, apply_config),
-                (task.target, fns, members, curvature, lam), test, b, axis=1))
+            own = None if spec.test_side is None else spec.test_side(task, members, test)
+            if own is not None:
+                u = checked(curvature, lam, None, engine.per_example(
+                    own[0], own[1], (task.target, members, curvature, lam), test, b,
+                    axis=1))
+            else:
+                u = checked(curvature, lam, None, engine.per_example(
+                    _test_side, (spec.apply, apply_config),
+                    (task.target, fns, members, curvature, lam), test, b, axis=1))
         norms = norms_at(state, data, damping, curvature)
         if train_side:
             n_test = v.shape[1]
@@ -1292,6 +1303,18 @@ def _arnoldi_coords(config, args, chunk):
     return jnp.swapaxes(c, 0, 1)  # (size, M, r)
 
 
+def _arnoldi_test_coords(config, args, chunk):
+    """``(M, size, r)``: the test chunk's coordinates Vᵀg_t from the layers
+    (:func:`_factored_grads_times`), times the inverse weights (``_arnoldi_apply``'s
+    result without forming g_t)."""
+    layers, tol = config
+    target, members, curvature, damping = args
+    blocks = _common.row_blocks(_common.row_spec(members.params), curvature[1], axis=1)
+    c = _common.member_map(lambda p, a, b: _factored_grads_times(layers, target, p, a,
+                                                                 chunk, b), members, blocks)
+    return c * _arnoldi_weights(curvature, damping, tol)[:, None]
+
+
 #: n·d (training examples × parameters) from which Arnoldi's training coordinates are
 #: taken factored: below it the formed gradients' pass costs less than the check that
 #: the factors rebuild the gradient (a compilation on the first call: about 0.3 s).
@@ -1360,7 +1383,8 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     ``rank``-dim coordinates Vᵀg_i of the training gradients (taken from each linear
     layer's inputs and output gradients, no gradient formed, where every parameter is
     in a Dense layer at one position and the training set is large: n·d ≥ 2²⁷;
-    ``_arnoldi_layers``); ``attribute`` scores from those coordinates (no training
+    ``_arnoldi_layers``; ``attribute`` takes the test side's the same way when the
+    target is the loss); ``attribute`` scores from those coordinates (no training
     pass). Damped eigenvalues μ + λ ≤
     ``tol``·max(μ + λ), and non-positive ones, are dropped (weight 0), so no score is
     ever NaN. A ``rank`` above the parameter count is clipped with a warning (at
@@ -1397,6 +1421,19 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
 
     memo = {}  # the factored coordinates' check, made concretely once per shape
 
+    def test_side(task, members, test):
+        """The test side from the layers where the training side was (the target is
+        the loss, and this factory's check passed for these shapes): no check of its
+        own, so no compilation more."""
+        if not task.target_is_loss or engine.is_stream(test):
+            return None
+        if _plan_key("loss_fn", "rebuilt", members, test) not in memo:
+            return None
+        layers = memo[_plan_key("loss_fn", "rebuilt", members, test)]
+        if layers is None or any(l.positions > 1 for l in layers):
+            return None
+        return _arnoldi_test_coords, (layers, float(tol))
+
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
                                  who="influence_arnoldi", stacklevel=4)
@@ -1407,7 +1444,7 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
                  diagonal=partial(_arnoldi_weights, tol=float(tol)),
-                 in_memory=True, ggn=curvature == "ggn",
+                 in_memory=True, ggn=curvature == "ggn", test_side=test_side,
                  hyper=(("rank", rank), ("num_iters", num_iters), ("tol", tol), ("key", key))
                  + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
