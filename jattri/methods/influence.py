@@ -652,14 +652,12 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
         else:  # preconditioned chunk by chunk: only u is ever held whole
             v = None
             own = None if spec.test_side is None else spec.test_side(task, members, test)
-            if own is not None:
-                u = checked(curvature, lam, None, engine.per_example(
-                    own[0], own[1], (task.target, members, curvature, lam), test, b,
-                    axis=1))
-            else:
-                u = checked(curvature, lam, None, engine.per_example(
-                    _test_side, (spec.apply, apply_config),
-                    (task.target, fns, members, curvature, lam), test, b, axis=1))
+            step, step_config, args = (
+                (_test_side, (spec.apply, apply_config),
+                 (task.target, fns, members, curvature, lam)) if own is None else
+                own + ((task.target, members, curvature, lam),))
+            u = checked(curvature, lam, None, engine.per_example(step, step_config, args,
+                                                                 test, b, axis=1))
         norms = norms_at(state, data, damping, curvature)
         if train_side:
             n_test = v.shape[1]
@@ -1279,18 +1277,19 @@ def _factored_grads_times(layers, fn, params, aux, chunk, blocks) -> jax.Array:
     Layers at one position only (``layers`` from :func:`_arnoldi_layers`). The same
     multiply-adds as forming the gradients, as one compute-bound product instead of a
     memory-bound pass over (size, d) gradients (dattri's 109,386-parameter MLP, 5,000
-    examples, k = 50: 1.3 s → 0.3 s, ``benchmarks/RESULTS.md``)."""
+    examples, k = 50: the compiled ``cache`` 4.6 s → 3.1-3.3 s,
+    ``benchmarks/RESULTS.md``)."""
     by_key = dict(zip((k for k, _ in leaf_keys(params)), blocks))
     factors = _chunk_factors(layers, fn, params, aux, chunk)  # s is zero on padding
     out = 0.0
     for layer, (a, s) in zip(layers, factors):
-        k = by_key[layer.kernel_key].shape[-1]
-        v = by_key[layer.kernel_key].reshape(layer.d_in, layer.d_out, k)
-        if layer.use_bias:
-            v = jnp.concatenate([v, by_key[layer.bias_key].reshape(1, layer.d_out, k)])
-        t = (a[:, 0].astype(v.dtype) @ v.reshape(v.shape[0], -1)).reshape(a.shape[0],
-                                                                          layer.d_out, k)
-        out = out + jnp.einsum("bqk,bq->bk", t, s[:, 0].astype(v.dtype))
+        kernel = by_key[layer.kernel_key]  # (d_in·d_out, k)
+        k = kernel.shape[-1]
+        s = s[:, 0].astype(kernel.dtype)
+        t = a[:, 0, :layer.d_in].astype(kernel.dtype) @ kernel.reshape(layer.d_in, -1)
+        out = out + jnp.einsum("bqk,bq->bk", t.reshape(-1, layer.d_out, k), s)
+        if layer.use_bias:  # the bias gradient is s itself
+            out = out + s @ by_key[layer.bias_key]
     return out
 
 
@@ -1317,7 +1316,8 @@ def _arnoldi_test_coords(config, args, chunk):
 
 #: n·d (training examples × parameters) from which Arnoldi's training coordinates are
 #: taken factored: below it the formed gradients' pass costs less than the check that
-#: the factors rebuild the gradient (a compilation on the first call: about 0.3 s).
+#: the factors rebuild the gradient (a compilation on the first call: 0.09-0.14 s on
+#: dattri's LR, 0.28-0.55 s on its MLP).
 _FACTORED_COORDS_MIN = 2 ** 27
 
 
@@ -1337,6 +1337,24 @@ def _arnoldi_layers(task, members, train, memo) -> Optional[tuple]:
     if layers is None or any(l.positions > 1 for l in layers):
         return None
     return layers
+
+
+def _arnoldi_plan(task, members, train, memo) -> Optional[tuple]:
+    """:func:`_arnoldi_layers`, recorded in ``memo`` by the members' and one example's
+    shapes, where :func:`_arnoldi_test_plan` finds it."""
+    layers = _arnoldi_layers(task, members, train, memo)
+    memo[_plan_key("loss_fn", "arnoldi", members, train)] = layers
+    return layers
+
+
+def _arnoldi_test_plan(task, members, test, memo, tol) -> Optional[tuple]:
+    """``_Spec.test_side`` of Arnoldi: the test side from the layers where the last fit
+    of these shapes took the training side from them and the target is the loss (no
+    check of its own, so nothing more to compile), else ``None``."""
+    if not task.target_is_loss or engine.is_stream(test):
+        return None
+    layers = memo.get(_plan_key("loss_fn", "arnoldi", members, test))
+    return None if layers is None else (_arnoldi_test_coords, (layers, float(tol)))
 
 
 def _arnoldi_fit(config, args):
@@ -1419,32 +1437,20 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     task = as_task(task)
     _check_curvature(curvature, task)
 
-    memo = {}  # the factored coordinates' check, made concretely once per shape
-
-    def test_side(task, members, test):
-        """The test side from the layers where the training side was (the target is
-        the loss, and this factory's check passed for these shapes): no check of its
-        own, so no compilation more."""
-        if not task.target_is_loss or engine.is_stream(test):
-            return None
-        if _plan_key("loss_fn", "rebuilt", members, test) not in memo:
-            return None
-        layers = memo[_plan_key("loss_fn", "rebuilt", members, test)]
-        if layers is None or any(l.positions > 1 for l in layers):
-            return None
-        return _arnoldi_test_coords, (layers, float(tol))
+    memo = {}  # the factored coordinates' check and plan, made once per shape
 
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
                                  who="influence_arnoldi", stacklevel=4)
-        layers = _arnoldi_layers(task, members, train, memo)
+        layers = _arnoldi_plan(task, members, train, memo)
         return _arnoldi_fit((r, iters, size(), layers),
                             (_curvature_fns(task, curvature), task.loss, members, train, key))
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
                  diagonal=partial(_arnoldi_weights, tol=float(tol)),
-                 in_memory=True, ggn=curvature == "ggn", test_side=test_side,
+                 in_memory=True, ggn=curvature == "ggn",
+                 test_side=partial(_arnoldi_test_plan, memo=memo, tol=tol),
                  hyper=(("rank", rank), ("num_iters", num_iters), ("tol", tol), ("key", key))
                  + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)

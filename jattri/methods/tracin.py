@@ -140,6 +140,11 @@ def _self_tile(config, args, chunk):
 def _factors(layers, fn, params, aux, example, index):
     """One example's factors: a tuple over layers of ``(ã (T, d_in + b), s (T, d_out))``."""
     io = layer_io(fn, params, example, index, aux, layers={l.name: l for l in layers})
+    return _io_factors(layers, io)
+
+
+def _io_factors(layers, io) -> tuple:
+    """``layer_io``'s ``{name: (a, s)}`` as factors ``((ã, s), ...)`` in ``layers`` order."""
     return tuple((augment(io[l.name][0], l.use_bias), io[l.name][1]) for l in layers)
 
 
@@ -228,8 +233,7 @@ def _factored_error(layers, fn, params, aux, example) -> jax.Array:
                                    layers={l.name: l for l in layers})
     grads = dict(leaf_keys(pgrads))
     rebuilt = {}
-    for layer in layers:
-        a, s = augment(io[layer.name][0], layer.use_bias), io[layer.name][1]
+    for layer, (a, s) in zip(layers, _io_factors(layers, io)):
         kernel, bias = layer_keys(grads, layer.name)
         outer = a.T @ s  # (d_in + b, d_out)
         rebuilt[kernel] = outer[:layer.d_in].reshape(layer.kernel_shape)
