@@ -141,8 +141,9 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
     every member; ``jattri.func.projection.derive_key``, a hash, no threefry), derived
     inside the same program: the matrices of
     ``jattri.func.projection.kronecker_projection(derive_key(keys[m], ℓ), ...)``.
-    (Derived with threefry ``fold_in``, the program compiled in 1.25 s on dattri's
-    109,386-parameter MLP at k = 512, now 0.42 s.) Made once per stage, outside the
+    (Derived with threefry ``fold_in``, the program's XLA compilation took 0.73-0.90 s
+    on dattri's 109,386-parameter MLP at k = 512, now 0.23-0.34 s.) Made once per
+    stage, outside the
     compiled steps, which then only multiply (generated inside every step, TRAK's
     programs on a 3-layer 109k MLP compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
     0.25-0.31 s, plus 0.65-0.75 s once for the factors), all in one program (one
