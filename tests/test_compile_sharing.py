@@ -424,3 +424,34 @@ def test_second_call_does_not_trace_the_loss(name):
     TRACES["n"] = 0
     attr.attribute(attr.cache(jattri.checkpoints([p2, p1]), train), test)
     assert TRACES["n"] == 0, f"{name}: the loss was traced {TRACES['n']} times again"
+
+
+# ------------------------------------- members made on the host compile nothing
+
+
+@pytest.mark.parametrize("as_jax", [False, True])
+def test_members_from_host_params_compile_nothing(as_jax):
+    """A bare params pytree (one member) and ``jattri.checkpoints`` of numpy or
+    CPU-held jax leaves get their member axis from numpy and one transfer: no XLA
+    compilation (it was a compiled program of its own in every first call), with the
+    same values, shapes and dtypes as the compiled route's."""
+    rng = np.random.default_rng(0)
+    shapes = {"w": (5, 3), "b": (3,), "n": (2, 2, 2)}
+    plist = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(3)]
+    if as_jax:
+        plist = [jax.tree_util.tree_map(jnp.asarray, p) for p in plist]
+    with count_compiles() as counter:
+        one = jattri.task.as_members(plist[0])
+        many = jattri.checkpoints(plist)
+    assert counter.n == 0
+    for got, ref, num in ((one, jattri.task._one_member_jit(plist[0]), 1),
+                          (many, jattri.task._stack_jit(plist), 3)):
+        assert got.num == num
+        for g, r in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref)):
+            assert isinstance(g, jax.Array) and g.shape == r.shape and g.dtype == r.dtype
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    # the host copy is the state's own: changing the user's array later changes nothing
+    if not as_jax:
+        before = np.asarray(one.params["w"]).copy()
+        plist[0]["w"][...] = 7.0
+        np.testing.assert_array_equal(np.asarray(one.params["w"]), before)

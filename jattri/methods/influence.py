@@ -58,7 +58,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
@@ -698,6 +697,9 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
 
 def _jaxpr_floats(jaxpr) -> int:
     """Elements of every intermediate a jaxpr creates, nested jaxprs included."""
+    # imported here: ``jax.extend`` pulls in Pallas, 15 ms of every ``import jattri``
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
     total = 0
     for eqn in jaxpr.eqns:
         total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars
