@@ -174,3 +174,29 @@ def test_an_l2_term_in_the_loss_keeps_the_parameter_space_route(monkeypatch):
         jax.tree_util.tree_map(lambda x: x[0], state.curvature),
         ravel_pytree(params)[1](g), 1e-2))[0])(grads(test))
     np.testing.assert_allclose(got, grads(train) @ u.T, rtol=1e-9)
+
+
+@pytest.mark.parametrize("n_test", [2, 6, 40])
+def test_scores_without_formed_coordinates_equal_the_formed_product(n_test):
+    """``fisher.ekfac_scores`` (a one-position layer's scores as s̃ᵀ(U_tᵀ ã), where
+    that is no larger than its formed coordinates) equals ``ekfac_coordinates @ uᵀ``
+    for every branch: the MLP's 5 × 6 layer (i < o) and 7 × 3 layer (i ≥ o) taken
+    factored at 2 and 6 test rows, formed at 40; padded rows give 0."""
+    from jattri.engine import Chunk
+    from jattri.func.layers import find_layers
+
+    model, params, train, _ = _mlp_problem()
+    loss = _loss(model)
+    state = jattri.influence_ekfac(loss, damping=1e-2).cache(params, train)
+    factors = jax.tree_util.tree_map(lambda x: x[0], state.curvature)
+    layers = tuple(find_layers(lambda p, z, i, a: loss(p, z), params,
+                               jax.tree_util.tree_map(lambda x: x[0], train),
+                               jax.ShapeDtypeStruct((), jnp.int32), None).values())
+    fn = lambda p, z, i, a: loss(p, z)
+    valid = jnp.arange(24) < 21
+    chunk = Chunk(train, jnp.arange(24, dtype=jnp.int32), valid)
+    coords = fisher.ekfac_coordinates(fn, params, None, chunk, layers, factors)
+    u = jax.random.normal(jax.random.PRNGKey(7), (n_test, coords.shape[1]), jnp.float64)
+    got = fisher.ekfac_scores(fn, params, None, chunk, layers, factors, u)
+    np.testing.assert_allclose(got, coords @ u.T, rtol=1e-10, atol=1e-12)
+    assert np.all(np.asarray(got)[21:] == 0)

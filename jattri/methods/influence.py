@@ -471,7 +471,7 @@ def _basis_tile(config, args, chunk):
     """``(size, n_test)``: mean_m of the training chunk's coordinates against ``u``."""
     coordinates, = config
     loss, members, curvature, u = args  # u (M, n_test, k)
-    s = _common.member_map(lambda p, a, f, uj: coordinates(loss, p, a, chunk, f) @ uj.T,
+    s = _common.member_map(lambda p, a, f, uj: coordinates.scores(loss, p, a, chunk, f, uj),
                            members, curvature, u)
     return jnp.mean(s, axis=0)
 
@@ -1531,6 +1531,11 @@ class _EKFACCoordinates(NamedTuple):
     def __call__(self, fn, params, aux, chunk, factors):
         return fisher.ekfac_coordinates(fn, params, aux, chunk, self.layers, factors)
 
+    def scores(self, fn, params, aux, chunk, factors, u):
+        """``self(...) @ u.T`` without forming the coordinates where that saves memory
+        traffic (``fisher.ekfac_scores``)."""
+        return fisher.ekfac_scores(fn, params, aux, chunk, self.layers, factors, u)
+
 
 class _EKFACWeights(NamedTuple):
     layers: tuple
@@ -1548,7 +1553,7 @@ def _ekfac_basis(task, members, train, test, memo):
     multiply-adds than forming the gradients and rotating the test side there and back
     (``fisher.ekfac_rotation_floats``); else ``None``. On dattri's MLP (109,386
     parameters, 5,000 × 500) the compiled ``cache`` + ``attribute`` goes from 5.2 s to
-    4.2 s, of which 3.2 s is the (5,000 × d) · (d × 500) product that both routes share
+    4.2 s, of which 3.2 s is the (5,000 × d) · (d × 500) product that both routes share; scored without forming the training coordinates (``fisher.ekfac_scores``) 3.7 s on a faster box where the formed route took 4.3-4.5 s
     (``benchmarks/RESULTS.md``)."""
     left = rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
                           method="influence_ekfac", memo=memo)
