@@ -1553,7 +1553,9 @@ def _ekfac_basis(task, members, train, test, memo):
     multiply-adds than forming the gradients and rotating the test side there and back
     (``fisher.ekfac_rotation_floats``); else ``None``. On dattri's MLP (109,386
     parameters, 5,000 × 500) the compiled ``cache`` + ``attribute`` goes from 5.2 s to
-    4.2 s, of which 3.2 s is the (5,000 × d) · (d × 500) product that both routes share; scored without forming the training coordinates (``fisher.ekfac_scores``) 3.7 s on a faster box where the formed route took 4.3-4.5 s
+    4.2 s, of which 3.2 s is the (5,000 × d) · (d × 500) product that both routes share;
+    scored without forming the training coordinates (``fisher.ekfac_scores``), 3.7 s
+    on a faster box where the formed coordinates took 4.3-4.5 s
     (``benchmarks/RESULTS.md``)."""
     left = rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
                           method="influence_ekfac", memo=memo)
