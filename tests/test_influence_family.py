@@ -700,3 +700,61 @@ def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
         got = attr.attribute(attr.cache(params, (x, y)), test)
         np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
         assert bool(taken) == factored
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
+    """A softmax regression (one Dense layer, with and without a bias): Arnoldi's
+    products are taken in the layer's output space (``_layer_product``: Ãᵀ(∂²ℓ/∂y² ÃV)
+    in the parameters' raveled order). They give the dense Hessian's eigenvalues, and
+    the scores equal the generic route's (the path switched off) and exact influence.
+    The check runs once per shape; an L2 term inside the loss keeps the generic route."""
+    import flax.linen as nn
+
+    class Softmax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, use_bias=bias, name="head")(x)
+
+    model = Softmax()
+    data = _classification_data(40, 4, 3, seed=4)
+    train = jax.tree_util.tree_map(lambda a: a[:30], data)
+    test = jax.tree_util.tree_map(lambda a: a[30:], data)
+    params = _f64(model.init(jax.random.PRNGKey(5), data[0][:1])["params"])
+    theta, unravel = ravel_pytree(params)
+    d = len(theta)
+    taken = []
+    real = influence._layer_product
+    monkeypatch.setattr(influence, "_layer_product", lambda *a: taken.append(1) or real(*a))
+    checks = []
+    real_one = influence._one_layer
+    monkeypatch.setattr(influence, "_one_layer", lambda *a: checks.append(1) or real_one(*a))
+
+    def run(loss, damping):
+        jax.clear_caches()
+        attr = influence_arnoldi(loss, rank=d, damping=damping, tol=1e-12)
+        state = attr.cache(params, train)
+        state = attr.cache(params, train)  # a second fit of the same shapes: no check
+        return np.asarray(attr.attribute(state, test)), state.curvature[0][0]
+
+    loss = _flax_loss(model)
+    scores, eigvals = run(loss, 0.1)
+    assert taken and len(checks) == 1
+    hess = jax.hessian(lambda t: jnp.mean(jax.vmap(lambda z: loss(unravel(t), z))(train)))(theta)
+    want = np.sort(np.linalg.eigvalsh(np.asarray(hess)))[::-1]
+    np.testing.assert_allclose(np.sort(np.asarray(eigvals))[::-1], want, rtol=1e-8, atol=1e-10)
+    explicit = influence_explicit(loss, damping=0.1)
+    np.testing.assert_allclose(scores, explicit.attribute(explicit.cache(params, train), test),
+                               rtol=1e-7, atol=1e-10 * np.abs(scores).max())
+    with monkeypatch.context() as m:
+        m.setattr(influence, "_arnoldi_one_layer", lambda *a: None)
+        generic, _ = run(loss, 0.1)
+    np.testing.assert_allclose(generic, scores, rtol=1e-7, atol=1e-10 * np.abs(scores).max())
+    taken.clear()
+    l2_loss = _flax_loss(model, l2=1e-2)
+    l2_scores, _ = run(l2_loss, 0.1)
+    assert not taken
+    explicit = influence_explicit(l2_loss, damping=0.1)
+    np.testing.assert_allclose(l2_scores,
+                               explicit.attribute(explicit.cache(params, train), test),
+                               rtol=1e-7, atol=1e-10 * np.abs(l2_scores).max())
