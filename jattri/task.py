@@ -247,8 +247,11 @@ def _on_host(leaves) -> bool:
 
 
 def _host_put(like, value: np.ndarray):
-    """``value`` on the device of ``like`` (a jax array), else on the default device."""
-    return jax.device_put(value, like.sharding if isinstance(like, jax.Array) else None)
+    """``value`` where ``like`` is: on its device if ``like`` is a committed jax array,
+    else uncommitted on the default device (as a compiled program's output from such
+    inputs: free to join arrays placed elsewhere, e.g. a dataset sharded on a mesh)."""
+    committed = isinstance(like, jax.Array) and like.committed
+    return jax.device_put(value, like.sharding if committed else None)
 
 
 def _one_member(params: PyTree) -> PyTree:

@@ -429,17 +429,22 @@ def test_second_call_does_not_trace_the_loss(name):
 # ------------------------------------- members made on the host compile nothing
 
 
-@pytest.mark.parametrize("as_jax", [False, True])
-def test_members_from_host_params_compile_nothing(as_jax):
+@pytest.mark.parametrize("kind", ["numpy", "jax", "committed"])
+def test_members_from_host_params_compile_nothing(kind):
     """A bare params pytree (one member) and ``jattri.checkpoints`` of numpy or
     CPU-held jax leaves get their member axis from numpy and one transfer: no XLA
     compilation (it was a compiled program of its own in every first call), with the
-    same values, shapes and dtypes as the compiled route's."""
+    same values, shapes and dtypes as the compiled route's, and placed as its output
+    would be (committed to the leaves' device only when they were committed: an
+    uncommitted result can join data sharded on a mesh)."""
     rng = np.random.default_rng(0)
     shapes = {"w": (5, 3), "b": (3,), "n": (2, 2, 2)}
     plist = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(3)]
+    as_jax = kind != "numpy"
     if as_jax:
-        plist = [jax.tree_util.tree_map(jnp.asarray, p) for p in plist]
+        device = jax.devices()[-1]
+        put = (lambda x: jax.device_put(x, device)) if kind == "committed" else jnp.asarray
+        plist = [jax.tree_util.tree_map(put, p) for p in plist]
     with count_compiles() as counter:
         one = jattri.task.as_members(plist[0])
         many = jattri.checkpoints(plist)
@@ -449,6 +454,9 @@ def test_members_from_host_params_compile_nothing(as_jax):
         assert got.num == num
         for g, r in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref)):
             assert isinstance(g, jax.Array) and g.shape == r.shape and g.dtype == r.dtype
+            assert g.committed == (kind == "committed")
+            if kind == "committed":
+                assert g.devices() == {device}
             np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
     # the host copy is the state's own: changing the user's array later changes nothing
     if not as_jax:
