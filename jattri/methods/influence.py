@@ -1394,7 +1394,8 @@ def _layer_product(layer, loss, params, aux, train, order) -> Callable:
     ``(n, d_out, d_out)`` are made once; a product is two thin matrix products and n
     small ones (dattri's LR, 5,000 examples, 100 products: 0.38-0.44 s through
     ``jax.linearize`` of the mean gradient, about a third of that here,
-    ``benchmarks/RESULTS.md``)."""
+    ``benchmarks/RESULTS.md``). The same check lets the fit take the training
+    coordinates from the layer (``_factored_grads_times``) at any n·d."""
     n = engine.num_examples(train)
     chunk = engine.Chunk(train, jnp.arange(n, dtype=jnp.int32), jnp.ones((n,), bool))
     a, h = fisher._chunk_io(loss, params, aux, chunk, (layer,), "ggn")[layer.name]
@@ -1502,6 +1503,12 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
         layers = _arnoldi_plan(task, members, train, memo)
         one = _arnoldi_one_layer(task, members, train, curvature, memo)
         layer, order = (None, None) if one is None else one
+        if layers is None and layer is not None:
+            # the one-layer check has shown the gradient is the layer's ã ⊗ s: the
+            # coordinates from the layer too, below _FACTORED_COORDS_MIN (the check
+            # that threshold pays for is already made), and the test side with them
+            layers = (layer,)
+            memo[_plan_key("loss_fn", "arnoldi", members, train)] = layers
         return _arnoldi_fit((r, iters, size(), layers, layer),
                             (_curvature_fns(task, curvature), task.loss, members, train, key,
                              order))
