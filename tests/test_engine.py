@@ -198,6 +198,19 @@ def test_default_chunk_size_from_memory_budget():
     assert engine.default_chunk_size(4 * 10**10) == 1
 
 
+@pytest.mark.parametrize("n", [1, 7, 5000, 5001, 10_000, 20_000, 123_457])
+@pytest.mark.parametrize("floats", [10, 7_850, 109_386, 10_700_000])
+def test_default_chunks_are_balanced(n, floats):
+    """With n known: the fewest chunks the budget and the cap allow, as equal as can
+    be, so padding is under one row per chunk (5,000 examples: one chunk of 5,000,
+    never two of 4,096)."""
+    cap = min(engine.MAX_DEFAULT_CHUNK, max(1, engine.DEFAULT_CHUNK_BYTES // (4 * floats)))
+    size = engine.default_chunk_size(4 * floats, n)
+    chunks = -(-n // size)
+    assert size <= cap and chunks == -(-n // cap)
+    assert chunks * size - n < chunks
+
+
 def test_jit_attribute_compiles_once_across_checkpoints():
     """One compiled ``attribute`` serves any checkpoint of the architecture."""
     train, test = data(1, 16), data(2, 3)

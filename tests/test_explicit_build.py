@@ -53,7 +53,8 @@ def test_dense_build_trades_tangents_for_examples_within_the_budget():
     block, examples = influence._dense_shape(d, pair, size, 5000)
     # the default split had 2,137 tangents x 143 examples; the rule keeps the memory
     assert size(dense_block(d) * pair) < influence.DENSE_EXAMPLES
-    assert examples >= influence.DENSE_EXAMPLES and block < dense_block(d)
+    # (chunks balanced: as many chunks as DENSE_EXAMPLES-example ones, as equal as can be)
+    assert -(-5000 // examples) == -(-5000 // influence.DENSE_EXAMPLES) and block < dense_block(d)
     assert block * examples * pair <= budget
     # a small training set: all of it in one chunk, with the most tangents
     block, examples = influence._dense_shape(d, pair, lambda f: size(f, 100), 100)
