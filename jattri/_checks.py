@@ -17,6 +17,16 @@ from jattri._jit import jit
 PyTree = Any
 
 
+
+def on_cpu(leaves) -> bool:
+    """Every leaf is a numpy value or a concrete jax array held whole by this process
+    on CPU devices (a multi-host array is not; a tracer is not): numpy can read it in
+    place instead of a compiled program."""
+    return all(isinstance(x, (np.ndarray, np.generic)) or
+               (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                and x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()))
+               for x in leaves)
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 

@@ -54,9 +54,9 @@ DEFAULT_CHUNK_BYTES = _chunk_budget()
 #: The most examples a default chunk holds. Small models reach it (the budget above holds
 #: 8,548 gradients of dattri's 7,850-parameter LR). Raised from 1,024, with chunks
 #: balanced (:func:`default_chunk_size`): on dattri's LR at 5,000 examples the TRAK and
-#: TracIn Kronecker first calls 0.05-0.15 s shorter, EK-FAC's compiled call 0-0.04 s
+#: TracIn Kronecker first calls 0.05-0.15 s shorter, EK-FAC's compiled call 0-0.06 s
 #: longer; on its MLP (9 chunks of 556, not 5,517 padded rows) EK-FAC and Arnoldi
-#: compiled 6-7% faster (``benchmarks/RESULTS.md``).
+#: compiled 6-8% faster (``benchmarks/RESULTS.md``).
 MAX_DEFAULT_CHUNK = 8192
 
 

@@ -235,15 +235,12 @@ def as_members(members: Any) -> Members:
 
 
 def _on_host(leaves) -> bool:
-    """Every leaf is a numpy value or a jax array on one CPU device of this process:
-    then a new member axis is made by numpy and one transfer, no compiled program
-    (``_one_member`` / ``_stack`` compiled cost 0.01-0.02 s in every first call and
-    the same again to look up in the persistent cache)."""
-    return all(isinstance(x, (np.ndarray, np.generic)) or
-               (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                and x.is_fully_addressable and len(x.devices()) == 1
-                and next(iter(x.devices())).platform == "cpu")
-               for x in leaves)
+    """Every leaf is numpy or a jax array on one CPU device (``_checks.on_cpu``, one
+    device so that its placement can be kept): then a new member axis is made by numpy
+    and one transfer, no compiled program (a program of its own in every first call,
+    looked up again in the persistent cache by every later process)."""
+    return _checks.on_cpu(leaves) and all(
+        not isinstance(x, jax.Array) or len(x.devices()) == 1 for x in leaves)
 
 
 def _host_put(like, value: np.ndarray):

@@ -177,7 +177,7 @@ def test_an_l2_term_in_the_loss_keeps_the_parameter_space_route(monkeypatch):
 
 
 @pytest.mark.parametrize("n_test", [2, 6, 40])
-def test_scores_without_formed_coordinates_equal_the_formed_product(n_test):
+def test_scores_without_formed_coordinates_equal_the_formed_product(monkeypatch, n_test):
     """``fisher.ekfac_scores`` (a one-position layer's scores as s̃ᵀ(U_tᵀ ã), where
     that is no larger than its formed coordinates) equals ``ekfac_coordinates @ uᵀ``
     for every branch: the MLP's 5 × 6 layer (i < o) and 7 × 3 layer (i ≥ o) taken
@@ -197,6 +197,10 @@ def test_scores_without_formed_coordinates_equal_the_formed_product(n_test):
     chunk = Chunk(train, jnp.arange(24, dtype=jnp.int32), valid)
     coords = fisher.ekfac_coordinates(fn, params, None, chunk, layers, factors)
     u = jax.random.normal(jax.random.PRNGKey(7), (n_test, coords.shape[1]), jnp.float64)
+    formed = []
+    real = fisher._rotated_grads
+    monkeypatch.setattr(fisher, "_rotated_grads", lambda *a: formed.append(1) or real(*a))
     got = fisher.ekfac_scores(fn, params, None, chunk, layers, factors, u)
+    assert len(formed) == (0 if n_test <= 6 else 2)  # which layers were formed
     np.testing.assert_allclose(got, coords @ u.T, rtol=1e-10, atol=1e-12)
     assert np.all(np.asarray(got)[21:] == 0)

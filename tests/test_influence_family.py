@@ -726,6 +726,10 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
     taken = []
     real = influence._layer_product
     monkeypatch.setattr(influence, "_layer_product", lambda *a: taken.append(1) or real(*a))
+    factored = []
+    real_coords = influence._factored_grads_times
+    monkeypatch.setattr(influence, "_factored_grads_times",
+                        lambda *a: factored.append(1) or real_coords(*a))
     checks = []
     real_one = influence._one_layer
     monkeypatch.setattr(influence, "_one_layer", lambda *a: checks.append(1) or real_one(*a))
@@ -740,6 +744,7 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
     loss = _flax_loss(model)
     scores, eigvals = run(loss, 0.1)
     assert taken and len(checks) == 1
+    assert factored  # coordinates from the layer too, below the n·d threshold
     hess = jax.hessian(lambda t: jnp.mean(jax.vmap(lambda z: loss(unravel(t), z))(train)))(theta)
     want = np.sort(np.linalg.eigvalsh(np.asarray(hess)))[::-1]
     np.testing.assert_allclose(np.sort(np.asarray(eigvals))[::-1], want, rtol=1e-8, atol=1e-10)
@@ -751,9 +756,10 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
         generic, _ = run(loss, 0.1)
     np.testing.assert_allclose(generic, scores, rtol=1e-7, atol=1e-10 * np.abs(scores).max())
     taken.clear()
+    factored.clear()
     l2_loss = _flax_loss(model, l2=1e-2)
     l2_scores, _ = run(l2_loss, 0.1)
-    assert not taken
+    assert not taken and not factored
     explicit = influence_explicit(l2_loss, damping=0.1)
     np.testing.assert_allclose(l2_scores,
                                explicit.attribute(explicit.cache(params, train), test),

@@ -321,14 +321,6 @@ def _leaf_sums(leaves):
                       for x in leaves])
 
 
-def _on_cpu(leaves) -> bool:
-    """Every leaf is a numpy value or a jax array held whole by this process on CPU
-    devices (a multi-host array is not: its sums are a compiled program's)."""
-    return all(not isinstance(x, jax.Array) or
-               (x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()))
-               for x in leaves)
-
-
 def _host_sums(leaves) -> bytes:
     """:func:`_leaf_sums` computed by numpy on CPU-held leaves (read in place, no
     copy): a compiled program of its own cost 0.03-0.08 s of XLA compilation in every
@@ -356,7 +348,7 @@ def fingerprint(members: Optional[Members]) -> np.ndarray:
              or jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     concrete = is_concrete(leaves)
     if concrete and reals:
-        h.update(_host_sums(reals) if _on_cpu(reals) else np.asarray(_leaf_sums(reals)).tobytes())
+        h.update(_host_sums(reals) if _checks.on_cpu(reals) else np.asarray(_leaf_sums(reals)).tobytes())
     return np.concatenate([np.array([int(concrete)], np.uint32),
                            np.frombuffer(h.digest()[:16], np.uint32)])
 

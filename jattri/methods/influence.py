@@ -1323,14 +1323,18 @@ def _arnoldi_test_coords(config, args, chunk):
 _FACTORED_COORDS_MIN = 2 ** 27
 
 
-def _arnoldi_layers(task, members, train, memo) -> Optional[tuple]:
+def _arnoldi_layers(task, members, train, memo, one=None) -> Optional[tuple]:
     """The linear layers from which the training coordinates Vᵀg_i are taken factored
-    (:func:`_factored_grads_times`): n·d ≥ ``_FACTORED_COORDS_MIN`` (134M floats of
-    formed gradients, e.g. 5,000 examples of a 27,000-parameter model), every parameter
-    in a layer at one position, the gradient rebuilt from them equal to ``jax.grad`` on
-    the first example (``rebuilt_layers``; concrete members and data only), else
-    ``None``. At T > 1 positions the factored product costs T times the formed
-    gradient's."""
+    (:func:`_factored_grads_times`): the one layer of a one-layer plan ``one``
+    (:func:`_arnoldi_one_layer`, whose check already shows g = ã ⊗ s), else where
+    n·d ≥ ``_FACTORED_COORDS_MIN`` (134M floats of formed gradients, e.g. 5,000
+    examples of a 27,000-parameter model: below it the formed gradients' pass costs less
+    than a check of its own), every parameter in a layer at one position, the gradient
+    rebuilt from them equal to ``jax.grad`` on the first example (``rebuilt_layers``;
+    concrete members and data only), else ``None``. At T > 1 positions the factored
+    product costs T times the formed gradient's."""
+    if one is not None:
+        return (one[0],)
     n = engine.num_examples(train)
     if n is None or n * _common.num_params(members) < _FACTORED_COORDS_MIN:
         return None
@@ -1341,10 +1345,10 @@ def _arnoldi_layers(task, members, train, memo) -> Optional[tuple]:
     return layers
 
 
-def _arnoldi_plan(task, members, train, memo) -> Optional[tuple]:
+def _arnoldi_plan(task, members, train, memo, one=None) -> Optional[tuple]:
     """:func:`_arnoldi_layers`, recorded in ``memo`` by the members' and one example's
     shapes, where :func:`_arnoldi_test_plan` finds it."""
-    layers = _arnoldi_layers(task, members, train, memo)
+    layers = _arnoldi_layers(task, members, train, memo, one)
     memo[_plan_key("loss_fn", "arnoldi", members, train)] = layers
     return layers
 
@@ -1390,17 +1394,18 @@ def _layer_product(layer, loss, params, aux, train, order) -> Callable:
     """``v (d,) -> H v`` for a model that is one linear layer at one position
     (:func:`_arnoldi_one_layer`): H = (1/n) Σ_i ã_iã_iᵀ ⊗ ∂²loss_i/∂y², so
     H v = vec((1/n) Ãᵀ Z) with z_i = ∂²loss_i/∂y² (ã_iᵀ V), V = v in the layer's block
-    order. The inputs Ã ``(n, d_in + b)``, a transposed copy and the output Hessians
+    order. The inputs Ã ``(n, d_in + b)``, their transpose and the output Hessians
     ``(n, d_out, d_out)`` are made once; a product is two thin matrix products and n
-    small ones (dattri's LR, 5,000 examples, 100 products: 0.38-0.44 s through
-    ``jax.linearize`` of the mean gradient, about a third of that here,
-    ``benchmarks/RESULTS.md``). The same check lets the fit take the training
-    coordinates from the layer (``_factored_grads_times``) at any n·d."""
+    small ones. dattri's LR, 5,000 examples: 100 products through ``jax.linearize`` of the mean gradient took
+    0.38-0.44 s; the compiled fit went from 0.58-0.62 s to 0.30-0.34 s with these
+    (``benchmarks/RESULTS.md``)."""
     n = engine.num_examples(train)
     chunk = engine.Chunk(train, jnp.arange(n, dtype=jnp.int32), jnp.ones((n,), bool))
     a, h = fisher._chunk_io(loss, params, aux, chunk, (layer,), "ggn")[layer.name]
     a, h = a[:, 0], h[:, 0, :, 0, :]  # (n, i), (n, o, o)
-    at = jnp.transpose(a)  # read row by row by the second product
+    # Ãᵀ as an array of its own, made once: with ``a.T`` inside the product the
+    # compiled fit on dattri's LR took 0.42-0.45 s instead of 0.24-0.26 s
+    at = jnp.transpose(a)
     inverse = jnp.argsort(order)  # block coordinate -> raveled coordinate
     i, o = a.shape[1], h.shape[1]
 
@@ -1500,15 +1505,9 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
                                  who="influence_arnoldi", stacklevel=4)
-        layers = _arnoldi_plan(task, members, train, memo)
         one = _arnoldi_one_layer(task, members, train, curvature, memo)
+        layers = _arnoldi_plan(task, members, train, memo, one)
         layer, order = (None, None) if one is None else one
-        if layers is None and layer is not None:
-            # the one-layer check has shown the gradient is the layer's ã ⊗ s: the
-            # coordinates from the layer too, below _FACTORED_COORDS_MIN (the check
-            # that threshold pays for is already made), and the test side with them
-            layers = (layer,)
-            memo[_plan_key("loss_fn", "arnoldi", members, train)] = layers
         return _arnoldi_fit((r, iters, size(), layers, layer),
                             (_curvature_fns(task, curvature), task.loss, members, train, key,
                              order))
