@@ -298,8 +298,9 @@ def test_members_fingerprint_on_host_and_compiled(problem, monkeypatch, host):
     program otherwise (``host=False`` forces that path here): either way an unchanged
     copy is accepted, and a change of one entry, of a bfloat16 or integer leaf
     included, is refused."""
+    from jattri import _checks
     from jattri.methods import _common
-    monkeypatch.setattr(_common, "_on_cpu", lambda leaves: host)
+    monkeypatch.setattr(_checks, "on_cpu", lambda leaves: host)
     params, train = problem
     stacked = jax.tree_util.tree_map(lambda x: x[None], params)
 
