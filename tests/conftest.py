@@ -37,3 +37,16 @@ def _fresh_compilation_caches():
     compiler can crash instead of raising)."""
     yield
     jax.clear_caches()
+
+
+# The heaviest files first, by their measured time (pytest --durations, 2026-12-02):
+# xdist's ``--dist loadfile`` hands whole files to its two workers in collection order,
+# and a heavy file started last keeps one worker busy while the other has nothing left.
+_HEAVY_FIRST = ("test_influence_family.py", "test_notebooks.py", "test_compile_sharing.py",
+                "test_logra.py", "test_sharding.py", "test_resume.py", "test_ekfac_basis.py",
+                "test_scale_memory.py", "test_benchmark.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest
