@@ -647,7 +647,8 @@ def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
     coordinates Vᵀg_i are taken from the layers' inputs and output gradients
     (``_factored_grads_times``): they equal the formed gradients times V, padding rows
     zero, and the scores equal the float64 reference. A loss with an L2 term on the
-    parameters is not rebuilt from the layers (no factored plan).
+    parameters is not rebuilt from the layers (no factored plan; the formed-gradient
+    route it takes is scored in ``test_methods_agree_and_self_scores_are_diagonals``).
     (The size threshold n·d is lowered to 0 here, so the tiny model takes the path.)"""
     from jattri.methods import _common
     from jattri.task import as_task, as_members
@@ -675,7 +676,7 @@ def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
     l2 = as_task(_flax_loss(model, l2=0.1))
     assert influence._arnoldi_layers(l2, members, (x, y), {}) is None
     # the scores against the float64 reference g_iᵀ V diag(1/(μ+λ)) Vᵀ g_t, the test
-    # side taken from the layers too (the L2 route's scores: the one-layer test below)
+    # side taken from the layers too
     test = _classification_data(5, 4, 3, seed=7)
     taken = []
     real = influence._arnoldi_test_coords
