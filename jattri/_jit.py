@@ -24,6 +24,7 @@ is ``1``.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -38,6 +39,54 @@ def cpu_options() -> Optional[dict]:
     if _OPTION in os.environ.get("XLA_FLAGS", "") or jax.default_backend() != "cpu":
         return None
     return {_OPTION: False}
+
+
+_lapack_ready = False
+
+
+def _lapack_without_scipy_linalg() -> None:
+    """Hands jaxlib its LAPACK pointers before the first CPU linear-algebra lowering.
+
+    jaxlib takes them from ``scipy.linalg.cython_blas`` and ``cython_lapack``; importing
+    those runs ``scipy.linalg/__init__`` first, which pulls in most of scipy and numpy's
+    lazy submodules (``numpy.f2py`` among them): the first ``eigh``, ``cholesky`` or
+    ``solve`` lowered in a process took 0.54-0.70 s on the 2-core machine, against
+    0.02-0.06 s after loading only the two extension modules (``benchmarks/RESULTS.md``,
+    "scipy.linalg at the first factorisation"). They are loaded under their own names,
+    jaxlib initialises from them, and they leave ``sys.modules`` again, so a later
+    ``import scipy.linalg`` is the ordinary one. Once per process, CPU only; on any
+    failure jaxlib imports scipy.linalg itself, as it would have."""
+    global _lapack_ready
+    if _lapack_ready:
+        return
+    _lapack_ready = True
+    if "scipy.linalg" in sys.modules or jax.default_backend() != "cpu":
+        return
+    seeded = []
+    try:
+        import importlib.machinery
+        import importlib.util
+
+        import scipy
+        from jax._src.lax import linalg as lax_linalg
+
+        where = [os.path.join(os.path.dirname(scipy.__file__), "linalg")]
+        for short in ("cython_blas", "cython_lapack"):
+            name = f"scipy.linalg.{short}"
+            if name in sys.modules:
+                continue
+            spec = importlib.machinery.PathFinder.find_spec(short, where)
+            spec.name = name
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            seeded.append(name)
+            spec.loader.exec_module(module)
+        lax_linalg.initialize_lapack()
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
+    finally:
+        for name in seeded:
+            sys.modules.pop(name, None)
 
 
 try:  # JAX's own test before it accepts compiler options: no trace is active
@@ -60,6 +109,7 @@ class _Jitted:
         self.__doc__ = getattr(fun, "__doc__", None)
 
     def _get(self):
+        _lapack_without_scipy_linalg()
         if not _top_level():
             return self._plain
         if self._jitted is None:

@@ -76,3 +76,37 @@ def test_a_method_runs_top_level_and_inside_jit_with_the_option(monkeypatch):
     scale = 1e-5 * np.abs(ref).max()  # float32 scores
     np.testing.assert_allclose(top, ref, rtol=1e-5, atol=scale)
     np.testing.assert_allclose(nested, top, rtol=1e-5, atol=scale)
+
+
+_LAPACK_SCRIPT = r"""
+import sys
+import numpy as np
+import jax, jax.numpy as jnp
+from jattri import _jit
+a = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]], np.float32)
+w = _jit.jit(jnp.linalg.eigvalsh)(a)
+x = _jit.jit(jnp.linalg.solve)(a, np.ones(3, np.float32))
+print("after", "scipy.linalg" in sys.modules)
+np.testing.assert_allclose(w, np.linalg.eigvalsh(a.astype(np.float64)), rtol=1e-5)
+np.testing.assert_allclose(x, np.linalg.solve(a.astype(np.float64), np.ones(3)), rtol=1e-5)
+import scipy.linalg, scipy.linalg.cython_lapack  # the ordinary import, later
+np.testing.assert_allclose(scipy.linalg.eigh(a)[0], w, rtol=1e-5)
+print("cython_lapack", hasattr(scipy.linalg, "cython_lapack"))
+"""
+
+
+def test_linear_algebra_lowers_without_importing_scipy_linalg():
+    """jaxlib's LAPACK pointers come from scipy's two Cython modules, loaded alone
+    (``_jit._lapack_without_scipy_linalg``): a first factorisation in a fresh process
+    leaves ``scipy.linalg`` unimported, computes the right answer, and a later ordinary
+    ``import scipy.linalg`` still works."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JATTRI_XLA_DEFAULTS"}
+    out = subprocess.run([sys.executable, "-c", _LAPACK_SCRIPT], env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "after False" in out.stdout, out.stdout
+    assert "cython_lapack True" in out.stdout, out.stdout
