@@ -17,6 +17,7 @@ from jax.tree_util import Partial
 from jattri import _checks
 from jattri._jit import jit
 from jattri.func.grads import as_partial, flat_fn, unravel_fn
+from jattri.func.projection import derive_key, seeded_normal
 
 PyTree = Any
 
@@ -407,13 +408,15 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     orthogonalised only on breakdown (a ``lax.cond``): computing it at every step, as
     before, read the whole basis twice more per step (100 steps at d = 109,386, the size
     of dattri's MNIST MLP, with a cheap product: 1.2-1.5 s → 0.6 s; on its 7,850-parameter
-    LR, whose basis stays in cache, no change beyond the noise).
+    LR, whose basis stays in cache, no change beyond the noise). The start vector (counter
+    0) and the restart of step j (counter j + 1) are hashed from the key
+    (:func:`jattri.func.projection.seeded_normal`), not drawn by threefry, whose three
+    call sites here were a large part of the program's compilation.
     """
     eps = jnp.finfo(dtype).eps
-    q0 = jax.random.normal(key, (dim,), dtype)
+    q0 = seeded_normal(derive_key(key, 0), dim, dtype)
     basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
     hess = jnp.zeros((num_iters + 1, num_iters), dtype)
-    keys = jax.random.split(jax.random.fold_in(key, 1), num_iters)
 
     def orthogonalize(w, basis, active):
         for _ in range(2):  # twice is enough (Giraud et al., 2005)
@@ -422,7 +425,7 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
         return w
 
     def restart(j, basis, active):
-        fresh = orthogonalize(jax.random.normal(keys[j], (dim,), dtype), basis, active)
+        fresh = orthogonalize(seeded_normal(derive_key(key, j + 1), dim, dtype), basis, active)
         return fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(dtype).tiny)
 
     def step(carry, j):

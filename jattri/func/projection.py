@@ -132,6 +132,16 @@ def _gaussian_seeded(seed, rows, k):
     return jnp.sqrt(jnp.asarray(2.0 / k, dtype)) * jax.lax.erf_inv(u)
 
 
+def seeded_normal(key: jax.Array, n: int, dtype=None) -> jax.Array:
+    """``(n,)`` standard normal entries hashed from ``key``'s words (:func:`key_words`)
+    and each entry's index as :func:`_gaussian_seeded` (unit variance; traceable): a
+    random vector with no threefry call site in its program."""
+    dtype = _float() if dtype is None else dtype
+    words = _entry_words(key_words(key), jnp.arange(n), 1)[:, 0]
+    u = ((words >> 9).astype(dtype) + 0.5) * 2.0**-22 - 1.0
+    return jnp.sqrt(jnp.asarray(2.0, dtype)) * jax.lax.erf_inv(u)
+
+
 def _rademacher_seeded(seed, rows, k):
     """±1/√k entries: the top bit of each word gives the sign."""
     sign = 1.0 - 2.0 * (_entry_words(seed, rows, k) >> 31).astype(_float())

@@ -65,6 +65,7 @@ from jattri._jit import jit
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
 from jattri.func.layers import find_layers, layer_io, leaf_key, leaf_keys, same_layers
+from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, cg_solve, check_cg, dense_block, hvp,
                                  top_eigenvalue)
@@ -765,21 +766,23 @@ def _one_layer(task, members, train):
     if (len(found) != 1 or len(layer.out_shapes) != 1 or _common.num_params(members)
             != (layer.d_in + int(layer.use_bias)) * layer.d_out):
         return None
-    order = jnp.asarray(_layer_order(layer, members))
-    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-    if not bool(_only_through(layer, task.loss, first(members.params), first(members.aux),
-                              first(train), order)):
+    order = _layer_order(layer, members)
+    if not bool(_only_through(layer, task.loss, members.params, members.aux, train, order)):
         return None
-    return layer, order
+    return layer, jax.device_put(order)  # no program of its own, as jnp.asarray has
 
 
 @partial(jit, static_argnums=0)
-def _only_through(layer, loss, params, aux, z, order):
+def _only_through(layer, loss, params, aux, data, order):
     """Whether the loss reads the parameters only through ``layer``'s outputs, checked
     where a penalty on θ (an L2 term in the loss) would show: at θ' = θ + noise, on one
-    example, ∇_θ loss must equal the layer's ã ⊗ ∂loss/∂y (relative 1e-4)."""
+    example, ∇_θ loss must equal the layer's ã ⊗ ∂loss/∂y (relative 1e-4). Member 0 and
+    the first example of ``data`` are sliced inside the program (eagerly, each leaf's
+    slice compiled a program of its own)."""
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    params, aux, z = first(params), first(aux), first(data)
     flat, unravel = ravel_pytree(params)
-    noise = jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype)
+    noise = seeded_normal(jnp.zeros((2,), jnp.uint32), flat.shape[0], flat.dtype)  # no threefry
     moved = unravel(flat + noise * (1 + jnp.std(flat)))
     index = jnp.zeros((), jnp.int32)
     grad = ravel_pytree(jax.grad(lambda p: loss(p, z, index, aux))(moved))[0]
@@ -800,7 +803,10 @@ def _layer_order(layer, members) -> np.ndarray:
         index[layer.bias_key] = d_in * d_out + np.arange(d_out, dtype=np.float64)
     probe = jax.tree_util.tree_map_with_path(
         lambda path, leaf: index[leaf_key(path)], _common.row_spec(members.params))
-    return np.asarray(ravel_pytree(probe)[0]).astype(np.int64)
+    # ravel_pytree's order (the leaves' flattening order, each raveled), in numpy: jnp
+    # would compile an eager program per leaf
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(probe)]
+                          ).astype(np.int64)
 
 
 def _layer_step(layer, args, acc, chunk):
@@ -1430,7 +1436,9 @@ def _arnoldi_fits(config, args):
     """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member."""
     rank, iters, size, layers, layer = config
     fns, loss, members, train, key, order = args
-    keys = _common.member_keys(key, members.num)  # inside this program: no compile of its own
+    # member m's start key derive_key(key, m), hashed inside this program (threefry's
+    # fold_in would be one more call site to compile)
+    keys = jax.vmap(lambda m: derive_key(key, m))(jnp.arange(members.num))
     d, dtype = _common.num_params(members), _common.param_dtype(members)
     def one(p, a, k):
         if layer is not None:
