@@ -708,7 +708,8 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
     products are taken in the layer's output space (``_layer_product``: Ãᵀ(∂²ℓ/∂y² ÃV)
     in the parameters' raveled order). They give the dense Hessian's eigenvalues, and
     the scores equal the generic route's (the path switched off) and exact influence.
-    The check runs once per shape; an L2 term inside the loss keeps the generic route."""
+    The check runs once per shape, inside the first fit; an L2 term inside the loss
+    fails it, and that fit and the later ones take the generic route."""
     import flax.linen as nn
 
     class Softmax(nn.Module):
@@ -732,14 +733,18 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
                         lambda *a: factored.append(1) or real_coords(*a))
     checks = []
     real_one = influence._one_layer
-    monkeypatch.setattr(influence, "_one_layer", lambda *a: checks.append(1) or real_one(*a))
+    monkeypatch.setattr(influence, "_one_layer",
+                        lambda *a, **k: checks.append(1) or real_one(*a, **k))
 
     def run(loss, damping):
         jax.clear_caches()
         attr = influence_arnoldi(loss, rank=d, damping=damping, tol=1e-12)
-        state = attr.cache(params, train)
+        first = attr.cache(params, train)  # the fit that checks the plan
         state = attr.cache(params, train)  # a second fit of the same shapes: no check
-        return np.asarray(attr.attribute(state, test)), state.curvature[0][0]
+        scores = np.asarray(attr.attribute(state, test))
+        np.testing.assert_allclose(attr.attribute(first, test), scores, rtol=1e-7,
+                                   atol=1e-10 * np.abs(scores).max())
+        return scores, state.curvature[0][0]
 
     loss = _flax_loss(model)
     scores, eigvals = run(loss, 0.1)
@@ -754,15 +759,27 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
     if not bias:  # the generic route and the L2 term do not depend on the bias: once
         return
     with monkeypatch.context() as m:
-        m.setattr(influence, "_arnoldi_one_layer", lambda *a: None)
+        m.setattr(influence, "_arnoldi_one_layer", lambda *a: (None, None))
         generic, _ = run(loss, 0.1)
     np.testing.assert_allclose(generic, scores, rtol=1e-7, atol=1e-10 * np.abs(scores).max())
     taken.clear()
     factored.clear()
     l2_loss = _flax_loss(model, l2=1e-2)
     l2_scores, _ = run(l2_loss, 0.1)
-    assert not taken and not factored
+    # only the first fit traced the layer's route, whose check inside it failed: its
+    # result is the generic route's (the scores below include the L2 term the layer's
+    # products leave out), as is the second fit's of the same shapes
+    assert len(taken) == 1
     explicit = influence_explicit(l2_loss, damping=0.1)
     np.testing.assert_allclose(l2_scores,
                                explicit.attribute(explicit.cache(params, train), test),
                                rtol=1e-7, atol=1e-10 * np.abs(l2_scores).max())
+    # under an outer trace with concrete members closed over, the check's answer is
+    # traced: unknown, so the generic route (explicit influence's as well)
+    members = jattri.checkpoints([params])
+    for traced_attr in (influence_arnoldi(l2_loss, rank=d, damping=0.1, tol=1e-12),
+                        influence_explicit(l2_loss, damping=0.1)):
+        traced = jax.jit(lambda: traced_attr.attribute(traced_attr.cache(members, train),
+                                                       test))()
+        np.testing.assert_allclose(traced, l2_scores, rtol=1e-7,
+                                   atol=1e-10 * np.abs(l2_scores).max())

@@ -64,7 +64,8 @@ from jattri import _checks, engine
 from jattri._jit import jit
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
-from jattri.func.layers import find_layers, layer_io, leaf_key, leaf_keys, same_layers
+from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, leaf_key, leaf_keys,
+                                same_layers)
 from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, cg_solve, check_cg, dense_block, hvp,
@@ -747,13 +748,14 @@ def _explicit_fit(curvature, task, members, train, size, damping):
                           engine.layout_of(train)), None
 
 
-def _one_layer(task, members, train):
+def _one_layer(task, members, train, check: bool = True):
     """``(layer, order)`` where the members' parameters are all in one linear layer
     (``jattri.func.layers``) called once per example and the loss reads them only
     through its outputs y = ã W, else ``None``. Then the Hessian in W is exactly
     Σ_i Σ_τσ ã_iτ ã_iσᵀ ⊗ ∂²loss_i/∂y_τ∂y_σ (:func:`_layer_fit`); ``order`` maps the
     raveled parameters to that block order (:func:`_layer_order`). In memory only: the
-    check reads one example (a stream keeps the generic build)."""
+    check reads one example (a stream keeps the generic build). ``check=False``: the
+    candidate without that check (the caller runs :func:`_reads_only_through` itself)."""
     if engine.is_stream(train):
         return None
     try:
@@ -767,13 +769,14 @@ def _one_layer(task, members, train):
             != (layer.d_in + int(layer.use_bias)) * layer.d_out):
         return None
     order = _layer_order(layer, members)
-    if not bool(_only_through(layer, task.loss, members.params, members.aux, train, order)):
-        return None
+    if check:
+        ok = _only_through(layer, task.loss, members.params, members.aux, train, order)
+        if isinstance(ok, jax.core.Tracer) or not bool(ok):  # under a trace: unknown
+            return None
     return layer, jax.device_put(order)  # no program of its own, as jnp.asarray has
 
 
-@partial(jit, static_argnums=0)
-def _only_through(layer, loss, params, aux, data, order):
+def _reads_only_through(layer, loss, params, aux, data, order):
     """Whether the loss reads the parameters only through ``layer``'s outputs, checked
     where a penalty on θ (an L2 term in the loss) would show: at θ' = θ + noise, on one
     example, ∇_θ loss must equal the layer's ã ⊗ ∂loss/∂y (relative 1e-4). Member 0 and
@@ -785,11 +788,14 @@ def _only_through(layer, loss, params, aux, data, order):
     noise = seeded_normal(jnp.zeros((2,), jnp.uint32), flat.shape[0], flat.dtype)  # no threefry
     moved = unravel(flat + noise * (1 + jnp.std(flat)))
     index = jnp.zeros((), jnp.int32)
-    grad = ravel_pytree(jax.grad(lambda p: loss(p, z, index, aux))(moved))[0]
-    a, s = layer_io(loss, moved, z, index, aux, layers={layer.name: layer})[layer.name]
+    io, grads = layer_io_and_grad(loss, moved, z, index, aux, layers={layer.name: layer})
+    grad, (a, s) = ravel_pytree(grads)[0], io[layer.name]
     structured = jnp.einsum("tk,tl->kl", fisher.augment(a, layer.use_bias), s).reshape(-1)
     err = jnp.linalg.norm(grad - structured[order])
     return err <= 1e-4 * jnp.linalg.norm(grad) + 1e-30
+
+
+_only_through = jit(_reads_only_through, static_argnums=0)
 
 
 def _layer_order(layer, members) -> np.ndarray:
@@ -1370,21 +1376,23 @@ def _arnoldi_test_plan(task, members, test, memo, tol) -> Optional[tuple]:
 
 
 def _arnoldi_one_layer(task, members, train, curvature, memo):
-    """``(layer, order)`` (:func:`_one_layer`) where Arnoldi's Hessian-vector products
-    are taken in the single layer's output space (:func:`_layer_product`), else
-    ``None``: the Hessian, one member axis on one device, the layer at one position,
-    its inputs and output Hessians over the training set within the chunk budget, the
-    loss reading the parameters only through the layer (checked once per shape,
-    recorded in ``memo``; concrete members and data only)."""
+    """``(one, key)``: ``one`` the ``(layer, order)`` (:func:`_one_layer`) where
+    Arnoldi's Hessian-vector products may be taken in the single layer's output space
+    (:func:`_layer_product`), else ``None``: the Hessian, one member axis on one device,
+    the layer at one position, its inputs and output Hessians over the training set
+    within the chunk budget (concrete members and data only). ``key``: where ``memo``
+    records the plan once the loss is known to read the parameters only through the
+    layer (:func:`_reads_only_through`, checked inside the first fit of these shapes),
+    ``None`` when ``one`` comes from ``memo`` or is ``None``."""
     if (curvature != "hessian" or engine.is_stream(train)
             or engine.layout_of(train) is not None):
-        return None
+        return None, None
     key = _plan_key("loss_fn", "arnoldi-one-layer", members, train)
     if key in memo:
-        return memo[key]
+        return memo[key], None
     if not _concrete(members, train):
-        return None
-    one = _one_layer(task, members, train)
+        return None, None
+    one = _one_layer(task, members, train, check=False)
     if one is not None:
         layer = one[0]
         i, o = layer.d_in + int(layer.use_bias), layer.d_out
@@ -1392,8 +1400,10 @@ def _arnoldi_one_layer(task, members, train, curvature, memo):
             _common.param_dtype(members)).itemsize
         if layer.positions != 1 or held > engine.DEFAULT_CHUNK_BYTES:
             one = None
-    memo[key] = one
-    return one
+    if one is None:
+        memo[key] = None
+        return None, None
+    return one, key
 
 
 def _layer_product(layer, loss, params, aux, train, order) -> Callable:
@@ -1433,7 +1443,11 @@ def _arnoldi_fit_jit(config, args, layout):
 
 
 def _arnoldi_fits(config, args):
-    """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member."""
+    """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member;
+    with a one-layer plan ``layer``, paired with whether the loss reads the parameters
+    only through that layer (:func:`_reads_only_through` on one example, in this
+    program: as a program of its own it took 0.5-0.65 s of a first call on dattri's LR,
+    2-core machine)."""
     rank, iters, size, layers, layer = config
     fns, loss, members, train, key, order = args
     # member m's start key derive_key(key, m), hashed inside this program (threefry's
@@ -1452,6 +1466,9 @@ def _arnoldi_fits(config, args):
     blocks = _common.row_blocks(_common.row_spec(members.params), eigvecs, axis=1)
     coords = engine.per_example(_arnoldi_coords, layers, (loss, members, blocks), train,
                                  size)
+    if layer is not None:
+        return ((eigvals, eigvecs), coords), _reads_only_through(
+            layer, loss, members.params, members.aux, train, order)
     return (eigvals, eigvecs), coords
 
 
@@ -1513,12 +1530,27 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
     def fit(task, members, train, size):
         r, iters = arnoldi_sizes(rank, num_iters, _common.num_params(members),
                                  who="influence_arnoldi", stacklevel=4)
-        one = _arnoldi_one_layer(task, members, train, curvature, memo)
-        layers = _arnoldi_plan(task, members, train, memo, one)
-        layer, order = (None, None) if one is None else one
-        return _arnoldi_fit((r, iters, size(), layers, layer),
-                            (_curvature_fns(task, curvature), task.loss, members, train, key,
-                             order))
+
+        def run(one):
+            layers = _arnoldi_plan(task, members, train, memo, one)
+            layer, order = (None, None) if one is None else one
+            return _arnoldi_fit((r, iters, size(), layers, layer),
+                                (_curvature_fns(task, curvature), task.loss, members, train,
+                                 key, order))
+
+        one, unchecked = _arnoldi_one_layer(task, members, train, curvature, memo)
+        if one is None:
+            return run(None)
+        # the one-layer fit checks its plan in its own program; the first fit of these
+        # shapes records the check and is redone on the generic route (one more
+        # compilation) when the loss reads the parameters elsewhere too (an L2 term)
+        fitted, ok = run(one)
+        if unchecked is None:
+            return fitted
+        if isinstance(ok, jax.core.Tracer):  # under a trace: unknown, so generic
+            return run(None)
+        memo[unchecked] = one if bool(ok) else None
+        return fitted if bool(ok) else run(None)
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
