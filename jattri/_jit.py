@@ -91,9 +91,13 @@ def _lapack_without_scipy_linalg() -> None:
 
 try:  # JAX's own test before it accepts compiler options: no trace is active
     from jax._src.core import trace_state_clean as _top_level
+    outside_any_trace = _top_level
 except ImportError:  # a JAX that does not say: XLA's defaults everywhere
     def _top_level() -> bool:
         return False
+
+    def outside_any_trace() -> bool:  # unknown: values are read wherever leaves are
+        return True
 
 
 class _Jitted:

@@ -110,3 +110,34 @@ def test_linear_algebra_lowers_without_importing_scipy_linalg():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "after False" in out.stdout, out.stdout
     assert "cython_lapack True" in out.stdout, out.stdout
+
+
+def test_value_checks_skip_under_an_outer_jit_with_members_closed_over(x64):
+    """Under an outer ``jax.jit`` even members and data closed over (concrete arrays)
+    give traced results, so no check that reads a value may run there
+    (``_common.is_concrete``): factored Grad-Dot's rebuild check and the one-layer
+    check of explicit influence and Arnoldi take their traced-safe route, and the
+    scores equal the top-level call's. (Before, Grad-Dot raised
+    ConcretizationTypeError and the one-layer check TracerBoolConversionError.)"""
+    import flax.linen as nn
+
+    import jattri
+
+    model = nn.Dense(3)
+    rng = np.random.RandomState(0)
+    x, y = rng.randn(24, 4), np.arange(24) % 3
+    params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64),
+                                    model.init(jax.random.PRNGKey(0), x[:1])["params"])
+
+    def loss(p, z):  # an L2 term: the one-layer and factored checks must fail
+        penalty = sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(p))
+        return -jax.nn.log_softmax(model.apply({"params": p}, z[0]))[z[1]] + 1e-2 * penalty
+
+    train, test = (x[:18], y[:18]), (x[18:], y[18:])
+    members = jattri.checkpoints([params])
+    for attr in (jattri.grad_dot(loss), jattri.influence_explicit(loss, damping=0.1),
+                 jattri.influence_arnoldi(loss, rank=15, damping=0.1, tol=1e-12)):
+        # nested first: no plan recorded yet by a top-level call of the same shapes
+        nested = jax.jit(lambda: attr.attribute(attr.cache(members, train), test))()
+        top = np.asarray(attr.attribute(attr.cache(members, train), test))
+        np.testing.assert_allclose(nested, top, rtol=1e-9, atol=1e-12 * np.abs(top).max())

@@ -123,23 +123,21 @@ def _entry_words(seed, rows, k):
     return _mix32(_mix32(row[:, None] + col[None, :]) ^ seed[1])
 
 
-def _gaussian_seeded(seed, rows, k):
+def _gaussian_seeded(seed, rows, k, dtype=None):
     """N(0, 1/k) entries: the top 23 bits of each word give u, uniform on the 2²³
     midpoints of (−1, 1) (exact in float32, never ±1), and z = √2·erf⁻¹(u) (the inverse
-    CDF, as ``jax.random.normal``; |z| < 5.3), in the default float dtype."""
-    dtype = _float()
+    CDF, as ``jax.random.normal``; |z| < 5.3), in ``dtype`` (default: the default float
+    dtype)."""
+    dtype = _float() if dtype is None else dtype
     u = ((_entry_words(seed, rows, k) >> 9).astype(dtype) + 0.5) * 2.0**-22 - 1.0
     return jnp.sqrt(jnp.asarray(2.0 / k, dtype)) * jax.lax.erf_inv(u)
 
 
 def seeded_normal(key: jax.Array, n: int, dtype=None) -> jax.Array:
     """``(n,)`` standard normal entries hashed from ``key``'s words (:func:`key_words`)
-    and each entry's index as :func:`_gaussian_seeded` (unit variance; traceable): a
-    random vector with no threefry call site in its program."""
-    dtype = _float() if dtype is None else dtype
-    words = _entry_words(key_words(key), jnp.arange(n), 1)[:, 0]
-    u = ((words >> 9).astype(dtype) + 0.5) * 2.0**-22 - 1.0
-    return jnp.sqrt(jnp.asarray(2.0, dtype)) * jax.lax.erf_inv(u)
+    and each entry's index: :func:`_gaussian_seeded` with k = 1 (traceable), a random
+    vector with no threefry call site in its program."""
+    return _gaussian_seeded(key_words(key), jnp.arange(n), 1, dtype)[:, 0]
 
 
 def _rademacher_seeded(seed, rows, k):

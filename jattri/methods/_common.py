@@ -13,7 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
-from jattri._jit import jit
+from jattri._jit import jit, outside_any_trace
 from jattri.task import Members, Task, as_members, member
 
 PyTree = Any
@@ -240,8 +240,11 @@ def check_data(task: Task, members: Members, data: Any, name: str, *, target: bo
 
 
 def is_concrete(tree) -> bool:
-    """No leaf of ``tree`` is a tracer (value checks run only then)."""
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+    """No leaf of ``tree`` is a tracer and no trace is active: values computed from it
+    can be read now (value checks run only then). Under an outer ``jax.jit`` even
+    arrays closed over give traced results."""
+    return outside_any_trace() and not any(isinstance(x, jax.core.Tracer)
+                                           for x in jax.tree_util.tree_leaves(tree))
 
 
 def stored_train(train: Any) -> Any:

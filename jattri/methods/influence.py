@@ -769,10 +769,9 @@ def _one_layer(task, members, train, check: bool = True):
             != (layer.d_in + int(layer.use_bias)) * layer.d_out):
         return None
     order = _layer_order(layer, members)
-    if check:
-        ok = _only_through(layer, task.loss, members.params, members.aux, train, order)
-        if isinstance(ok, jax.core.Tracer) or not bool(ok):  # under a trace: unknown
-            return None
+    if check and not (_concrete(members, train) and bool(
+            _only_through(layer, task.loss, members.params, members.aux, train, order))):
+        return None  # traced: the check cannot be read, so the generic build
     return layer, jax.device_put(order)  # no program of its own, as jnp.asarray has
 
 
@@ -1538,18 +1537,16 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
                                 (_curvature_fns(task, curvature), task.loss, members, train,
                                  key, order))
 
-        one, unchecked = _arnoldi_one_layer(task, members, train, curvature, memo)
+        one, plan_key = _arnoldi_one_layer(task, members, train, curvature, memo)
         if one is None:
             return run(None)
         # the one-layer fit checks its plan in its own program; the first fit of these
         # shapes records the check and is redone on the generic route (one more
         # compilation) when the loss reads the parameters elsewhere too (an L2 term)
         fitted, ok = run(one)
-        if unchecked is None:
+        if plan_key is None:
             return fitted
-        if isinstance(ok, jax.core.Tracer):  # under a trace: unknown, so generic
-            return run(None)
-        memo[unchecked] = one if bool(ok) else None
+        memo[plan_key] = one if bool(ok) else None
         return fitted if bool(ok) else run(None)
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
