@@ -4,8 +4,11 @@ Workload: MNIST-shaped (784 features, 10 classes) from scikit-learn's bundled di
 upsampled 8x8 -> 28x28 and augmented by small shifts and pixel noise (nothing is
 downloaded). Models: dattri's own ``LogisticRegressionMnist`` (7,850 params) and
 ``MLPMnist`` (109,386 params, eval mode), briefly trained with torch SGD; the weights
-are saved with ``torch.save`` and read by jattri through ``jattri.interop.load_pt`` and
-``jattri.interop.convert`` (dattri reads them with ``torch.load``).
+are saved with ``torch.save`` and read by jattri through ``jattri.interop.load_pt``
+(dattri reads them with ``torch.load``). jattri's side of the model is the same forward
+pass written in plain JAX over those arrays (checked against jattri's Flax port before
+any timed process); ``--jattri-model flax`` uses the Flax port and
+``jattri.interop.convert`` instead, and its processes then also import flax.
 
 Every (method, library) run is its own process (``--worker``); per repetition the order
 alternates (dattri first, then jattri first), and jattri runs twice from one fresh
@@ -93,7 +96,36 @@ def _torch_model(name: str):
     return model.eval()
 
 
-def _prepare(work: str, model_name: str, n_train: int, n_test: int) -> dict:
+def _dense_params(state_dict) -> dict:
+    """dattri's MNIST model as a pure-JAX user holds it, from the state_dict that
+    ``jattri.interop.load_pt`` reads: ``{layer: {"kernel": (in, out), "bias": (out,)}}``
+    (torch's ``Linear.weight`` is ``(out, in)``)."""
+    import jax
+    import numpy as np
+    layers = sorted({k.rsplit(".", 1)[0] for k in state_dict})
+    return {name: {"kernel": jax.device_put(np.ascontiguousarray(
+                       np.asarray(state_dict[f"{name}.weight"]).T)),
+                   "bias": jax.device_put(np.asarray(state_dict[f"{name}.bias"]))}
+            for name in layers}
+
+
+def _dense_logits(p: dict, x):
+    """The eval-mode forward of ``LogisticRegressionMnist`` (``linear``) and ``MLPMnist``
+    (``fc1``-``fc3``, ReLU between, dropout off) on ``_dense_params``: ``(..., 784) ->
+    (..., 10)``. Each layer is ``jattri.func.dense`` (``x @ kernel + bias``), the way a
+    plain-JAX model names its linear layers to jattri's factored routes."""
+    import jax
+    from jattri.func import dense
+    layers = sorted(p)
+    for k, name in enumerate(layers):
+        x = dense(x, p[name]["kernel"], p[name]["bias"])
+        if k < len(layers) - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def _prepare(work: str, model_name: str, n_train: int, n_test: int,
+             jattri_model: str = "jax") -> dict:
     """Data, trained checkpoints (torch.save) and the mapped hyperparameters."""
     import numpy as np
     import torch
@@ -123,7 +155,7 @@ def _prepare(work: str, model_name: str, n_train: int, n_test: int) -> dict:
         acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     settings = _settings(model_name, ckpts[-1], xtr, ytr)
     settings.update(ckpts=ckpts, test_accuracy=acc, n_train=n_train, n_test=n_test,
-                    model=model_name)
+                    model=model_name, jattri_model=jattri_model)
     with open(os.path.join(work, "settings.json"), "w") as f:
         json.dump(settings, f, indent=2)
     return settings
@@ -142,6 +174,11 @@ def _settings(model_name: str, ckpt: str, xtr, ytr) -> dict:
     params = jattri.interop.convert(jattri.interop.load_pt(ckpt), f"mnist_{model_name}")["params"]
     module = jattri.models.build(f"mnist_{model_name}").module
     x, y = jnp.asarray(xtr), jnp.asarray(ytr.astype(np.int32))
+    # the two jattri-side definitions of the model (--jattri-model) compute the same logits
+    gap = float(jnp.max(jnp.abs(_dense_logits(_dense_params(jattri.interop.load_pt(ckpt)), x)
+                                - module.apply({"params": params}, x))))
+    if not gap <= 1e-4:
+        raise AssertionError(f"pure-JAX and Flax logits differ by {gap:.3g}")
 
     def loss(p, xi, yi):
         return -jax.nn.log_softmax(module.apply({"params": p}, xi))[yi]
@@ -225,15 +262,20 @@ def _jattri_worker(method: str, work: str, cfg: dict):
     # compiles a small program per shape (about 0.02 s each on a first call)
     train = jax.device_put((data["xtr"], data["ytr"].astype(np.int32)))
     test = jax.device_put((data["xte"], data["yte"].astype(np.int32)))
-    arch = f"mnist_{cfg['model']}"
-    module = jattri.models.build(arch).module
-    ckpts = [jattri.interop.convert(jattri.interop.load_pt(p), arch)["params"]
-             for p in cfg["ckpts"]]
+    if cfg["jattri_model"] == "flax":  # jattri's Flax port (imports flax: ~0.4 s here)
+        arch = f"mnist_{cfg['model']}"
+        module = jattri.models.build(arch).module
+        ckpts = [jattri.interop.convert(jattri.interop.load_pt(p), arch)["params"]
+                 for p in cfg["ckpts"]]
+        logits_fn = lambda p, x: module.apply({"params": p}, x)
+    else:  # the same model in plain JAX (jattri.func.dense layers), without Flax
+        ckpts = [_dense_params(jattri.interop.load_pt(p)) for p in cfg["ckpts"]]
+        logits_fn = _dense_logits
     params = ckpts[-1]
 
     def loss_fn(p, z):
         xi, yi = z
-        return -jax.nn.log_softmax(module.apply({"params": p}, xi))[yi]
+        return -jax.nn.log_softmax(logits_fn(p, xi))[yi]
 
     lam = cfg["damping"]
     members = params
@@ -273,7 +315,7 @@ def _jattri_worker(method: str, work: str, cfg: dict):
             return h
 
         attr = jattri.rps(features_fn=features_fn,
-                          logits_fn=lambda p, z: module.apply({"params": p}, z[0]),
+                          logits_fn=lambda p, z: logits_fn(p, z[0]),
                           label_fn=lambda z: z[1], l2=cfg["rps_l2"], bias=False)
     else:
         raise ValueError(method)
@@ -513,6 +555,10 @@ def main(argv=None) -> int:
                    help="stop a process whose resident memory passes this (default: 85%% "
                         "of physical memory), reported as an error instead of the kernel's "
                         "out-of-memory killer ending it or another process")
+    p.add_argument("--jattri-model", choices=("jax", "flax"), default="jax",
+                   help="jattri's side of the model: written in plain JAX over the "
+                        "state_dict's arrays (default), or jattri.models' Flax port with "
+                        "jattri.interop.convert (its process also imports flax)")
     p.add_argument("--json", help="write every run here")
     p.add_argument("--calls", type=int, choices=(1, 2), default=2, help=argparse.SUPPRESS)
     p.add_argument("--dattri-calls", type=int, choices=(1, 2), default=2,
@@ -549,7 +595,7 @@ def main(argv=None) -> int:
         for model in models:
             work = os.path.join(root, model)
             t = time.time()
-            cfg = _prepare(work, model, n_train, n_test)
+            cfg = _prepare(work, model, n_train, n_test, args.jattri_model)
             print(f"[{model}] {n_train} x {n_test}, test accuracy {cfg['test_accuracy']:.3f}, "
                   f"top |eig| of H {cfg['top_eigenvalue']:.3g}, damping {cfg['damping']:.3g} "
                   f"(prepared in {time.time() - t:.0f} s)", flush=True)
