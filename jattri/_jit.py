@@ -12,14 +12,24 @@ the generation of the Kronecker projection's random factors (5.3 s against 2.2 s
 that MLP), draws its randomness from a hash now and compiles in 0.65-0.75 s with either
 (`benchmarks/RESULTS.md`, "Counter-based projections").
 
-The option goes only to programs jattri compiles itself (each stage's ``jit`` called
+Programs that run once per stage on little data (a rebuild check on one example, the
+``k × k`` solve of TRAK, the eigendecompositions of EK-FAC's factors, the generation of
+the Kronecker projection's factors) are declared ``jit(..., once=True)`` and compile
+without LLVM's optimisation (``xla_backend_optimization_level=0``): XLA then spends a
+fraction of the time compiling them and they run a few times slower, which on such a
+program is milliseconds. The stages' scans over the data keep the optimised build: with
+every program unoptimised, EK-FAC's compiled call on dattri's MLP went from 5.0 s to
+7.2-7.9 s (`benchmarks/RESULTS.md`, "Programs that run once").
+
+The options go only to programs jattri compiles itself (each stage's ``jit`` called
 outside any trace), and only when JAX's default backend is the CPU: the choice is made
 at a program's first call, when the backend is known. JAX accepts compiler options on
 top-level programs only, so a stage called inside a trace (``jax.jit(attr.attribute)``,
 ``vmap``) is an ordinary ``jax.jit`` and the user's program keeps the user's settings.
-XLA's own choice is kept everywhere when ``XLA_FLAGS`` names
-``xla_cpu_use_fusion_emitters`` or when the environment variable ``JATTRI_XLA_DEFAULTS``
-is ``1``.
+XLA's own choice of emitters is kept when ``XLA_FLAGS`` names
+``xla_cpu_use_fusion_emitters``, its optimisation level when they name
+``xla_backend_optimization_level``, and both everywhere when the environment variable
+``JATTRI_XLA_DEFAULTS`` is ``1``.
 """
 from __future__ import annotations
 
@@ -30,15 +40,27 @@ from typing import Any, Callable, Optional
 import jax
 
 _OPTION = "xla_cpu_use_fusion_emitters"
+_LEVEL = "xla_backend_optimization_level"
 
 
-def cpu_options() -> Optional[dict]:
-    """The compiler options jattri adds on the CPU backend now, or ``None``."""
+def cpu_options(once: bool = False) -> Optional[dict]:
+    """The compiler options jattri adds on the CPU backend now, or ``None``.
+
+    ``once``: a program that runs once per stage on little data (a check on one
+    example, a ``k × k`` solve, the generation of small random factors), compiled
+    without LLVM's optimisation (``xla_backend_optimization_level=0``): such a program
+    spends far longer compiling than running (a one-example gradient check on a
+    784 × 10 layer: 0.30 s → 0.05 s of XLA compilation, 1.9 → 3.7 ms per run;
+    ``benchmarks/RESULTS.md``, "Programs that run once")."""
     if os.environ.get("JATTRI_XLA_DEFAULTS", "").strip() in ("1", "true", "yes", "on"):
         return None
-    if _OPTION in os.environ.get("XLA_FLAGS", "") or jax.default_backend() != "cpu":
+    flags = os.environ.get("XLA_FLAGS", "")
+    if jax.default_backend() != "cpu":
         return None
-    return {_OPTION: False}
+    options = {} if _OPTION in flags else {_OPTION: False}
+    if once and _LEVEL not in flags:
+        options[_LEVEL] = 0
+    return options or None
 
 
 _lapack_ready = False
@@ -104,8 +126,8 @@ class _Jitted:
     """``jax.jit(fun, **kwargs)``: with :func:`cpu_options` when called outside any
     trace, plain inside one. Both are built at their first use."""
 
-    def __init__(self, fun: Callable, kwargs: dict):
-        self._fun, self._kwargs = fun, kwargs
+    def __init__(self, fun: Callable, kwargs: dict, once: bool = False):
+        self._fun, self._kwargs, self._once = fun, kwargs, once
         self._jitted: Optional[Callable] = None
         self._plain = jax.jit(fun, **kwargs)
         self.__wrapped__ = fun
@@ -117,7 +139,7 @@ class _Jitted:
         if not _top_level():
             return self._plain
         if self._jitted is None:
-            options = cpu_options()
+            options = cpu_options(self._once)
             self._jitted = (self._plain if options is None else
                             jax.jit(self._fun, compiler_options=options, **self._kwargs))
         return self._jitted
@@ -127,14 +149,15 @@ class _Jitted:
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, _cache_size
         if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted",
-                                             "_plain"):
+                                             "_plain", "_once"):
             raise AttributeError(name)
         return getattr(self._get(), name)
 
 
-def jit(fun: Optional[Callable] = None, **kwargs):
-    """``jax.jit(fun, **kwargs)`` with :func:`cpu_options`; also a decorator
+def jit(fun: Optional[Callable] = None, *, once: bool = False, **kwargs):
+    """``jax.jit(fun, **kwargs)`` with :func:`cpu_options` (``once``: a program that
+    runs once per stage on little data, compiled unoptimised); also a decorator
     (``@jit`` or ``@partial(jit, static_argnums=...)``)."""
     if fun is None:
-        return lambda f: _Jitted(f, kwargs)
-    return _Jitted(fun, kwargs)
+        return lambda f: _Jitted(f, kwargs, once)
+    return _Jitted(fun, kwargs, once)

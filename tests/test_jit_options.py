@@ -23,6 +23,35 @@ def test_cpu_options_follow_the_environment(monkeypatch):
     assert _jit.cpu_options() is None
 
 
+def test_programs_that_run_once_compile_unoptimised(monkeypatch):
+    """``jit(..., once=True)``: XLA's backend optimisation level 0 on top of the
+    emitters' option, unless the user's XLA_FLAGS name the level; the same values."""
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert _jit.cpu_options(once=True) == {"xla_cpu_use_fusion_emitters": False,
+                                           "xla_backend_optimization_level": 0}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+    assert _jit.cpu_options(once=True) == {"xla_cpu_use_fusion_emitters": False}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    assert _jit.cpu_options(once=True) == {"xla_backend_optimization_level": 0}
+    assert _jit.cpu_options() is None
+    monkeypatch.setenv("JATTRI_XLA_DEFAULTS", "1")
+    assert _jit.cpu_options(once=True) is None
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS")
+    # the level reaches the compiler of a once-program only: a name XLA does not know
+    # fails that compilation and no other
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(_jit, "_LEVEL", "xla_no_such_level")
+    x = jnp.arange(4.0)
+    with pytest.raises(Exception, match="xla_no_such_level"):
+        _jit.jit(lambda v: jnp.cos(v) + 3, once=True)(x)
+    np.testing.assert_allclose(_jit.jit(lambda v: jnp.cos(v) + 3)(x), np.cos(np.arange(4.0)) + 3,
+                               rtol=1e-6)
+    monkeypatch.setattr(_jit, "_LEVEL", "xla_backend_optimization_level")
+    f = _jit.jit(lambda v, k: jnp.tanh(v) * k, static_argnums=1, once=True)
+    np.testing.assert_allclose(f(x, 3), np.tanh(np.arange(4.0)) * 3, rtol=1e-6)
+
+
 def test_the_option_reaches_the_compiler(monkeypatch):
     """An option name XLA does not know fails the compilation: so the options are
     passed to it. Without them the same program compiles and runs."""

@@ -154,7 +154,7 @@ def _curvature_hyper(task, curvature) -> tuple:
     return (("curvature", curvature), ("output_fn", output), ("output_loss_fn", output_loss))
 
 
-@jit
+@partial(jit, once=True)
 def _split_losses(loss, output, output_loss, members, data):
     """``loss(p, z)`` and ``output_loss(output(p, z), z)`` on the first example and
     member."""
@@ -348,7 +348,7 @@ def _grad_sum_step(config, args, acc, chunk):
         lambda p, a: _common.grad_sum(loss, p, a, chunk), members).astype(acc.dtype), None
 
 
-@jit
+@partial(jit, once=True)
 def _stationary(gsum, n, members):
     def one(p, a, g):
         theta = ravel_pytree(p)[0].astype(g.dtype)
@@ -794,7 +794,7 @@ def _reads_only_through(layer, loss, params, aux, data, order):
     return err <= 1e-4 * jnp.linalg.norm(grad) + 1e-30
 
 
-_only_through = jit(_reads_only_through, static_argnums=0)
+_only_through = jit(_reads_only_through, static_argnums=0, once=True)
 
 
 def _layer_order(layer, members) -> np.ndarray:
@@ -912,7 +912,7 @@ def _refactor(factors, base, damping):
     return _factor(_common.each_member(lambda l: l @ l.T, factors), lam - lam0)
 
 
-@jit
+@partial(jit, once=True)
 def _bad_pivots(factors) -> jax.Array:
     """A member's Cholesky factor has a non-finite pivot or one ≤ 1e-12 of its largest
     (one program; eagerly, eleven compilations on a first call)."""
@@ -1102,7 +1102,7 @@ def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 1
 _LISSA_FACTOR = 1.5
 
 
-@partial(jit, static_argnums=1)
+@partial(jit, static_argnums=1, once=True)
 def _lissa_keys(key, num):
     """Member m's scale key and run key: ``split(fold_in(key, m))``, in one program."""
     keys = jax.vmap(jax.random.split)(_common.member_keys(key, num))
@@ -1582,8 +1582,8 @@ def _ekfac_eigenvalue_step(config, args, acc, chunk):
 
 # stages 2 and 3 of the fit as one program each (eagerly, every division and eigh was a
 # compilation of its own on first use: seven on the LR, 0.4 s)
-_ekfac_eigenbasis = jit(fisher.ekfac_eigenbasis)
-_ekfac_finish = jit(fisher.ekfac_finish, static_argnames=("curvature",))
+_ekfac_eigenbasis = jit(fisher.ekfac_eigenbasis, once=True)
+_ekfac_finish = jit(fisher.ekfac_finish, static_argnames=("curvature",), once=True)
 
 
 def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFactors:
@@ -1680,7 +1680,7 @@ def _ekfac_basis(task, members, train, test, memo):
 _EKFAC_RELATIVE_DAMPING = 0.1
 
 
-@jit
+@partial(jit, once=True)
 def _ekfac_damping(factors: fisher.EKFACFactors) -> jax.Array:
     """0.1 × the mean eigenvalue of the EK-FAC / K-FAC curvature, averaged over members:
     (Σ_layers Σ Λ* + Σ diag) / d, the diagonal Fisher counting only the parameters
@@ -1837,7 +1837,7 @@ def _datainf_apply(config, args, v):
     return _put(parts, groups)
 
 
-@jit
+@partial(jit, once=True)
 def _per_float(sums, count):
     """``sums / count`` in the dtype of ``sums``, compiled (not an eager op)."""
     return (sums / count).astype(sums.dtype)

@@ -153,7 +153,7 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
                               tuple(dims), kind, int(num), bool(shared), key)
 
 
-@partial(jit, static_argnums=(0, 1, 2, 3, 4))
+@partial(jit, static_argnums=(0, 1, 2, 3, 4), once=True)
 def _kronecker_factors(sizes, dims, kind, num, shared, key):
     # Seeds are hashed from the key's words (derive_key), every matrix from its seed:
     # no threefry call site, each of which cost 0.05-0.3 s of XLA compilation.
@@ -256,7 +256,7 @@ def _relative(fisher: jax.Array, damping) -> jax.Array:
     return damping * jnp.trace(fisher, axis1=-2, axis2=-1) / fisher.shape[-1]
 
 
-@jit
+@partial(jit, once=True)
 def _auto_blocks(ggn: tuple, phi: jax.Array, stationary):
     """``curvature="auto"``'s blocks and absolute damping: per member, the Gauss-Newton
     blocks where every layer's is positive definite at the default damping (``stationary``
@@ -300,7 +300,7 @@ def _cholesky_inverse(spd: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(spd, lower=True), eye)
 
 
-@jit
+@partial(jit, once=True)
 def _solve(fisher: tuple, damping, psi: jax.Array, absolute=None) -> jax.Array:
     """``(M, K, n_test)``: :func:`_precondition` of the test side ``psi``
     ``(n_test, M, K)``, in one program (eagerly, fourteen compilations on a first
@@ -308,7 +308,7 @@ def _solve(fisher: tuple, damping, psi: jax.Array, absolute=None) -> jax.Array:
     return _precondition(fisher, damping, jnp.transpose(psi, (1, 2, 0)), absolute)
 
 
-@jit
+@partial(jit, once=True)
 def _inverses(fisher: tuple, damping, absolute=None) -> tuple:
     """(F_ℓ + λ_ℓ I)⁻¹ of every block, in one program."""
     return _common.each_member(lambda *blocks: tuple(_cholesky_inverse(f) for f in blocks),
@@ -321,7 +321,7 @@ def _damped(fisher: tuple, damping, absolute) -> tuple:
     return tuple(damped_fisher(f, damping, a) for f, a in zip(fisher, absolute))
 
 
-@jit
+@partial(jit, once=True)
 def _mean(fisher: tuple, n) -> tuple:
     return tuple(f / n for f in fisher)
 

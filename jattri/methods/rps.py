@@ -315,7 +315,7 @@ def _label_loss(logits_fn, label, params, z, i, aux):
     return -jax.nn.log_softmax(logits)[label(z)]
 
 
-@jit
+@partial(jit, once=True)
 def _self_values(alpha, labels, features):
     """``(n,)`` mean_m α_i[y_i] ‖f_i‖², in one program (not six eager ops)."""
     a = jnp.take_along_axis(alpha, labels[..., None], axis=2)[..., 0]

@@ -251,7 +251,7 @@ def _member0_error(layers, fn, params, aux, rows) -> jax.Array:
     return _factored_error(layers, fn, first(params), first(aux), first(rows))
 
 
-_member0_error_jit = jit(_member0_error, static_argnums=(0, 1))
+_member0_error_jit = jit(_member0_error, static_argnums=(0, 1), once=True)
 
 
 def _first_rows(data):
@@ -300,7 +300,7 @@ def _rebuild_error(layers, fn, members, data) -> float:
         hash(fn)
         check = partial(_member0_error_jit, layers, fn)
     except TypeError:  # an unhashable loss: compiled afresh
-        check = jit(partial(_member0_error, layers, fn))
+        check = jit(partial(_member0_error, layers, fn), once=True)
     return float(check(members.params, members.aux, _first_rows(data)))
 
 
