@@ -21,6 +21,10 @@ program is milliseconds. The stages' scans over the data keep the optimised buil
 every program unoptimised, EK-FAC's compiled call on dattri's MLP went from 5.0 s to
 7.2-7.9 s (`benchmarks/RESULTS.md`, "Programs that run once").
 
+On jaxlib 0.10.2 and later, the reductions of jattri's programs stay with XLA's own
+emitters, not YNNPACK's fused reductions, which compute some sums wrong on that jaxlib
+(:data:`_YNN_FIX`; jax-ml/jax#39103).
+
 The options go only to programs jattri compiles itself (each stage's ``jit`` called
 outside any trace), and only when JAX's default backend is the CPU: the choice is made
 at a program's first call, when the backend is known. JAX accepts compiler options on
@@ -41,6 +45,26 @@ import jax
 
 _OPTION = "xla_cpu_use_fusion_emitters"
 _LEVEL = "xla_backend_optimization_level"
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def _jaxlib_version() -> tuple:
+    try:
+        import jaxlib
+        return tuple(int(p) for p in jaxlib.__version__.split(".")[:3])
+    except Exception:  # noqa: BLE001 - a build without a plain version: no option
+        return (0,)
+
+
+#: jaxlib 0.10.2 hands a reduction fused with the product or elementwise work feeding
+#: it to YNNPACK on CPU by default, and some of those fusions return wrong numbers
+#: without an error (jax-ml/jax#39103, a matrix product summed; on the 2-core machine
+#: ``sum(F @ ones((784, 10)))`` of a (1,000, 784) F gives nan under ``jax.jit``) or
+#: crash (jax-ml/jax#39257, #40412). jattri's programs keep YNNPACK to single products
+#: (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``, later XLA's default; in ``XLA_FLAGS`` the
+#: same is ``--xla_cpu_experimental_ynn_fusion_type=-reduce``) from that jaxlib on;
+#: older ones have neither the fusion nor the option.
+_YNN_FIX = _jaxlib_version() >= (0, 10, 2)
 
 
 def cpu_options(once: bool = False) -> Optional[dict]:
@@ -58,6 +82,8 @@ def cpu_options(once: bool = False) -> Optional[dict]:
     if jax.default_backend() != "cpu":
         return None
     options = {} if _OPTION in flags else {_OPTION: False}
+    if _YNN_FIX and _YNN not in flags:
+        options[_YNN] = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
     if once and _LEVEL not in flags:
         options[_LEVEL] = 0
     return options or None

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU opti
 
 def test_cpu_options_follow_the_environment(monkeypatch):
     monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setattr(_jit, "_YNN_FIX", False)  # (its own test below)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert _jit.cpu_options() == {"xla_cpu_use_fusion_emitters": False}
     monkeypatch.setenv("JATTRI_XLA_DEFAULTS", "1")
@@ -27,6 +28,7 @@ def test_programs_that_run_once_compile_unoptimised(monkeypatch):
     """``jit(..., once=True)``: XLA's backend optimisation level 0 on top of the
     emitters' option, unless the user's XLA_FLAGS name the level; the same values."""
     monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setattr(_jit, "_YNN_FIX", False)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert _jit.cpu_options(once=True) == {"xla_cpu_use_fusion_emitters": False,
                                            "xla_backend_optimization_level": 0}
@@ -50,6 +52,31 @@ def test_programs_that_run_once_compile_unoptimised(monkeypatch):
     monkeypatch.setattr(_jit, "_LEVEL", "xla_backend_optimization_level")
     f = _jit.jit(lambda v, k: jnp.tanh(v) * k, static_argnums=1, once=True)
     np.testing.assert_allclose(f(x, 3), np.tanh(np.arange(4.0)) * 3, rtol=1e-6)
+
+
+@pytest.mark.skipif(not _jit._YNN_FIX, reason="a jaxlib without YNNPACK's reduce fusions")
+def test_reductions_of_products_are_computed_right(monkeypatch):
+    """jaxlib 0.10.2 fuses a reduction with the product feeding it into a YNNPACK call
+    that can return wrong numbers (jax-ml/jax#39103, and a summed product with a
+    constant matrix: nan on the 2-core machine). jattri's programs keep YNNPACK to
+    single products; the answers equal float64 numpy's. The user's XLA_FLAGS and
+    JATTRI_XLA_DEFAULTS win."""
+    monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert _jit.cpu_options()[_jit._YNN] == "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    f = jnp.asarray(np.random.default_rng(0).random((1000, 784), dtype=np.float32))
+    summed = _jit.jit(lambda f: (f @ jnp.ones((784, 10))).sum())(f)
+    np.testing.assert_allclose(summed, np.asarray(f, np.float64).sum() * 10, rtol=1e-5)
+    # the issue's program: the last row's squared norm after an identity matrix
+    i = jnp.arange(32_769, dtype=jnp.float32)
+    x = jnp.stack((i, jnp.zeros_like(i), jnp.zeros_like(i)), axis=1)
+    eye = jnp.eye(3)
+    norms = _jit.jit(jax.vmap(lambda row: jnp.sum((eye @ row) ** 2)))(x)
+    np.testing.assert_allclose(norms, np.arange(32_769, dtype=np.float64) ** 2, rtol=1e-6)
+    monkeypatch.setenv("XLA_FLAGS", f"--{_jit._YNN}=")
+    assert _jit._YNN not in _jit.cpu_options()
+    monkeypatch.setenv("JATTRI_XLA_DEFAULTS", "1")
+    assert _jit.cpu_options() is None
 
 
 def test_the_option_reaches_the_compiler(monkeypatch):
@@ -88,7 +115,7 @@ def test_a_method_runs_top_level_and_inside_jit_with_the_option(monkeypatch):
     import jattri
     monkeypatch.delenv("JATTRI_XLA_DEFAULTS", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert _jit.cpu_options() == {"xla_cpu_use_fusion_emitters": False}
+    assert _jit.cpu_options()["xla_cpu_use_fusion_emitters"] is False
 
     def loss(w, z):
         x, y = z
