@@ -47,24 +47,20 @@ _OPTION = "xla_cpu_use_fusion_emitters"
 _LEVEL = "xla_backend_optimization_level"
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
 
-
-def _jaxlib_version() -> tuple:
-    try:
-        import jaxlib
-        return tuple(int(p) for p in jaxlib.__version__.split(".")[:3])
-    except Exception:  # noqa: BLE001 - a build without a plain version: no option
-        return (0,)
-
+try:  # JAX's own parse of the jaxlib version, e.g. (0, 10, 2)
+    from jax._src.lib import version as _jaxlib_version
+except ImportError:  # a JAX that does not say: no option
+    _jaxlib_version = (0,)
 
 #: jaxlib 0.10.2 hands a reduction fused with the product or elementwise work feeding
 #: it to YNNPACK on CPU by default, and some of those fusions return wrong numbers
 #: without an error (jax-ml/jax#39103, a matrix product summed; on the 2-core machine
 #: ``sum(F @ ones((784, 10)))`` of a (1,000, 784) F gives nan under ``jax.jit``) or
 #: crash (jax-ml/jax#39257, #40412). jattri's programs keep YNNPACK to single products
-#: (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``, later XLA's default; in ``XLA_FLAGS`` the
-#: same is ``--xla_cpu_experimental_ynn_fusion_type=-reduce``) from that jaxlib on;
-#: older ones have neither the fusion nor the option.
-_YNN_FIX = _jaxlib_version() >= (0, 10, 2)
+#: (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``; in ``XLA_FLAGS`` the same fusions come
+#: from ``--xla_cpu_experimental_ynn_fusion_type=-reduce``) from that jaxlib on (0.10.1
+#: computes the issue's program right, and an older XLA may not know the option).
+_YNN_FIX = tuple(_jaxlib_version) >= (0, 10, 2)
 
 
 def cpu_options(once: bool = False) -> Optional[dict]:

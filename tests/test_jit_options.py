@@ -73,6 +73,9 @@ def test_reductions_of_products_are_computed_right(monkeypatch):
     eye = jnp.eye(3)
     norms = _jit.jit(jax.vmap(lambda row: jnp.sum((eye @ row) ** 2)))(x)
     np.testing.assert_allclose(norms, np.arange(32_769, dtype=np.float64) ** 2, rtol=1e-6)
+    # the same with the matrix an argument, as jattri passes weights: wrong there too
+    norms = _jit.jit(lambda x, m: jax.vmap(lambda row: jnp.sum((m @ row) ** 2))(x))(x, eye)
+    np.testing.assert_allclose(norms, np.arange(32_769, dtype=np.float64) ** 2, rtol=1e-6)
     monkeypatch.setenv("XLA_FLAGS", f"--{_jit._YNN}=")
     assert _jit._YNN not in _jit.cpu_options()
     monkeypatch.setenv("JATTRI_XLA_DEFAULTS", "1")
