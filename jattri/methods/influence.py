@@ -1375,34 +1375,40 @@ def _arnoldi_test_plan(task, members, test, memo, tol) -> Optional[tuple]:
 
 
 def _arnoldi_one_layer(task, members, train, curvature, memo):
-    """``(one, key)``: ``one`` the ``(layer, order)`` (:func:`_one_layer`) where
-    Arnoldi's Hessian-vector products may be taken in the single layer's output space
-    (:func:`_layer_product`), else ``None``: the Hessian, one member axis on one device,
-    the layer at one position, its inputs and output Hessians over the training set
-    within the chunk budget (concrete members and data only). ``key``: where ``memo``
-    records the plan once the loss is known to read the parameters only through the
-    layer (:func:`_reads_only_through`, checked inside the first fit of these shapes),
-    ``None`` when ``one`` comes from ``memo`` or is ``None``."""
+    """The ``(layer, order)`` (:func:`_one_layer`) where Arnoldi's Hessian-vector
+    products may be taken in the single layer's output space (:func:`_layer_product`),
+    else ``None``: the Hessian, one member axis on one device, the layer at one
+    position, its inputs and output Hessians over the training set within the chunk
+    budget, and the loss reading the parameters only through the layer
+    (:func:`_reads_only_through` on one example; concrete members and data only).
+    Decided once per shape and recorded in ``memo``.
+
+    The one-example check is a program of its own, compiled unoptimised, read before
+    the fit is dispatched: the fit then runs while the caller goes on (``attribute``
+    traces and compiles its programs meanwhile). Inside the fit program, as before, its
+    answer could only be read once the whole fit had run: Arnoldi's first call on
+    dattri's LR, 5,000 examples, took 2.22-2.39 s instead of 2.66-2.98 s (medians of 6
+    and 8 alternated processes, ``benchmarks/RESULTS.md``)."""
     if (curvature != "hessian" or engine.is_stream(train)
             or engine.layout_of(train) is not None):
-        return None, None
+        return None
     key = _plan_key("loss_fn", "arnoldi-one-layer", members, train)
     if key in memo:
-        return memo[key], None
+        return memo[key]
     if not _concrete(members, train):
-        return None, None
+        return None
     one = _one_layer(task, members, train, check=False)
     if one is not None:
-        layer = one[0]
+        layer, order = one
         i, o = layer.d_in + int(layer.use_bias), layer.d_out
         held = engine.num_examples(train) * (2 * i + o * o) * jnp.dtype(
             _common.param_dtype(members)).itemsize
-        if layer.positions != 1 or held > engine.DEFAULT_CHUNK_BYTES:
+        if (layer.positions != 1 or held > engine.DEFAULT_CHUNK_BYTES or not bool(
+                _only_through(layer, task.loss, members.params, members.aux, train,
+                              order))):
             one = None
-    if one is None:
-        memo[key] = None
-        return None, None
-    return one, key
+    memo[key] = one
+    return one
 
 
 def _layer_product(layer, loss, params, aux, train, order) -> Callable:
@@ -1443,10 +1449,8 @@ def _arnoldi_fit_jit(config, args, layout):
 
 def _arnoldi_fits(config, args):
     """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member;
-    with a one-layer plan ``layer``, paired with whether the loss reads the parameters
-    only through that layer (:func:`_reads_only_through` on one example, in this
-    program: as a program of its own it took 0.5-0.65 s of a first call on dattri's LR,
-    2-core machine)."""
+    with a one-layer plan ``layer`` (:func:`_arnoldi_one_layer`), its products from
+    the layer's inputs and output Hessians."""
     rank, iters, size, layers, layer = config
     fns, loss, members, train, key, order = args
     # member m's start key derive_key(key, m), hashed inside this program (threefry's
@@ -1465,9 +1469,6 @@ def _arnoldi_fits(config, args):
     blocks = _common.row_blocks(_common.row_spec(members.params), eigvecs, axis=1)
     coords = engine.per_example(_arnoldi_coords, layers, (loss, members, blocks), train,
                                  size)
-    if layer is not None:
-        return ((eigvals, eigvecs), coords), _reads_only_through(
-            layer, loss, members.params, members.aux, train, order)
     return (eigvals, eigvecs), coords
 
 
@@ -1537,17 +1538,7 @@ def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = 
                                 (_curvature_fns(task, curvature), task.loss, members, train,
                                  key, order))
 
-        one, plan_key = _arnoldi_one_layer(task, members, train, curvature, memo)
-        if one is None:
-            return run(None)
-        # the one-layer fit checks its plan in its own program; the first fit of these
-        # shapes records the check and is redone on the generic route (one more
-        # compilation) when the loss reads the parameters elsewhere too (an L2 term)
-        fitted, ok = run(one)
-        if plan_key is None:
-            return fitted
-        memo[plan_key] = one if bool(ok) else None
-        return fitted if bool(ok) else run(None)
+        return run(_arnoldi_one_layer(task, members, train, curvature, memo))
 
     spec = _Spec("influence_arnoldi", damping, fit, _arnoldi_apply,
                  lambda members, size: float(tol), project=_arnoldi_project,
