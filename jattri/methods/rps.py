@@ -76,8 +76,9 @@ class RPSState(NamedTuple):
 
 #: L-BFGS history pairs of the refit, at most (a longer history is cut to
 #: :data:`LBFGS_MEMORY_BYTES`; at least optax's default of 10). On the MNIST LR's refit
-#: (784 × 10, l2 = 3e-3) 10 pairs took 190 iterations and 0.89 s, 80 pairs 78
-#: iterations and 0.41-0.46 s; more pairs did not reduce the iterations further.
+#: (784 × 10, l2 = 3e-3; optax's zoom line search, used then) 10 pairs took 190
+#: iterations and 0.89 s, 80 pairs 78 iterations and 0.41-0.46 s; more pairs did not
+#: reduce the iterations further. With the backtracking search, 80 pairs: 78 iterations.
 LBFGS_MEMORY = 80
 LBFGS_MEMORY_BYTES = 64 * 2**20
 #: Halvings of the refit's step at most, per L-BFGS iteration.
@@ -137,7 +138,8 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     # within 10⁻⁶·|f|: in float32 smaller changes of f are rounding, and without that
     # tolerance the search stalls near the optimum at ‖∇‖ 4·10⁻⁵) instead of optax's
     # default zoom search: the same objective to 8 digits in as many iterations, and
-    # 0.3-0.5 s less XLA compilation of the refit (benchmarks/RESULTS.md). The
+    # 0.3-0.5 s less XLA compilation of the refit (benchmarks/RESULTS.md, "RPS's refit:
+    # a backtracking line search"). The
     # objective is strictly convex, so every step has sᵀy > 0 without Wolfe's
     # curvature test.
     search = optax.scale_by_backtracking_linesearch(
