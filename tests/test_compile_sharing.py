@@ -426,6 +426,33 @@ def test_second_call_does_not_trace_the_loss(name):
     assert TRACES["n"] == 0, f"{name}: the loss was traced {TRACES['n']} times again"
 
 
+def counted_features(params, example):
+    TRACES["n"] += 1
+    return mlp_features(params, example)
+
+
+def counted_logits(params, example):
+    TRACES["n"] += 1
+    return small_logits(params, example)
+
+
+def test_second_rps_call_does_not_trace_its_functions():
+    """RPS has no loss: its check of ``features_fn`` / ``logits_fn`` on one example is
+    made once per shapes too, so a second ``cache`` + ``attribute`` traces neither."""
+    p1, p2 = init_mlp(jax.random.PRNGKey(0), d_in=6), init_mlp(jax.random.PRNGKey(1), d_in=6)
+    train, test = mlp_data(jax.random.PRNGKey(2), 19, d_in=6), mlp_data(jax.random.PRNGKey(3),
+                                                                         4, d_in=6)
+    attr = jattri.rps(features_fn=counted_features, logits_fn=counted_logits,
+                      label_fn=label, l2=1e-2)
+    jax.clear_caches()
+    TRACES["n"] = 0
+    attr.attribute(attr.cache(jattri.checkpoints([p1, p2]), train), test)
+    assert TRACES["n"] > 0
+    TRACES["n"] = 0
+    attr.attribute(attr.cache(jattri.checkpoints([p2, p1]), train), test)
+    assert TRACES["n"] == 0, f"traced {TRACES['n']} times again"
+
+
 # ------------------------------------- members made on the host compile nothing
 
 

@@ -412,6 +412,8 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
     made = _common.hyper(features_fn=features_fn, logits_fn=logits_fn, label_fn=label,
                          targets=targets, l2=l2, bias=bias, maxiter=maxiter, tol=tol)
 
+    passed = set()  # signatures of (params, one example) the functions passed on
+
     def check(members, data, name, like=None):
         if not engine.is_stream(data):
             _checks.check_data(data, name)
@@ -419,6 +421,9 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
                 _checks.check_like(data, like, name, "train")
         params = _common.row_spec(members.params)
         z = engine.first_example(data)
+        key = _checks.signature((params, z))
+        if key in passed:  # traced once per shape: a compiled call retraces nothing
+            return
         try:
             f, lg = jax.eval_shape(lambda p, z: (jnp.ravel(features_fn(p, z)),
                                                  logits_fn(p, z)), params, z)
@@ -438,6 +443,7 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
             if y.shape != () or not jnp.issubdtype(y.dtype, jnp.integer):
                 raise TypeError(f"`label_fn` must return an integer scalar, got shape "
                                 f"{y.shape} dtype {y.dtype}")
+        passed.add(key)
 
     def size(members, data, floats=None):
         return _common.chunk_size_for(chunk_size, members, data, floats)
