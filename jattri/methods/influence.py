@@ -1577,6 +1577,19 @@ _ekfac_eigenbasis = jit(fisher.ekfac_eigenbasis, once=True)
 _ekfac_finish = jit(fisher.ekfac_finish, static_argnames=("curvature",), once=True)
 
 
+_ZERO_COVARIANCES: dict = {}
+
+
+def _zero_covariances(layers, params, dtype):
+    """The shapes of ``fisher.ekfac_zero_covariances``, traced once per layers,
+    parameter shapes and dtype (a compiled call traces nothing)."""
+    key = (layers, _checks.signature(params), str(dtype))
+    if key not in _ZERO_COVARIANCES:
+        _ZERO_COVARIANCES[key] = jax.eval_shape(
+            lambda: fisher.ekfac_zero_covariances(layers, params, dtype))
+    return _ZERO_COVARIANCES[key]
+
+
 def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFactors:
     """The EK-FAC / K-FAC factors of every member (leading axis M), in the stages of
     ``jattri.func.ekfac_factors``: (1) covariance sums A, S (and the diagonal Fisher of
@@ -1587,8 +1600,8 @@ def _fit_ekfac(config, loss, members: Members, train, size) -> fisher.EKFACFacto
     m = members.num
     stacked = lambda tree: jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct((m,) + tuple(x.shape), x.dtype), tree)
-    zero = stacked(jax.eval_shape(lambda: fisher.ekfac_zero_covariances(
-        layers, _common.row_spec(members.params), _common.param_dtype(members))))
+    zero = stacked(_zero_covariances(layers, _common.row_spec(members.params),
+                                     _common.param_dtype(members)))
     cov, _, n = engine.scan(_ekfac_covariance_step, config, (loss, members), zero, train, size,
                             sums=True)
     qa, qs, la, ls = _ekfac_eigenbasis(cov, n)
