@@ -404,44 +404,52 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     Returns the orthonormal basis ``Q`` ``(num_iters, dim)`` and the projected matrix
     ``T = Q A Qᵀ`` ``(num_iters, num_iters)``. On breakdown (the Krylov space is
     invariant) a fresh random vector orthogonal to the basis continues the run, with a
-    zero sub-diagonal entry, so the decomposition stays exact. That vector is drawn and
-    orthogonalised only on breakdown (a ``lax.cond``): computing it at every step, as
-    before, read the whole basis twice more per step (100 steps at d = 109,386, the size
-    of dattri's MNIST MLP, with a cheap product: 1.2-1.5 s → 0.6 s; on its 7,850-parameter
-    LR, whose basis stays in cache, no change beyond the noise). The start vector (counter
+    zero sub-diagonal entry, so the decomposition stays exact. The start vector (counter
     0) and the restart of step j (counter j + 1) are hashed from the key
     (:func:`jattri.func.projection.seeded_normal`), not drawn by threefry, whose three
     call sites here were a large part of the program's compilation.
+
+    Each step orthogonalises in a loop of at most two rounds: A q_j, then, only on
+    breakdown, the fresh vector, through the same two passes over the basis. So the
+    restart reads the basis only when it happens (computing it at every step read the
+    whole basis twice more per step: 100 steps at d = 109,386, dattri's MNIST MLP,
+    1.2-1.5 s → 0.6 s), and the passes are compiled once: as a branch of their own
+    (``lax.cond``) they made the fit's XLA compilation on dattri's LR 0.76-0.85 s instead
+    of 0.46-0.61 s (``benchmarks/RESULTS.md``).
     """
     eps = jnp.finfo(dtype).eps
+    tiny = jnp.finfo(dtype).tiny
     q0 = seeded_normal(derive_key(key, 0), dim, dtype)
     basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
     hess = jnp.zeros((num_iters + 1, num_iters), dtype)
-
-    def orthogonalize(w, basis, active):
-        for _ in range(2):  # twice is enough (Giraud et al., 2005)
-            coef = (basis @ w) * active
-            w = w - coef @ basis
-        return w
-
-    def restart(j, basis, active):
-        fresh = orthogonalize(seeded_normal(derive_key(key, j + 1), dim, dtype), basis, active)
-        return fresh / jnp.maximum(jnp.linalg.norm(fresh), jnp.finfo(dtype).tiny)
 
     def step(carry, j):
         basis, hess = carry
         active = (jnp.arange(num_iters + 1) <= j).astype(dtype)
         w0 = matvec(basis[j])
-        coef = (basis @ w0) * active
-        w = w0 - coef @ basis
-        coef2 = (basis @ w) * active
-        w = w - coef2 @ basis
-        coef = coef + coef2
-        beta = jnp.linalg.norm(w)
-        broke = beta <= 100 * eps * jnp.maximum(jnp.linalg.norm(w0), jnp.finfo(dtype).tiny)
-        # the restart's two passes over the basis run only on breakdown
-        nxt = jax.lax.cond(broke, restart, lambda j, basis, active: w / beta, j, basis, active)
-        coef = coef.at[j + 1].set(jnp.where(broke, 0.0, beta))
+
+        def orthogonalise(state):
+            """Round 0: A q_j; round 1 (on breakdown): the fresh vector. The
+            coefficients kept are round 0's, the column of T."""
+            rounds, _, _, coef, _ = state
+            v = jnp.where(rounds == 0, w0, seeded_normal(derive_key(key, j + 1), dim, dtype))
+            first = (basis @ v) * active
+            w = v - first @ basis
+            second = (basis @ w) * active  # twice is enough (Giraud et al., 2005)
+            w = w - second @ basis
+            beta = jnp.linalg.norm(w)
+            broke = beta <= 100 * eps * jnp.maximum(jnp.linalg.norm(v), tiny)
+            return (rounds + 1, w, beta, jnp.where(rounds == 0, first + second, coef),
+                    broke)
+
+        start = (jnp.zeros((), jnp.int32), w0, jnp.zeros((), dtype),
+                 jnp.zeros((num_iters + 1,), dtype), jnp.zeros((), bool))
+        rounds, w, beta, coef, _ = jax.lax.while_loop(
+            lambda state: (state[0] == 0) | ((state[0] == 1) & state[4]), orthogonalise,
+            start)
+        restarted = rounds > 1
+        coef = coef.at[j + 1].set(jnp.where(restarted, 0.0, beta))
+        nxt = w / jnp.maximum(beta, tiny)
         return (basis.at[j + 1].set(nxt), hess.at[:, j].set(coef)), None
 
     (basis, hess), _ = jax.lax.scan(step, (basis, hess), jnp.arange(num_iters))
