@@ -408,22 +408,30 @@ def counted_loss(params, example, rng=None, rate=None):
     return mlp_loss(params, example, rng, rate)
 
 
+def traces_of_two_calls(attr) -> tuple:
+    """How often the counted functions were traced by a first ``cache`` + ``attribute``
+    and by a second one of the same shapes (other members)."""
+    p1, p2 = init_mlp(jax.random.PRNGKey(0), d_in=6), init_mlp(jax.random.PRNGKey(1), d_in=6)
+    train, test = mlp_data(jax.random.PRNGKey(2), 19, d_in=6), mlp_data(jax.random.PRNGKey(3),
+                                                                         4, d_in=6)
+    jax.clear_caches()  # programs of another factory of the same functions are reused
+    counts = []
+    for members in ([p1, p2], [p2, p1]):
+        TRACES["n"] = 0
+        attr.attribute(attr.cache(jattri.checkpoints(members), train), test)
+        counts.append(TRACES["n"])
+    return tuple(counts)
+
+
 @pytest.mark.parametrize("name", sorted(set(FIRST_CALL) - {"knn_shapley", "rps"}))  # no loss
 def test_second_call_does_not_trace_the_loss(name):
     """Checks and plans are made once per function and shapes: a second ``cache`` +
     ``attribute`` of the same shapes runs without tracing the loss again (issue 15:
     "checks that do not retrace"); it traced on the first call."""
-    p1, p2 = init_mlp(jax.random.PRNGKey(0), d_in=6), init_mlp(jax.random.PRNGKey(1), d_in=6)
-    train, test = mlp_data(jax.random.PRNGKey(2), 19, d_in=6), mlp_data(jax.random.PRNGKey(3),
-                                                                         4, d_in=6)
-    attr = FIRST_CALL[name](jattri.Task(counted_loss), small_logits)
-    jax.clear_caches()  # programs of another factory of the same loss are reused
-    TRACES["n"] = 0
-    attr.attribute(attr.cache(jattri.checkpoints([p1, p2]), train), test)
-    assert TRACES["n"] > 0
-    TRACES["n"] = 0
-    attr.attribute(attr.cache(jattri.checkpoints([p2, p1]), train), test)
-    assert TRACES["n"] == 0, f"{name}: the loss was traced {TRACES['n']} times again"
+    first, second = traces_of_two_calls(FIRST_CALL[name](jattri.Task(counted_loss),
+                                                         small_logits))
+    assert first > 0
+    assert second == 0, f"{name}: the loss was traced {second} times again"
 
 
 def counted_features(params, example):
@@ -439,18 +447,10 @@ def counted_logits(params, example):
 def test_second_rps_call_does_not_trace_its_functions():
     """RPS has no loss: its check of ``features_fn`` / ``logits_fn`` on one example is
     made once per shapes too, so a second ``cache`` + ``attribute`` traces neither."""
-    p1, p2 = init_mlp(jax.random.PRNGKey(0), d_in=6), init_mlp(jax.random.PRNGKey(1), d_in=6)
-    train, test = mlp_data(jax.random.PRNGKey(2), 19, d_in=6), mlp_data(jax.random.PRNGKey(3),
-                                                                         4, d_in=6)
-    attr = jattri.rps(features_fn=counted_features, logits_fn=counted_logits,
-                      label_fn=label, l2=1e-2)
-    jax.clear_caches()
-    TRACES["n"] = 0
-    attr.attribute(attr.cache(jattri.checkpoints([p1, p2]), train), test)
-    assert TRACES["n"] > 0
-    TRACES["n"] = 0
-    attr.attribute(attr.cache(jattri.checkpoints([p2, p1]), train), test)
-    assert TRACES["n"] == 0, f"traced {TRACES['n']} times again"
+    first, second = traces_of_two_calls(jattri.rps(
+        features_fn=counted_features, logits_fn=counted_logits, label_fn=label, l2=1e-2))
+    assert first > 0
+    assert second == 0, f"traced {second} times again"
 
 
 # ------------------------------------- members made on the host compile nothing
