@@ -415,7 +415,8 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     whole basis twice more per step: 100 steps at d = 109,386, dattri's MNIST MLP,
     1.2-1.5 s → 0.6 s), and the passes are compiled once: as a branch of their own
     (``lax.cond``) they made the fit's XLA compilation on dattri's LR 0.76-0.85 s instead
-    of 0.46-0.61 s (``benchmarks/RESULTS.md``).
+    of 0.46-0.61 s (``benchmarks/RESULTS.md``). The fresh vector's d entries are hashed in
+    every step (elementwise, no pass over the basis), used only on breakdown.
     """
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny

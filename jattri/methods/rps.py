@@ -139,9 +139,8 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     # tolerance the search stalls near the optimum at ‖∇‖ 4·10⁻⁵) instead of optax's
     # default zoom search: the same objective to 8 digits in as many iterations, and
     # 0.3-0.5 s less XLA compilation of the refit (benchmarks/RESULTS.md, "RPS's refit:
-    # a backtracking line search"). The
-    # objective is strictly convex, so every step has sᵀy > 0 without Wolfe's
-    # curvature test.
+    # a backtracking line search"). The objective is strictly convex, so every step
+    # has sᵀy > 0 without Wolfe's curvature test.
     search = optax.scale_by_backtracking_linesearch(
         max_backtracking_steps=REFIT_BACKTRACKING_STEPS, decrease_factor=0.5, rtol=1e-6,
         store_grad=True)
