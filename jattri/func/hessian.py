@@ -415,8 +415,9 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     whole basis twice more per step: 100 steps at d = 109,386, dattri's MNIST MLP,
     1.2-1.5 s → 0.6 s), and the passes are compiled once: as a branch of their own
     (``lax.cond``) they made the fit's XLA compilation on dattri's LR 0.76-0.85 s instead
-    of 0.46-0.61 s (``benchmarks/RESULTS.md``). The fresh vector's d entries are hashed in
-    every step (elementwise, no pass over the basis), used only on breakdown.
+    of 0.46-0.61 s (``benchmarks/RESULTS.md``). The fresh vector is hashed only in the
+    second round (a ``lax.cond`` around its generation alone): hashed in every step, 100
+    steps at d = 109,386 with a diagonal product took 0.49-0.63 s instead of 0.45-0.48 s.
     """
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny
@@ -433,7 +434,8 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
             """Round 0: A q_j; round 1 (on breakdown): the fresh vector. The
             coefficients kept are round 0's, the column of T."""
             rounds, _, _, coef, _ = state
-            v = jnp.where(rounds == 0, w0, seeded_normal(derive_key(key, j + 1), dim, dtype))
+            v = jax.lax.cond(rounds == 0, lambda: w0,
+                             lambda: seeded_normal(derive_key(key, j + 1), dim, dtype))
             first = (basis @ v) * active
             w = v - first @ basis
             second = (basis @ w) * active  # twice is enough (Giraud et al., 2005)
