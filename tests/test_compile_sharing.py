@@ -444,13 +444,17 @@ def counted_logits(params, example):
     return small_logits(params, example)
 
 
-def test_second_rps_call_does_not_trace_its_functions():
-    """RPS has no loss: its check of ``features_fn`` / ``logits_fn`` on one example is
-    made once per shapes too, so a second ``cache`` + ``attribute`` traces neither."""
-    first, second = traces_of_two_calls(jattri.rps(
-        features_fn=counted_features, logits_fn=counted_logits, label_fn=label, l2=1e-2))
+@pytest.mark.parametrize("name", ["rps", "knn_shapley"])
+def test_second_call_does_not_trace_the_feature_functions(name):
+    """RPS and KNN-Shapley have no loss: their check of ``features_fn`` (and RPS's
+    ``logits_fn``) on one example is made once per shapes too, so a second ``cache`` +
+    ``attribute`` traces none of them."""
+    attr = (jattri.rps(features_fn=counted_features, logits_fn=counted_logits,
+                       label_fn=label, l2=1e-2) if name == "rps" else
+            jattri.knn_shapley(3, features_fn=counted_features))
+    first, second = traces_of_two_calls(attr)
     assert first > 0
-    assert second == 0, f"traced {second} times again"
+    assert second == 0, f"{name}: traced {second} times again"
 
 
 # ------------------------------------- members made on the host compile nothing

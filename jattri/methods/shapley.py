@@ -197,6 +197,8 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
            as_partial(distance or squared_euclidean))
     made = _common.hyper(k=k, features_fn=features_fn, label_fn=label_fn, distance=distance)
 
+    passed = set()  # signatures of (params, one example) the functions passed on
+
     def check(members, data, name, like=None):
         if data is None:
             raise ValueError(f"`{name}` is required here")
@@ -206,6 +208,9 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
                 _checks.check_like(data, like, name, "train")
         z = engine.first_example(data)
         params = None if members is None else _common.row_spec(members.params)
+        key = _checks.signature((params, z))
+        if key in passed:  # traced once per shape: a second call retraces nothing
+            return
         try:
             y = jax.eval_shape(fns[1], z)
             f = jax.eval_shape(lambda p, z: jnp.ravel(fns[0](p, z)), params, z)
@@ -218,6 +223,7 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
                             f"dtype {y.dtype}")
         if dist.shape != ():
             raise TypeError(f"`distance` must return a scalar, got shape {dist.shape}")
+        passed.add(key)
 
     def size(data, floats):
         n = engine.num_examples(data)
