@@ -43,6 +43,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from jattri import _program_cache
+
 _OPTION = "xla_cpu_use_fusion_emitters"
 _LEVEL = "xla_backend_optimization_level"
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -151,6 +153,8 @@ class _Jitted:
     def __init__(self, fun: Callable, kwargs: dict, once: bool = False):
         self._fun, self._kwargs, self._once = fun, kwargs, once
         self._jitted: Optional[Callable] = None
+        self._options: Optional[dict] = None
+        self._programs: Optional[_program_cache.Programs] = None
         self._plain = jax.jit(fun, **kwargs)
         self.__wrapped__ = fun
         self.__name__ = getattr(fun, "__name__", "jitted")
@@ -161,17 +165,35 @@ class _Jitted:
         if not _top_level():
             return self._plain
         if self._jitted is None:
-            options = cpu_options(self._once)
+            options = self._options = cpu_options(self._once)
             self._jitted = (self._plain if options is None else
                             jax.jit(self._fun, compiler_options=options, **self._kwargs))
         return self._jitted
 
     def __call__(self, *args, **kwargs):
-        return self._get()(*args, **kwargs)
+        jitted = self._get()
+        if jitted is self._plain and not _top_level():
+            return jitted(*args, **kwargs)
+        where = _program_cache.directory()
+        if where is None:
+            return jitted(*args, **kwargs)
+        if self._programs is None:
+            self._programs = _program_cache.Programs(self._fun, self._kwargs)
+        return self._programs(jitted, self._options, where, args, kwargs)
 
-    def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, _cache_size
-        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted",
-                                             "_plain", "_once"):
+    def _cache_size(self) -> int:
+        """Compiled signatures: ``jax.jit``'s, or those dispatched through
+        :mod:`jattri._program_cache` once it is in use."""
+        if self._programs is None:
+            jitted = self._plain._cache_size()
+            if self._jitted is not None and self._jitted is not self._plain:
+                jitted += self._jitted._cache_size()
+            return jitted
+        return len(self._programs)  # (tracing them fills jit's tables: not counted)
+
+    def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted", "_plain",
+                                             "_once", "_options", "_programs"):
             raise AttributeError(name)
         return getattr(self._get(), name)
 

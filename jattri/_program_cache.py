@@ -1,0 +1,284 @@
+"""jattri's compiled programs found again from their jaxpr, without lowering them.
+
+JAX's persistent compilation cache (:mod:`jattri._compile_cache`) keys a program by its
+lowered module, so a second process still traces and lowers every program before it
+finds the compiled one on disk: on dattri's LR (5,000 × 500), TRAK-Kronecker's first call
+with a warm cache spent 0.24-0.38 s tracing, 0.29-0.38 s lowering and 0.07-0.14 s reading
+the cache, of 0.8-1.0 s (``benchmarks/RESULTS.md``, "Programs found from their jaxpr").
+Here a program of jattri's called outside any trace is traced, and its compiled form is
+looked up under a digest of everything the compilation depends on:
+
+- the jaxpr, printed in full (every equation's parameters, nested jaxprs included), the
+  values of every constant it holds, and the input and output tree structures;
+- the arguments' types and shardings, the devices, the JAX and jaxlib versions, the
+  backend and its version, JAX's configuration, ``XLA_FLAGS`` and the compiler options
+  jattri adds (:func:`jattri._jit.cpu_options`).
+
+A hit deserializes the executable (:mod:`jax.experimental.serialize_executable`); a miss
+lowers and compiles as ``jax.jit`` would (through JAX's own cache) and stores the
+result. Within a process each signature's compiled program is kept, so a later call
+runs it at once, as ``jax.jit``'s own dispatch would.
+
+A program is not stored, only compiled as usual, when its printed jaxpr cannot stand for
+it: a parameter printed as a Python object (``<... at 0x...>``) or with elided values
+(``...``), effects (callbacks, prints), a primitive whose lowering rule is defined
+outside JAX, constants the executable cannot carry, several processes, or arguments not
+on the default device. The cache is used on the CPU backend only, where it was measured,
+and only when JAX's persistent cache has a directory (jattri's default; entries go to
+``<that directory>/jattri-programs``). The environment variable
+``JATTRI_PROGRAM_CACHE=0`` turns it off (``jax.jit``'s own dispatch everywhere); any
+failure to read an entry removes it and compiles the program instead.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+ENV = "JATTRI_PROGRAM_CACHE"
+SUBDIR = "jattri-programs"
+#: Bump when the key's contents or the entry's format change.
+FORMAT = "jattri-program-1"
+#: Object addresses in a tree structure's text (a ``jax.tree_util.Partial``'s function):
+#: they differ between processes; the call's own trees flatten the arguments.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+#: Programs read from disk, compiled (and of those, stored) in this process.
+stats = {"loaded": 0, "compiled": 0, "stored": 0}
+
+
+def directory() -> Optional[Path]:
+    """Where entries are stored now, or ``None`` when the cache is off."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    where = jax.config.jax_compilation_cache_dir
+    if not where or jax.default_backend() != "cpu":
+        return None
+    return Path(where) / SUBDIR
+
+
+def _static_positions(fun: Callable, kwargs: dict) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The positions and names ``jax.jit`` treats as static, as it infers them."""
+    argnums = kwargs.get("static_argnums")
+    argnames = kwargs.get("static_argnames")
+    try:
+        from jax._src.api_util import infer_argnums_and_argnames
+        return infer_argnums_and_argnames(inspect.signature(fun), argnums, argnames)
+    except Exception:  # noqa: BLE001 - no signature: as given
+        as_tuple = lambda v, t: (() if v is None else (v,) if isinstance(v, t) else tuple(v))
+        return as_tuple(argnums, int), as_tuple(argnames, str)
+
+
+def _leaf_type(x: Any) -> Any:
+    return (jax.typeof(x), getattr(x, "sharding", None))
+
+
+def _walk(jaxpr, digest, prims: set) -> None:
+    """Adds every constant of every nested closed jaxpr to ``digest``, and collects
+    the primitives."""
+    from jax._src import core as jcore  # jax.extend.core would import Pallas
+
+    for eqn in jaxpr.eqns:
+        prims.add(eqn.primitive)
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    _digest_consts(sub.consts, digest)
+                    _walk(sub.jaxpr, digest, prims)
+                elif isinstance(sub, jcore.Jaxpr):
+                    _walk(sub, digest, prims)
+
+
+def _digest_consts(consts, digest) -> None:
+    for c in consts:
+        a = np.asarray(c)
+        digest.update(f"{a.dtype}{a.shape}".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+
+
+def _defined_in_jax(fn: Any) -> bool:
+    """``fn``, unwrapped from partials, and the functions it closes over (as in
+    ``mlir.lower_fun``) come from JAX's or jaxlib's modules."""
+    while isinstance(fn, functools.partial):
+        if not all(_defined_in_jax(a) for a in fn.args if callable(a)):
+            return False
+        fn = fn.func
+    if not isinstance(fn, type) and callable(fn):
+        module = getattr(fn, "__module__", None) or ""
+        if not module.startswith(("jax.", "jaxlib.")):
+            return False
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                inner = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if inspect.isfunction(inner) and not (inner.__module__ or "").startswith(
+                    ("jax.", "jaxlib.")):
+                return False
+    return True
+
+
+def _lowered_by_jax(prims: set) -> bool:
+    """Every primitive's lowering rule is JAX's own (a user's rule may change between
+    processes without changing the jaxpr)."""
+    from jax._src.interpreters import mlir
+
+    for p in prims:
+        for table in (mlir._platform_specific_lowerings.get("cpu", {}), mlir._lowerings):
+            entry = table.get(p)
+            if entry is not None:
+                if not _defined_in_jax(entry.rule):
+                    return False
+                break
+    return True
+
+
+def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Optional[str]:
+    """The digest a traced program is stored under, or ``None`` when it cannot be
+    stored (see the module docstring)."""
+    if jax.process_count() != 1:
+        return None
+    device = jax.devices()[0]
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and sharding.device_set != {device}:
+            return None
+    closed = traced.jaxpr
+    if closed.effects or traced._num_consts:  # constants passed as arguments
+        return None
+    text = closed.pretty_print(source_info=False, name_stack=False,
+                               custom_pp_eqn_rules=False, print_effects=True)
+    if " at 0x" in text or "..." in text:
+        return None
+    digest = hashlib.sha256()
+    prims: set = set()
+    _digest_consts(closed.consts, digest)
+    _walk(closed.jaxpr, digest, prims)
+    if not _lowered_by_jax(prims):
+        return None
+    from jax._src.lib import version as jaxlib_version
+
+    backend = device.client
+    head = [FORMAT, jax.__version__, str(jaxlib_version), backend.platform,
+            backend.platform_version, repr(jax.devices()), os.environ.get("XLA_FLAGS", ""),
+            repr(sorted((options or {}).items())),
+            repr(sorted((k, v) for k, v in jit_kwargs.items())),
+            repr(sorted(jax.config.values.items())),
+            _ADDRESS.sub("", str(traced.in_tree)), _ADDRESS.sub("", str(traced.out_tree)),
+            repr([(jax.typeof(x), getattr(getattr(x, "sharding", None), "memory_kind",
+                                          "device")) for x in leaves]), text]
+    for part in head:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _load(path: Path, traced):
+    from jax.experimental import serialize_executable
+
+    try:
+        payload = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        return serialize_executable.deserialize_and_load(payload, traced.in_tree,
+                                                         traced.out_tree)
+    except Exception:  # noqa: BLE001 - a stale or broken entry: compile instead
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def _store(path: Path, compiled) -> bool:
+    """Writes the executable to ``path`` (atomically); ``False`` when it cannot be
+    serialized or written, which leaves nothing behind."""
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, _, _ = serialize_executable.serialize(compiled)
+    except Exception:  # noqa: BLE001 - not serializable (host callbacks)
+        return False
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return False
+
+
+class Programs:
+    """The compiled programs of one jitted function, by signature (static arguments'
+    values, the dynamic arguments' tree, types and shardings), each found on disk or
+    compiled once."""
+
+    def __init__(self, fun: Callable, jit_kwargs: dict):
+        self._argnums, self._argnames = _static_positions(fun, jit_kwargs)
+        self._jit_kwargs = jit_kwargs
+        self._compiled: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    def __call__(self, jitted, options: Optional[dict], where: Path, args: tuple,
+                 kwargs: dict):
+        argnums, argnames = self._argnums, self._argnames
+        if argnums or argnames:
+            static = (tuple((i, args[i]) for i in argnums if i < len(args)),
+                      tuple((k, kwargs[k]) for k in argnames if k in kwargs))
+            dyn_args = tuple(a for i, a in enumerate(args) if i not in argnums)
+            dyn_kwargs = {k: v for k, v in kwargs.items() if k not in argnames}
+        else:
+            static, dyn_args, dyn_kwargs = None, args, kwargs
+        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
+        try:
+            signature = (static, tree, tuple(_leaf_type(x) for x in leaves))
+            compiled = self._compiled.get(signature)
+        except TypeError:  # an unhashable static argument: jax.jit says so
+            return jitted(*args, **kwargs)
+        if compiled is None:
+            compiled = self._find(jitted, options, where, args, kwargs, leaves)
+            self._compiled[signature] = compiled
+        return compiled(*dyn_args, **dyn_kwargs)
+
+    def _find(self, jitted, options, where: Path, args, kwargs, leaves):
+        traced = jitted.trace(*args, **kwargs)
+        digest = key(traced, leaves, options, self._jit_kwargs)
+        path = None if digest is None else where / digest
+        if path is not None and path.exists():
+            compiled = _load(path, traced)
+            if compiled is not None:
+                stats["loaded"] += 1
+                return compiled
+        if path is None:
+            compiled = traced.lower().compile()
+        else:
+            # Compiled afresh: an executable JAX read back from its own cache
+            # serializes without its kernels on CPU (a later process then fails with
+            # "Function ..._kernel not found"). JAX's cache need not hold it too.
+            from jax._src import config
+
+            with config.enable_compilation_cache(False):
+                compiled = traced.lower().compile()
+            if _store(path, compiled):
+                stats["stored"] += 1
+        stats["compiled"] += 1
+        return compiled

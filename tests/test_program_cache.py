@@ -1,0 +1,180 @@
+"""jattri's programs found again from their jaxpr (:mod:`jattri._program_cache`).
+
+In-process tests point the cache at a temporary directory and use their own jitted
+functions (jattri's module-level programs keep what they compile); one test runs a
+method in fresh processes, as a user's second script would."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattri import _jit, _program_cache
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    where = tmp_path / "programs"
+    monkeypatch.setattr(_program_cache, "directory", lambda: where)
+    before = dict(_program_cache.stats)
+    counts = lambda: {k: v - before[k] for k, v in _program_cache.stats.items()}
+    return where, counts
+
+
+def _scaled(x, w, k):
+    return jnp.tanh(x @ w) * k + jnp.sum(x[:, 1:3], axis=1, keepdims=True)
+
+
+def test_stored_then_loaded_equal_to_jax_jit(store):
+    where, counts = store
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)), jnp.float32)
+    expected = jax.jit(_scaled, static_argnames="k")(x, w, k=2)
+
+    f = _jit.jit(_scaled, static_argnames="k")
+    np.testing.assert_array_equal(f(x, w, k=2), expected)
+    np.testing.assert_array_equal(f(x, w, k=2), expected)  # kept: no second compile
+    assert counts() == {"loaded": 0, "compiled": 1, "stored": 1}
+    assert len(list(where.iterdir())) == 1
+
+    # a new program each: a static value, a shape; the static argument given by
+    # position is a new signature with the same program, read back
+    f(x, w, k=3)
+    f(x[:5], w, k=2)
+    np.testing.assert_array_equal(f(x, w, 3), f(x, w, k=3))
+    assert counts() == {"loaded": 1, "compiled": 3, "stored": 3}
+    assert f._cache_size() == 4
+
+    # a fresh function object (a new process's): read back, not compiled
+    g = _jit.jit(_scaled, static_argnames="k")
+    np.testing.assert_array_equal(g(x, w, k=2), expected)
+    np.testing.assert_array_equal(g(np.asarray(x), np.asarray(w), k=2), expected)
+    assert counts()["loaded"] == 3 and counts()["compiled"] == 3
+
+
+def test_another_computation_under_the_same_names_is_not_a_hit(store):
+    """Same name, shapes and tree (a Partial's function prints without its address):
+    the jaxpr tells them apart."""
+    _, counts = store
+    x = jnp.arange(3.0)
+    apply = _jit.jit(lambda fn, x: fn(x))
+    twice = jax.tree_util.Partial(lambda v: v * 2.0)
+    thrice = jax.tree_util.Partial(lambda v: v * 3.0)
+    np.testing.assert_array_equal(apply(twice, x), x * 2.0)
+    fresh = _jit.jit(lambda fn, x: fn(x))
+    np.testing.assert_array_equal(fresh(thrice, x), x * 3.0)
+    assert counts()["loaded"] == 0 and counts()["compiled"] == 2
+
+
+def test_a_broken_entry_is_removed_and_compiled(store):
+    where, counts = store
+    x = jnp.arange(4.0)
+    _jit.jit(lambda v: jnp.cumsum(v) ** 2)(x)
+    (entry,) = where.iterdir()
+    entry.write_bytes(b"not an executable")
+    out = _jit.jit(lambda v: jnp.cumsum(v) ** 2)(x)
+    np.testing.assert_allclose(out, np.cumsum(np.arange(4.0)) ** 2)
+    assert counts() == {"loaded": 0, "compiled": 2, "stored": 2}
+    assert entry.read_bytes() != b"not an executable"
+
+
+def test_programs_that_cannot_be_stored_still_run(store):
+    where, counts = store
+    x = jnp.arange(4.0)
+    seen = []
+    with_callback = _jit.jit(lambda v: (jax.debug.callback(seen.append, v), v * 2)[1])
+    np.testing.assert_array_equal(with_callback(x), x * 2)
+    jax.effects_barrier()
+    assert len(seen) == 1
+    host = _jit.jit(lambda v: jax.pure_callback(lambda a: np.asarray(a) + 1,
+                                                jax.ShapeDtypeStruct(v.shape, v.dtype), v))
+    np.testing.assert_array_equal(host(x), x + 1)
+    assert counts() == {"loaded": 0, "compiled": 2, "stored": 0}
+    assert not where.exists() or not list(where.iterdir())
+
+
+def test_closed_over_constants_are_part_of_the_key(store):
+    _, counts = store
+    x = jnp.arange(4.0)
+    for scale in (10.0, 20.0, 10.0):
+        table = jnp.arange(4.0) * scale  # a constant of the jaxpr, its values hashed
+        np.testing.assert_array_equal(_jit.jit(lambda v: v + table)(x), x + table)
+    assert counts() == {"loaded": 1, "compiled": 2, "stored": 2}
+
+
+def test_inside_a_trace_the_program_is_plain_jit(store):
+    _, counts = store
+    f = _jit.jit(lambda v: jnp.sin(v) * 3)
+    out = jax.jit(lambda v: f(v) + 1)(jnp.arange(3.0))
+    np.testing.assert_allclose(out, np.sin(np.arange(3.0)) * 3 + 1, rtol=1e-6)
+    assert counts()["compiled"] == 0
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import jattri
+    from jattri import _program_cache
+
+    def loss(params, example):
+        x, y = example
+        logits = jnp.tanh(x @ params["w1"]) @ params["w2"]
+        return SCALE * -jax.nn.log_softmax(logits)[y]
+
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.standard_normal((5, 4)) * 0.5, jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((4, 3)) * 0.5, jnp.float32)}
+    data = lambda n, s: (jnp.asarray(np.random.default_rng(s).standard_normal((n, 5)),
+                                     jnp.float32),
+                         jnp.asarray(np.random.default_rng(s).integers(0, 3, n)))
+    out = {}
+    for name, attr in [("trak", jattri.trak(loss, proj_dim=8)),
+                       ("arnoldi", jattri.influence_arnoldi(loss))]:
+        state = attr.cache(params, data(12, 1))
+        out[name] = np.asarray(attr.attribute(state, data(4, 2))).tolist()
+    out["stats"] = _program_cache.stats
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _run(tmp_path, scale, **env):
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.replace("SCALE", repr(scale)))
+    full = dict(os.environ, JATTRI_COMPILE_CACHE=str(tmp_path / "cache"))
+    full.update(env)
+    done = subprocess.run([sys.executable, str(script)], env=full, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_a_second_process_reads_every_program_back(tmp_path):
+    """JAX's own cache filled first (the program cache off), then the program cache on:
+    an executable JAX read back from its cache serializes without its CPU kernels, so
+    those are compiled afresh before they are stored; the third process reads
+    everything back and gets the same scores. A changed loss (same names, shapes and
+    trees) is not a hit."""
+    jax_only = _run(tmp_path, 1.0, JATTRI_PROGRAM_CACHE="0")
+    assert jax_only["stats"]["compiled"] == 0
+    first = _run(tmp_path, 1.0)
+    assert first["stats"]["loaded"] == 0
+    assert first["stats"]["stored"] == first["stats"]["compiled"] > 0
+    second = _run(tmp_path, 1.0)
+    assert second["stats"] == {"loaded": first["stats"]["compiled"], "compiled": 0,
+                               "stored": 0}
+    for name in ("trak", "arnoldi"):
+        np.testing.assert_array_equal(second[name], jax_only[name])
+        np.testing.assert_array_equal(first[name], jax_only[name])
+    changed = _run(tmp_path, 2.0)
+    assert changed["stats"]["compiled"] > 0
+    reference = _run(tmp_path, 2.0, JATTRI_COMPILE_CACHE="0")
+    for name in ("trak", "arnoldi"):
+        np.testing.assert_allclose(changed[name], reference[name], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(changed[name], second[name])
