@@ -150,8 +150,9 @@ class _Jitted:
     """``jax.jit(fun, **kwargs)``: with :func:`cpu_options` when called outside any
     trace, plain inside one. Both are built at their first use."""
 
-    def __init__(self, fun: Callable, kwargs: dict, once: bool = False):
-        self._fun, self._kwargs, self._once = fun, kwargs, once
+    def __init__(self, fun: Callable, kwargs: dict, once: bool = False,
+                 closed: bool = False):
+        self._fun, self._kwargs, self._once, self._closed = fun, kwargs, once, closed
         self._jitted: Optional[Callable] = None
         self._options: Optional[dict] = None
         self._programs: Optional[_program_cache.Programs] = None
@@ -178,7 +179,7 @@ class _Jitted:
         if where is None:
             return jitted(*args, **kwargs)
         if self._programs is None:
-            self._programs = _program_cache.Programs(self._fun, self._kwargs)
+            self._programs = _program_cache.Programs(self._fun, self._kwargs, self._closed)
         return self._programs(jitted, self._options, where, args, kwargs)
 
     def _cache_size(self) -> int:
@@ -193,15 +194,20 @@ class _Jitted:
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape
         if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted", "_plain",
-                                             "_once", "_options", "_programs"):
+                                             "_once", "_options", "_programs", "_closed"):
             raise AttributeError(name)
         return getattr(self._get(), name)
 
 
-def jit(fun: Optional[Callable] = None, *, once: bool = False, **kwargs):
+def jit(fun: Optional[Callable] = None, *, once: bool = False, closed: bool = False,
+        **kwargs):
     """``jax.jit(fun, **kwargs)`` with :func:`cpu_options` (``once``: a program that
     runs once per stage on little data, compiled unoptimised); also a decorator
-    (``@jit`` or ``@partial(jit, static_argnums=...)``)."""
+    (``@jit`` or ``@partial(jit, static_argnums=...)``).
+
+    ``closed``: no user function reaches the program (its arguments are arrays and
+    plain static values, and it calls only jattri's code and the libraries'), so a
+    later process finds it in :mod:`jattri._program_cache` without tracing it."""
     if fun is None:
-        return lambda f: _Jitted(f, kwargs, once)
-    return _Jitted(fun, kwargs, once)
+        return lambda f: _Jitted(f, kwargs, once, closed)
+    return _Jitted(fun, kwargs, once, closed)

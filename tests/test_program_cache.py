@@ -116,6 +116,51 @@ def test_inside_a_trace_the_program_is_plain_jit(store):
     assert counts()["compiled"] == 0
 
 
+def _traced(counter):
+    def program(x, *, power):
+        counter.append(1)  # runs when traced
+        return jnp.sum(x ** power, axis=0)
+    return program
+
+
+def test_closed_programs_are_found_without_tracing(store):
+    where, counts = store
+    x = jnp.arange(6.0).reshape(3, 2)
+    traces = []
+    f = _jit.jit(_traced(traces), static_argnames="power", closed=True)
+    np.testing.assert_array_equal(f(x, power=2), np.sum(np.asarray(x) ** 2, axis=0))
+    assert len(traces) == 1 and counts() == {"loaded": 0, "compiled": 1, "stored": 1}
+    g = _jit.jit(_traced(traces), static_argnames="power", closed=True)
+    np.testing.assert_array_equal(g(x, power=2), f(x, power=2))
+    assert len(traces) == 1 and counts()["loaded"] == 1  # not traced again
+    g(x, power=3)  # another static value: another program
+    g(x[:2], power=2)  # another shape
+    assert len(traces) == 3 and counts()["compiled"] == 3
+    # a static argument that is not plain data falls back to the traced key
+    h = _jit.jit(lambda x, fn: fn(x), static_argnums=1, closed=True)
+    np.testing.assert_array_equal(h(x, jnp.cos), jnp.cos(x))
+    np.testing.assert_array_equal(
+        _jit.jit(lambda x, fn: fn(x), static_argnums=1, closed=True)(x, jnp.sin), jnp.sin(x))
+    assert counts()["compiled"] == 5
+
+
+def test_a_closed_key_covers_jattri_constants_set_at_run_time(monkeypatch):
+    import importlib
+
+    rps = importlib.import_module("jattri.methods.rps")  # (the package exports rps())
+    x = jnp.ones((3, 2))
+    leaves, tree = jax.tree_util.tree_flatten(((x,), {}))
+    key = lambda: _program_cache.closed_key(_scaled, None, tree, leaves, None, {})
+    before = key()
+    assert before is not None and key() == before
+    monkeypatch.setattr(rps, "REFIT_BACKTRACKING_STEPS", rps.REFIT_BACKTRACKING_STEPS + 1)
+    assert key() != before
+    monkeypatch.undo()
+    assert key() == before
+    partial_tree = jax.tree_util.tree_structure(((jax.tree_util.Partial(jnp.cos), x), {}))
+    assert _program_cache.closed_key(_scaled, None, partial_tree, leaves, None, {}) is None
+
+
 _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
@@ -134,8 +179,11 @@ _SCRIPT = textwrap.dedent("""
                                      jnp.float32),
                          jnp.asarray(np.random.default_rng(s).integers(0, 3, n)))
     out = {}
+    rps = jattri.rps(features_fn=lambda p, z: jnp.tanh(z[0] @ p["w1"]),
+                     logits_fn=lambda p, z: SCALE * jnp.tanh(z[0] @ p["w1"]) @ p["w2"],
+                     label_fn=lambda z: z[1], targets="predictions", l2=1e-2)
     for name, attr in [("trak", jattri.trak(loss, proj_dim=8)),
-                       ("arnoldi", jattri.influence_arnoldi(loss))]:
+                       ("arnoldi", jattri.influence_arnoldi(loss)), ("rps", rps)]:
         state = attr.cache(params, data(12, 1))
         out[name] = np.asarray(attr.attribute(state, data(4, 2))).tolist()
     out["stats"] = _program_cache.stats
@@ -156,7 +204,8 @@ def _run(tmp_path, scale, **env):
 
 
 def test_a_second_process_reads_every_program_back(tmp_path):
-    """JAX's own cache filled first (the program cache off), then the program cache on:
+    """TRAK, Arnoldi and RPS (whose refit is a ``closed`` program).
+    JAX's own cache filled first (the program cache off), then the program cache on:
     an executable JAX read back from its cache serializes without its CPU kernels, so
     those are compiled afresh before they are stored; the third process reads
     everything back and gets the same scores. A changed loss (same names, shapes and
@@ -169,12 +218,12 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     second = _run(tmp_path, 1.0)
     assert second["stats"] == {"loaded": first["stats"]["compiled"], "compiled": 0,
                                "stored": 0}
-    for name in ("trak", "arnoldi"):
+    for name in ("trak", "arnoldi", "rps"):
         np.testing.assert_array_equal(second[name], jax_only[name])
         np.testing.assert_array_equal(first[name], jax_only[name])
     changed = _run(tmp_path, 2.0)
     assert changed["stats"]["compiled"] > 0
     reference = _run(tmp_path, 2.0, JATTRI_COMPILE_CACHE="0")
-    for name in ("trak", "arnoldi"):
+    for name in ("trak", "arnoldi", "rps"):
         np.testing.assert_allclose(changed[name], reference[name], rtol=1e-6, atol=1e-7)
         assert not np.allclose(changed[name], second[name])

@@ -1573,8 +1573,9 @@ def _ekfac_eigenvalue_step(config, args, acc, chunk):
 
 # stages 2 and 3 of the fit as one program each (eagerly, every division and eigh was a
 # compilation of its own on first use: seven on the LR, 0.4 s)
-_ekfac_eigenbasis = jit(fisher.ekfac_eigenbasis, once=True)
-_ekfac_finish = jit(fisher.ekfac_finish, static_argnames=("curvature",), once=True)
+_ekfac_eigenbasis = jit(fisher.ekfac_eigenbasis, once=True, closed=True)
+_ekfac_finish = jit(fisher.ekfac_finish, static_argnames=("curvature",), once=True,
+                    closed=True)
 
 
 _ZERO_COVARIANCES: dict = {}

@@ -153,7 +153,7 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
                               tuple(dims), kind, int(num), bool(shared), key)
 
 
-@partial(jit, static_argnums=(0, 1, 2, 3, 4), once=True)
+@partial(jit, static_argnums=(0, 1, 2, 3, 4), once=True, closed=True)
 def _kronecker_factors(sizes, dims, kind, num, shared, key):
     # Seeds are hashed from the key's words (derive_key), every matrix from its seed:
     # no threefry call site, each of which cost 0.05-0.3 s of XLA compilation.

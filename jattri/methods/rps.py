@@ -251,7 +251,7 @@ def fidelity_l2(features: jax.Array, logits: jax.Array, targets: jax.Array, *,
     return _fidelity_refit(features, logits, targets, maxiter, tol)[0]
 
 
-@partial(jit, static_argnames=("maxiter", "labels"))
+@partial(jit, static_argnames=("maxiter", "labels"), closed=True)
 def _refit_members(features, logits, y, l2, tol, *, maxiter, labels):
     """Every member's refit: features ``(n, M, p)``, logits ``(n, M, C)``, classes
     ``(n, M)``, one λ or ``None`` (each member's :func:`fidelity_l2`) -> ``(alpha (n, M,
@@ -333,7 +333,7 @@ def _label_loss(logits_fn, label, params, z, i, aux):
     return -jax.nn.log_softmax(logits)[label(z)]
 
 
-@partial(jit, once=True)
+@partial(jit, once=True, closed=True)
 def _self_values(alpha, labels, features):
     """``(n,)`` mean_m α_i[y_i] ‖f_i‖², in one program (not six eager ops)."""
     a = jnp.take_along_axis(alpha, labels[..., None], axis=2)[..., 0]

@@ -156,7 +156,7 @@ def _cache_step(config, args, carry, chunk):
     return (kernel, carry[1] + r, carry[2] + gsum), out
 
 
-@partial(jit, once=True)
+@partial(jit, once=True, closed=True)
 def _default_damping(kernel, r, lam, n, d):
     """``(M,)`` n·λ̂·d / (r̄_m · tr K_m), r̄_m = r_m / n (module docstring); 0.1 where
     it is not a positive finite number (no curvature left: every p is 1)."""
@@ -182,14 +182,14 @@ def _self_tile(config, inverse, chunk):
     return jnp.einsum("bmk,mkl,bml->b", phi, inverse, right) / phi.shape[1] * q
 
 
-@partial(jit, once=True)
+@partial(jit, once=True, closed=True)
 def _solve(kernel, damping, phi_t):
     """``(M, k, n_test)`` (Φ_mᵀΦ_m + λ_m I)⁻¹ φ_t,m: one compiled program for any
     damping (eagerly it was ten small compilations on a first call)."""
     return jnp.linalg.solve(damped_kernel(kernel, damping), jnp.transpose(phi_t, (1, 2, 0)))
 
 
-@partial(jit, once=True)
+@partial(jit, once=True, closed=True)
 def _inverse(kernel, damping):
     return jnp.linalg.inv(damped_kernel(kernel, damping))
 
