@@ -3,8 +3,9 @@
 JAX's persistent compilation cache (:mod:`jattri._compile_cache`) keys a program by its
 lowered module, so a second process still traces and lowers every program before it
 finds the compiled one on disk: on dattri's LR (5,000 × 500), TRAK-Kronecker's first call
-with a warm cache spent 0.24-0.38 s tracing, 0.29-0.38 s lowering and 0.07-0.14 s reading
-the cache, of 0.8-1.0 s (``benchmarks/RESULTS.md``, "Programs found from their jaxpr").
+with a warm cache spent 0.31-0.38 s tracing, 0.29-0.38 s lowering and 0.06-0.07 s reading
+the cache, of 0.80-0.98 s (``benchmarks/RESULTS.md``, "Programs found from their jaxpr
+in a second process"; with this cache 0.58-0.78 s against 0.69-0.81 s).
 Here a program of jattri's called outside any trace is traced, and its compiled form is
 looked up under a digest of everything the compilation depends on:
 
@@ -15,9 +16,11 @@ looked up under a digest of everything the compilation depends on:
   jattri adds (:func:`jattri._jit.cpu_options`).
 
 A hit deserializes the executable (:mod:`jax.experimental.serialize_executable`); a miss
-lowers and compiles as ``jax.jit`` would (through JAX's own cache) and stores the
-result. Within a process each signature's compiled program is kept, so a later call
-runs it at once, as ``jax.jit``'s own dispatch would.
+lowers and compiles it, with JAX's own cache off for that compilation (an executable JAX
+read back from its cache, serialized again, lacks its CPU kernels in a later process:
+``Function ..._kernel not found``), and stores it. Within a process each signature's
+compiled program is kept (``jax.clear_caches`` does not drop them), so a later call runs
+it at once, as ``jax.jit``'s own dispatch would.
 
 A program declared ``closed`` (``jattri._jit.jit(..., closed=True)``: no user function
 reaches it, only arrays and plain static values) is found without tracing it: its digest
@@ -28,8 +31,9 @@ and tuples of them; anything else falls back to tracing), the arguments' tree, t
 memory kinds, and the same versions, devices, configuration and options as above; the
 entry carries the output tree. Constants set on jattri's modules at run time are part of
 the digest; jattri's functions replaced at run time are not (set
-``JATTRI_PROGRAM_CACHE=0`` then). RPS's refit traced in 0.3 s of a warm 0.6 s first call on
-dattri's MLP.
+``JATTRI_PROGRAM_CACHE=0`` then). RPS's refit (optax's L-BFGS) traced in 0.3 s of a warm
+0.6 s first call on dattri's MLP; found without tracing, the whole first call took
+0.27-0.28 s.
 
 A program is not stored, only compiled as usual, when its printed jaxpr cannot stand for
 it: a parameter printed as a Python object (``<... at 0x...>``) or with elided values
