@@ -101,12 +101,16 @@ def _lapack_without_scipy_linalg() -> None:
     "scipy.linalg at the first factorisation"). They are loaded under their own names,
     jaxlib initialises from them, and they leave ``sys.modules`` again, so a later
     ``import scipy.linalg`` is the ordinary one. Once per process, CPU only; on any
-    failure jaxlib imports scipy.linalg itself, as it would have."""
+    failure jaxlib imports scipy.linalg itself at the first lowering, as it would have
+    (and :func:`ensure_lapack` before a program read back from disk runs)."""
     global _lapack_ready
     if _lapack_ready:
         return
     _lapack_ready = True
-    if "scipy.linalg" in sys.modules or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
+        return
+    if "scipy.linalg" in sys.modules:  # loaded already: nothing to save, initialise
+        ensure_lapack()
         return
     seeded = []
     try:
@@ -128,11 +132,31 @@ def _lapack_without_scipy_linalg() -> None:
             seeded.append(name)
             spec.loader.exec_module(module)
         lax_linalg.initialize_lapack()
+        global _lapack_initialised
+        _lapack_initialised = True
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
     finally:
         for name in seeded:
             sys.modules.pop(name, None)
+
+
+_lapack_initialised = False
+
+
+def ensure_lapack() -> None:
+    """jaxlib's LAPACK pointers handed over now (CPU). jaxlib does it when it lowers a
+    factorisation; a program read back from disk (:mod:`jattri._program_cache`) is not
+    lowered, and its LAPACK calls would run through null pointers (a segmentation
+    fault on the first ``cholesky`` of explicit influence in a warm process)."""
+    global _lapack_initialised
+    _lapack_without_scipy_linalg()
+    if _lapack_initialised or jax.default_backend() != "cpu":
+        return
+    from jax._src.lax import linalg as lax_linalg
+
+    lax_linalg.initialize_lapack()
+    _lapack_initialised = True
 
 
 try:  # JAX's own test before it accepts compiler options: no trace is active

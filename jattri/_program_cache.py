@@ -278,10 +278,13 @@ def _load(path: Path, in_tree, out_tree=None):
 
     from jax.experimental import serialize_executable
 
+    from jattri import _jit
+
     try:
         entry = path.read_bytes()
     except OSError:
         return None
+    _jit.ensure_lapack()  # (no lowering hands jaxlib its LAPACK pointers here)
     try:
         stored_tree, payload = pickle.loads(entry)
         return serialize_executable.deserialize_and_load(

@@ -163,6 +163,7 @@ def test_a_closed_key_covers_jattri_constants_set_at_run_time(monkeypatch):
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
+    import scipy.linalg  # (before jattri: jaxlib's LAPACK is then initialised otherwise)
     import jax, jax.numpy as jnp, numpy as np
     import jattri
     from jattri import _program_cache
@@ -209,7 +210,9 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     an executable JAX read back from its cache serializes without its CPU kernels, so
     those are compiled afresh before they are stored; the third process reads
     everything back and gets the same scores. A changed loss (same names, shapes and
-    trees) is not a hit."""
+    trees) is not a hit. scipy.linalg is imported first, as scikit-learn does: the
+    programs read back run LAPACK (TRAK's solve) without any lowering having handed
+    jaxlib its pointers (a segmentation fault before ``_jit.ensure_lapack``)."""
     jax_only = _run(tmp_path, 1.0, JATTRI_PROGRAM_CACHE="0")
     assert jax_only["stats"]["compiled"] == 0
     first = _run(tmp_path, 1.0)
