@@ -38,8 +38,9 @@ the digest; jattri's functions replaced at run time are not (set
 A program is not stored, only compiled as usual, when its printed jaxpr cannot stand for
 it: a parameter printed as a Python object (``<... at 0x...>``) or with elided values
 (``...``), effects (callbacks, prints), a primitive whose lowering rule is defined
-outside JAX, constants the executable cannot carry, several processes, or arguments not
-on the default device. The cache is used on the CPU backend only, where it was measured,
+outside JAX, a custom call other than jaxlib's LAPACK kernels (:data:`_KNOWN_TARGETS`),
+constants the executable cannot carry, several processes, or arguments not on the
+default device. The cache is used on the CPU backend only, where it was measured,
 and only when JAX's persistent cache has a directory (jattri's default; entries go to
 ``<that directory>/jattri-programs``). The environment variable
 ``JATTRI_PROGRAM_CACHE=0`` turns it off (``jax.jit``'s own dispatch everywhere); any
@@ -66,6 +67,14 @@ FORMAT = "jattri-program-1"
 #: Object addresses in a tree structure's text (a ``jax.tree_util.Partial``'s function):
 #: they differ between processes; the call's own trees flatten the arguments.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+#: Custom calls a stored program may make: jaxlib's LAPACK kernels, whose pointers
+#: :func:`jattri._jit.ensure_lapack` hands over before a program read back runs (jaxlib
+#: otherwise does it while lowering). A program calling anything else (a host callback,
+#: a kernel initialised at its lowering) is compiled in every process instead. Every
+#: program of ``python -m jattri.bench`` calls only ``lapack_{spotrf,ssyevd,sgetrf,strsm}_ffi``.
+_KNOWN_TARGETS = ("lapack_",)
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 #: Programs read from disk, compiled (and of those, stored) in this process.
 stats = {"loaded": 0, "compiled": 0, "stored": 0}
@@ -305,6 +314,9 @@ def _store(path: Path, compiled, out_tree) -> bool:
     from jax.experimental import serialize_executable
 
     try:
+        targets = set(_CUSTOM_CALL.findall(compiled.as_text()))
+        if any(not t.startswith(_KNOWN_TARGETS) for t in targets):
+            return False
         payload, _, _ = serialize_executable.serialize(compiled)
         entry = pickle.dumps((out_tree, payload), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - not serializable (host callbacks)

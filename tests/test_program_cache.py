@@ -99,6 +99,23 @@ def test_programs_that_cannot_be_stored_still_run(store):
     assert not where.exists() or not list(where.iterdir())
 
 
+def test_only_lapack_custom_calls_are_stored(store, tmp_path):
+    """A Cholesky (jaxlib's LAPACK, initialised before a program read back runs) is
+    stored; an executable calling any other custom call target is not."""
+    where, counts = store
+    a = jnp.eye(3) * 4.0 + 1.0
+    np.testing.assert_allclose(_jit.jit(jnp.linalg.cholesky)(a), np.linalg.cholesky(a),
+                               rtol=1e-6)
+    assert counts() == {"loaded": 0, "compiled": 1, "stored": 1}
+
+    class Other:  # what XLA prints for a kernel registered by someone else
+        def as_text(self):
+            return 'ROOT %k = f32[3]{0} custom-call(%a), custom_call_target="my_kernel"'
+
+    path = tmp_path / "entry"
+    assert not _program_cache._store(path, Other(), None) and not path.exists()
+
+
 def test_closed_over_constants_are_part_of_the_key(store):
     _, counts = store
     x = jnp.arange(4.0)
