@@ -63,7 +63,7 @@ import numpy as np
 ENV = "JATTRI_PROGRAM_CACHE"
 SUBDIR = "jattri-programs"
 #: Bump when the key's contents or the entry's format change.
-FORMAT = "jattri-program-1"
+FORMAT = "jattri-program-2"
 #: Object addresses in a tree structure's text (a ``jax.tree_util.Partial``'s function):
 #: they differ between processes; the call's own trees flatten the arguments.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -282,7 +282,8 @@ def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Opti
 
 def _load(path: Path, in_tree, out_tree=None):
     """The executable stored at ``path`` (``out_tree``: the entry's own when ``None``),
-    or ``None``; a broken entry is removed."""
+    loaded onto the devices it was compiled for, or ``None``; a broken entry is
+    removed."""
     import pickle
 
     from jax.experimental import serialize_executable
@@ -295,9 +296,13 @@ def _load(path: Path, in_tree, out_tree=None):
         return None
     _jit.ensure_lapack()  # (no lowering hands jaxlib its LAPACK pointers here)
     try:
-        stored_tree, payload = pickle.loads(entry)
+        stored_tree, device_ids, payload = pickle.loads(entry)
+        by_id = {d.id: d for d in jax.devices()}
+        # its own devices: by default the executable would be loaded onto every device
+        # and expect as many shards of each argument
         return serialize_executable.deserialize_and_load(
-            payload, in_tree, stored_tree if out_tree is None else out_tree)
+            payload, in_tree, stored_tree if out_tree is None else out_tree,
+            execution_devices=[by_id[i] for i in device_ids])
     except Exception:  # noqa: BLE001 - a stale or broken entry: compile instead
         try:
             path.unlink()
@@ -307,7 +312,8 @@ def _load(path: Path, in_tree, out_tree=None):
 
 
 def _store(path: Path, compiled, out_tree) -> bool:
-    """Writes the executable and its output tree to ``path`` (atomically); ``False``
+    """Writes the executable, its devices and its output tree to ``path``
+    (atomically); ``False``
     when they cannot be serialized or written, which leaves nothing behind."""
     import pickle
 
@@ -317,8 +323,10 @@ def _store(path: Path, compiled, out_tree) -> bool:
         targets = set(_CUSTOM_CALL.findall(compiled.as_text()))
         if any(not t.startswith(_KNOWN_TARGETS) for t in targets):
             return False
+        device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
         payload, _, _ = serialize_executable.serialize(compiled)
-        entry = pickle.dumps((out_tree, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        entry = pickle.dumps((out_tree, device_ids, payload),
+                             protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - not serializable (host callbacks)
         return False
     tmp = None

@@ -247,3 +247,29 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     for name in ("trak", "arnoldi", "rps"):
         np.testing.assert_allclose(changed[name], reference[name], rtol=1e-6, atol=1e-7)
         assert not np.allclose(changed[name], second[name])
+
+
+_DEVICES = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from jattri import _jit, _program_cache
+    out = _jit.jit(lambda x: x * 2 + 1)(jnp.arange(3.0))
+    assert out.tolist() == [1.0, 3.0, 5.0], out
+    print("STATS", _program_cache.stats)
+""")
+
+
+def test_a_program_is_loaded_onto_its_own_devices(tmp_path):
+    """With four CPU devices, a one-device program read back in a second process runs
+    on its one device (loaded onto every device, it expected four shards of each
+    argument: README's sharding example failed so)."""
+    script = tmp_path / "devices.py"
+    script.write_text(_DEVICES)
+    env = dict(os.environ, JATTRI_COMPILE_CACHE=str(tmp_path / "cache"),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    stats = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stats.append([l for l in done.stdout.splitlines() if l.startswith("STATS")][0])
+    assert "'stored': 1" in stats[0] and "'loaded': 1" in stats[1]
