@@ -16,11 +16,12 @@ looked up under a digest of everything the compilation depends on:
   jattri adds (:func:`jattri._jit.cpu_options`).
 
 A hit deserializes the executable (:mod:`jax.experimental.serialize_executable`); a miss
-lowers and compiles it, with JAX's own cache off for that compilation (an executable JAX
-read back from its cache, serialized again, lacks its CPU kernels in a later process:
-``Function ..._kernel not found``), and stores it. Within a process each signature's
-compiled program is kept (``jax.clear_caches`` does not drop them), so a later call runs
-it at once, as ``jax.jit``'s own dispatch would.
+lowers and compiles it, with JAX's own cache set aside for that compilation (an
+executable JAX read back from its cache, serialized again, lacks its CPU kernels in a
+later process: ``Function ..._kernel not found``; :func:`_compile_afresh`), and stores
+it. Within a process each signature's
+compiled program is kept until ``jax.clear_caches()``, so a later call runs it at once,
+as ``jax.jit``'s own dispatch would.
 
 A program declared ``closed`` (``jattri._jit.jit(..., closed=True)``: no user function
 reaches it, only arrays and plain static values) is found without tracing it: its digest
@@ -54,6 +55,7 @@ import inspect
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -75,6 +77,9 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 #: program of ``python -m jattri.bench`` calls only ``lapack_{spotrf,ssyevd,sgetrf,strsm}_ffi``.
 _KNOWN_TARGETS = ("lapack_",)
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+#: Held while one compilation sets JAX's persistent cache aside (:func:`_compile_afresh`).
+_AFRESH = threading.Lock()
 
 #: Programs read from disk, compiled (and of those, stored) in this process.
 stats = {"loaded": 0, "compiled": 0, "stored": 0}
@@ -356,9 +361,25 @@ class Programs:
         self._argnums, self._argnames = _static_positions(fun, jit_kwargs)
         self._jit_kwargs = jit_kwargs
         self._compiled: dict = {}
+        try:  # jax.clear_caches() drops these programs too, as it drops jit's
+            from jax._src import util
+
+            util.register_cache(self, "jattri._program_cache.Programs")
+        except Exception:  # noqa: BLE001 - a JAX without it: kept until exit
+            pass
 
     def __len__(self) -> int:
         return len(self._compiled)
+
+    def cache_clear(self) -> None:
+        """Forgets this function's compiled programs (``jax.clear_caches`` calls it)."""
+        self._compiled.clear()
+
+    def cache_info(self) -> dict:
+        return {"signatures": len(self._compiled)}
+
+    def cache_keys(self) -> list:
+        return list(self._compiled)
 
     def __call__(self, jitted, options: Optional[dict], where: Path, args: tuple,
                  kwargs: dict):
@@ -403,14 +424,34 @@ class Programs:
         if path is None:
             compiled = traced.lower().compile()
         else:
-            # Compiled afresh: an executable JAX read back from its own cache
-            # serializes without its kernels on CPU (a later process then fails with
-            # "Function ..._kernel not found"). JAX's cache need not hold it too.
-            from jax._src import config
-
-            with config.enable_compilation_cache(False):
-                compiled = traced.lower().compile()
-            if _store(path, compiled, traced.out_tree):
+            compiled, fresh = _compile_afresh(traced)
+            if fresh and _store(path, compiled, traced.out_tree):
                 stats["stored"] += 1
         stats["compiled"] += 1
         return compiled
+
+
+def _compile_afresh(traced):
+    """``(compiled, fresh)``: the program compiled without JAX's persistent cache, or,
+    where that cannot be ensured, as usual with ``fresh`` False (then not stored).
+
+    An executable JAX read back from its own cache serializes without its kernels on
+    CPU: a later process fails with "Function ..._kernel not found" (first seen at the
+    second warm run of a method; then across the test suite run with the caches on,
+    where a program compiled earlier in the process had switched JAX's cache on for
+    good). JAX decides once per process whether its cache is used
+    (``compilation_cache.is_cache_used``), so ``jax_enable_compilation_cache=False``
+    around one compilation is not enough: that decision is set aside for this one
+    compilation and restored after. JAX's cache then holds no copy of it."""
+    try:
+        from jax._src import compilation_cache as cc
+
+        saved = (cc._cache_checked, cc._cache_used)
+    except (ImportError, AttributeError):  # another JAX: nothing is stored
+        return traced.lower().compile(), False
+    with _AFRESH:
+        cc._cache_checked, cc._cache_used = True, False
+        try:
+            return traced.lower().compile(), True
+        finally:
+            cc._cache_checked, cc._cache_used = saved

@@ -51,11 +51,14 @@ def test_stored_then_loaded_equal_to_jax_jit(store):
     assert counts() == {"loaded": 1, "compiled": 3, "stored": 3}
     assert f._cache_size() == 4
 
+    jax.clear_caches()  # forgets them in this process: the next call reads one back
+    f(x, w, k=2)
+    assert counts()["loaded"] == 2 and f._cache_size() == 1
     # a fresh function object (a new process's): read back, not compiled
     g = _jit.jit(_scaled, static_argnames="k")
     np.testing.assert_array_equal(g(x, w, k=2), expected)
     np.testing.assert_array_equal(g(np.asarray(x), np.asarray(w), k=2), expected)
-    assert counts()["loaded"] == 3 and counts()["compiled"] == 3
+    assert counts()["loaded"] == 4 and counts()["compiled"] == 3
 
 
 def test_another_computation_under_the_same_names_is_not_a_hit(store):
@@ -185,6 +188,10 @@ _SCRIPT = textwrap.dedent("""
     import jattri
     from jattri import _program_cache
 
+    # a program of the user's first: JAX then decides, once per process, that its
+    # persistent cache is used
+    jax.jit(lambda v: v + 1)(np.ones(2, np.float32))
+
     def loss(params, example):
         x, y = example
         logits = jnp.tanh(x @ params["w1"]) @ params["w2"]
@@ -229,7 +236,9 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     everything back and gets the same scores. A changed loss (same names, shapes and
     trees) is not a hit. scipy.linalg is imported first, as scikit-learn does: the
     programs read back run LAPACK (TRAK's solve) without any lowering having handed
-    jaxlib its pointers (a segmentation fault before ``_jit.ensure_lapack``)."""
+    jaxlib its pointers (a segmentation fault before ``_jit.ensure_lapack``). A plain
+    ``jax.jit`` program runs first in each process, so JAX has switched its cache on for
+    good before jattri compiles anything to store."""
     jax_only = _run(tmp_path, 1.0, JATTRI_PROGRAM_CACHE="0")
     assert jax_only["stats"]["compiled"] == 0
     first = _run(tmp_path, 1.0)
