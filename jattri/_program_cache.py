@@ -404,8 +404,13 @@ class Programs:
         return compiled(*dyn_args, **dyn_kwargs)
 
     def _find(self, jitted, options, where: Path, args, kwargs, static, tree, leaves):
-        closed = (None if not self._closed else
-                  closed_key(self._fun, static, tree, leaves, options, self._jit_kwargs))
+        closed = None
+        if self._closed:
+            try:
+                closed = closed_key(self._fun, static, tree, leaves, options,
+                                    self._jit_kwargs)
+            except Exception:  # noqa: BLE001 - what cannot be keyed is not stored
+                closed = None
         if closed is not None and (where / closed).exists():
             compiled = _load(where / closed, tree)
             if compiled is not None:
@@ -414,7 +419,10 @@ class Programs:
         traced = jitted.trace(*args, **kwargs)
         if closed is not None and traced.in_tree != tree:
             closed = None  # (jit flattened the arguments otherwise: not stored so)
-        digest = closed or key(traced, leaves, options, self._jit_kwargs)
+        try:
+            digest = closed or key(traced, leaves, options, self._jit_kwargs)
+        except Exception:  # noqa: BLE001 - e.g. a constant numpy cannot read: not stored
+            digest = None
         path = None if digest is None else where / digest
         if closed is None and path is not None and path.exists():
             compiled = _load(path, traced.in_tree, traced.out_tree)

@@ -119,6 +119,16 @@ def test_only_lapack_custom_calls_are_stored(store, tmp_path):
     assert not _program_cache._store(path, Other(), None) and not path.exists()
 
 
+def test_a_program_that_cannot_be_keyed_still_runs(store, monkeypatch):
+    _, counts = store
+    def unreadable(*args):
+        raise ValueError("no digest")
+    monkeypatch.setattr(_program_cache, "key", unreadable)
+    np.testing.assert_array_equal(_jit.jit(lambda v: v * 3)(jnp.arange(3.0)),
+                                  np.arange(3.0) * 3)
+    assert counts() == {"loaded": 0, "compiled": 1, "stored": 0}
+
+
 def test_closed_over_constants_are_part_of_the_key(store):
     _, counts = store
     x = jnp.arange(4.0)
