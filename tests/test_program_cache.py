@@ -111,11 +111,17 @@ def test_only_lapack_custom_calls_are_stored(store, tmp_path):
                                rtol=1e-6)
     assert counts() == {"loaded": 0, "compiled": 1, "stored": 1}
 
-    class Other:  # what XLA prints for a kernel registered by someone else
+    real = jax.jit(lambda v: v + 1).lower(jnp.arange(3.0)).compile()
+
+    class Other:  # a real executable, as if it called a kernel registered elsewhere
+        def __getattr__(self, name):
+            return getattr(real, name)
+
         def as_text(self):
             return 'ROOT %k = f32[3]{0} custom-call(%a), custom_call_target="my_kernel"'
 
     path = tmp_path / "entry"
+    assert _program_cache._store(tmp_path / "plain", real, None)  # (serializable)
     assert not _program_cache._store(path, Other(), None) and not path.exists()
 
 
