@@ -107,10 +107,7 @@ def _lapack_without_scipy_linalg() -> None:
     if _lapack_ready:
         return
     _lapack_ready = True
-    if jax.default_backend() != "cpu":
-        return
-    if "scipy.linalg" in sys.modules:  # loaded already: nothing to save, initialise
-        ensure_lapack()
+    if "scipy.linalg" in sys.modules or jax.default_backend() != "cpu":
         return
     seeded = []
     try:
@@ -150,13 +147,14 @@ def ensure_lapack() -> None:
     lowered, and its LAPACK calls would run through null pointers (a segmentation
     fault on the first ``cholesky`` of explicit influence in a warm process)."""
     global _lapack_initialised
-    _lapack_without_scipy_linalg()
     if _lapack_initialised or jax.default_backend() != "cpu":
         return
-    from jax._src.lax import linalg as lax_linalg
+    _lapack_without_scipy_linalg()  # (once per process; sets the flag where it worked)
+    if not _lapack_initialised:  # scipy.linalg loaded already, or seeding failed
+        from jax._src.lax import linalg as lax_linalg
 
-    lax_linalg.initialize_lapack()
-    _lapack_initialised = True
+        lax_linalg.initialize_lapack()
+        _lapack_initialised = True
 
 
 try:  # JAX's own test before it accepts compiler options: no trace is active
@@ -197,10 +195,8 @@ class _Jitted:
 
     def __call__(self, *args, **kwargs):
         jitted = self._get()
-        if jitted is self._plain and not _top_level():
-            return jitted(*args, **kwargs)
-        where = _program_cache.directory()
-        if where is None:
+        where = _program_cache.directory() if _top_level() else None
+        if where is None:  # inside a trace, or the program cache off
             return jitted(*args, **kwargs)
         if self._programs is None:
             self._programs = _program_cache.Programs(self._fun, self._kwargs, self._closed)

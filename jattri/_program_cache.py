@@ -86,11 +86,17 @@ stats = {"loaded": 0, "compiled": 0, "stored": 0}
 
 
 def directory() -> Optional[Path]:
-    """Where entries are stored now, or ``None`` when the cache is off."""
-    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
+    """Where entries are stored now, or ``None`` when the cache is off. (Read at every
+    call of a jattri program: the answer is memoised by its inputs.)"""
+    return _directory(os.environ.get(ENV, ""), jax.config.jax_compilation_cache_dir,
+                      jax.default_backend())
+
+
+@functools.lru_cache(maxsize=16)
+def _directory(setting: str, where: Optional[str], backend: str) -> Optional[Path]:
+    if setting.strip().lower() in ("0", "off", "false", "no"):
         return None
-    where = jax.config.jax_compilation_cache_dir
-    if not where or jax.default_backend() != "cpu":
+    if not where or backend != "cpu":
         return None
     return Path(where) / SUBDIR
 
@@ -108,7 +114,14 @@ def _static_positions(fun: Callable, kwargs: dict) -> tuple[tuple[int, ...], tup
 
 
 def _leaf_type(x: Any) -> Any:
-    return (jax.typeof(x), getattr(x, "sharding", None))
+    """An argument's part of a call's signature: a jax.Array's type and sharding, a
+    numpy array's shape and dtype (``jax.typeof`` took 6 µs on one), else its type."""
+    aval = getattr(x, "aval", None)
+    if aval is not None:
+        return aval, x.sharding
+    if isinstance(x, np.ndarray):
+        return np.ndarray, x.shape, x.dtype
+    return jax.typeof(x), None
 
 
 def _walk(jaxpr, digest, prims: set) -> None:
@@ -228,6 +241,15 @@ def _environment(options: Optional[dict], jit_kwargs: dict) -> list:
             repr(sorted(jax.config.values.items()))]
 
 
+def _hexdigest(parts: list, digest=None) -> str:
+    """SHA-256 of the strings ``parts``, each ended by a NUL (continuing ``digest``)."""
+    digest = digest or hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def _on_default_device(leaves: list) -> bool:
     if jax.process_count() != 1:
         return False
@@ -249,13 +271,9 @@ def closed_key(fun: Callable, static: Any, tree, leaves: list, options: Optional
     text = str(tree)
     if not _plain(static) or _ADDRESS.search(text) or not _on_default_device(leaves):
         return None
-    digest = hashlib.sha256()
-    for part in (["closed", _code_digest(), _module_constants(), fun.__module__,
-                  fun.__qualname__, repr(static), text, _leaf_types(leaves)]
-                 + _environment(options, jit_kwargs)):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
+    return _hexdigest(["closed", _code_digest(), _module_constants(), fun.__module__,
+                       fun.__qualname__, repr(static), text, _leaf_types(leaves)]
+                      + _environment(options, jit_kwargs))
 
 
 def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Optional[str]:
@@ -268,7 +286,7 @@ def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Opti
         return None
     text = closed.pretty_print(source_info=False, name_stack=False,
                                custom_pp_eqn_rules=False, print_effects=True)
-    if " at 0x" in text or "..." in text:
+    if " at 0x" in text or "..." in text:  # (JAX prints addresses masked: 0xXXXX)
         return None
     digest = hashlib.sha256()
     prims: set = set()
@@ -276,25 +294,23 @@ def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Opti
     _walk(closed.jaxpr, digest, prims)
     if not _lowered_by_jax(prims):
         return None
-    head = (_environment(options, jit_kwargs) +
-            [_ADDRESS.sub("", str(traced.in_tree)), _ADDRESS.sub("", str(traced.out_tree)),
-             _leaf_types(leaves), text])
-    for part in head:
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
+    return _hexdigest(_environment(options, jit_kwargs) +
+                      [_ADDRESS.sub("", str(traced.in_tree)),
+                       _ADDRESS.sub("", str(traced.out_tree)), _leaf_types(leaves), text],
+                      digest)
 
 
-def _load(path: Path, in_tree, out_tree=None):
-    """The executable stored at ``path`` (``out_tree``: the entry's own when ``None``),
-    loaded onto the devices it was compiled for, or ``None``; a broken entry is
-    removed."""
+def _load(path: Optional[Path], in_tree):
+    """The executable stored at ``path``, loaded onto the devices it was compiled for,
+    or ``None`` (no such entry; a broken entry is removed)."""
     import pickle
 
     from jax.experimental import serialize_executable
 
     from jattri import _jit
 
+    if path is None:
+        return None
     try:
         entry = path.read_bytes()
     except OSError:
@@ -305,21 +321,22 @@ def _load(path: Path, in_tree, out_tree=None):
         by_id = {d.id: d for d in jax.devices()}
         # its own devices: by default the executable would be loaded onto every device
         # and expect as many shards of each argument
-        return serialize_executable.deserialize_and_load(
-            payload, in_tree, stored_tree if out_tree is None else out_tree,
-            execution_devices=[by_id[i] for i in device_ids])
+        compiled = serialize_executable.deserialize_and_load(
+            payload, in_tree, stored_tree, execution_devices=[by_id[i] for i in device_ids])
     except Exception:  # noqa: BLE001 - a stale or broken entry: compile instead
         try:
             path.unlink()
         except OSError:
             pass
         return None
+    stats["loaded"] += 1
+    return compiled
 
 
 def _store(path: Path, compiled, out_tree) -> bool:
     """Writes the executable, its devices and its output tree to ``path``
-    (atomically); ``False``
-    when they cannot be serialized or written, which leaves nothing behind."""
+    (atomically); ``False`` when they cannot be serialized or written, which leaves
+    nothing behind."""
     import pickle
 
     from jax.experimental import serialize_executable
@@ -411,31 +428,25 @@ class Programs:
                                     self._jit_kwargs)
             except Exception:  # noqa: BLE001 - what cannot be keyed is not stored
                 closed = None
-        if closed is not None and (where / closed).exists():
-            compiled = _load(where / closed, tree)
-            if compiled is not None:
-                stats["loaded"] += 1
-                return compiled
+        compiled = _load(closed and where / closed, tree)  # found without tracing
+        if compiled is not None:
+            return compiled
         traced = jitted.trace(*args, **kwargs)
-        if closed is not None and traced.in_tree != tree:
-            closed = None  # (jit flattened the arguments otherwise: not stored so)
-        try:
-            digest = closed or key(traced, leaves, options, self._jit_kwargs)
-        except Exception:  # noqa: BLE001 - e.g. a constant numpy cannot read: not stored
-            digest = None
-        path = None if digest is None else where / digest
-        if closed is None and path is not None and path.exists():
-            compiled = _load(path, traced.in_tree, traced.out_tree)
+        digest = closed if traced.in_tree == tree else None  # (else jit flattened
+        if digest is None:                                   # the arguments otherwise)
+            try:
+                digest = key(traced, leaves, options, self._jit_kwargs)
+            except Exception:  # noqa: BLE001 - e.g. a constant numpy cannot read
+                digest = None
+            compiled = _load(digest and where / digest, traced.in_tree)
             if compiled is not None:
-                stats["loaded"] += 1
                 return compiled
-        if path is None:
-            compiled = traced.lower().compile()
-        else:
-            compiled, fresh = _compile_afresh(traced)
-            if fresh and _store(path, compiled, traced.out_tree):
-                stats["stored"] += 1
         stats["compiled"] += 1
+        if digest is None:
+            return traced.lower().compile()
+        compiled, fresh = _compile_afresh(traced)
+        if fresh and _store(where / digest, compiled, traced.out_tree):
+            stats["stored"] += 1
         return compiled
 
 
