@@ -176,12 +176,16 @@ def test_an_l2_term_in_the_loss_keeps_the_parameter_space_route(monkeypatch):
     np.testing.assert_allclose(got, grads(train) @ u.T, rtol=1e-9)
 
 
+@pytest.mark.parametrize("scanned", [0, 16])
 @pytest.mark.parametrize("n_test", [2, 6, 40])
-def test_scores_without_formed_coordinates_equal_the_formed_product(monkeypatch, n_test):
+def test_scores_without_formed_coordinates_equal_the_formed_product(monkeypatch, n_test,
+                                                                     scanned):
     """``fisher.ekfac_scores`` (a one-position layer's scores as s̃ᵀ(U_tᵀ ã), where
     that is no larger than its formed coordinates) equals ``ekfac_coordinates @ uᵀ``
     for every branch: the MLP's 5 × 6 layer (i < o) and 7 × 3 layer (i ≥ o) taken
-    factored at 2 and 6 test rows, formed at 40; padded rows give 0."""
+    factored at 2 and 6 test rows, formed at 40; factored as a scan over the smaller
+    side (``_SCANNED_RANK`` 16) or as one contraction (0); padded rows give 0."""
+    monkeypatch.setattr(fisher, "_SCANNED_RANK", scanned)
     from jattri.engine import Chunk
     from jattri.func.layers import find_layers
 
