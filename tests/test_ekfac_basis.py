@@ -208,3 +208,26 @@ def test_scores_without_formed_coordinates_equal_the_formed_product(monkeypatch,
     assert len(formed) == (0 if n_test <= 6 else 2)  # which layers were formed
     np.testing.assert_allclose(got, coords @ u.T, rtol=1e-10, atol=1e-12)
     assert np.all(np.asarray(got)[21:] == 0)
+
+
+def test_the_training_side_is_checked_before_the_fit(monkeypatch):
+    """``cache`` checks the training side's rebuilt gradient (``tracin._rebuild_error``)
+    before it dispatches the fit's first program, and ``attribute`` reuses that answer:
+    checked in ``attribute``, reading it waited for the whole fit to run."""
+    import importlib
+
+    from jattri import engine
+    tracin = importlib.import_module("jattri.methods.tracin")  # the module, not the method
+
+    model, params, train, test = _mlp_problem()
+    order = []
+    real_check, real_scan = tracin._rebuild_error, engine.scan
+    monkeypatch.setattr(tracin, "_rebuild_error",
+                        lambda *a: order.append("check") or real_check(*a))
+    monkeypatch.setattr(engine, "scan", lambda step, *a, **k: order.append(
+        step.__name__) or real_scan(step, *a, **k))
+    attr = jattri.influence_ekfac(_loss(model), damping=1e-2)
+    state = attr.cache(params, train)
+    assert order[0] == "check" and "_ekfac_covariance_step" in order, order
+    attr.attribute(state, test)
+    assert order.count("check") == 1, order
