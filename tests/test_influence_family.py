@@ -702,23 +702,25 @@ def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
     assert taken  # the test side from the layers too
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
+@pytest.mark.parametrize("bias,classes", [(True, 3), (False, 3), (True, 6)])
+def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias, classes):
     """A softmax regression (one Dense layer, with and without a bias): Arnoldi's
     products are taken in the layer's output space (``_layer_product``: Ãᵀ(∂²ℓ/∂y² ÃV)
     in the parameters' raveled order). They give the dense Hessian's eigenvalues, and
     the scores equal the generic route's (the path switched off) and exact influence.
     The check runs once per shape, in a program of its own before the first fit; an
-    L2 term inside the loss fails it, and every fit takes the generic route."""
+    L2 term inside the loss fails it, and every fit takes the generic route. With 6
+    classes the products are taken at a width of 8, zero-padded (``_product_width``)."""
     import flax.linen as nn
 
     class Softmax(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.Dense(3, use_bias=bias, name="head")(x)
+            return nn.Dense(classes, use_bias=bias, name="head")(x)
 
+    assert (influence._product_width(classes) > classes) == (classes == 6)
     model = Softmax()
-    data = _classification_data(40, 4, 3, seed=4)
+    data = _classification_data(40, 4, classes, seed=4)
     train = jax.tree_util.tree_map(lambda a: a[:30], data)
     test = jax.tree_util.tree_map(lambda a: a[30:], data)
     params = _f64(model.init(jax.random.PRNGKey(5), data[0][:1])["params"])
@@ -756,7 +758,7 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias):
     explicit = influence_explicit(loss, damping=0.1)
     np.testing.assert_allclose(scores, explicit.attribute(explicit.cache(params, train), test),
                                rtol=1e-7, atol=1e-10 * np.abs(scores).max())
-    if not bias:  # the generic route and the L2 term do not depend on the bias: once
+    if not bias or classes != 3:  # the generic route and the L2 term: once
         return
     with monkeypatch.context() as m:
         m.setattr(influence, "_arnoldi_one_layer", lambda *a: None)
