@@ -619,9 +619,10 @@ def _rank_one_scores(left: jax.Array, right: jax.Array, u3: jax.Array) -> jax.Ar
     at most ``_SCANNED_RANK`` on the smaller side, a scan over it: each step one
     (size × max) · (max × n_test) product scaled by a column of the other side and
     added; otherwise the (size, n_test, min) product, formed and contracted. On the
-    LR's 5,000 × 500 (i = 785, o = 10) the scan took 0.24-0.27 s against 0.28-0.34 s;
-    on the MLP's first layer (o = 128, chunks of 556) 3.6-4.2 s against 3.2 s for the
-    whole scoring pass (``benchmarks/RESULTS.md``)."""
+    LR's 5,000 × 500 (i = 785, o = 10) the scan took 0.27-0.32 s against 0.34-0.39 s
+    formed; on dattri's MLP (first layer o = 128) the whole compiled EK-FAC call took
+    4.65-5.09 s with every layer scanned against 3.81-4.08 s with this rule
+    (``benchmarks/kernel_shapes.py``, ``benchmarks/RESULTS.md``)."""
     if left.shape[1] < right.shape[1]:
         left, right, u3 = right, left, jnp.swapaxes(u3, 1, 2)
     if right.shape[1] > _SCANNED_RANK:
