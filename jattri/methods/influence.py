@@ -1422,9 +1422,10 @@ def _product_width(o: int) -> int:
     """The width a one-layer Hessian product's thin (n × d_in) · (d_in × o) matrix
     products are taken at: o rounded up to a multiple of 8 between 4 and 16, where XLA's
     CPU products of 5,000 × 785 rows ran faster on the wider, zero-padded matrix (50
-    products each way at o = 10: 0.087-0.099 s padded to 16 against 0.117-0.174 s; at
-    o = 6, 7: 0.077 s at 8 against 0.100 s; at 20 and 33 the padded ones were slower;
-    ``benchmarks/RESULTS.md``)."""
+    products each way at o = 10: 0.087-0.135 s padded to 16 against 0.117-0.174 s; at
+    o = 6 and 7: 0.077-0.106 s at 8 against 0.100-0.130 s; at 20 padding to 24 was no
+    faster, at 33 to 40 faster in one run of three; ``benchmarks/kernel_shapes.py``).
+    dattri's LR: Arnoldi's compiled fit 0.30-0.33 s against 0.35-0.40 s."""
     return -(-o // 8) * 8 if 4 < o < 16 else o
 
 
