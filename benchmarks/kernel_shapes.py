@@ -17,19 +17,12 @@ Medians of 5 timed runs after one warm-up, float32, seconds.
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def _median_time(fn, *args, reps=5) -> float:
-    import jax
     import numpy as np
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    from floors import _best  # benchmarks/ is on sys.path when run as a script
+    return _best(fn, *args, reps=reps, stat=np.median)
 
 
 def scores(b: int, i: int, o: int, t: int) -> dict:
