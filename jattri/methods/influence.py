@@ -1705,9 +1705,11 @@ def _ekfac_basis(task, members, train, test, memo):
 def _ekfac_basis_check(task, members, train, memo):
     """The training side's check of :func:`_ekfac_basis` (``rebuilt_layers`` on its
     first example), made before the fit and recorded in ``memo``; a Stream has no
-    eigenbasis plan, so nothing is checked. Read after the fit, in ``attribute``, the
-    check's answer waited for the whole fit (0.3-0.5 s on dattri's LR, 5,000 examples)
-    while no later program was being traced or compiled."""
+    eigenbasis plan, so nothing is checked. Read in ``attribute``, after the fit was
+    dispatched, the check's answer could come only once the whole fit had run, and
+    nothing was traced or compiled meanwhile. On dattri's LR (5,000 × 500) first calls
+    moved within this machine's noise: cold 1.61-2.06 s against 1.84-2.02 s, warm
+    0.87-1.03 s against 0.92-1.05 s (``benchmarks/RESULTS.md``)."""
     if engine.num_examples(train) is not None:
         rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
                        method="influence_ekfac", memo=memo)
