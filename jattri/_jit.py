@@ -103,7 +103,7 @@ def _lapack_without_scipy_linalg() -> None:
     ``import scipy.linalg`` is the ordinary one. Once per process, CPU only; on any
     failure jaxlib imports scipy.linalg itself at the first lowering, as it would have
     (and :func:`ensure_lapack` before a program read back from disk runs)."""
-    global _lapack_ready
+    global _lapack_ready, _lapack_initialised
     if _lapack_ready:
         return
     _lapack_ready = True
@@ -129,7 +129,6 @@ def _lapack_without_scipy_linalg() -> None:
             seeded.append(name)
             spec.loader.exec_module(module)
         lax_linalg.initialize_lapack()
-        global _lapack_initialised
         _lapack_initialised = True
     except Exception:  # noqa: BLE001 - an optimisation only
         pass

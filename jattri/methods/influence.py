@@ -1424,8 +1424,8 @@ def _product_width(o: int) -> int:
     CPU products of 5,000 × 785 rows ran faster on the wider, zero-padded matrix (50
     products each way at o = 10: 0.087-0.135 s padded to 16 against 0.117-0.174 s; at
     o = 6 and 7: 0.077-0.106 s at 8 against 0.100-0.130 s; at 20 padding to 24 was no
-    faster, at 33 to 40 faster in one run of three; ``benchmarks/kernel_shapes.py``).
-    dattri's LR: Arnoldi's compiled fit 0.30-0.33 s against 0.35-0.40 s."""
+    faster, at 33 to 40 faster in two runs of four; ``benchmarks/kernel_shapes.py``).
+    dattri's LR: Arnoldi's compiled fit 0.29-0.35 s against 0.34-0.39 s."""
     return -(-o // 8) * 8 if 4 < o < 16 else o
 
 
@@ -1451,11 +1451,21 @@ def _layer_product(layer, loss, params, aux, train, order) -> Callable:
 
     def product(v):
         w = jnp.pad(v[inverse].reshape(i, o).astype(a.dtype), ((0, 0), (0, wide - o)))
-        z = jnp.einsum("bpq,bq->bp", h, (a @ w)[:, :o])
-        z = jnp.pad(z, ((0, 0), (0, wide - o)))
-        return ((at @ z)[:, :o].reshape(-1) / n)[order].astype(v.dtype)
+        return ((_output_space_product(a, at, h, w)[:, :o]).reshape(-1) / n)[
+            order].astype(v.dtype)
 
     return product
+
+
+def _output_space_product(a: jax.Array, at: jax.Array, h: jax.Array,
+                          w: jax.Array) -> jax.Array:
+    """``(i, wide)`` Ãᵀ Z with z_b = H_b (Ã W)_b: ``a`` Ã ``(n, i)``, ``at`` its
+    transpose (an array of its own), ``h`` ``(n, o, o)``, ``w`` ``(i, wide)``: the
+    layer's o columns zero-padded to :func:`_product_width`; the columns past o of
+    the result are 0."""
+    o, wide = h.shape[1], w.shape[1]
+    z = jnp.einsum("bpq,bq->bp", h, (a @ w)[:, :o])
+    return at @ jnp.pad(z, ((0, 0), (0, wide - o)))
 
 
 def _arnoldi_fit(config, args):
@@ -1683,8 +1693,10 @@ def _ekfac_basis(task, members, train, test, memo):
     scored without forming the training coordinates (``fisher.ekfac_scores``), 3.7 s
     on a faster box where the formed coordinates took 4.3-4.5 s
     (``benchmarks/RESULTS.md``)."""
-    left = rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
-                          method="influence_ekfac", memo=memo)
+    n, m = engine.num_examples(train), engine.num_examples(test)
+    if n is None or m is None:  # a Stream: coordinates cost more per example than the
+        return None             # formed gradients, so only the test side's count can pay
+    left = _ekfac_train_layers(task, members, train, memo)
     if left is None:
         return None
     right = left
@@ -1693,26 +1705,25 @@ def _ekfac_basis(task, members, train, test, memo):
                                method="influence_ekfac", memo=memo)
         if not same_layers(right, left):
             return None
-    n, m = engine.num_examples(train), engine.num_examples(test)
-    if n is None or m is None:  # a Stream: coordinates cost more per example than the
-        return None             # formed gradients, so only the test side's count can pay
     coords, dense, back = fisher.ekfac_rotation_floats(left)
     if (n + m) * coords > (n + m) * dense + m * back:
         return None
     return _EKFACCoordinates(left), _EKFACCoordinates(right), _EKFACWeights(left)
 
 
-def _ekfac_basis_check(task, members, train, memo):
-    """The training side's check of :func:`_ekfac_basis` (``rebuilt_layers`` on its
-    first example), made before the fit and recorded in ``memo``; a Stream has no
-    eigenbasis plan, so nothing is checked. Read in ``attribute``, after the fit was
-    dispatched, the check's answer could come only once the whole fit had run, and
-    nothing was traced or compiled meanwhile. On dattri's LR (5,000 × 500) first calls
-    moved within this machine's noise: cold 1.61-2.06 s against 1.84-2.02 s, warm
-    0.87-1.03 s against 0.92-1.05 s (``benchmarks/RESULTS.md``)."""
-    if engine.num_examples(train) is not None:
-        rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
-                       method="influence_ekfac", memo=memo)
+def _ekfac_train_layers(task, members, train, memo) -> Optional[tuple]:
+    """The training side of :func:`_ekfac_basis`: ``rebuilt_layers`` of the loss on
+    its first example, recorded in ``memo``; ``None`` on a Stream (no eigenbasis plan
+    there, nothing checked). Also ``_Spec.basis_check``: made in ``cache`` before the
+    fit is dispatched. Read in ``attribute``, after the fit, the check's answer could
+    come only once the whole fit had run, and nothing was traced or compiled meanwhile.
+    On dattri's LR (5,000 × 500) first calls moved within this machine's noise: cold
+    1.61-2.06 s against 1.84-2.02 s, warm 0.87-1.03 s against 0.92-1.05 s
+    (``benchmarks/RESULTS.md``)."""
+    if engine.num_examples(train) is None:
+        return None
+    return rebuilt_layers(task.loss, members, train, fn_name="loss_fn",
+                          method="influence_ekfac", memo=memo)
 
 
 _EKFAC_RELATIVE_DAMPING = 0.1
@@ -1804,7 +1815,7 @@ def influence_ekfac(task: Any, *, damping: Optional[float] = None,
     spec = _Spec("influence_ekfac", damping, fit, _ekfac_apply, lambda members, size: size,
                  hyper=(("correct_eigenvalues", correct_eigenvalues), ("curvature", curvature)),
                  default_damping=_ekfac_damping, basis=_ekfac_basis,
-                 basis_check=_ekfac_basis_check)
+                 basis_check=_ekfac_train_layers)
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
 
 
