@@ -256,3 +256,86 @@ def test_seeded_normal_is_standard_normal_per_key():
     other = np.asarray(P.seeded_normal(P.derive_key(jnp.zeros((2,), jnp.uint32), 1), n,
                                        jnp.float64))
     assert abs(np.mean(z * other)) < 6 / math.sqrt(n)
+
+
+def _shapes_in(jaxpr):
+    """Every equation output's shape in ``jaxpr`` and its nested jaxprs."""
+    out = []
+
+    def visit(j):
+        for eqn in j.eqns:
+            out.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "jaxpr"):
+                        visit(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seeded", (False, True))
+def test_project_leaves_is_the_projection_of_the_concatenation(kind, seeded):
+    """Pieces of x project as their concatenation does, the same rows of P meeting the
+    same entries: pieces of 4 chunks or more in loops of their own (with and without a
+    rest), the others and the rests joined (a block wider than the chunk and not a
+    multiple of it: its last chunk moved back, the overlap zeroed)."""
+    n, k, chunk = 4, 6, 7
+    shapes = [(n, 3, 4), (n, 5, 6), (n, 2, 2, 2), (n, 1), (n, 4, 7), (n, 16)]
+    keys = jax.random.split(jax.random.PRNGKey(8), len(shapes))
+    leaves = [jax.random.normal(kk, s) for kk, s in zip(keys, shapes)]
+    x = jnp.concatenate([leaf.reshape(n, -1) for leaf in leaves], axis=1)
+    d = x.shape[1]
+    key = jax.random.PRNGKey(9)
+    if seeded:
+        proj = P.seeded_projection(kind, P.seed_words(key), d, k, chunk_size=chunk)
+    else:
+        proj = P.random_projection(kind, key, d, k, chunk_size=chunk)
+    want = np.asarray(x) @ dense_matrix(kind, key, d, k)
+    np.testing.assert_allclose(P.project_leaves(proj, leaves), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(proj(x), want, rtol=1e-12, atol=1e-12)
+    # Under jit, as the methods call it, and with one piece only.
+    np.testing.assert_allclose(jax.jit(P.project_leaves)(proj, leaves), want,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(P.project_leaves(proj, [x]), want, rtol=1e-12, atol=1e-12)
+    # Any other callable gets the concatenation.
+    np.testing.assert_allclose(P.project_leaves(lambda a: a * 2.0, leaves), 2 * x)
+    with pytest.raises(ValueError, match=f"{d} entries per row"):
+        P.project_leaves(proj, leaves[:-1])
+    with pytest.raises(ValueError, match="one n"):
+        P.project_leaves(proj, leaves[:-1] + [jnp.ones((n + 1, 16))])
+
+
+def test_projected_gradients_are_never_concatenated():
+    """The methods' projected per-example gradients (``_common.chunk_grads`` with a
+    projector) meet P leaf by leaf: no ``(size, d)`` array, raveled or padded, in the
+    program; and the result is the projection of the raveled gradients."""
+    from jax.flatten_util import ravel_pytree
+
+    from jattri import engine
+    from jattri.methods import _common
+
+    def loss(p, z, i, aux):
+        h = jnp.tanh(z @ p["w1"] + p["b1"])
+        return jnp.sum((h @ p["w2"]) ** 2)
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"w1": jax.random.normal(ks[0], (6, 5)), "b1": jnp.zeros(5),
+              "w2": jax.random.normal(ks[1], (5, 3))}
+    d = 6 * 5 + 5 + 5 * 3
+    size = 4
+    chunk = engine.Chunk(data=jax.random.normal(ks[2], (size, 6)), index=jnp.arange(size),
+                         valid=jnp.array([True, True, True, False]))
+    proj = P.gaussian_projection(ks[3], d, 8, chunk_size=4)  # w1 in a loop of its own
+    out = _common.chunk_grads(loss, params, None, chunk, proj)
+    g = jax.vmap(lambda z: ravel_pytree(jax.grad(loss)(params, z, 0, None))[0])(chunk.data)
+    want = np.asarray(g) @ dense_matrix("gaussian", ks[3], d, 8)
+    want[3] = 0.0
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+    shapes = _shapes_in(jax.make_jaxpr(
+        lambda c: _common.chunk_grads(loss, params, None, c, proj))(chunk))
+    wide = [s for s in shapes if len(s) == 2 and s[0] == size and s[1] >= d]
+    assert not wide, wide

@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
 from jattri._jit import jit, outside_any_trace
+from jattri.func.projection import project_leaves
 from jattri.task import Members, Task, as_members, member
 
 PyTree = Any
@@ -112,10 +113,14 @@ def flat_grad(fn: Callable, params: PyTree, example: PyTree, index, aux) -> jax.
 def chunk_grads(fn: Callable, params: PyTree, aux: PyTree, chunk: engine.Chunk,
                 transform: Optional[Callable] = None) -> jax.Array:
     """``(size, d)`` per-example gradients of one chunk (zero on padding rows), or
-    ``(size, k)`` = ``transform(grads)``."""
-    g = jax.vmap(lambda z, i: flat_grad(fn, params, z, i, aux))(chunk.data, chunk.index)
-    if transform is not None:
-        g = transform(g)
+    ``(size, k)`` = ``transform(grads)``. A projector of :mod:`jattri.func.projection`
+    meets the gradients leaf by leaf (:func:`~jattri.func.projection.project_leaves`):
+    the raveled ``(size, d)`` copy is never made."""
+    if transform is None:
+        g = jax.vmap(lambda z, i: flat_grad(fn, params, z, i, aux))(chunk.data, chunk.index)
+    else:
+        g = jax.vmap(lambda z, i: jax.grad(fn)(params, z, i, aux))(chunk.data, chunk.index)
+        g = project_leaves(transform, jax.tree_util.tree_leaves(g))
     return g * chunk.valid[:, None].astype(g.dtype)
 
 
