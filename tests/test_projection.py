@@ -281,10 +281,12 @@ def _shapes_in(jaxpr):
 def test_project_leaves_is_the_projection_of_the_concatenation(kind, seeded):
     """Pieces of x project as their concatenation does, the same rows of P meeting the
     same entries: pieces of 4 chunks or more in loops of their own (with and without a
-    rest), the others and the rests joined (a block wider than the chunk and not a
-    multiple of it: its last chunk moved back, the overlap zeroed)."""
+    rest), pieces of half a chunk or more in one product each, the smaller ones and the
+    rests joined (here a block wider than the chunk and not a multiple of it: its last
+    chunk moved back, the overlap zeroed)."""
     n, k, chunk = 4, 6, 7
-    shapes = [(n, 3, 4), (n, 5, 6), (n, 2, 2, 2), (n, 1), (n, 4, 7), (n, 16)]
+    shapes = [(n, 3, 4), (n, 5, 6), (n, 2, 2, 2), (n, 1), (n, 4, 7), (n, 16), (n, 3),
+              (n, 3), (n, 2)]  # own: 12, 8, 16; loops: 30 (rest 2), 28; joined: 11
     keys = jax.random.split(jax.random.PRNGKey(8), len(shapes))
     leaves = [jax.random.normal(kk, s) for kk, s in zip(keys, shapes)]
     x = jnp.concatenate([leaf.reshape(n, -1) for leaf in leaves], axis=1)

@@ -59,10 +59,13 @@ def _check_sizes(d, k):
     return d, k
 
 
-#: A piece of x of at least this many chunks meets P in a loop of its own; smaller
-#: pieces are joined into one block first (each loop is another product for XLA to
-#: compile; a join copies its pieces).
+#: A piece of x of at least this many chunks meets P in a loop of its own (each loop
+#: is another product for XLA to compile; a join copies its pieces).
 OWN_LOOP_CHUNKS = 4
+#: A piece of half a chunk or more, below :data:`OWN_LOOP_CHUNKS` chunks, meets its rows
+#: of P in one product of its own when they have at most this many entries (32 MiB of
+#: float32): the LR's (784 × 10) weight at k = 512.
+OWN_BLOCK_ENTRIES = 2**23
 
 
 def _scan_rows(block_fn: Callable, x: jax.Array, rows: jax.Array, k: int,
@@ -97,11 +100,14 @@ def _scan_leaves(block_fn: Callable, leaves, k: int, chunk: int) -> jax.Array:
     ``(n, ...)``, raveled per row, in order) without forming it.
 
     A piece of at least :data:`OWN_LOOP_CHUNKS` chunks per row is read where it lies, a
-    loop over its whole chunks; the rest of it and the smaller pieces are joined into
-    one block that meets its rows of P by index (:func:`_scan_rows`). Concatenating
-    and padding the gradients of dattri's 109,386-parameter MLP, and copying out each
-    chunk, took 0.9 s of a 5.0 s projection of 5,000 of them (``benchmarks/RESULTS.md``,
-    "Projected gradients without copies").
+    loop over its whole chunks; a piece of half a chunk or more whose rows of P have at
+    most :data:`OWN_BLOCK_ENTRIES` entries meets them in one product; the rests of the
+    first and the other pieces are joined into one block that meets its rows of P by
+    index (:func:`_scan_rows`). The blocks of P made at a time have at most
+    ``max(chunk · k, OWN_BLOCK_ENTRIES)`` entries. Concatenating and padding the
+    gradients of dattri's 109,386-parameter MLP, and copying out each chunk, took 0.9 s
+    of a 5.0 s projection of 5,000 of them (``benchmarks/RESULTS.md``, "Projected
+    gradients without copies").
     """
     n = leaves[0].shape[0]
     flat = [leaf.reshape(n, -1) for leaf in leaves]
@@ -111,6 +117,10 @@ def _scan_leaves(block_fn: Callable, leaves, k: int, chunk: int) -> jax.Array:
     for x in flat:
         d_x = x.shape[1]
         whole = d_x // chunk if d_x >= OWN_LOOP_CHUNKS * chunk else 0
+        if not whole and 2 * d_x >= chunk and d_x * k <= OWN_BLOCK_ENTRIES:
+            out = out + block_fn(start + jnp.arange(d_x), x.astype(dtype))
+            start += d_x
+            continue
         if whole:
             xw = x.astype(dtype)
 
