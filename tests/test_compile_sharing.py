@@ -494,3 +494,30 @@ def test_members_from_host_params_compile_nothing(kind):
         before = np.asarray(one.params["w"]).copy()
         plist[0]["w"][...] = 7.0
         np.testing.assert_array_equal(np.asarray(one.params["w"]), before)
+
+
+def test_member_keys_are_fold_in_without_compiling():
+    """``member_keys`` is ``fold_in(key, j)`` to the bit: a raw key is folded in numpy,
+    with no XLA compilation (a member count no other test uses: a jitted fold would
+    compile for it); typed and traced keys by JAX."""
+    from jattri.methods import _common
+
+    def reference(key, num):
+        return np.asarray(jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num)))
+
+    rng = np.random.default_rng(0)
+    words = [(0, 0), (0, 1), (2**32 - 1, 7)] + [tuple(rng.integers(0, 2**32, 2))
+                                                for _ in range(5)]
+    for w in words:
+        key = jax.device_put(np.array(w, np.uint32))
+        with count_compiles() as compiles:
+            got = np.asarray(_common.member_keys(key, 37))
+        assert compiles.n == 0
+        np.testing.assert_array_equal(got, reference(key, 37))
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(jax.jit(_common.member_keys, static_argnums=1)(key, 4),
+                                  reference(key, 4))
+    typed = jax.random.key(5)
+    np.testing.assert_array_equal(
+        jax.random.key_data(_common.member_keys(typed, 3)),
+        jax.random.key_data(jax.vmap(lambda j: jax.random.fold_in(typed, j))(jnp.arange(3))))

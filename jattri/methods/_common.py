@@ -99,10 +99,53 @@ def default_key() -> jax.Array:
     return jax.random.PRNGKey(0)
 
 
-@functools.partial(jit, static_argnums=1)
 def member_keys(key: jax.Array, num: int) -> jax.Array:
-    """``(num,)`` keys ``fold_in(key, j)``: member j's own projection (or mask) key."""
+    """``(num,)`` keys ``fold_in(key, j)``: member j's own projection (or mask) key.
+
+    A concrete raw key of JAX's default threefry implementation is folded in numpy
+    (:func:`_threefry_fold_in`, the same words): compiling the threefry program took
+    0.15-0.18 s of a cold first call of TRAK or TracIn."""
+    words = _raw_threefry_words(key)
+    if words is not None:
+        return jax.device_put(_threefry_fold_in(words, np.arange(num, dtype=np.uint32)))
+    return _member_keys(key, num)
+
+
+@functools.partial(jit, static_argnums=1)
+def _member_keys(key, num):
     return jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num))
+
+
+def _raw_threefry_words(key) -> Optional[np.ndarray]:
+    """``(2,)`` uint32 words of ``key`` when it is a concrete raw key (not a typed key,
+    not traced) of the default implementation, threefry2x32; else ``None``."""
+    if (isinstance(key, jax.core.Tracer) or not outside_any_trace()
+            or jax.config.jax_default_prng_impl != "threefry2x32"):
+        return None
+    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+        return None
+    words = np.asarray(key)
+    return words if words.shape == (2,) and words.dtype == np.uint32 else None
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry_fold_in(key_words: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """``(len(data), 2)`` uint32: ``jax.random.fold_in(key, d)`` for each d, in numpy.
+    fold_in is Threefry-2x32 (Salmon et al., 2011, "Parallel random numbers: as easy as
+    1, 2, 3"; 20 rounds, JAX's key schedule) of the counter pair ``(0, d)`` under the
+    key's two words."""
+    k0, k1 = (np.full(len(data), w, np.uint32) for w in key_words)
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = ks[0].copy(), np.asarray(data, np.uint32) + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return np.stack([x0, x1], axis=1)
 
 
 def flat_grad(fn: Callable, params: PyTree, example: PyTree, index, aux) -> jax.Array:
