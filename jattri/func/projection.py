@@ -5,8 +5,10 @@ products are preserved in expectation, ``E[<xP, yP>] = <x, y>`` (the same conven
 for every projector type). Every entry ``P_rj`` is hashed from ``(r, j)`` and two words
 drawn from the key (a counter-based generator, :func:`_entry_words`), so the
 matrix depends on the key only: applying it in chunks of any size gives the same
-result, and no dense ``d × k`` matrix is ever held whole (peak memory
-``chunk_size × k``; the sparse projector never builds even a chunk of P).
+result, and no dense ``d × k`` matrix is ever held whole (blocks of at most
+``max(chunk_size · k, 2²³)`` entries; the sparse projector never builds even a block of
+P). :func:`project_leaves` applies a projector to the pieces of x (the leaves of a
+batch of per-example gradients) where they lie, never concatenated.
 
 * ``gaussian_projection``: P_rj ~ N(0, 1/k).
 * ``rademacher_projection``: P_rj = ±1/√k.
@@ -99,15 +101,16 @@ def _scan_leaves(block_fn: Callable, leaves, k: int, chunk: int) -> jax.Array:
     """``(n, k)``: the rows of P met by the concatenation of ``leaves`` (each
     ``(n, ...)``, raveled per row, in order) without forming it.
 
-    A piece of at least :data:`OWN_LOOP_CHUNKS` chunks per row is read where it lies, a
-    loop over its whole chunks; a piece of half a chunk or more whose rows of P have at
-    most :data:`OWN_BLOCK_ENTRIES` entries meets them in one product; the rests of the
-    first and the other pieces are joined into one block that meets its rows of P by
-    index (:func:`_scan_rows`). The blocks of P made at a time have at most
-    ``max(chunk · k, OWN_BLOCK_ENTRIES)`` entries. Concatenating and padding the
-    gradients of dattri's 109,386-parameter MLP, and copying out each chunk, took 0.9 s
-    of a 5.0 s projection of 5,000 of them (``benchmarks/RESULTS.md``, "Projected
-    gradients without copies").
+    A piece of at least :data:`OWN_LOOP_CHUNKS` chunks per row is read where it lies, in
+    a loop over its whole chunks. A smaller piece of half a chunk or more, whose rows of
+    P have at most :data:`OWN_BLOCK_ENTRIES` entries, meets them in one product. What
+    is left (the smaller pieces, and what the loops' whole chunks leave of their
+    pieces) is joined into one block that meets its rows of P by index
+    (:func:`_scan_rows`). The blocks of P made at a time have at most
+    ``max(chunk · k, OWN_BLOCK_ENTRIES)`` entries. On dattri's 109,386-parameter MLP,
+    raveling, concatenating and padding the gradients to whole chunks took 0.7 s of
+    TRAK's 5.6 s compiled call (``benchmarks/RESULTS.md``, "Projected gradients without
+    copies").
     """
     n = leaves[0].shape[0]
     flat = [leaf.reshape(n, -1) for leaf in leaves]
@@ -142,10 +145,11 @@ def _scan_leaves(block_fn: Callable, leaves, k: int, chunk: int) -> jax.Array:
     return out
 
 
-def _as_applier(project: Callable, d: int, project_leaves: Callable) -> Callable:
-    """Wrap ``project(*bound, (n, d)) -> (n, k)`` to also take one ``(d,)`` vector;
-    check shapes. ``apply.leaves`` is ``project_leaves(*bound, leaves)``, the same
-    product for the pieces of x (:func:`project_leaves`)."""
+def _as_applier(project: Callable, d: int) -> Callable:
+    """``apply(*bound, x)``: ``project(*bound, [x])`` for x ``(n, d)`` or one ``(d,)``
+    vector, shapes checked; ``apply.leaves(*bound, pieces)`` is ``project(*bound,
+    pieces)``, the same product for the pieces of x (:func:`project_leaves`), where
+    ``project(*bound, pieces) -> (n, k)``."""
 
     def apply(*args) -> jax.Array:
         *bound, x = args
@@ -153,7 +157,7 @@ def _as_applier(project: Callable, d: int, project_leaves: Callable) -> Callable
         if x.ndim not in (1, 2) or x.shape[-1] != d:
             raise ValueError(f"projection input must have shape (n, {d}) or ({d},), got "
                              f"shape {x.shape}")
-        out = project(*bound, jnp.atleast_2d(x))
+        out = project(*bound, [jnp.atleast_2d(x)])
         return out[0] if x.ndim == 1 else out
 
     def leaves(*args) -> jax.Array:
@@ -164,7 +168,7 @@ def _as_applier(project: Callable, d: int, project_leaves: Callable) -> Callable
             raise ValueError(f"projection pieces must be (n, ...) arrays with one n and "
                              f"{d} entries per row in all, got shapes "
                              f"{[tuple(p.shape) for p in parts]}")
-        return project_leaves(*bound, parts)
+        return project(*bound, parts)
 
     apply.leaves = leaves
     return apply
@@ -174,9 +178,10 @@ def project_leaves(projector: Callable, leaves) -> jax.Array:
     """``(n, k)``: ``projector`` applied to the ``(n, d)`` concatenation of ``leaves``
     (arrays ``(n, ...)`` raveled per row, in order, e.g. the leaves of a batch of
     per-example gradients), without forming the concatenation when ``projector`` is
-    one of this module's: each piece meets its own rows of P where it lies (on dattri's
-    109,386-parameter MLP, 1,667 gradients: the concatenation cost 0.4 s beside the
-    product's 1.1 s). Any other callable gets the concatenation."""
+    one of this module's: each piece meets its own rows of P where it lies (1,667
+    gradients of dattri's 109,386-parameter MLP, k = 512: 1.08 s against 1.37 s through
+    the concatenation, ``benchmarks/projection_leaves.py``). Any other callable gets
+    the concatenation."""
     leaves = list(leaves)
     own = getattr(getattr(projector, "func", None), "leaves", None)
     if own is not None:
@@ -256,42 +261,26 @@ _BLOCKS = {"gaussian": partial(_dense_block, _gaussian_seeded),
            "rademacher": partial(_dense_block, _rademacher_seeded), "sjlt": _sjlt_block}
 
 
-def _projected(x, seed, kind, d, k, chunk):
-    block = _BLOCKS[kind]
-    return _scan_leaves(lambda rows, xc: block(seed, rows, xc, k), [x], k, chunk)
-
-
-def _projected_leaves(leaves, seed, kind, k, chunk):
+def _projected(leaves, seed, kind, k, chunk):
     block = _BLOCKS[kind]
     return _scan_leaves(lambda rows, xc: block(seed, rows, xc, k), leaves, k, chunk)
 
 
-@partial(jit, static_argnames=("kind", "d", "k", "chunk"))
-def _project(x, key, *, kind, d, k, chunk):
-    return _projected(x, seed_words(key), kind, d, k, chunk)
-
-
-@partial(jit, static_argnames=("kind", "d", "k", "chunk"))
-def _project_seeded(x, seed, *, kind, d, k, chunk):
-    return _projected(x, seed, kind, d, k, chunk)
+@partial(jit, static_argnames=("kind", "k", "chunk"))
+def _project(leaves, key, *, kind, k, chunk):
+    return _projected(leaves, seed_words(key), kind, k, chunk)
 
 
 @partial(jit, static_argnames=("kind", "k", "chunk"))
-def _project_leaves(leaves, key, *, kind, k, chunk):
-    return _projected_leaves(leaves, seed_words(key), kind, k, chunk)
-
-
-@partial(jit, static_argnames=("kind", "k", "chunk"))
-def _project_leaves_seeded(leaves, seed, *, kind, k, chunk):
-    return _projected_leaves(leaves, seed, kind, k, chunk)
+def _project_seeded(leaves, seed, *, kind, k, chunk):
+    return _projected(leaves, seed, kind, k, chunk)
 
 
 @functools.lru_cache(maxsize=None)
 def _seeded_applier(kind, d, k, chunk) -> Callable:
     """``apply(seed, x)``: one object per (kind, d, k, chunk)."""
     return _as_applier(
-        lambda seed, x: _project_seeded(x, seed, kind=kind, d=d, k=k, chunk=chunk), d,
-        lambda seed, xs: _project_leaves_seeded(xs, seed, kind=kind, k=k, chunk=chunk))
+        lambda seed, xs: _project_seeded(xs, seed, kind=kind, k=k, chunk=chunk), d)
 
 
 def seeded_projection(kind: str, seed: jax.Array, d: int, k: int, *,
@@ -342,9 +331,7 @@ def derive_key(key: jax.Array, i) -> jax.Array:
 @functools.lru_cache(maxsize=None)
 def _named_applier(kind, d, k, chunk) -> Callable:
     """``apply(key, x)``: one object per (kind, d, k, chunk)."""
-    return _as_applier(
-        lambda key, x: _project(x, key, kind=kind, d=d, k=k, chunk=chunk), d,
-        lambda key, xs: _project_leaves(xs, key, kind=kind, k=k, chunk=chunk))
+    return _as_applier(lambda key, xs: _project(xs, key, kind=kind, k=k, chunk=chunk), d)
 
 
 def _named_projection(kind, key, d, k, chunk_size) -> Partial:
