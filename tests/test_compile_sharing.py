@@ -25,6 +25,7 @@ import pytest
 import jattri
 from jattri.ensemble import dropout, dropout_trak, lora
 from jattri.models import MLP as MLPModule
+from _jaxprs import nested
 from test_ensemble import init_mlp, mlp_data, mlp_features, mlp_logits, mlp_loss, pending
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -264,27 +265,10 @@ def _sizes_of_constants(closed) -> list:
     bodies, custom derivatives)."""
     from jax.extend import core as jcore
     found = []
-
-    def visit_params(value):
-        if isinstance(value, jcore.ClosedJaxpr):
-            found.extend(int(np.size(c)) for c in value.consts)
-            visit(value.jaxpr)
-        elif isinstance(value, jcore.Jaxpr):
-            visit(value)
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                visit_params(v)
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            for v in eqn.invars:
-                if isinstance(v, jcore.Literal):
-                    found.append(int(np.size(v.val)))
-            for value in eqn.params.values():
-                visit_params(value)
-
-    found.extend(int(np.size(c)) for c in closed.consts)
-    visit(closed.jaxpr)
+    for jaxpr, consts in nested(closed):
+        found.extend(int(np.size(c)) for c in consts)
+        found.extend(int(np.size(v.val)) for eqn in jaxpr.eqns for v in eqn.invars
+                     if isinstance(v, jcore.Literal))
     return found
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _jaxprs import nested
 from jattri.func import projection as P
 
 KINDS = ("gaussian", "rademacher", "sjlt")
@@ -258,22 +259,10 @@ def test_seeded_normal_is_standard_normal_per_key():
     assert abs(np.mean(z * other)) < 6 / math.sqrt(n)
 
 
-def _shapes_in(jaxpr):
-    """Every equation output's shape in ``jaxpr`` and its nested jaxprs."""
-    out = []
-
-    def visit(j):
-        for eqn in j.eqns:
-            out.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "jaxpr"):
-                        visit(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        visit(sub)
-
-    visit(jaxpr.jaxpr)
-    return out
+def _shapes_in(closed):
+    """Every equation output's shape in ``closed`` and its nested jaxprs."""
+    return [tuple(v.aval.shape) for jaxpr, _ in nested(closed) for eqn in jaxpr.eqns
+            for v in eqn.outvars if hasattr(v.aval, "shape")]
 
 
 @pytest.mark.parametrize("kind", KINDS)
