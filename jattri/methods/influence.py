@@ -699,7 +699,7 @@ def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
                        self_map("self", state, data, lam,
                                 norms_at(state, data, damping, curvature), curvature))
 
-    return Attributor(cache, attribute, self_attribute)
+    return Attributor(cache, engine.bucketed(attribute), self_attribute)
 
 
 # ---------------------------------------------------------------------- explicit

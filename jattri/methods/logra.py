@@ -546,5 +546,5 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         return engine.per_example(_self_tile, _blocks(state.fisher), inverses, rows,
                                   size(state.members, rows, 2 * _common.row_floats(state.phi)))
 
-    return Attributor(cache, attribute, self_attribute)
+    return Attributor(cache, engine.bucketed(attribute), self_attribute)
 

@@ -487,4 +487,4 @@ def rps(task: Any = None, *, features_fn: Callable, logits_fn: Callable,
         _common.check_state(state, RPSState, "rps", made, train=train)
         return _self_values(state.alpha, state.labels, state.features)
 
-    return Attributor(cache, attribute, self_attribute)
+    return Attributor(cache, engine.bucketed(attribute), self_attribute)

@@ -271,4 +271,4 @@ def knn_shapley(k: int, *, features_fn: Optional[Callable] = None,
         return engine.per_example(_self_rows, k, (fns, state.features, state.labels), rows,
                                   size(rows, n_train * (p + 1)))
 
-    return Attributor(cache, attribute, self_attribute)
+    return Attributor(cache, engine.bucketed(attribute), self_attribute)

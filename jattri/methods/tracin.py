@@ -656,4 +656,4 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         return engine.per_example(_self_tile, None, state.weights, rows,
                                   size(members, rows, 2 * _common.row_floats(left)))
 
-    return Attributor(cache, attribute, self_attribute)
+    return Attributor(cache, engine.bucketed(attribute), self_attribute)

@@ -352,4 +352,4 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         return engine.per_example(_self_tile, None, inverse, rows,
                                   size(state.members, rows, 2 * _common.row_floats(state.phi)))
 
-    return Attributor(cache, attribute, self_attribute)
+    return Attributor(cache, engine.bucketed(attribute), self_attribute)
