@@ -192,9 +192,10 @@ def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> Optional[int]
 #: ``False``: every count compiles its own programs, nothing padded.
 TEST_BUCKETS = True
 #: Dense scores are padded only while ``n_train × bucket_size(n_test)`` is at most this
-#: many entries (1 GiB of float32): above it the trimmed copy would cost more memory than
-#: a compilation costs time. Top-k scores are always padded.
-BUCKET_MAX_SCORES = 2 ** 28
+#: many entries (256 MiB of float32). Trimming copies the real columns out beside the
+#: padded matrix (in host memory, once more into the returned array), so above it the
+#: copies cost more memory than a compilation costs time. Top-k scores are always padded.
+BUCKET_MAX_SCORES = 2 ** 26
 
 
 def bucket_size(n: int) -> int:
