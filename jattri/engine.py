@@ -270,7 +270,7 @@ def leading_examples(out: PyTree, n: int, axis: int) -> PyTree:
         np.asarray(x)[(slice(None),) * axis + (slice(0, n),)]), x), out)
 
 
-def test_rows(data: Any, n_train: Optional[int], top_k: Any) -> Optional[int]:
+def padded_count(data: Any, n_train: Optional[int], top_k: Any) -> Optional[int]:
     """The padded test count :func:`bucketed` uses for ``data``, or ``None`` (run as
     given): a stream, a dataset sharded over devices, leaves that are not arrays of one
     leading size, a count already on a bucket, or dense scores over
@@ -295,7 +295,7 @@ def test_rows(data: Any, n_train: Optional[int], top_k: Any) -> Optional[int]:
 
 def bucketed(attribute: Callable) -> Callable:
     """``attribute(state, test, *, top_k=None, ...)`` run on the test set padded to
-    :func:`bucket_size` rows (:func:`test_rows`), its scores trimmed back to the n real
+    :func:`bucket_size` rows (:func:`padded_count`), its scores trimmed back to the n real
     test examples: dense ``(n_train, n)`` columns, or a :class:`TopK`'s first n rows.
     Test examples are scored independently by every method, so the real examples' scores
     are the unpadded call's (to rounding: another shape may order a sum differently).
@@ -307,7 +307,7 @@ def bucketed(attribute: Callable) -> Callable:
     @functools.wraps(attribute)
     def padded(state, test, *args, top_k=None, **kwargs):
         made = getattr(state, "made", None)
-        rows = test_rows(test, getattr(made, "n_train", None), top_k)
+        rows = padded_count(test, getattr(made, "n_train", None), top_k)
         if rows is None:
             return attribute(state, test, *args, top_k=top_k, **kwargs)
         n = _checks.num_examples(test)
@@ -963,7 +963,8 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
         return out
 
 
-__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Layout", "Progress", "Stream", "TopK", "check_chunk_size",
-           "check_top_k", "default_chunk_size", "first_example", "is_stream",
-           "layout_of", "num_examples", "per_example", "progress", "scan", "score", "shard", "stream",
+__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Layout", "Progress", "Stream", "TopK", "bucket_size",
+           "bucketed", "check_chunk_size", "check_top_k", "default_chunk_size", "first_example",
+           "is_stream", "layout_of", "leading_examples", "num_examples", "pad_examples",
+           "padded_count", "per_example", "progress", "scan", "score", "shard", "stream",
            "stream_chunks"]

@@ -30,18 +30,18 @@ def test_bucket_sizes():
 
 def test_which_test_sets_are_padded(monkeypatch):
     x = np.zeros((21, 3))
-    assert engine.test_rows((x, np.zeros(21)), 30, None) == 22
-    assert engine.test_rows((x, np.zeros(20)), 30, None) is None  # sizes disagree
-    assert engine.test_rows(np.zeros((22, 3)), 30, None) is None  # already a bucket
-    assert engine.test_rows(x, None, None) is None  # dense scores, n_train unknown
-    assert engine.test_rows(x, None, 5) == 22       # top-k: always
-    assert engine.test_rows(engine.stream(iter([x])), 30, 5) is None
-    assert engine.test_rows((x, 3.0), 30, None) is None  # the method names the fault
+    assert engine.padded_count((x, np.zeros(21)), 30, None) == 22
+    assert engine.padded_count((x, np.zeros(20)), 30, None) is None  # sizes disagree
+    assert engine.padded_count(np.zeros((22, 3)), 30, None) is None  # already a bucket
+    assert engine.padded_count(x, None, None) is None  # dense scores, n_train unknown
+    assert engine.padded_count(x, None, 5) == 22       # top-k: always
+    assert engine.padded_count(engine.stream(iter([x])), 30, 5) is None
+    assert engine.padded_count((x, 3.0), 30, None) is None  # the method names the fault
     monkeypatch.setattr(engine, "BUCKET_MAX_SCORES", 30 * 22 - 1)
-    assert engine.test_rows(x, 30, None) is None
-    assert engine.test_rows(x, 30, 5) == 22
+    assert engine.padded_count(x, 30, None) is None
+    assert engine.padded_count(x, 30, 5) == 22
     monkeypatch.setattr(engine, "TEST_BUCKETS", False)
-    assert engine.test_rows(x, 30, 5) is None
+    assert engine.padded_count(x, 30, 5) is None
 
 
 def test_padding_repeats_the_last_example():
@@ -62,7 +62,7 @@ def test_padded_test_sets_score_as_given(name, monkeypatch):
     train, test = mlp_data(jax.random.PRNGKey(2), 13), mlp_data(jax.random.PRNGKey(3), 21)
     attr = METHODS[name](jattri.Task(mlp_loss), small_logits)
     state = attr.cache(members, train)
-    assert engine.test_rows(test, 13, None) == 22
+    assert engine.padded_count(test, 13, None) == 22
     got = (attr.attribute(state, test), attr.attribute(state, test, top_k=3, lowest=True),
            jax.jit(attr.attribute)(state, test))
     monkeypatch.setattr(engine, "TEST_BUCKETS", False)
