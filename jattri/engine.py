@@ -303,7 +303,8 @@ def bucketed(attribute: Callable) -> Callable:
     Cost: up to n/8 more test examples' work (1/32 on average) and, for dense scores, a
     trimmed copy of the ``(n_train, n)`` matrix, briefly beside the padded one. Trimmed
     in host memory (by numpy), the scores are computed when ``attribute`` returns: a
-    padded call does not return before its result as an unpadded one does."""
+    padded call does not return before its result as an unpadded one does. Inside
+    :class:`progress`, the test side's stages count the padded rows."""
     @functools.wraps(attribute)
     def padded(state, test, *args, top_k=None, **kwargs):
         made = getattr(state, "made", None)
