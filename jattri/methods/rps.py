@@ -92,78 +92,129 @@ def lbfgs_memory(num_weights: int) -> int:
     return int(max(10, min(LBFGS_MEMORY, LBFGS_MEMORY_BYTES // (8 * max(num_weights, 1)))))
 
 
-@jax.custom_vjp
-def _logits(w, features, transposed):
-    """``features @ w``, its gradient in ``w`` taken with ``transposed`` = featuresᵀ
-    (no cotangent for the features: the refit never differentiates them)."""
-    return features @ w
-
-
-_logits.defvjp(lambda w, features, transposed: (features @ w, transposed),
-               lambda transposed, g: (transposed @ g, None, None))
-
-
 def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
                      maxiter: int = 1000, tol: float = 1e-6):
-    """L2-regularised soft-label refit of a softmax layer by L-BFGS (optax; Nocedal &
-    Wright, 2006, "Numerical Optimization", Algorithm 7.5) with a backtracking line
-    search.
+    """L2-regularised soft-label refit of a softmax layer by L-BFGS (Nocedal & Wright,
+    2006, "Numerical Optimization", Algorithm 7.5) with a backtracking line search.
 
     Minimises (1/n) Σ_i CE(softmax(f_i W), p_i) + l2 ‖W‖² (strictly convex for l2 > 0).
-    The history length is :func:`lbfgs_memory` of the p·C weights; each step starts at
-    t = 1 and is halved (:data:`REFIT_BACKTRACKING_STEPS` times at most) until the
-    objective decreases by 10⁻⁴·t·∇fᵀd, within 10⁻⁶ of its value (rounding).
+    The inverse-Hessian approximation is applied in its compact form (Byrd, Nocedal &
+    Schnabel, 1994, "Representations of quasi-Newton matrices and their use in limited
+    memory methods", eq. 3.1): two products with the stored pairs and two m × m
+    triangular solves per step, instead of the two-loop recursion's 2m dependent
+    vector operations (on the MNIST LR's refit those were 40% of its time;
+    ``benchmarks/RESULTS.md``, "RPS's refit in compact form"). The history holds
+    :func:`lbfgs_memory` of the p·C weights; a pair with sᵀy ≤ 0 (only by rounding: the
+    objective is strictly convex) is not stored. The first direction is −g/max(1, ‖g‖),
+    later ones start from γI, γ = sᵀy/yᵀy of the newest pair. Each line search starts at
+    t = min(1.5·t_previous, 1) and halves t (:data:`REFIT_BACKTRACKING_STEPS` times at
+    most) until f(W + tD) ≤ f(W)(1 + 10⁻⁶) + 10⁻⁴·t·∇fᵀD, the 10⁻⁶ being float32's
+    rounding of f (without it the search stalls near the optimum); a search that only
+    meets non-finite values takes no step.
 
     Args:
       features: ``(n, p)``. probs: ``(n, C)`` target probabilities. l2: λ > 0.
       maxiter: L-BFGS iterations at most. tol: stop when ‖∇‖ ≤ tol.
     Returns:
       ``(W (p, C), ‖∇objective(W)‖)``.
-    """
-    import optax  # deferred: only the refit needs it
 
-    n = features.shape[0]
-    logits = lambda w: features @ w
+    Memory: the features, 2·m·p·C floats of history (m = :func:`lbfgs_memory`), and a
+    transposed copy of the features when they fit in ``engine.DEFAULT_CHUNK_BYTES``.
+    """
+    n, p = features.shape
+    c = probs.shape[1]
+    dtype = features.dtype
+    m = lbfgs_memory(p * c)
+    rowsum = jnp.sum(probs, axis=-1, keepdims=True)
     if features.size * features.dtype.itemsize <= engine.DEFAULT_CHUNK_BYTES:
         # the gradient's Fᵀ(softmax − P) reads a transposed copy made once: XLA would
         # otherwise transpose F inside every iteration (MNIST LR refit 0.43 -> 0.33 s)
         transposed = jax.lax.optimization_barrier(features.T)
-        logits = lambda w: _logits(w, features, transposed)
+    else:
+        transposed = None
 
-    def objective(w):
-        logp = jax.nn.log_softmax(logits(w), axis=-1)
-        return -jnp.sum(probs * logp) / n + l2 * jnp.sum(w * w)
+    def value(w):
+        """(f(W), logits): the objective and what its gradient reuses."""
+        z = features @ w
+        return -jnp.sum(probs * jax.nn.log_softmax(z, axis=-1)) / n + l2 * jnp.sum(w * w), z
 
-    # A backtracking line search (step 1, halved until f decreases by 10⁻⁴·t·∇fᵀd,
-    # within 10⁻⁶·|f|: in float32 smaller changes of f are rounding, and without that
-    # tolerance the search stalls near the optimum at ‖∇‖ 4·10⁻⁵) instead of optax's
-    # default zoom search: the same objective to 8 digits in as many iterations, and
-    # 0.3-0.5 s less XLA compilation of the refit (benchmarks/RESULTS.md, "RPS's refit:
-    # a backtracking line search"). The objective is strictly convex, so every step
-    # has sᵀy > 0 without Wolfe's curvature test.
-    search = optax.scale_by_backtracking_linesearch(
-        max_backtracking_steps=REFIT_BACKTRACKING_STEPS, decrease_factor=0.5, rtol=1e-6,
-        store_grad=True)
-    opt = optax.lbfgs(memory_size=lbfgs_memory(features.shape[1] * probs.shape[1]),
-                      linesearch=search)
-    value_and_grad = optax.value_and_grad_from_state(objective)
+    def gradient(w, z):
+        r = (jax.nn.softmax(z, axis=-1) * rowsum - probs) / n
+        fr = transposed @ r if transposed is not None else features.T @ r
+        return fr + 2.0 * l2 * w
 
-    def step(carry):
-        w, state = carry
-        value, grad = value_and_grad(w, state=state)
-        updates, state = opt.update(grad, state, w, value=value, grad=grad,
-                                    value_fn=objective)
-        return optax.apply_updates(w, updates), state
+    def direction(g, pairs, sy, yy, stored, gamma):
+        """−H g in compact form; ``pairs`` (2m, pC): the s's then the y's, slot by
+        slot; sy[i, j] = s_iᵀy_j, yy[i, j] = y_iᵀy_j."""
+        order = (stored + jnp.arange(m)) % m  # oldest first; empty slots before them
+        used = jnp.arange(m) >= m - jnp.minimum(stored, m)
+        ab = pairs @ g.reshape(-1)
+        a, b = ab[:m][order], gamma * ab[m:][order]
+        syo = sy[order][:, order]
+        r = jnp.triu(syo) + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype))
+        r1 = jax.scipy.linalg.solve_triangular(r, a, lower=False)
+        inner = jnp.diagonal(syo) * r1 + gamma * (yy[order][:, order] @ r1) - b
+        top = jax.scipy.linalg.solve_triangular(r, inner, lower=False, trans="T")
+        coef = jnp.zeros(2 * m, dtype).at[order].set(top).at[m + order].set(-gamma * r1)
+        return -(gamma * g + (coef @ pairs).reshape(p, c))
 
-    def running(carry):
-        _, state = carry
-        count = optax.tree_utils.tree_get(state, "count")
-        grad = optax.tree_utils.tree_get(state, "grad")
-        return (count == 0) | ((count < maxiter) & (optax.tree_utils.tree_norm(grad) > tol))
+    def search(w, f, g, d, t_prev):
+        """The accepted (t, W + tD, f there, its logits)."""
+        slope = jnp.sum(g * d)
 
-    w0 = jnp.zeros((features.shape[1], probs.shape[1]), features.dtype)
-    w, _ = jax.lax.while_loop(running, step, (w0, opt.init(w0)))
-    return w, jnp.linalg.norm(jax.grad(objective)(w))
+        def excess(t, f_new):
+            e = f_new - (1.0 + 1e-6) * f - t * 1e-4 * slope
+            return jnp.where(jnp.isnan(e), jnp.inf, jnp.maximum(e, 0.0))
+
+        def trying(s):
+            return (s[4] > 0) & (s[5] <= REFIT_BACKTRACKING_STEPS)
+
+        def halve(s):
+            t, _, _, _, _, i = s
+            t = jnp.where(i > 0, 0.5 * t, t)
+            w_new = w + t * d
+            f_new, z = value(w_new)
+            return t, w_new, f_new, z, excess(t, f_new), i + 1
+
+        t0 = jnp.minimum(1.5 * t_prev, 1.0).astype(dtype)
+        first = (t0, w, f, jnp.zeros((n, c), dtype), jnp.asarray(jnp.inf, dtype), 0)
+        t, w_new, f_new, z, e, _ = jax.lax.while_loop(trying, halve, first)
+        return jnp.isfinite(e), t, w_new, f_new, z
+
+    def running(s):
+        return (s[0] < maxiter) & (jnp.linalg.norm(s[3]) > tol)
+
+    def step(s):
+        k, w, f, g, t_prev, pairs, sy, yy, stored, gamma = s
+        d = direction(g, pairs, sy, yy, stored, gamma)
+        ok, t, w_new, f_new, z = search(w, f, g, d, t_prev)
+        g_new = gradient(w_new, z)
+        w_new, f_new, g_new = (jnp.where(ok, new, old) for new, old in
+                               ((w_new, w), (f_new, f), (g_new, g)))
+        s_, y_ = (w_new - w).reshape(-1), (g_new - g).reshape(-1)
+        sty = s_ @ y_
+        keep = ok & (sty > 0)
+        slot = stored % m
+        # a pair not kept rewrites its slot's old contents: the history is updated in
+        # place, not copied by a select
+        s_, y_ = jnp.where(keep, s_, pairs[slot]), jnp.where(keep, y_, pairs[m + slot])
+        pairs = pairs.at[slot].set(s_).at[m + slot].set(y_)
+        prods = pairs @ jnp.stack([s_, y_], axis=1)  # (2m, 2): S s, S y, Y s, Y y
+        sy_new = sy.at[slot, :].set(prods[m:, 0]).at[:, slot].set(prods[:m, 1])
+        yy_new = yy.at[slot, :].set(prods[m:, 1]).at[:, slot].set(prods[m:, 1])
+        sy, yy = jnp.where(keep, sy_new, sy), jnp.where(keep, yy_new, yy)
+        gamma = jnp.where(keep, sty / (y_ @ y_), gamma)
+        return (k + 1, w_new, f_new, g_new, jnp.where(ok, t, 0.0).astype(dtype), pairs,
+                sy, yy, stored + keep.astype(jnp.int32), gamma)
+
+    w0 = jnp.zeros((p, c), dtype)
+    f0, z0 = value(w0)
+    g0 = gradient(w0, z0)
+    gamma0 = jnp.minimum(1.0, 1.0 / jnp.linalg.norm(g0)).astype(dtype)
+    init = (0, w0, f0, g0, jnp.asarray(1.0, dtype), jnp.zeros((2 * m, p * c), dtype),
+            jnp.zeros((m, m), dtype), jnp.zeros((m, m), dtype), 0, gamma0)
+    out = jax.lax.while_loop(running, step, init)
+    return out[1], jnp.linalg.norm(out[3])
 
 
 def representer_values(features: jax.Array, probs: jax.Array, w: jax.Array,
