@@ -135,8 +135,8 @@ def test_explicit_ggn_is_jacobian_reference_on_relu_mlp():
     attr = influence_explicit(task, damping=damping, curvature="ggn", chunk_size=5)
     state = attr.cache(params, train)
     ggn = ggn_reference(mlp_output, cross_entropy, params, train)
-    factor = np.asarray(state.curvature[0])  # L Lᵀ = G + λI
-    np.testing.assert_allclose(factor @ factor.T - damping * np.eye(len(ggn)), ggn,
+    factor = np.asarray(state.curvature[0])  # UᵀU = G + λI (the upper factor)
+    np.testing.assert_allclose(factor.T @ factor - damping * np.eye(len(ggn)), ggn,
                                rtol=1e-9, atol=1e-11 * np.abs(ggn).max())
     assert np.linalg.eigvalsh(ggn).min() > -1e-10  # positive semi-definite
     hess = hessian_reference(mlp_loss, params, train)
