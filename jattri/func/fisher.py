@@ -246,14 +246,22 @@ def _one_position_block(a, h, w):
     equals block (L, l) (half the flops of the whole einsum). Each such block is itself
     symmetric, so with k ≥ 256 its columns are split in g = min(4, k // 128) groups and
     only the row-group-by-later-column products are made, (g + 1)/(2g) of the flops
-    (the softmax regression's 7,850² Hessian over 5,000 examples: 3.26 s → 2.52 s)."""
+    (the softmax regression's 7,850² Hessian over 5,000 examples: 3.26 s → 2.52 s).
+
+    Each group's product is aᵀ · S with S = (b, P·k_i) the weighted rows, written
+    example-major as they are computed; as ``einsum("bp,bk,bK->pkK")`` XLA wrote S
+    transposed, (P·k_i, b), a strided copy as slow as the product on this CPU (the
+    same Hessian's block: 1.91-2.01 s → 1.48-1.59 s; ``benchmarks/RESULTS.md``,
+    "Explicit influence's factor stored upper")."""
     c, k = h.shape[-1], a.shape[-1]
     rows, cols = np.triu_indices(c)
     hw = h[:, rows, cols] * w[:, None]  # (b, P)
     groups = max(1, min(4, k // 128))
     edges = np.linspace(0, k, groups + 1).astype(int)
+    a_t = jax.lax.optimization_barrier(a.T)  # (k, b), made once
     # upper[i] (P, k_i, k - e_i): rows of group i against the columns of groups i, i+1, …
-    upper = [jnp.einsum("bp,bk,bK->pkK", hw, a[:, e0:e1], a[:, e0:])
+    upper = [jnp.transpose((a_t[e0:] @ (hw[:, :, None] * a[:, None, e0:e1]).reshape(
+                 a.shape[0], -1)).reshape(k - e0, len(rows), e1 - e0), (1, 2, 0))
              for e0, e1 in zip(edges[:-1], edges[1:])]
     parts = []
     for i, (e0, e1) in enumerate(zip(edges[:-1], edges[1:])):
