@@ -32,7 +32,7 @@ and tuples of them; anything else falls back to tracing), the arguments' tree, t
 memory kinds, and the same versions, devices, configuration and options as above; the
 entry carries the output tree. Constants set on jattri's modules at run time are part of
 the digest; jattri's functions replaced at run time are not (set
-``JATTRI_PROGRAM_CACHE=0`` then). RPS's refit (optax's L-BFGS) traced in 0.3 s of a warm
+``JATTRI_PROGRAM_CACHE=0`` then). RPS's refit (then optax's L-BFGS) traced in 0.3 s of a warm
 0.6 s first call on dattri's MLP; found without tracing, the whole first call took
 0.27-0.28 s.
 
