@@ -252,7 +252,8 @@ def _one_position_block(a, h, w):
     example-major as they are computed; as ``einsum("bp,bk,bK->pkK")`` XLA wrote S
     transposed, (P·k_i, b), a strided copy as slow as the product on this CPU (the
     same Hessian's block: 1.91-2.01 s → 1.48-1.59 s; ``benchmarks/RESULTS.md``,
-    "Explicit influence's factor stored upper")."""
+    "RPS's refit in compact form; explicit influence's
+    factor stored upper")."""
     c, k = h.shape[-1], a.shape[-1]
     rows, cols = np.triu_indices(c)
     hw = h[:, rows, cols] * w[:, None]  # (b, P)

@@ -904,7 +904,8 @@ def _factor(h, damping):
     transposed leaves every d² pass a plain copy, and ``_explicit_apply``'s solves read
     U without the transposed copy of L they made (7,850² float32 on this CPU:
     factorisation 1.65 → 1.09 s, solves against 512 vectors 0.58 → 0.36 s;
-    ``benchmarks/RESULTS.md``, "Explicit influence's factor stored upper")."""
+    ``benchmarks/RESULTS.md``, "RPS's refit in compact form; explicit influence's
+    factor stored upper")."""
     lam = jnp.broadcast_to(jnp.asarray(damping, h.dtype), h.shape[:1])
 
     def one(hm, lm):
