@@ -136,12 +136,18 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
         transposed = None
 
     def value(w):
-        """(f(W), logits): the objective and what its gradient reuses."""
+        """(f(W), softmax(F W)): the objective and what its gradient reuses (one exp
+        per logit: recomputing the softmax for the gradient cost about 0.1 ms per
+        iteration on 5,000 × 10 logits)."""
         z = features @ w
-        return -jnp.sum(probs * jax.nn.log_softmax(z, axis=-1)) / n + l2 * jnp.sum(w * w), z
+        z = z - jnp.max(z, axis=-1, keepdims=True)
+        e = jnp.exp(z)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        logp = z - jnp.log(total)
+        return -jnp.sum(probs * logp) / n + l2 * jnp.sum(w * w), e / total
 
-    def gradient(w, z):
-        r = (jax.nn.softmax(z, axis=-1) * rowsum - probs) / n
+    def gradient(w, q):
+        r = (q * rowsum - probs) / n
         fr = transposed @ r if transposed is not None else features.T @ r
         return fr + 2.0 * l2 * w
 
@@ -161,7 +167,7 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
         return -(gamma * g + (coef @ pairs).reshape(p, c))
 
     def search(w, f, g, d, t_prev):
-        """The accepted (t, W + tD, f there, its logits)."""
+        """The accepted (t, W + tD, f there, its softmax)."""
         slope = jnp.sum(g * d)
 
         def excess(t, f_new):
@@ -175,13 +181,13 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
             t, _, _, _, _, i = s
             t = jnp.where(i > 0, 0.5 * t, t)
             w_new = w + t * d
-            f_new, z = value(w_new)
-            return t, w_new, f_new, z, excess(t, f_new), i + 1
+            f_new, q = value(w_new)
+            return t, w_new, f_new, q, excess(t, f_new), i + 1
 
         t0 = jnp.minimum(1.5 * t_prev, 1.0).astype(dtype)
         first = (t0, w, f, jnp.zeros((n, c), dtype), jnp.asarray(jnp.inf, dtype), 0)
-        t, w_new, f_new, z, e, _ = jax.lax.while_loop(trying, halve, first)
-        return jnp.isfinite(e), t, w_new, f_new, z
+        t, w_new, f_new, q, e, _ = jax.lax.while_loop(trying, halve, first)
+        return jnp.isfinite(e), t, w_new, f_new, q
 
     def running(s):
         return (s[0] < maxiter) & (jnp.linalg.norm(s[3]) > tol)
@@ -189,8 +195,8 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     def step(s):
         k, w, f, g, t_prev, pairs, sy, yy, stored, gamma = s
         d = direction(g, pairs, sy, yy, stored, gamma)
-        ok, t, w_new, f_new, z = search(w, f, g, d, t_prev)
-        g_new = gradient(w_new, z)
+        ok, t, w_new, f_new, q = search(w, f, g, d, t_prev)
+        g_new = gradient(w_new, q)
         w_new, f_new, g_new = (jnp.where(ok, new, old) for new, old in
                                ((w_new, w), (f_new, f), (g_new, g)))
         s_, y_ = (w_new - w).reshape(-1), (g_new - g).reshape(-1)
@@ -210,8 +216,8 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
                 sy, yy, stored + keep.astype(jnp.int32), gamma)
 
     w0 = jnp.zeros((p, c), dtype)
-    f0, z0 = value(w0)
-    g0 = gradient(w0, z0)
+    f0, q0 = value(w0)
+    g0 = gradient(w0, q0)
     gamma0 = jnp.minimum(1.0, 1.0 / jnp.linalg.norm(g0)).astype(dtype)
     init = (0, w0, f0, g0, jnp.asarray(1.0, dtype), jnp.zeros((2 * m, p * c), dtype),
             jnp.zeros((m, m), dtype), jnp.zeros((m, m), dtype), 0, gamma0)
