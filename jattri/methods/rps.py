@@ -103,9 +103,9 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     memory methods", eq. 3.1): two products with the stored pairs and two m × m
     triangular solves per step, instead of the two-loop recursion's 2m dependent
     vector operations: those were 40% of a refit on 5,000 × 784 MNIST-shaped features,
-    whose refit is now 17-20% faster; on 64 features the m × m work costs about 0.1 ms
-    more per step than the recursion did (``benchmarks/RESULTS.md``, "RPS's refit in
-    compact form; explicit influence's factor stored upper"). The history holds
+    whose refit is now 17-20% faster, and as fast as before on 64 features
+    (``benchmarks/RESULTS.md``, "RPS's refit in compact form; explicit influence's
+    factor stored upper"). The history holds
     :func:`lbfgs_memory` of the p·C weights; a pair with sᵀy ≤ 0 (only by rounding: the
     objective is strictly convex) is not stored. The first direction is −g/max(1, ‖g‖),
     later ones start from γI, γ = sᵀy/yᵀy of the newest pair. Each line search starts at
