@@ -64,3 +64,41 @@ def test_refit_float32_reaches_the_tolerance():
     assert w.dtype == jnp.float32 and float(gnorm) <= 1e-6
     want = _newton_optimum(f.astype(np.float64), p.astype(np.float64), l2)
     np.testing.assert_allclose(np.asarray(w), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def _two_loop(g, pairs, gamma):
+    """Nocedal & Wright's Algorithm 7.4 in float64 numpy: −H g from (s, y) pairs listed
+    oldest first, H₀ = γI. The obviously-correct reference of the compact form."""
+    q = g.copy()
+    alphas = []
+    for s, y in reversed(pairs):
+        alpha = (s @ q) / (s @ y)
+        q -= alpha * y
+        alphas.append(alpha)
+    r = gamma * q
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        r += s * (alpha - (y @ r) / (s @ y))
+    return -r
+
+
+@pytest.mark.parametrize("stored", [0, 1, 4, 7, 11, 19])
+def test_compact_direction_equals_the_two_loop_recursion(x64, stored):
+    """The refit's compact-form direction with a circular history of m = 7 slots, empty
+    (0), partly filled (1, 4), full (7) and after the history wrapped (11, 19: the
+    newest pairs overwrite the oldest slots), equals the two-loop recursion over the
+    last min(stored, m) pairs."""
+    rng = np.random.default_rng(stored)
+    m, dim = 7, 12
+    a = rng.standard_normal((dim, dim))
+    hess = a @ a.T + dim * np.eye(dim)  # SPD, so every pair has sᵀy > 0
+    history = [(s, hess @ s) for s in rng.standard_normal((stored, dim))]
+    pairs = np.zeros((2 * m, dim))
+    for i, (s, y) in enumerate(history):  # pair i goes to slot i mod m
+        pairs[i % m], pairs[m + i % m] = s, y
+    sy, yy = pairs[:m] @ pairs[m:].T, pairs[m:] @ pairs[m:].T
+    gamma = 0.37
+    g = rng.standard_normal(dim)
+    got = rps._compact_direction(jnp.asarray(g), jnp.asarray(pairs), jnp.asarray(sy),
+                                 jnp.asarray(yy), stored, gamma)
+    want = _two_loop(g, history[-m:] if stored else [], gamma)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)

@@ -92,6 +92,27 @@ def lbfgs_memory(num_weights: int) -> int:
     return int(max(10, min(LBFGS_MEMORY, LBFGS_MEMORY_BYTES // (8 * max(num_weights, 1)))))
 
 
+def _compact_direction(g, pairs, sy, yy, stored, gamma):
+    """−H g, H the L-BFGS inverse-Hessian approximation in compact form (Byrd, Nocedal &
+    Schnabel, 1994, eq. 3.1). ``pairs`` ``(2m, P)``: the s's then the y's by circular
+    slot, pair ``stored - 1`` (mod m) the newest, empty slots zero; ``sy[i, j] =
+    s_iᵀy_j``, ``yy[i, j] = y_iᵀy_j`` by slot; ``gamma`` the initial scale γ; ``g``
+    any shape of P elements."""
+    m = sy.shape[0]
+    dtype = pairs.dtype
+    order = (stored + jnp.arange(m)) % m  # oldest first; empty slots before them
+    used = jnp.arange(m) >= m - jnp.minimum(stored, m)
+    ab = pairs @ g.reshape(-1)
+    a, b = ab[:m][order], gamma * ab[m:][order]
+    syo = sy[order][:, order]
+    r = jnp.triu(syo) + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype))
+    r1 = jax.scipy.linalg.solve_triangular(r, a, lower=False)
+    inner = jnp.diagonal(syo) * r1 + gamma * (yy[order][:, order] @ r1) - b
+    top = jax.scipy.linalg.solve_triangular(r, inner, lower=False, trans="T")
+    coef = jnp.zeros(2 * m, dtype).at[order].set(top).at[m + order].set(-gamma * r1)
+    return -(gamma * g + (coef @ pairs).reshape(g.shape))
+
+
 def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
                      maxiter: int = 1000, tol: float = 1e-6):
     """L2-regularised soft-label refit of a softmax layer by L-BFGS (Nocedal & Wright,
@@ -103,7 +124,7 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     memory methods", eq. 3.1): two products with the stored pairs and two m × m
     triangular solves per step, instead of the two-loop recursion's 2m dependent
     vector operations: those were 40% of a refit on 5,000 × 784 MNIST-shaped features,
-    whose refit is now 17-20% faster, and as fast as before on 64 features
+    whose refit is now 15-21% faster, and as fast as before on 64 features
     (``benchmarks/RESULTS.md``, "RPS's refit in compact form; explicit influence's
     factor stored upper"). The history holds
     :func:`lbfgs_memory` of the p·C weights; a pair with sᵀy ≤ 0 (only by rounding: the
@@ -151,21 +172,6 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
         fr = transposed @ r if transposed is not None else features.T @ r
         return fr + 2.0 * l2 * w
 
-    def direction(g, pairs, sy, yy, stored, gamma):
-        """−H g in compact form; ``pairs`` (2m, pC): the s's then the y's, slot by
-        slot; sy[i, j] = s_iᵀy_j, yy[i, j] = y_iᵀy_j."""
-        order = (stored + jnp.arange(m)) % m  # oldest first; empty slots before them
-        used = jnp.arange(m) >= m - jnp.minimum(stored, m)
-        ab = pairs @ g.reshape(-1)
-        a, b = ab[:m][order], gamma * ab[m:][order]
-        syo = sy[order][:, order]
-        r = jnp.triu(syo) + jnp.diag(jnp.where(used, 0.0, 1.0).astype(dtype))
-        r1 = jax.scipy.linalg.solve_triangular(r, a, lower=False)
-        inner = jnp.diagonal(syo) * r1 + gamma * (yy[order][:, order] @ r1) - b
-        top = jax.scipy.linalg.solve_triangular(r, inner, lower=False, trans="T")
-        coef = jnp.zeros(2 * m, dtype).at[order].set(top).at[m + order].set(-gamma * r1)
-        return -(gamma * g + (coef @ pairs).reshape(p, c))
-
     def search(w, f, g, d, t_prev):
         """The accepted (t, W + tD, f there, its softmax)."""
         slope = jnp.sum(g * d)
@@ -194,7 +200,7 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
 
     def step(s):
         k, w, f, g, t_prev, pairs, sy, yy, stored, gamma = s
-        d = direction(g, pairs, sy, yy, stored, gamma)
+        d = _compact_direction(g, pairs, sy, yy, stored, gamma)
         ok, t, w_new, f_new, q = search(w, f, g, d, t_prev)
         g_new = gradient(w_new, q)
         w_new, f_new, g_new = (jnp.where(ok, new, old) for new, old in
