@@ -10,7 +10,8 @@ program (no jattri), timed on this machine, against the bound the issue sets
 Each figure is the fastest of ``--reps`` calls of a compiled program (float32, random
 data of the workload's shapes: the cost of these programs does not depend on values).
 The dattri times default to those measured by ``benchmarks/vs_dattri.py`` on this
-machine (RESULTS.md); pass others with the flags.
+machine: the whole LR matrix at 4f31d20 and the MLP's Arnoldi on 2026-12-04 (RESULTS.md);
+pass others with the flags.
 
 - ``ekfac``: EK-FAC scores need g_iᵀ u_t for every pair, u_t the preconditioned test
   gradient: one (5,000 × 7,850) · (7,850 × 500) product, 3.9·10¹⁰ multiply-adds, whatever
@@ -22,6 +23,13 @@ machine (RESULTS.md); pass others with the flags.
   multiply-adds each), 21 times, a lower bound on any implementation.
 - ``trak``: TRAK with the Kronecker projection (k = 510): features of 5,500 examples,
   the 510 × 510 kernel, its solve against the 500 test features, the 5,000 × 500 scores.
+- ``dense``: TRAK and TracIn with a dense projection (the benchmark's ``trak`` and
+  ``tracin`` cells: ``projection="auto"`` keeps the dense Gaussian at this d·k): the
+  projection of 5,500 per-example gradients (5,000 train, 500 test) of 7,850 floats to
+  k = 512, one (5,500 × 7,850) · (7,850 × 512) product, 2.2·10¹⁰ multiply-adds per
+  member (TRAK one, TracIn three checkpoints). Timed: that product alone (the
+  gradients and the projection matrix given), a lower bound on any dense projection,
+  dattri's included.
 - ``arnoldi_lr``: Arnoldi's 100 Hessian-vector products of the softmax regression over
   5,000 examples. Timed: the two products each needs, X̃V and X̃ᵀZ (V 785 × 10), 100
   times in one compiled loop, X̃ᵀ read from a transposed copy made once (its faster
@@ -111,6 +119,14 @@ def trak(reps):
         return attribute(*cache(x), xt)
 
     return _best(both, x, xt, reps=reps)
+
+
+def dense(reps, k=512):
+    """One (N + M, d) · (d, k) projection product, s (per member)."""
+    rng = np.random.default_rng(6)
+    g = jnp.asarray(rng.standard_normal((N + M, D_IN * C), np.float32))
+    proj = jnp.asarray(rng.standard_normal((D_IN * C, k), np.float32))
+    return _best(jax.jit(lambda g, p: g @ p), g, proj, reps=reps)
 
 
 def arnoldi_lr(reps, iters=100):
@@ -221,27 +237,34 @@ def imports(reps):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--dattri-ekfac", type=float, default=1.740,
+    p.add_argument("--dattri-ekfac", type=float, default=2.479,
                    help="dattri's compiled EK-FAC call, s")
-    p.add_argument("--dattri-cg", type=float, default=40.06, help="dattri's CG call, s")
-    p.add_argument("--dattri-trak", type=float, default=0.748,
+    p.add_argument("--dattri-cg", type=float, default=41.447, help="dattri's CG call, s")
+    p.add_argument("--dattri-trak", type=float, default=0.955,
                    help="dattri's compiled TRAK call, s")
-    p.add_argument("--dattri-e2e", type=float, default=4.51,
-                   help="dattri's fastest end-to-end run (Grad-Dot), s")
-    p.add_argument("--dattri-arnoldi-lr", type=float, default=2.592,
+    p.add_argument("--dattri-tracin", type=float, default=1.932,
+                   help="dattri's compiled TracIn call (3 checkpoints), s")
+    p.add_argument("--dattri-e2e", type=float, default=4.09,
+                   help="dattri's fastest end-to-end run (Grad-Cos there), s")
+    p.add_argument("--dattri-arnoldi-lr", type=float, default=2.479,
                    help="dattri's compiled Arnoldi call on the LR, s")
-    p.add_argument("--dattri-arnoldi-mlp", type=float, default=23.128,
+    p.add_argument("--dattri-arnoldi-mlp", type=float, default=27.598,
                    help="dattri's compiled Arnoldi call on the MLP, s")
-    p.add_argument("--dattri-explicit", type=float, default=37.332,
+    p.add_argument("--dattri-explicit", type=float, default=40.407,
                    help="dattri's compiled explicit IF call on the LR, s")
     args = p.parse_args(argv)
     few = max(1, args.reps // 3)
     mlp_program, mlp_bound = arnoldi_mlp(few)
     explicit_program, explicit_bound = explicit(few)
+    dense_one = dense(args.reps)
     rows = [
         ("EK-FAC compiled", "1/10", args.dattri_ekfac / 10, ekfac(args.reps)),
         ("CG compiled", "1/10", args.dattri_cg / 10, cg(max(1, args.reps // 3))),
         ("TRAK (Kronecker) compiled", "1/10", args.dattri_trak / 10, trak(args.reps)),
+        ("TRAK (dense projection) compiled (the projection product only)", "1/10",
+         args.dattri_trak / 10, dense_one),
+        ("TracIn (dense projection, 3 checkpoints) compiled (the projection products "
+         "only)", "1/10", args.dattri_tracin / 10, 3 * dense_one),
         ("Arnoldi compiled (the two products of 100 HVPs only)", "1/10",
          args.dattri_arnoldi_lr / 10, arnoldi_lr(args.reps)),
         ("explicit IF compiled (build, Cholesky, solves, scores)", "1/10",
