@@ -10,7 +10,8 @@ program (no jattri), timed on this machine, against the bound the issue sets
 Each figure is the fastest of ``--reps`` calls of a compiled program (float32, random
 data of the workload's shapes: the cost of these programs does not depend on values).
 The dattri times default to those measured by ``benchmarks/vs_dattri.py`` on this
-machine: the whole LR matrix at 4f31d20 and the MLP's Arnoldi on 2026-12-04 (RESULTS.md);
+machine: the whole LR matrix at 4f31d20 and the MLP's TRAK, TracIn and Arnoldi on
+2026-12-04 (RESULTS.md);
 pass others with the flags.
 
 - ``ekfac``: EK-FAC scores need g_iᵀ u_t for every pair, u_t the preconditioned test
@@ -29,7 +30,8 @@ pass others with the flags.
   k = 512, one (5,500 × 7,850) · (7,850 × 512) product, 2.2·10¹⁰ multiply-adds per
   member (TRAK one, TracIn three checkpoints). Timed: that product alone (the
   gradients and the projection matrix given), a lower bound on any dense projection,
-  dattri's included.
+  dattri's included. The same on dattri's MLP (109,386 parameters, d·k = 5.6·10⁷, also
+  dense under ``"auto"``): 3.1·10¹¹ multiply-adds per member.
 - ``arnoldi_lr``: Arnoldi's 100 Hessian-vector products of the softmax regression over
   5,000 examples. Timed: the two products each needs, X̃V and X̃ᵀZ (V 785 × 10), 100
   times in one compiled loop, X̃ᵀ read from a transposed copy made once (its faster
@@ -121,12 +123,13 @@ def trak(reps):
     return _best(both, x, xt, reps=reps)
 
 
-def dense(reps, k=512):
-    """One (N + M, d) · (d, k) projection product, s (per member)."""
+def dense(reps, d=D_IN * C, k=512, parts=1):
+    """One (N + M, d) · (d, k) projection product, s (per member), timed on a fifth
+    of the rows and multiplied by 5 when ``parts=5`` (the MLP's 2.4 GB of gradients)."""
     rng = np.random.default_rng(6)
-    g = jnp.asarray(rng.standard_normal((N + M, D_IN * C), np.float32))
-    proj = jnp.asarray(rng.standard_normal((D_IN * C, k), np.float32))
-    return _best(jax.jit(lambda g, p: g @ p), g, proj, reps=reps)
+    g = jnp.asarray(rng.standard_normal(((N + M) // parts, d), np.float32))
+    proj = jnp.asarray(rng.standard_normal((d, k), np.float32))
+    return parts * _best(jax.jit(lambda g, p: g @ p), g, proj, reps=reps)
 
 
 def arnoldi_lr(reps, iters=100):
@@ -244,6 +247,10 @@ def main(argv=None) -> int:
                    help="dattri's compiled TRAK call, s")
     p.add_argument("--dattri-tracin", type=float, default=1.932,
                    help="dattri's compiled TracIn call (3 checkpoints), s")
+    p.add_argument("--dattri-trak-mlp", type=float, default=22.388,
+                   help="dattri's compiled TRAK call on the MLP, s")
+    p.add_argument("--dattri-tracin-mlp", type=float, default=68.180,
+                   help="dattri's compiled TracIn call on the MLP (3 checkpoints), s")
     p.add_argument("--dattri-e2e", type=float, default=4.09,
                    help="dattri's fastest end-to-end run (Grad-Cos there), s")
     p.add_argument("--dattri-arnoldi-lr", type=float, default=2.479,
@@ -254,9 +261,13 @@ def main(argv=None) -> int:
                    help="dattri's compiled explicit IF call on the LR, s")
     args = p.parse_args(argv)
     few = max(1, args.reps // 3)
+    # the projection products first: after the MLP's and the explicit programs' large
+    # buffers the LR's product once ran 0.44 s instead of 0.25 s in the same process
+    dense_one = dense(args.reps)
+    mlp_d = sum((a + 1) * b for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
+    dense_mlp = dense(few, d=mlp_d, parts=5)
     mlp_program, mlp_bound = arnoldi_mlp(few)
     explicit_program, explicit_bound = explicit(few)
-    dense_one = dense(args.reps)
     rows = [
         ("EK-FAC compiled", "1/10", args.dattri_ekfac / 10, ekfac(args.reps)),
         ("CG compiled", "1/10", args.dattri_cg / 10, cg(max(1, args.reps // 3))),
@@ -275,6 +286,10 @@ def main(argv=None) -> int:
          args.dattri_arnoldi_mlp / 10, mlp_program),
         ("MLP: Arnoldi compiled (first layer's products + coordinates' product only: "
          "a lower bound)", "1/10", args.dattri_arnoldi_mlp / 10, mlp_bound),
+        ("MLP: TRAK (dense projection) compiled (the projection product only)", "1/10",
+         args.dattri_trak_mlp / 10, dense_mlp),
+        ("MLP: TracIn (dense projection, 3 checkpoints) compiled (the projection products "
+         "only)", "1/10", args.dattri_tracin_mlp / 10, 3 * dense_mlp),
         ("end to end, warm", "1/5", args.dattri_e2e / 5, imports(max(1, args.reps // 2))),
     ]
     print("| cell (LR unless named, 5,000 × 500) | bound | bound s | least work, pure JAX, s | floor / bound |")
