@@ -237,28 +237,27 @@ def imports(reps):
     return min(times)
 
 
+#: ``--dattri-<name>`` flags: (name, default s, what dattri's time is of).
+_DATTRI = (
+    ("ekfac", 2.479, "compiled EK-FAC call"),
+    ("cg", 41.447, "CG call"),
+    ("trak", 0.955, "compiled TRAK call"),
+    ("tracin", 1.932, "compiled TracIn call (3 checkpoints)"),
+    ("trak-mlp", 22.388, "compiled TRAK call on the MLP"),
+    ("tracin-mlp", 68.180, "compiled TracIn call on the MLP (3 checkpoints)"),
+    ("e2e", 4.09, "fastest end-to-end run (Grad-Cos there)"),
+    ("arnoldi-lr", 2.479, "compiled Arnoldi call on the LR"),
+    ("arnoldi-mlp", 27.598, "compiled Arnoldi call on the MLP"),
+    ("explicit", 40.407, "compiled explicit IF call on the LR"),
+)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--dattri-ekfac", type=float, default=2.479,
-                   help="dattri's compiled EK-FAC call, s")
-    p.add_argument("--dattri-cg", type=float, default=41.447, help="dattri's CG call, s")
-    p.add_argument("--dattri-trak", type=float, default=0.955,
-                   help="dattri's compiled TRAK call, s")
-    p.add_argument("--dattri-tracin", type=float, default=1.932,
-                   help="dattri's compiled TracIn call (3 checkpoints), s")
-    p.add_argument("--dattri-trak-mlp", type=float, default=22.388,
-                   help="dattri's compiled TRAK call on the MLP, s")
-    p.add_argument("--dattri-tracin-mlp", type=float, default=68.180,
-                   help="dattri's compiled TracIn call on the MLP (3 checkpoints), s")
-    p.add_argument("--dattri-e2e", type=float, default=4.09,
-                   help="dattri's fastest end-to-end run (Grad-Cos there), s")
-    p.add_argument("--dattri-arnoldi-lr", type=float, default=2.479,
-                   help="dattri's compiled Arnoldi call on the LR, s")
-    p.add_argument("--dattri-arnoldi-mlp", type=float, default=27.598,
-                   help="dattri's compiled Arnoldi call on the MLP, s")
-    p.add_argument("--dattri-explicit", type=float, default=40.407,
-                   help="dattri's compiled explicit IF call on the LR, s")
+    for name, default, what in _DATTRI:
+        p.add_argument(f"--dattri-{name}", type=float, default=default,
+                       help=f"dattri's {what}, s")
     args = p.parse_args(argv)
     few = max(1, args.reps // 3)
     # the projection products first: after the MLP's and the explicit programs' large
