@@ -11,8 +11,7 @@ Each figure is the fastest of ``--reps`` calls of a compiled program (float32, r
 data of the workload's shapes: the cost of these programs does not depend on values).
 The dattri times default to those measured by ``benchmarks/vs_dattri.py`` on this
 machine: the whole LR matrix at 4f31d20 and the MLP's TRAK, TracIn and Arnoldi on
-2026-12-04 (RESULTS.md);
-pass others with the flags.
+2026-12-04 (RESULTS.md); pass others with the flags.
 
 - ``ekfac``: EK-FAC scores need g_iᵀ u_t for every pair, u_t the preconditioned test
   gradient: one (5,000 × 7,850) · (7,850 × 500) product, 3.9·10¹⁰ multiply-adds, whatever
@@ -124,8 +123,8 @@ def trak(reps):
 
 
 def dense(reps, d=D_IN * C, k=512, parts=1):
-    """One (N + M, d) · (d, k) projection product, s (per member), timed on a fifth
-    of the rows and multiplied by 5 when ``parts=5`` (the MLP's 2.4 GB of gradients)."""
+    """One (N + M, d) · (d, k) projection product, s (per member): ``parts`` times the
+    product of 1/``parts`` of the rows (the MLP's 2.4 GB of gradients in 5 parts)."""
     rng = np.random.default_rng(6)
     g = jnp.asarray(rng.standard_normal(((N + M) // parts, d), np.float32))
     proj = jnp.asarray(rng.standard_normal((d, k), np.float32))
@@ -150,6 +149,7 @@ def arnoldi_lr(reps, iters=100):
 
 
 MLP_SIZES = (784, 128, 64, 10)
+MLP_D = sum((a + 1) * b for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]))  # 109,386
 
 
 def arnoldi_mlp(reps, iters=100, rank=50):
@@ -263,13 +263,12 @@ def main(argv=None) -> int:
     # the projection products first: after the MLP's and the explicit programs' large
     # buffers the LR's product once ran 0.44 s instead of 0.25 s in the same process
     dense_one = dense(args.reps)
-    mlp_d = sum((a + 1) * b for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
-    dense_mlp = dense(few, d=mlp_d, parts=5)
+    dense_mlp = dense(few, d=MLP_D, parts=5)
     mlp_program, mlp_bound = arnoldi_mlp(few)
     explicit_program, explicit_bound = explicit(few)
     rows = [
         ("EK-FAC compiled", "1/10", args.dattri_ekfac / 10, ekfac(args.reps)),
-        ("CG compiled", "1/10", args.dattri_cg / 10, cg(max(1, args.reps // 3))),
+        ("CG compiled", "1/10", args.dattri_cg / 10, cg(few)),
         ("TRAK (Kronecker) compiled", "1/10", args.dattri_trak / 10, trak(args.reps)),
         ("TRAK (dense projection) compiled (the projection product only)", "1/10",
          args.dattri_trak / 10, dense_one),
