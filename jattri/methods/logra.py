@@ -185,8 +185,13 @@ def kronecker_phi(layers, factors, fn, params, aux, chunk):
     out = []
     for layer, (p_in, p_out) in zip(layers, factors):
         a, s = io[layer.name]  # (b, T, d_in), (b, T, d_out)
-        a = augment(a, layer.use_bias)
-        pa = a if p_in is None else a @ p_in.astype(a.dtype)
+        if p_in is None:
+            pa = augment(a, layer.use_bias)
+        elif layer.use_bias:  # ã·P_in = a·P_in[:-1] + P_in[-1]: no (b, T, d_in + 1) copy of a
+            p_in = p_in.astype(a.dtype)
+            pa = a @ p_in[:-1] + p_in[-1]
+        else:
+            pa = a @ p_in.astype(a.dtype)
         ps = s if p_out is None else s @ p_out.astype(s.dtype)
         out.append(jnp.einsum("btk,btl->bkl", pa, ps).reshape(b, -1))
     phi = jnp.concatenate(out, axis=1)
