@@ -123,13 +123,44 @@ def _in_host_memory(x) -> bool:
 HOST_CHECK_MAX = 1 << 22
 
 
+#: ``id(x) -> weakref.ref(x)`` of the jax arrays :func:`all_finite` found finite. A
+#: jax array is immutable, so a dataset or parameters passed again (every later
+#: ``cache`` / ``attribute`` on them) are not read again: 1.5 ms a call on 5,000 MNIST
+#: rows. The entry goes with the array.
+_FINITE: dict = {}
+
+
+def _known_finite(x) -> bool:
+    ref = _FINITE.get(id(x))
+    return ref is not None and ref() is x and not x.is_deleted()
+
+
+def _remember_finite(leaves) -> None:
+    for x in leaves:
+        if isinstance(x, jax.Array):
+            key = id(x)
+            try:
+                _FINITE[key] = weakref.ref(x, lambda _, key=key: _FINITE.pop(key, None))
+            except TypeError:  # not weakly referenceable: checked every time
+                pass
+
+
 def all_finite(tree: PyTree) -> bool:
     """No NaN or inf in the concrete arrays of ``tree`` (tracers are skipped). Numpy
     arrays, and jax arrays on the CPU backend while they total at most
     :data:`HOST_CHECK_MAX` elements (a zero-copy view), are checked with numpy: no
     compilation. The rest in one compiled reduction (on 50M floats XLA's fused
-    reduction takes 43 ms, numpy's isfinite + all 94 ms)."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if _is_concrete(x)]
+    reduction takes 43 ms, numpy's isfinite + all 94 ms). Jax arrays found finite
+    before are not read again (:data:`_FINITE`)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree)
+              if _is_concrete(x) and not _known_finite(x)]
+    if _finite(leaves):
+        _remember_finite(leaves)
+        return True
+    return False
+
+
+def _finite(leaves) -> bool:
     cpu = [_in_host_memory(x) for x in leaves]
     small = sum(np.size(x) for x, c in zip(leaves, cpu) if c) <= HOST_CHECK_MAX
     host = [isinstance(x, (np.ndarray, np.generic)) or (c and small)

@@ -177,3 +177,27 @@ def test_nan_params_found_on_host_and_compiled_paths(monkeypatch, host_max):
         with pytest.raises(ValueError, match="`params` contains NaN or inf"):
             jattri._checks.check_params(dict(ok, **{leaf: bad}), "params")
     assert not jattri._checks.all_finite(jnp.ones(5).at[4].set(-jnp.inf))
+
+
+def test_finite_jax_arrays_are_read_once(monkeypatch):
+    """A jax array found finite is not read again by later checks (it is immutable),
+    a numpy array is (it may have changed), an array with a NaN is refused every time,
+    and the record of an array goes with it."""
+    import gc
+
+    read = []
+    real = jattri._checks._finite
+    monkeypatch.setattr(jattri._checks, "_finite", lambda leaves: read.append(
+        len(leaves)) or real(leaves))
+    x, host = jnp.arange(6.0), np.arange(3.0)
+    bad = jnp.ones(4).at[1].set(jnp.nan)
+    for _ in range(2):
+        assert jattri._checks.all_finite((x, host))
+        assert not jattri._checks.all_finite(bad)
+    assert read == [2, 1, 1, 1]  # x read once; host and bad every time
+    host[0] = np.inf
+    assert not jattri._checks.all_finite((x, host))
+    key = id(x)
+    del x
+    gc.collect()
+    assert key not in jattri._checks._FINITE

@@ -330,3 +330,26 @@ def test_projected_gradients_are_never_concatenated():
         lambda c: _common.chunk_grads(loss, params, None, c, proj))(chunk))
     wide = [s for s in shapes if len(s) == 2 and s[0] == size and s[1] >= d]
     assert not wide, wide
+
+
+def test_kronecker_factors_memo_outside_traces_only():
+    """With a factory's ``memo``, factors made outside a trace are returned again for
+    the same plan (the last ``FACTOR_MEMO`` plans), equal to fresh ones; inside a trace
+    they are made in the trace (no constant baked in) and not remembered."""
+    import sys
+    from jattri.func.layers import Layer
+    logra = sys.modules["jattri.methods.logra"]
+    layer = lambda d_in, d_out: Layer("l", "dense", d_in, d_out, True, 1, (d_in, d_out), ())
+    key, memo = jax.random.PRNGKey(3), {}
+    args = ((layer(5, 4),), ((3, 2),), "gaussian")
+    first = logra.kronecker_factors(*args, key, 2, memo=memo)
+    assert logra.kronecker_factors(*args, key, 2, memo=memo) is first
+    np.testing.assert_array_equal(first[0][0], logra.kronecker_factors(*args, key, 2)[0][0])
+    jaxpr = jax.make_jaxpr(lambda k: logra.kronecker_factors(*args, k, 2, memo=memo))(key)
+    assert jaxpr.eqns and not jaxpr.consts and len(memo) == 1
+    closed = jax.make_jaxpr(lambda: logra.kronecker_factors(*args, key, 2, memo=memo))()
+    assert closed.eqns and len(memo) == 1  # the memo's arrays are not returned in a trace
+    for num in (3, 4):  # two more plans: the first is dropped
+        logra.kronecker_factors(*args, key, num, memo=memo)
+    assert len(memo) == logra.FACTOR_MEMO
+    assert logra.kronecker_factors(*args, key, 2, memo=memo) is not first

@@ -133,7 +133,7 @@ def _dims(config) -> tuple:
 
 
 def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
-                      shared: bool = False) -> tuple:
+                      shared: bool = False, memo: Optional[dict] = None) -> tuple:
     """Per layer ``(P_in (M, d_in + b, k_in), P_out (M, d_out, k_out))`` of the ``num``
     members (``None``: the identity on that side, ``dims[ℓ] = (k_in, k_out)``): member
     m's layer ℓ side j is the projector of seed ``derive_key(derive_key(keys[m], ℓ), j)``
@@ -148,9 +148,28 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
     programs on a 3-layer 109k MLP compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
     0.25-0.31 s, plus 0.65-0.75 s once for the factors), all in one program (one
     compilation per model shape instead of one per factor). Memory
-    M·Σ_ℓ (d_in·k_in + d_out·k_out) floats."""
-    return _kronecker_factors(tuple((l.d_in + int(l.use_bias), l.d_out) for l in layers),
-                              tuple(dims), kind, int(num), bool(shared), key)
+    M·Σ_ℓ (d_in·k_in + d_out·k_out) floats.
+
+    ``memo``: a factory's dict for a factory's one ``key``: the factors made outside
+    any trace are kept there (the last :data:`FACTOR_MEMO` layer plans) and returned
+    again by every later stage of the same plan outside a trace instead of made anew
+    (a program's run, 1-2 ms of each TRAK call on the MNIST LR); inside a trace they
+    are made there, not baked in as constants."""
+    plan = (tuple((l.d_in + int(l.use_bias), l.d_out) for l in layers), tuple(dims), kind,
+            int(num), bool(shared))
+    concrete = memo is not None and _common.is_concrete(key)  # no constants in a trace
+    if concrete and plan in memo:
+        return memo[plan]
+    made = _kronecker_factors(*plan, key)
+    if concrete:
+        if len(memo) >= FACTOR_MEMO:
+            memo.pop(next(iter(memo)))
+        memo[plan] = made
+    return made
+
+
+#: Layer plans whose factors a factory's ``memo`` keeps (:func:`kronecker_factors`).
+FACTOR_MEMO = 2
 
 
 @partial(jit, static_argnums=(0, 1, 2, 3, 4), once=True, closed=True)
@@ -458,6 +477,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
                          # recorded only for "ggn": states cached before the option
                          # existed (empirical) stay valid
                          **({} if curvature != "ggn" else {"curvature": curvature}))
+    factors = {}  # the projections' factors, made once (``kronecker_factors``)
 
     def discover(members, data, target):
         fn, name = (task.target, "target_fn") if target else (task.loss, "loss_fn")
@@ -490,7 +510,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
         fisher0 = tuple(jax.ShapeDtypeStruct((members.num, k, k), dtype)
                         for k in _block_sizes(cfg))
         args = (task.loss, members, kronecker_factors(cfg[0], _dims(cfg), projection, key,
-                                                      members.num))
+                                                      members.num, memo=factors))
         ggn = cfg[-1] != "empirical"
         floats = max(_common.num_params(members), _ggn_floats(cfg)) if ggn else None
         fisher, phi, n = engine.scan(_cache_step, cfg, args, fisher0, train,
@@ -517,7 +537,7 @@ def logra(task: Any, *, proj_dim_in: Optional[int] = 16, proj_dim_out: Optional[
     def target_phi(state, data):
         cfg = config(state.members, data, True)
         args = (task.target, state.members, kronecker_factors(
-            cfg[0], _dims(cfg), projection, key, state.members.num))
+            cfg[0], _dims(cfg), projection, key, state.members.num, memo=factors))
         return engine.per_example(_phi, cfg, args, data, size(state.members, data))
 
     def attribute(state: LograState, test, *, train=None, top_k=None, lowest=False,

@@ -562,6 +562,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
                          normalize=normalize, key=key, proj_chunk_size=proj_chunk_size)
 
     memo = {}  # the Kronecker / factored plans made concretely (``_plan_key``)
+    factors = {}  # the Kronecker factors, made once (``kronecker_factors``)
 
     def config(members, kron=None):
         return (projection, _common.num_params(members), k, proj_chunk_size, bool(normalize),
@@ -576,7 +577,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
             projection, task.loss, None if fn is task.loss or task.target_is_loss else fn,
             members, data, k, method=name, memo=memo)
         keys = (_common.member_keys(key, members.num) if kron is None else
-                kronecker_factors(*kron, "gaussian", key, members.num))  # made once
+                kronecker_factors(*kron, "gaussian", key, members.num, memo=factors))
         args = (fn, members, keys)
         return engine.per_example(_feature_step, config(members, kron), args, data,
                                   size(members, data))

@@ -265,11 +265,13 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
     # check of the Kronecker projection), keyed by identity
     fns = _fns(task, prob_fn)
     memo = {}  # the Kronecker choices made concretely (``resolve_kronecker``)
+    factors = {}  # their factors, made once (``kronecker_factors``)
 
     def keys(members, cfg):
         """Member m's projection key, or with the Kronecker projection its factors."""
         if cfg[-1] is not None:
-            return kronecker_factors(*cfg[-1], "gaussian", key, members.num, shared)
+            return kronecker_factors(*cfg[-1], "gaussian", key, members.num, shared,
+                                     memo=factors)
         if shared:
             return jnp.broadcast_to(key, (members.num,) + key.shape)
         return _common.member_keys(key, members.num)
