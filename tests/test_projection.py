@@ -344,6 +344,10 @@ def test_kronecker_factors_memo_outside_traces_only():
     args = ((layer(5, 4),), ((3, 2),), "gaussian")
     first = logra.kronecker_factors(*args, key, 2, memo=memo)
     assert logra.kronecker_factors(*args, key, 2, memo=memo) is first
+    with jax.enable_x64(not jax.config.jax_enable_x64):  # not the kept factors
+        assert logra.kronecker_factors(*args, key, 2, memo=memo) is not first
+    memo.clear()
+    first = logra.kronecker_factors(*args, key, 2, memo=memo)
     np.testing.assert_array_equal(first[0][0], logra.kronecker_factors(*args, key, 2)[0][0])
     jaxpr = jax.make_jaxpr(lambda k: logra.kronecker_factors(*args, k, 2, memo=memo))(key)
     assert jaxpr.eqns and not jaxpr.consts and len(memo) == 1

@@ -143,9 +143,9 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
     ``jattri.func.projection.kronecker_projection(derive_key(keys[m], ℓ), ...)``.
     (Derived with threefry ``fold_in``, the program's XLA compilation took 0.73-0.90 s
     on dattri's 109,386-parameter MLP at k = 512, now 0.23-0.34 s.) Made once per
-    stage, outside the
-    compiled steps, which then only multiply (generated inside every step, TRAK's
-    programs on a 3-layer 109k MLP compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
+    stage (with ``memo``, once per factory), outside the compiled steps, which then
+    only multiply (generated inside every step, TRAK's programs on a 3-layer 109k MLP
+    compiled in 1.96 s and 2.04 s; now 0.37-0.40 s and
     0.25-0.31 s, plus 0.65-0.75 s once for the factors), all in one program (one
     compilation per model shape instead of one per factor). Memory
     M·Σ_ℓ (d_in·k_in + d_out·k_out) floats.
@@ -154,17 +154,19 @@ def kronecker_factors(layers, dims, kind: str, key: jax.Array, num: int,
     any trace are kept there (the last :data:`FACTOR_MEMO` layer plans) and returned
     again by every later stage of the same plan outside a trace instead of made anew
     (a program's run, 1-2 ms of each TRAK call on the MNIST LR); inside a trace they
-    are made there, not baked in as constants."""
+    are made there, not baked in as constants. The kept factors live as long as the
+    factory."""
     plan = (tuple((l.d_in + int(l.use_bias), l.d_out) for l in layers), tuple(dims), kind,
             int(num), bool(shared))
     concrete = memo is not None and _common.is_concrete(key)  # no constants in a trace
-    if concrete and plan in memo:
-        return memo[plan]
+    kept = plan + (bool(jax.config.jax_enable_x64),)  # the factors' dtype
+    if concrete and kept in memo:
+        return memo[kept]
     made = _kronecker_factors(*plan, key)
     if concrete:
         if len(memo) >= FACTOR_MEMO:
             memo.pop(next(iter(memo)))
-        memo[plan] = made
+        memo[kept] = made
     return made
 
 
