@@ -125,8 +125,8 @@ HOST_CHECK_MAX = 1 << 22
 
 #: ``id(x) -> weakref.ref(x)`` of the jax arrays :func:`all_finite` found finite. A
 #: jax array is immutable, so a dataset or parameters passed again (every later
-#: ``cache`` / ``attribute`` on them) are not read again: 1.5 ms a call on 5,000 MNIST
-#: rows. The entry goes with the array.
+#: ``cache`` / ``attribute`` on them) are not read again (the checks took 1.7 ms of each
+#: TRAK call on the 5,000 × 784 MNIST LR under cProfile). The entry goes with the array.
 _FINITE: dict = {}
 
 

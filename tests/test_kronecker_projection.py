@@ -189,3 +189,35 @@ def test_auto_choice_made_concretely_holds_under_jit(x64, monkeypatch):
         want = np.asarray(attr.attribute(state, test))
         got = jax.jit(lambda s, t: attr.attribute(s, t))(state, test)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_factories_make_their_kronecker_factors_once(x64, monkeypatch):
+    """TRAK, TracIn and LoGra with Kronecker projections run the factors' program once
+    for a ``cache`` and two ``attribute`` calls (kept by the factory), and their scores
+    equal those of a factory that makes them at every stage."""
+    logra_module = importlib.import_module("jattri.methods.logra")
+    params, train, test = _setup()
+    made = []
+    real = logra_module._kronecker_factors
+    counting = lambda *a: made.append(a[:-1]) or real(*a)
+    factories = {
+        "trak": lambda: jattri.trak(_loss, proj_dim=8, projection="kronecker", damping=0.1),
+        "tracin": lambda: jattri.tracin(_loss, proj_dim=8, projection="kronecker"),
+        "logra": lambda: jattri.logra(_loss, proj_dim_in=3, proj_dim_out=2, damping=0.1,
+                                      curvature="empirical"),
+    }
+    for name, make in factories.items():
+        monkeypatch.setattr(logra_module, "_kronecker_factors", counting)
+        made.clear()
+        attr = make()
+        state = attr.cache(params, train)
+        kept = [np.asarray(attr.attribute(state, test)) for _ in range(2)]
+        assert len(made) == 1, (name, made)
+        np.testing.assert_array_equal(kept[0], kept[1])
+        monkeypatch.setattr(logra_module, "FACTOR_MEMO", 0)  # nothing kept: made anew
+        made.clear()
+        fresh = make()
+        fresh_scores = np.asarray(fresh.attribute(fresh.cache(params, train), test))
+        assert len(made) == 2, (name, made)
+        np.testing.assert_allclose(kept[0], fresh_scores, rtol=1e-12, atol=1e-12)
+        monkeypatch.undo()
