@@ -55,10 +55,13 @@ import tempfile
 import time
 
 METHODS = ("grad_dot", "grad_cos", "tracin", "trak", "if_explicit", "if_cg", "if_lissa",
-           "if_arnoldi", "if_datainf", "if_ekfac", "rps", "tracin_kron", "trak_kron")
+           "if_arnoldi", "if_datainf", "if_ekfac", "rps", "tracin_kron", "trak_kron",
+           "tracin_bf16", "trak_bf16")
 #: jattri variants timed against dattri's method of the same name: TracIn and TRAK with
-#: ``projection="kronecker"`` (dattri has only dense projections; same k).
-VARIANTS = {"tracin_kron": "tracin", "trak_kron": "trak"}
+#: ``projection="kronecker"`` (dattri has only dense projections; same k), and with
+#: ``projection_dtype="bfloat16"`` (the dense projection's product in bfloat16).
+VARIANTS = {"tracin_kron": "tracin", "trak_kron": "trak", "tracin_bf16": "tracin",
+            "trak_bf16": "trak"}
 MODELS = ("lr", "mlp")
 #: Deterministic methods whose scores must agree (Pearson >= 0.99, issue 15).
 DETERMINISTIC = ("grad_dot", "grad_cos", "if_explicit", "if_cg")
@@ -283,13 +286,15 @@ def _jattri_worker(method: str, work: str, cfg: dict):
         attr = jattri.grad_dot(loss_fn)
     elif method == "grad_cos":
         attr = jattri.grad_cos(loss_fn)
-    elif method in ("tracin", "tracin_kron"):
+    elif method in ("tracin", "tracin_kron", "tracin_bf16"):
         members = jattri.checkpoints(ckpts)
         attr = jattri.tracin(loss_fn, weights=[LR_SGD] * len(ckpts), proj_dim=cfg["proj_dim"],
-                             projection="kronecker" if method == "tracin_kron" else "auto")
-    elif method in ("trak", "trak_kron"):
+                             projection="kronecker" if method == "tracin_kron" else "auto",
+                             projection_dtype="bfloat16" if method == "tracin_bf16" else None)
+    elif method in ("trak", "trak_kron", "trak_bf16"):
         attr = jattri.trak(loss_fn, proj_dim=cfg["proj_dim"], damping=cfg["trak_damping"],
-                           projection="kronecker" if method == "trak_kron" else "auto")
+                           projection="kronecker" if method == "trak_kron" else "auto",
+                           projection_dtype="bfloat16" if method == "trak_bf16" else None)
     elif method == "if_explicit":
         attr = jattri.influence_explicit(loss_fn, damping=lam)
     elif method == "if_cg":

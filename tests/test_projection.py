@@ -357,3 +357,55 @@ def test_kronecker_factors_memo_outside_traces_only():
         logra.kronecker_factors(*args, key, num, memo=memo)
     assert len(memo) == logra.FACTOR_MEMO
     assert logra.kronecker_factors(*args, key, 2, memo=memo) is not first
+
+
+def _bf16(a):
+    """``a`` rounded to bfloat16 (to nearest, ties to even), back in float64."""
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float64))
+
+
+@pytest.mark.parametrize("kind", ("gaussian", "rademacher"))
+def test_bfloat16_product_is_the_rounded_product(kind):
+    """``dtype="bfloat16"``: x P with x and P (P's entries made in float32) rounded to
+    bfloat16 and the product accumulated in x's dtype, on any chunking and through
+    ``project_leaves``; it moves the exact product by about 2⁻⁹, far below the JL
+    error of the projection itself (√(2/k) = 35% at k = 16)."""
+    key = jax.random.PRNGKey(3)
+    d, k = 300, 16
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (6, d)))
+    made = P._SEEDED_ROWS[kind](P.seed_words(key), jnp.arange(d), k, jnp.float32)
+    rounded = _bf16(np.asarray(made, np.float64))
+    # P itself: the identity's rows are exact in bfloat16, one term per sum
+    np.testing.assert_array_equal(
+        P.random_projection(kind, key, d, k, dtype="bfloat16")(jnp.eye(d)), rounded)
+    want = _bf16(x) @ rounded
+    scale = np.linalg.norm(want)
+    for chunk in (None, 7, 64):
+        proj = P.random_projection(kind, key, d, k, chunk_size=chunk, dtype=jnp.bfloat16)
+        got = np.asarray(proj(x))
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+        pieces = [x[:, :100].reshape(6, 10, 10), x[:, 100:]]
+        np.testing.assert_allclose(P.project_leaves(proj, pieces), want, rtol=1e-5,
+                                   atol=1e-6 * scale)
+    exact = x @ dense_matrix(kind, key, d, k)
+    err = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+    assert 2**-12 < err < 2**-7, err
+
+
+def test_bfloat16_product_arguments():
+    key = jax.random.PRNGKey(0)
+    for bad in ("float16", jnp.float32, "bf16", True):
+        with pytest.raises(ValueError, match=r"`dtype` must be None .* \('bfloat16',\)"):
+            P.gaussian_projection(key, 8, 4, dtype=bad)
+    with pytest.raises(ValueError, match="the SJLT sums in the inputs' own dtype"):
+        P.random_projection("sjlt", key, 8, 4, dtype="bfloat16")
+    with pytest.raises(ValueError, match="SJLT"):
+        P.seeded_projection("sjlt", P.seed_words(key), 8, 4, dtype="bfloat16")
+    # "auto" drops it where it picks the SJLT (no product): the SJLT's result exactly
+    d, k = 2**17 + 1, 2**10
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, d))
+    np.testing.assert_array_equal(P.random_projection("auto", key, d, k, dtype="bfloat16")(x),
+                                  P.sjlt_projection(key, d, k)(x))
+    with pytest.raises(ValueError, match="`dtype`"):
+        P.random_projection("auto", key, d, k, dtype="float16")

@@ -144,6 +144,40 @@ def test_projected_tracin_converges(setup, projection):
     assert errors[-1] < 0.15 * errors[0] and errors[-1] < 0.1, errors
 
 
+@pytest.mark.parametrize("projection", ["gaussian", "rademacher"])
+def test_bfloat16_projected_tracin_is_the_rounded_product(setup, projection):
+    """``projection_dtype="bfloat16"``: Σ_k w_k ⟨bf16(g_i) P̃_k, bf16(g_t) P̃_k⟩ with the
+    gradients rounded to bfloat16 and P̃_k member k's projection (key ``fold_in(key,
+    k)``) rounded to bfloat16, all else float64; Grad-Cos's norms after rounding."""
+    checkpoints, train, test = setup
+    lrs, k, key = [0.5, 0.3], 16, jax.random.PRNGKey(7)
+    task = jattri.Task(loss_fn, target_fn=target_fn)
+    members = jattri.checkpoints(checkpoints[:2])
+    rnd = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float64))
+    want, cos, full = (np.zeros((12, 5)) for _ in range(3))
+    for j, (w, p) in enumerate(zip(lrs, checkpoints)):
+        d = ravel_pytree(p)[0].size
+        make = lambda **kw: jattri.func.random_projection(
+            projection, jax.random.fold_in(key, j), d, k, **kw)(jnp.eye(d))
+        low, exact = np.asarray(make(dtype="bfloat16")), np.asarray(make())
+        g = np.stack([explicit_grad(loss_fn, p, train, i) for i in range(12)])
+        gt = np.stack([explicit_grad(target_fn, p, test, t) for t in range(5)])
+        a, b = rnd(g) @ low, rnd(gt) @ low
+        want += w * a @ b.T
+        cos += w * (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (
+            b / np.linalg.norm(b, axis=1, keepdims=True)).T
+        full += w * (g @ exact) @ (gt @ exact).T
+    got = {}
+    for normalize, ref in ((False, want), (True, cos)):
+        attr = jattri.tracin(task, weights=lrs, proj_dim=k, projection=projection, key=key,
+                             normalize=normalize, projection_dtype="bfloat16")
+        got[normalize] = np.asarray(attr.attribute(attr.cache(members, train), test))
+        np.testing.assert_allclose(got[normalize], ref, rtol=1e-5,
+                                   atol=1e-6 * np.abs(ref).max())
+    err = np.linalg.norm(got[False] - full) / np.linalg.norm(full)
+    assert 2**-14 < err < 2**-6, err
+
+
 def test_tracin_bad_arguments(setup):
     checkpoints, train, _ = setup
     members = jattri.checkpoints(checkpoints)
