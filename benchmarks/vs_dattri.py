@@ -36,6 +36,7 @@ is flipped; RPS differs by the positive factor 1/n).
     python benchmarks/vs_dattri.py --quick                 # 500 x 50, 1 repetition
     python benchmarks/vs_dattri.py                         # 5,000 x 500, LR and MLP, 3 reps
     python benchmarks/vs_dattri.py --models lr --methods grad_dot,if_cg --json runs.json
+    python benchmarks/vs_dattri.py --models mlp --methods trak,trak_bf16   # bfloat16 product
 
 Hyperparameters are mapped method by method (``_settings``): the same damping, the
 same full-batch Hessian (dattri's full-train loader is one batch), the same projection
@@ -62,6 +63,9 @@ METHODS = ("grad_dot", "grad_cos", "tracin", "trak", "if_explicit", "if_cg", "if
 #: ``projection_dtype="bfloat16"`` (the dense projection's product in bfloat16).
 VARIANTS = {"tracin_kron": "tracin", "trak_kron": "trak", "tracin_bf16": "tracin",
             "trak_bf16": "trak"}
+#: What runs without ``--methods``: the bfloat16 variants (an option, not jattri's
+#: default) only when named.
+DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("_bf16"))
 MODELS = ("lr", "mlp")
 #: Deterministic methods whose scores must agree (Pearson >= 0.99, issue 15).
 DETERMINISTIC = ("grad_dot", "grad_cos", "if_explicit", "if_cg")
@@ -553,7 +557,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="default: all but the bfloat16 variants "
+                        f"({', '.join(m for m in METHODS if m not in DEFAULT_METHODS)})")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; --quick 1)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per process")
     p.add_argument("--max-rss-gib", type=float, default=None,

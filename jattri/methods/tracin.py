@@ -516,9 +516,9 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         proj_chunk_size: parameters projected at a time.
       projection_dtype: ``None`` (default): the dense projection's product in the
         gradients' dtype; ``"bfloat16"``: rounded to bfloat16 in the product and
-        accumulated in the gradients' dtype, about 0.3% error per projected coordinate
-        against the JL error √(2/k), faster where the hardware has bfloat16 products
-        (:func:`jattri.trak`'s argument of the same name). Needs ``proj_dim``; ignored
+        accumulated in the gradients' dtype, about 0.2% error in the projected
+        gradients against the JL error √(2/k), faster where the hardware has bfloat16
+        products (:func:`jattri.trak`'s argument of the same name). Needs ``proj_dim``; ignored
         where ``"auto"`` picks the SJLT or Kronecker projection.
       factored: without a projection, take the inner products from each linear layer's
         inputs and output gradients, ⟨g_i, g_t⟩ = Σ_ℓ Σ_τσ ⟨ã_iτ, ã_tσ⟩⟨s_iτ, s_tσ⟩
