@@ -13,9 +13,18 @@ the same members, the Pearson correlation of the two score matrices, and as the
 yardstick the Pearson correlation of float32 scores under two projection keys (the
 JL error the projection itself brings).
 
-    python benchmarks/projection_dtype.py                  # both parts
+Pieces: where a bfloat16 call's time goes, on one chunk of per-example gradients of an
+MLP shaped as dattri's (784-128-64-10, 109,386 parameters; random weights and inputs:
+the times do not depend on them), k = 512, each program best of ``--reps`` in one
+process: the per-example gradients materialised (float32 and bfloat16, each also in the
+order the dense layers' gradients are made in, (out, in), with no transposing copy), P
+generated whole, gradients and projection as TRAK runs them (``project_leaves``), and the product alone with bfloat16
+inputs given, the part no bfloat16 projection can go below.
+
+    python benchmarks/projection_dtype.py                  # time and accuracy
     python benchmarks/projection_dtype.py --part time --reps 3
     python benchmarks/projection_dtype.py --part accuracy
+    python benchmarks/projection_dtype.py --part pieces --chunk 1667 --reps 5
 """
 from __future__ import annotations
 
@@ -131,16 +140,87 @@ def accuracy_part(settings) -> list:
     return rows
 
 
+def pieces_part(n, reps, k=512) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jattri.func import projection as proj
+
+    dims = ((784, 128), (128, 64), (64, 10))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(dims) + 1)
+    params = [{"kernel": jax.random.normal(kk, (a, b)) / np.sqrt(a), "bias": jnp.zeros(b)}
+              for kk, (a, b) in zip(keys, dims)]
+    d = sum(a * b + b for a, b in dims)
+    x = jax.random.normal(keys[-1], (n, 784))
+    y = jnp.arange(n) % 10
+
+    def loss(p, xi, yi):
+        h = xi
+        for i, layer in enumerate(p):
+            h = h @ layer["kernel"] + layer["bias"]
+            h = jax.nn.relu(h) if i < len(p) - 1 else h
+        return -jax.nn.log_softmax(h)[yi]
+
+    def grads(p, x, y):
+        return jax.tree_util.tree_leaves(jax.vmap(jax.grad(loss), (None, 0, 0))(p, x, y))
+
+    def best(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    seed = proj.seed_words(jax.random.PRNGKey(0))
+    make_p = jax.jit(lambda s: proj._gaussian_seeded(s, jnp.arange(d), k, jnp.float32)
+                     .astype(jnp.bfloat16))
+    p_low = make_p(seed)
+    g_low = jax.random.normal(keys[-1], (n, d)).astype(jnp.bfloat16)
+    bf16 = proj.gaussian_projection(jax.random.PRNGKey(0), d, k, dtype="bfloat16")
+    f32 = proj.gaussian_projection(jax.random.PRNGKey(0), d, k)
+    row = {
+        "gradients float32": best(jax.jit(grads), params, x, y),
+        "gradients float32, (in, out) swapped": best(jax.jit(
+            lambda *a: [jnp.swapaxes(g, 1, 2) if g.ndim == 3 else g for g in grads(*a)]),
+            params, x, y),
+        "gradients bfloat16": best(jax.jit(
+            lambda *a: [g.astype(jnp.bfloat16) for g in grads(*a)]), params, x, y),
+        "gradients bfloat16, (in, out) swapped": best(jax.jit(
+            lambda *a: [(jnp.swapaxes(g, 1, 2) if g.ndim == 3 else g).astype(jnp.bfloat16)
+                        for g in grads(*a)]), params, x, y),
+        "P generated whole (bfloat16)": best(make_p, seed),
+        "gradients + projection, float32": best(jax.jit(
+            lambda *a: proj.project_leaves(f32, grads(*a))), params, x, y),
+        "gradients + projection, bfloat16": best(jax.jit(
+            lambda *a: proj.project_leaves(bf16, grads(*a))), params, x, y),
+        "product alone, bfloat16 inputs given": best(jax.jit(
+            lambda g, m: jnp.dot(g, m, preferred_element_type=jnp.float32)), g_low, p_low),
+    }
+    flops = 2.0 * n * d * k
+    print(f"\n{n} per-example gradients of {d:,} parameters, k = {k}, best of {reps}:")
+    print("| piece | s | GFLOP/s of the n·d·k product |")
+    print("|---|---|---|")
+    for name, t in row.items():
+        rate = f"{flops / t / 1e9:.0f}" if "projection" in name or "product" in name else ""
+        print(f"| {name} | {t:.3f} | {rate} |")
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("time", "accuracy", "both"), default="both")
+    p.add_argument("--part", choices=("time", "accuracy", "pieces", "both"), default="both")
     p.add_argument("--models", default="lr,mlp")
     p.add_argument("--methods", default="trak,tracin")
     p.add_argument("--reps", type=int, default=3, help="alternated repetitions per variant")
     p.add_argument("--n-train", type=int, default=5000)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--settings", default="digits_lr,digits_mlp")
+    p.add_argument("--chunk", type=int, default=1667,
+                   help="pieces: examples per chunk (TRAK's default on the MLP: 1,667)")
     args = p.parse_args(argv)
     t0 = time.time()
     if args.part in ("time", "both"):
@@ -148,6 +228,8 @@ def main(argv=None) -> int:
                   args.n_test)
     if args.part in ("accuracy", "both"):
         accuracy_part(args.settings.split(","))
+    if args.part == "pieces":
+        pieces_part(args.chunk, args.reps)
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs, python "
           f"{platform.python_version()}; 1-min load {os.getloadavg()[0]:.2f}; wall "
           f"{time.time() - t0:.0f} s")
