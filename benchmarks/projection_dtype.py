@@ -18,8 +18,9 @@ MLP shaped as dattri's (784-128-64-10, 109,386 parameters; random weights and in
 the times do not depend on them), k = 512, each program best of ``--reps`` in one
 process: the per-example gradients materialised (float32 and bfloat16, each also in the
 order the dense layers' gradients are made in, (out, in), with no transposing copy), P
-generated whole, gradients and projection as TRAK runs them (``project_leaves``), and the product alone with bfloat16
-inputs given, the part no bfloat16 projection can go below.
+generated whole, gradients and projection as TRAK runs them (``project_leaves``), and
+the product alone with bfloat16 inputs given, the part no bfloat16 projection can go
+below.
 
     python benchmarks/projection_dtype.py                  # time and accuracy
     python benchmarks/projection_dtype.py --part time --reps 3
