@@ -98,6 +98,16 @@ def test_factory_refuses(factory, name, value, exc, text):
         factory(loss, **{name: value})
 
 
+@pytest.mark.parametrize("factory", [jattri.trak, jattri.tracin])
+@pytest.mark.parametrize("projection", ["sjlt", "kronecker"])
+def test_projection_dtype_refused_without_a_dense_product(factory, projection):
+    """A projection named with no dense product refuses ``projection_dtype``, naming
+    both arguments; ``"auto"`` takes it (and drops it where it picks one of those)."""
+    with pytest.raises(ValueError, match=f"projection={projection!r} does no dense product"):
+        factory(loss, proj_dim=8, projection=projection, projection_dtype="bfloat16")
+    factory(loss, proj_dim=8, projection="auto", projection_dtype="bfloat16")
+
+
 @pytest.mark.parametrize("name,value,exc,text", [
     ("l2", 0.0, ValueError, "`l2` must be a real number > 0"),
     ("l2", "1e-3", TypeError, "`l2`"),

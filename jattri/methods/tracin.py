@@ -518,8 +518,9 @@ def tracin(task: Any, *, weights: Optional[Sequence[float]] = None,
         gradients' dtype; ``"bfloat16"``: rounded to bfloat16 in the product and
         accumulated in the gradients' dtype, about 0.2% error in the projected
         gradients against the JL error √(2/k), faster where the hardware has bfloat16
-        products (:func:`jattri.trak`'s argument of the same name). Needs ``proj_dim``; ignored
-        where ``"auto"`` picks the SJLT or Kronecker projection.
+        products (:func:`jattri.trak`'s argument of the same name). Needs ``proj_dim``;
+        dropped where ``"auto"`` picks the SJLT or Kronecker projection; ``"sjlt"`` or
+        ``"kronecker"`` named with it is an error.
       factored: without a projection, take the inner products from each linear layer's
         inputs and output gradients, ⟨g_i, g_t⟩ = Σ_ℓ Σ_τσ ⟨ã_iτ, ã_tσ⟩⟨s_iτ, s_tσ⟩
         (Goodfellow, 2015), never forming a d-float gradient: exact, and

@@ -249,11 +249,12 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         the JL error √(2/k) (6% at k = 512), and the product runs as a bfloat16
         matrix product where the hardware has one (``jattri.func.gaussian_projection``).
         On the digits settings the scores moved by 0.09-0.32% and the LDS by at most
-        0.0003; the compiled call on dattri's MLP took 0.64× the float32 one on a
-        2-core Zen 4 CPU (``benchmarks/projection_dtype.py``; ``benchmarks/RESULTS.md``,
+        0.0003; the compiled call on dattri's MLP took 0.64-0.69× the float32 one on
+        a 2-core Zen 4 CPU (``benchmarks/projection_dtype.py``; ``benchmarks/RESULTS.md``,
         "bfloat16 products for the dense projection"). The kernel, its solve and the
-        scores stay in the gradients' dtype. Ignored by the SJLT and Kronecker
-        projections (no dense product; ``"sjlt"`` named with it is an error).
+        scores stay in the gradients' dtype. Needs ``proj_dim``; dropped where
+        ``"auto"`` picks the SJLT or Kronecker projection (no dense product);
+        ``"sjlt"`` or ``"kronecker"`` named with it is an error.
 
     Memory: state n·M·k + M·k² floats; peak ``chunk_size`` gradients of d floats plus
     the projection's ``proj_chunk_size × k`` block; with the Kronecker projection no
