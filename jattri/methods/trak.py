@@ -142,8 +142,8 @@ def _cache_step(config, args, carry, chunk):
         if proj_config[2] is not None or proj_config[-1] is not None:
             # projected: the sum by one backward pass, so that the projection meets the
             # gradients leaf by leaf, never raveled (on dattri's MLP, 5,000 examples,
-            # k = 512, the raveled gradients cost the default-damping call 0.4-0.6 s of
-            # 4.5-4.8 s: benchmarks/trak_default_damping.py)
+            # k = 512, the raveled gradients cost the default-damping call about 10%,
+            # 4.71 s against 4.23 s: benchmarks/trak_default_damping.py)
             return (_phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r,
                     -_common.grad_sum(fns.train_margin, params, aux, chunk, qv))
         g = _common.chunk_grads(fns.train_margin, params, aux, chunk)  # (size, d): φ itself
