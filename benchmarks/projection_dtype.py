@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,6 +147,7 @@ def pieces_part(n, reps, k=512) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    import floors
     from jattri.func import projection as proj
 
     dims = ((784, 128), (128, 64), (64, 10))
@@ -166,14 +168,7 @@ def pieces_part(n, reps, k=512) -> dict:
     def grads(p, x, y):
         return jax.tree_util.tree_leaves(jax.vmap(jax.grad(loss), (None, 0, 0))(p, x, y))
 
-    def best(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t)
-        return min(times)
+    best = partial(floors._best, reps=reps)  # the least of reps calls after a warm-up
 
     seed = proj.seed_words(jax.random.PRNGKey(0))
     make_p = jax.jit(lambda s: proj._gaussian_seeded(s, jnp.arange(d), k, jnp.float32)
