@@ -139,9 +139,10 @@ def _bf16(a):
 
 
 def trak_reference(task, params_list, train, test, proj_dim, damping, key, shared=False,
-                   bfloat16=False):
+                   bfloat16=False, projection="gaussian"):
     """TRAK by hand: margins by loops, dense projection matrices (member m's drawn from
-    ``fold_in(key, m)``, or ``key`` for all with ``shared``), explicit formula.
+    ``fold_in(key, m)``, or ``key`` for all with ``shared``; ``projection`` the kind, its
+    matrix read from the projector), explicit formula.
     ``bfloat16``: the margin gradients and P rounded to bfloat16 before their product
     (P's rounded entries read from the projector: the identity's rows are exact)."""
     (x, y), (xt, yt) = train, test
@@ -150,9 +151,10 @@ def trak_reference(task, params_list, train, test, proj_dim, damping, key, share
     acc, q = 0, 0
     for m, p in enumerate(params_list):
         d = ravel_pytree(p)[0].size
-        proj = jattri.func.gaussian_projection(key if shared else jax.random.fold_in(key, m),
-                                               d, proj_dim,
-                                               dtype="bfloat16" if bfloat16 else None)
+        proj = jattri.func.random_projection(projection,
+                                             key if shared else jax.random.fold_in(key, m),
+                                             d, proj_dim,
+                                             dtype="bfloat16" if bfloat16 else None)
         pm = np.asarray(proj(jnp.eye(d)))  # the dense (d, k) matrix, for reference
         rnd = _bf16 if bfloat16 else (lambda a: a)
         grad_l = jax.jit(jax.grad(margin(loss_fn)))
