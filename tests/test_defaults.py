@@ -147,12 +147,15 @@ def test_trak_default_damping_is_the_objectives_l2_in_the_kernel():
     with_prob = jattri.trak(task, proj_dim=8, key=key, prob_fn=prob_fn)
     np.testing.assert_allclose(with_prob.cache(members, train).damping, state.damping,
                                rtol=1e-8)
-    # the SJLT: φ projected leaf by leaf and Σ∇loss by one backward pass, as the dense
-    sjlt = jattri.trak(task, proj_dim=8, key=key, projection="sjlt")
-    np.testing.assert_allclose(
-        np.asarray(sjlt.attribute(sjlt.cache(members, train), train)),
-        trak_reference(task, [params], train, train, 8, rule, key, projection="sjlt"),
-        rtol=1e-7, atol=1e-10)
+    # the SJLT (φ projected leaf by leaf and Σ∇loss by one backward pass, as the dense),
+    # and no projection (Σ∇loss from the raveled gradients that are φ)
+    for k, projection in ((8, "sjlt"), (None, "auto")):
+        other = jattri.trak(task, proj_dim=k, key=key, projection=projection)
+        np.testing.assert_allclose(
+            np.asarray(other.attribute(other.cache(members, train), train)),
+            trak_reference(task, [params], train, train, k, rule, key,
+                           projection=projection),
+            rtol=1e-7, atol=1e-10)
     fixed = jattri.trak(task, proj_dim=8, key=key, damping=0.1)
     assert fixed.cache(members, train).damping is None
     np.testing.assert_allclose(

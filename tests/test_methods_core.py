@@ -142,7 +142,8 @@ def trak_reference(task, params_list, train, test, proj_dim, damping, key, share
                    bfloat16=False, projection="gaussian"):
     """TRAK by hand: margins by loops, dense projection matrices (member m's drawn from
     ``fold_in(key, m)``, or ``key`` for all with ``shared``; ``projection`` the kind, its
-    matrix read from the projector), explicit formula.
+    matrix read from the projector; ``proj_dim=None``: no projection, P = I), explicit
+    formula.
     ``bfloat16``: the margin gradients and P rounded to bfloat16 before their product
     (P's rounded entries read from the projector: the identity's rows are exact)."""
     (x, y), (xt, yt) = train, test
@@ -151,11 +152,13 @@ def trak_reference(task, params_list, train, test, proj_dim, damping, key, share
     acc, q = 0, 0
     for m, p in enumerate(params_list):
         d = ravel_pytree(p)[0].size
-        proj = jattri.func.random_projection(projection,
-                                             key if shared else jax.random.fold_in(key, m),
-                                             d, proj_dim,
-                                             dtype="bfloat16" if bfloat16 else None)
-        pm = np.asarray(proj(jnp.eye(d)))  # the dense (d, k) matrix, for reference
+        if proj_dim is None:
+            pm = np.eye(d)
+        else:
+            proj = jattri.func.random_projection(
+                projection, key if shared else jax.random.fold_in(key, m), d, proj_dim,
+                dtype="bfloat16" if bfloat16 else None)
+            pm = np.asarray(proj(jnp.eye(d)))  # the dense (d, k) matrix, for reference
         rnd = _bf16 if bfloat16 else (lambda a: a)
         grad_l = jax.jit(jax.grad(margin(loss_fn)))
         grad_t = jax.jit(jax.grad(margin(target_fn)))
@@ -165,7 +168,8 @@ def trak_reference(task, params_list, train, test, proj_dim, damping, key, share
                              for j in range(len(xt))])) @ pm
         kern = phi.T @ phi
         rel = damping(kern) if callable(damping) else damping  # relative to tr/k
-        kern += rel * np.trace(kern) / proj_dim * np.eye(proj_dim)
+        k = pm.shape[1]
+        kern += rel * np.trace(kern) / k * np.eye(k)
         acc = acc + phi @ np.linalg.inv(kern) @ phit.T
         loss_i = jax.jit(loss_fn)
         q = q + np.array([1 - np.exp(-float(loss_i(p, (x[i], y[i])))) for i in range(len(x))])

@@ -137,17 +137,16 @@ def _cache_step(config, args, carry, chunk):
         q = jax.vmap(fns.q, (None, 0, 0, None))(params, chunk.data, chunk.index, aux)
         qv = q.astype(valid.dtype) * valid
         r = jnp.sum(qv * (1 - q.astype(valid.dtype)))
+        phi = _phi(proj_config, fns.train_margin, params, aux, key, chunk)
         if stats < 2:
-            return _phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r, None
-        if proj_config[2] is not None or proj_config[-1] is not None:
-            # projected: the sum by one backward pass, so that the projection meets the
-            # gradients leaf by leaf, never raveled (on dattri's MLP, 5,000 examples,
-            # k = 512, the raveled gradients cost the default-damping call about 10%,
-            # 4.71 s against 4.23 s: benchmarks/trak_default_damping.py)
-            return (_phi(proj_config, fns.train_margin, params, aux, key, chunk), q, r,
-                    -_common.grad_sum(fns.train_margin, params, aux, chunk, qv))
-        g = _common.chunk_grads(fns.train_margin, params, aux, chunk)  # (size, d): φ itself
-        return g, q, r, -(qv.astype(g.dtype) @ g)
+            return phi, q, r, None
+        if proj_config[2] is None:  # no projection: φ is the raveled gradients themselves
+            return phi, q, r, -(qv.astype(phi.dtype) @ phi)
+        # projected (the Kronecker kind too): the sum by one backward pass, so that the
+        # projection meets the gradients leaf by leaf, never raveled (on dattri's MLP,
+        # 5,000 examples, k = 512, the raveled gradients cost the default-damping call
+        # about 10%, 4.71 s against 4.23 s: benchmarks/trak_default_damping.py)
+        return phi, q, r, -_common.grad_sum(fns.train_margin, params, aux, chunk, qv)
 
     phi, q, r, gsum = _common.member_map(one, members, keys)  # (M, size, k), (M, size)
     out = (jnp.swapaxes(phi, 0, 1), jnp.mean(q, axis=0))
