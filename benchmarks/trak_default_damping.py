@@ -1,7 +1,8 @@
 """TRAK's call with its default damping (``damping=None``: the stationary L2 carried
 into the kernel, which needs Σ_i ∇loss_i from the same pass) against ``damping=0.0``
 (no statistics), on dattri's MLP shape (784-128-64-10, 109,386 parameters; random
-weights and inputs: the times do not depend on them), 5,000 train × 500 test, k = 512.
+weights and inputs: the times do not depend on them; ``vs_dattri.py``'s plain-JAX
+model), 5,000 train × 500 test, k = 512.
 Each call is ``cache`` + ``attribute``; the first includes compilation.
 
     python benchmarks/trak_default_damping.py --reps 3
@@ -31,18 +32,19 @@ def main(argv=None) -> int:
     import numpy as np
 
     import jattri
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from floors import MLP_SIZES
+    from vs_dattri import _dense_logits  # vs_dattri's plain-JAX model of dattri's MLP
 
-    dims = ((784, 128), (128, 64), (64, 10))
+    dims = tuple(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
     keys = jax.random.split(jax.random.PRNGKey(0), len(dims))
-    params = {f"l{i}": {"kernel": jax.random.normal(kk, (a, b)) / np.sqrt(a),
-                        "bias": jnp.zeros(b)} for i, (kk, (a, b)) in enumerate(zip(keys, dims))}
+    params = {f"fc{i + 1}": {"kernel": jax.random.normal(kk, (a, b)) / np.sqrt(a),
+                             "bias": jnp.zeros(b)}
+              for i, (kk, (a, b)) in enumerate(zip(keys, dims))}
 
     def loss(p, z):
         h, y = z
-        for i in range(len(dims)):
-            h = h @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"]
-            h = jax.nn.relu(h) if i < len(dims) - 1 else h
-        return -jax.nn.log_softmax(h)[y]
+        return -jax.nn.log_softmax(_dense_logits(p, h))[y]
 
     rng = np.random.default_rng(0)
     n = args.n_train

@@ -145,7 +145,7 @@ def _cache_step(config, args, carry, chunk):
         # projected (the Kronecker kind too): the sum by one backward pass, so that the
         # projection meets the gradients leaf by leaf, never raveled (on dattri's MLP,
         # 5,000 examples, k = 512, the raveled gradients cost the default-damping call
-        # about 10%, 4.71 s against 4.23 s: benchmarks/trak_default_damping.py)
+        # about 11%, 4.72 s against 4.19 s: benchmarks/trak_default_damping.py)
         return phi, q, r, -_common.grad_sum(fns.train_margin, params, aux, chunk, qv)
 
     phi, q, r, gsum = _common.member_map(one, members, keys)  # (M, size, k), (M, size)
