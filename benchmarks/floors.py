@@ -20,7 +20,9 @@ machine: the whole LR matrix at 4f31d20 and the MLP's TRAK, TracIn and Arnoldi o
 - ``cg``: 20 CG iterations (and the initial residual) on 500 right-hand sides, each one
   Hessian-vector product of the softmax regression over 5,000 examples: X̃V, the 10 × 10
   softmax Hessian per example, X̃ᵀZ. Timed: the two matrix products alone (3.9·10¹⁰
-  multiply-adds each), 21 times, a lower bound on any implementation.
+  multiply-adds each), 21 times: a lower bound on one CG per system (``block=1``),
+  not on ``influence_cg``'s default block CG, which needs fewer products (5 steps
+  here, ``benchmarks/block_cg.py``).
 - ``trak``: TRAK with the Kronecker projection (k = 510): features of 5,500 examples,
   the 510 × 510 kernel, its solve against the 500 test features, the 5,000 × 500 scores.
 - ``dense``: TRAK and TracIn with a dense projection (the benchmark's ``trak`` and

@@ -240,7 +240,7 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
 
     Memory: six ``(s, d)`` arrays per block (solutions, residuals, directions and their
     products, the previous directions and theirs) and one ``(s, s)``; the blocks of
-    ``b`` are vmapped. Cost per step and row: one product with A and about 6·s·d
+    ``b`` are vmapped. Cost per step and row: one product with A and about 11·s·d
     multiply-adds.
     """
     if b.ndim != 2:
