@@ -140,3 +140,16 @@ def test_influence_cg_checks_block(value, err, match):
     loss, *_ = _problem()
     with pytest.raises(err, match=match):
         jattri.influence_cg(loss, block=value)
+
+
+def test_block_cg_stops_once_it_has_searched_twice_the_dimension():
+    """``tol=0`` is out of reach; the block stops once its directions number 2·d (in
+    exact arithmetic it ends within d): 20 unknowns, blocks of 5 rows, so after at most
+    8 steps of 5 directions (9 when a step keeps fewer), not at ``maxiter``, solved."""
+    a = _spd(20, [10.0, 40.0])
+    b = np.random.default_rng(8).standard_normal((5, 20))
+    aj, bj = jnp.asarray(a), jnp.asarray(b)
+    solve = lambda k: np.asarray(block_cg_solve(lambda v: v @ aj, bj, maxiter=k, tol=0.0))
+    assert np.array_equal(solve(9), solve(1000))
+    assert not np.array_equal(solve(2), solve(1000))
+    np.testing.assert_allclose(solve(1000), np.linalg.solve(a, b.T).T, rtol=1e-9, atol=1e-11)

@@ -226,8 +226,11 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
     eigenvalue give A-orthonormal directions P (nearly dependent ones, such as the rows
     of systems already solved, are dropped, so a rank-deficient block does not break
     down); X += R Pᵀ P, R −= R Pᵀ (A P). It stops when every row has ‖r‖ ≤ ``tol``·‖b‖,
-    after ``maxiter`` steps (default 10·d), or when no direction is left. Zero rows
-    (padding) stay zero.
+    after ``maxiter`` steps (default 10·d), when no direction is left, or once the
+    directions searched number 2·d: in exact arithmetic the block ends within d of them
+    (⌈d/s⌉ steps), and beyond twice that only rounding would be reworked (float32 on an
+    ill-conditioned A, where ``tol`` is out of reach, would otherwise run ``maxiter``
+    steps). Zero rows (padding) stay zero.
 
     In exact arithmetic the solutions do not depend on how rows are grouped once
     converged; before that, a row's iterate is the best one in its block's shared
@@ -272,12 +275,18 @@ def _block_cg(matmat, b, maxiter, tol):
     eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
     stop = tol ** 2 * jnp.sum(b * b, axis=1)
 
+    # the dimensions searched so far: in exact arithmetic the block ends once they reach
+    # d; at twice that, further steps would only rework rounding (float32 on an
+    # ill-conditioned A, where `tol` may be out of reach)
+    most = 2 * b.shape[1]
+
     def cond(state):
-        _, r, _, _, k, bad, live = state
-        return jnp.any(jnp.sum(r * r, axis=1) > stop) & (k < maxiter) & ~bad & live
+        _, r, _, _, k, bad, dims = state
+        return (jnp.any(jnp.sum(r * r, axis=1) > stop) & (k < maxiter) & ~bad
+                & (dims > 0) & (dims < most))
 
     def body(state):
-        x, r, p_prev, ap_prev, k, _, _ = state
+        x, r, p_prev, ap_prev, k, _, dims = state
         z = r - (r @ ap_prev.T) @ p_prev          # A-orthogonal to the last directions
         norms = jnp.linalg.norm(z, axis=1, keepdims=True)
         z = z / jnp.maximum(norms, tiny)
@@ -289,10 +298,11 @@ def _block_cg(matmat, b, maxiter, tol):
         # benchmarks/block_cg.py, 14 steps instead of 4 to a residual of 10⁻⁶)
         p, ap, keep, _ = _a_orthonormal(p, ap, 0.5)
         c = r @ p.T
-        return x + c @ p, r - c @ ap, p, ap, k + 1, bad, jnp.any(keep)
+        kept = jnp.sum(keep)
+        return x + c @ p, r - c @ ap, p, ap, k + 1, bad, jnp.where(kept > 0, dims + kept, 0)
 
     zero = jnp.zeros_like(b)
-    state = (zero, b, zero, zero, 0, jnp.array(False), jnp.array(True))
+    state = (zero, b, zero, zero, 0, jnp.array(False), jnp.array(1))
     x, _, _, _, _, bad, _ = jax.lax.while_loop(cond, body, state)
     return jnp.where(bad, jnp.nan, x)
 
