@@ -166,12 +166,16 @@ def main(argv=None) -> int:
                    help="comma-separated block sizes (1: one CG per system)")
     p.add_argument("--steps", default="1,2,3,4,5,6,8,10,15,20")
     p.add_argument("--work", default=None, help="vs_dattri-style work dir (made if absent)")
+    p.add_argument("--damping", type=float, default=None,
+                   help="λ instead of the workload's 1%% of the top eigenvalue")
     args = p.parse_args(argv)
     args.blocks = [int(x) for x in args.blocks.split(",")]
     args.steps = [int(x) for x in args.steps.split(",") if x]
     work = args.work or os.path.join(tempfile.gettempdir(), "jattri_block_cg_lr")
     import jax
     cfg, data, params, logits = _workload(work)
+    if args.damping is not None:
+        cfg["damping"] = args.damping
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}; λ = {cfg['damping']}; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
