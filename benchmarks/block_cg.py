@@ -32,9 +32,9 @@ import time
 
 
 def _workload(work):
-    import jax
     import numpy as np
 
+    import jattri
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import vs_dattri
 
@@ -43,7 +43,6 @@ def _workload(work):
     with open(os.path.join(work, "settings.json")) as f:
         cfg = json.load(f)
     data = np.load(os.path.join(work, "data.npz"))
-    import jattri
     params = vs_dattri._dense_params(jattri.interop.load_pt(cfg["ckpts"][-1]))
     return cfg, data, params, vs_dattri._dense_logits
 

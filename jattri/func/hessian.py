@@ -277,13 +277,14 @@ def _block_cg(matmat, b, maxiter, tol):
 
     # the dimensions searched so far: in exact arithmetic the block ends once they reach
     # d; at twice that, further steps would only rework rounding (float32 on an
-    # ill-conditioned A, where `tol` may be out of reach)
+    # ill-conditioned A, where `tol` may be out of reach). A step that keeps no
+    # direction ends the solve too.
     most = 2 * b.shape[1]
 
     def cond(state):
         _, r, _, _, k, bad, dims = state
         return (jnp.any(jnp.sum(r * r, axis=1) > stop) & (k < maxiter) & ~bad
-                & (dims > 0) & (dims < most))
+                & (dims < most))
 
     def body(state):
         x, r, p_prev, ap_prev, k, _, dims = state
@@ -299,10 +300,10 @@ def _block_cg(matmat, b, maxiter, tol):
         p, ap, keep, _ = _a_orthonormal(p, ap, 0.5)
         c = r @ p.T
         kept = jnp.sum(keep)
-        return x + c @ p, r - c @ ap, p, ap, k + 1, bad, jnp.where(kept > 0, dims + kept, 0)
+        return x + c @ p, r - c @ ap, p, ap, k + 1, bad, jnp.where(kept > 0, dims + kept, most)
 
     zero = jnp.zeros_like(b)
-    state = (zero, b, zero, zero, 0, jnp.array(False), jnp.array(1))
+    state = (zero, b, zero, zero, 0, jnp.array(False), jnp.array(0))
     x, _, _, _, _, bad, _ = jax.lax.while_loop(cond, body, state)
     return jnp.where(bad, jnp.nan, x)
 

@@ -1045,11 +1045,10 @@ def _cg_apply(config, args, v):
     fns, members, _, damping, train = args
 
     def one(p, a, vj):
+        matmat = lambda xs: _mean_cvp(fns, p, a, train, xs, size) + damping * xs
         if block > 1:
-            matmat = lambda xs: _mean_cvp(fns, p, a, train, xs, size) + damping * xs
             return block_cg_solve(matmat, vj, maxiter=maxiter, tol=tol, block=block)
-        matvec = lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0] + damping * x
-        return cg_solve(matvec, vj, maxiter=maxiter, tol=tol)
+        return cg_solve(lambda x: matmat(x[None])[0], vj, maxiter=maxiter, tol=tol)
 
     return _common.member_map(one, members, v)
 
