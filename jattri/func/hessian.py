@@ -242,8 +242,9 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
     singular there: that block's rows come back NaN, which :func:`check_cg` turns into
     ``ValueError``.
 
-    Memory: six ``(s, d)`` arrays per block (solutions, residuals, directions and their
-    products, the previous directions and theirs) and one ``(s, s)``; the blocks of
+    Memory: about eight ``(s, d)`` arrays per block (solutions, residuals and the last
+    directions and their products, carried; the new directions and their products,
+    before and after each pass) and a few ``(s, s)``; the blocks of
     ``b`` are vmapped. Cost per step and row: one product with A and about 11·s·d
     multiply-adds.
     """

@@ -1110,9 +1110,10 @@ def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 1
         semi-definite; for non-convex models). chunk_size: examples per chunk
         (gradients and products). relatif: ``None``, ``"l"`` or ``"theta"``.
 
-    Memory: state nothing (+ n·M with RelatIF); ``attribute`` six min(n_train,
-    n_test)·d CG vectors per member (four with ``block=1``; train side: one chunk's)
-    plus the n_test·d test gradients, and one chunk's products for as many tangents.
+    Memory: state nothing (+ n·M with RelatIF); ``attribute`` about eight
+    min(n_train, n_test)·d CG vectors per member (four with ``block=1``; train side:
+    one chunk's) plus the n_test·d test gradients, and one chunk's products for as
+    many tangents.
     Cost per step and system: one curvature-vector product over the training set and
     about 11·block·d multiply-adds.
     """
