@@ -156,10 +156,80 @@ def _time(args, data, params, cfg, logits):
               f"{np.median(times[blk]):.2f} | {r:.6f} |")
 
 
+# One configuration in a fresh process: a linear model (d_in features, 10 classes), 640
+# training and 512 test examples (more training examples: the test side is solved), `influence_cg(maxiter=2)`; the attribute call compiled
+# ahead of time, its own peak resident memory (high-water mark reset just before it).
+_MEMORY_RUN = r"""
+import json, os, sys, time
+import jax, jax.numpy as jnp, numpy as np
+import jattri
+
+d_in, block, chunk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+chunk = None if chunk == "default" else int(chunk)
+page = os.sysconf("SC_PAGE_SIZE")
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.normal(size=(d_in, 10)) * 0.01, jnp.float32),
+          "b": jnp.zeros(10, jnp.float32)}
+data = lambda n: (jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32),
+                  jnp.asarray(rng.integers(0, 10, n), jnp.int32))
+train, test = data(640), data(512)
+loss = lambda p, z: -jax.nn.log_softmax(z[0] @ p["w"] + p["b"])[z[1]]
+attr = jattri.influence_cg(loss, damping=0.1, maxiter=2, block=block, chunk_size=chunk)
+state = jax.block_until_ready(attr.cache(params, train))
+run = jax.jit(lambda s, t: attr.attribute(s, t)).lower(state, test).compile()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * page
+t = time.perf_counter()
+scores = jax.block_until_ready(run(state, test))
+seconds = time.perf_counter() - t
+with open("/proc/self/status") as f:
+    peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+print("RESULT " + json.dumps(dict(peak=peak - before, seconds=seconds,
+                                  finite=bool(jnp.all(jnp.isfinite(scores))))))
+"""
+
+
+def _memory(args):
+    """Peak memory of ``attribute``'s solve at d = 10·d_in + 10, by default (systems as
+    many at once as the chunk budget holds) and with all 512 at once (chunk_size=512)."""
+    import subprocess
+
+    import jax.numpy as jnp
+    from jattri.methods import _common
+    from jattri.task import as_members
+    d = 10 * args.d_in + 10
+    members = as_members({"w": jnp.zeros((d,), jnp.float32)})
+    print(f"d = {d:,}, 512 test systems, 640 training examples, maxiter 2\n")
+    print("| block | systems at once | peak of the call, MB | CG vectors, MB | time, s |")
+    print("|---|---|---|---|---|")
+    for block in args.blocks:
+        for chunk in ("default", "512"):
+            proc = subprocess.run([sys.executable, "-c", _MEMORY_RUN, str(args.d_in),
+                                   str(block), chunk], capture_output=True, text=True)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                print(f"| {block} | {chunk} | failed: {proc.stderr[-300:]!r} | | |")
+                continue
+            out = json.loads(line[0][len("RESULT "):])
+            per_row = (8 if block > 1 else 4) * d * 4       # bytes of CG vectors per system
+            rows = 512 if chunk == "512" else _common.chunk_size_for(
+                None, members, None, per_row // 4)
+            unit = min(block, 512)                          # whole blocks, balanced groups
+            groups = -(-512 // max(unit, rows // unit * unit))
+            held = -(-(512 // unit) // groups) * unit if block > 1 else -(-512 // groups)
+            print(f"| {block} | {'all 512' if chunk == '512' else f'{held} (default)'} | "
+                  f"{out['peak'] / 1e6:,.0f} | {held * per_row / 1e6:,.0f} | "
+                  f"{out['seconds']:.2f} |", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("accuracy", "time"), required=True)
+    p.add_argument("--part", choices=("accuracy", "time", "memory"), required=True)
+    p.add_argument("--d-in", type=int, default=50_000,
+                   help="--part memory: input features of its linear model (d = 10·d_in + 10)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--blocks", default="1,32,128,512",
                    help="comma-separated block sizes (1: one CG per system)")
@@ -170,8 +240,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.blocks = [int(x) for x in args.blocks.split(",")]
     args.steps = [int(x) for x in args.steps.split(",") if x]
-    work = args.work or os.path.join(tempfile.gettempdir(), "jattri_block_cg_lr")
     import jax
+    if args.part == "memory":
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"jax {jax.__version__}", flush=True)
+        _memory(args)
+        return 0
+    work = args.work or os.path.join(tempfile.gettempdir(), "jattri_block_cg_lr")
     cfg, data, params, logits = _workload(work)
     if args.damping is not None:
         cfg["damping"] = args.damping

@@ -1,5 +1,11 @@
 """Block CG (``jattri.func.hessian.block_cg_solve``) and ``influence_cg``'s ``block``,
 against float64 solves."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +163,134 @@ def test_block_cg_stops_once_it_has_searched_twice_the_dimension():
     assert np.array_equal(solve(20), solve(1000))
     assert not np.array_equal(solve(5), solve(1000))
     assert np.max(np.abs(solve(1000) - want)) / np.max(np.abs(want)) < 5e-3
+
+
+def test_in_groups_changes_no_solution():
+    """Plain and block CG with the systems split in groups (``at_once``) give the
+    float64 solution of every row, as all at once does: 23 rows, blocks of 4 (6 blocks,
+    the last padded), groups of 1-7 blocks or rows."""
+    a = _spd(30, [40.0, 300.0])
+    b = np.random.default_rng(3).standard_normal((23, 30))
+    want = np.linalg.solve(a, b.T).T
+    aj, bj = jnp.asarray(a), jnp.asarray(b)
+    for at_once in (None, 1, 3, 4, 5, 8, 22, 23, 100):
+        block = np.asarray(block_cg_solve(lambda v: v @ aj, bj, maxiter=100, tol=1e-13,
+                                          block=4, at_once=at_once))
+        plain = np.asarray(cg_solve(lambda v: aj @ v, bj, maxiter=100, tol=1e-13,
+                                    at_once=at_once))
+        np.testing.assert_allclose(block, want, rtol=1e-9, atol=1e-11, err_msg=str(at_once))
+        np.testing.assert_allclose(plain, want, rtol=1e-9, atol=1e-11, err_msg=str(at_once))
+
+
+def test_influence_cg_in_groups_equals_explicit_influence():
+    """``chunk_size=2`` makes ``attribute`` solve its 7 test systems in groups (of 2
+    rows, or one block of 3): the scores are still explicit influence's."""
+    loss, params, train, test = _problem(seed=4)
+    exact = jattri.influence_explicit(loss, damping=0.05)
+    want = np.asarray(exact.attribute(exact.cache(params, train), test))
+    for block in (1, 3):
+        attr = jattri.influence_cg(loss, damping=0.05, maxiter=300, tol=1e-12, block=block,
+                                   chunk_size=2)
+        np.testing.assert_allclose(np.asarray(attr.attribute(attr.cache(params, train), test)),
+                                   want, rtol=1e-7, atol=1e-9, err_msg=str(block))
+
+
+def test_lissa_in_groups_draws_the_same_minibatches():
+    """LiSSA with minibatches of 10: its 7 test systems solved 2 at a time
+    (``chunk_size=2``) give the scores of all at once, every group drawing the same
+    minibatches; a wrong grouping (another key per group) would not."""
+    loss, params, train, test = _problem(seed=5)
+    scores = {}
+    for chunk in (None, 2):
+        attr = jattri.influence_lissa(loss, damping=0.05, depth=60, batch_size=10, repeats=2,
+                                      chunk_size=chunk)
+        scores[chunk] = np.asarray(attr.attribute(attr.cache(params, train), test))
+    np.testing.assert_allclose(scores[2], scores[None], rtol=1e-10, atol=1e-12)
+    assert np.abs(scores[None]).max() > 0
+
+
+def test_cg_rows_follow_the_chunk_budget():
+    """Systems solved at once: the chunk budget over 8·d floats (4·d with ``block=1``),
+    or the user's ``chunk_size``."""
+    from jattri import engine
+    from jattri.methods import influence
+    from jattri.task import as_members
+    members = lambda d: as_members({"w": jnp.zeros((d,), jnp.float32)})
+    budget = engine.DEFAULT_CHUNK_BYTES
+    assert influence._cg_rows(None, members(7850), 128) == budget // (4 * 8 * 7850)
+    assert influence._cg_rows(None, members(7850), 1) == budget // (4 * 4 * 7850)
+    assert influence._cg_rows(None, members(10**9), 128) == 1
+    assert influence._cg_rows(64, members(7850), 128) == 64
+
+
+# A linear model with d = 50,010 parameters, 640 training and 512 test examples (more
+# training examples, so that the test side's systems are solved), blocks of 128, 2
+# steps, the attribute call compiled ahead of time; the peak resident memory of the
+# run itself (high-water mark reset just before it, as in test_scale_memory.py), by
+# default and with every system at once (chunk_size=512).
+_CG_MEMORY = textwrap.dedent(r"""
+    import json, os, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import jattri
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss_now():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def rss_peak():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+
+    d_in, classes = 5_000, 10
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(d_in, classes)) * 0.01, jnp.float32),
+              "b": jnp.zeros(classes, jnp.float32)}
+
+    def data(n):
+        return (jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32),
+                jnp.asarray(rng.integers(0, classes, n), jnp.int32))
+
+    def loss(p, z):
+        x, y = z
+        return -jax.nn.log_softmax(x @ p["w"] + p["b"])[y]
+
+    train, test = data(640), data(512)
+    out = {}
+    for name, chunk in (("default", None), ("all at once", 512)):
+        attr = jattri.influence_cg(loss, damping=0.1, maxiter=2, block=128, chunk_size=chunk)
+        state = jax.block_until_ready(attr.cache(params, train))
+        compiled = jax.jit(lambda s, t, a=attr: a.attribute(s, t)).lower(state, test).compile()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = rss_now()
+        scores = jax.block_until_ready(compiled(state, test))
+        out[name] = dict(peak=rss_peak() - before, shape=list(scores.shape),
+                         finite=bool(jnp.all(jnp.isfinite(scores))))
+        del scores
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_cg_holds_one_block_of_vectors_at_a_time_on_a_large_model():
+    """d = 50,010, 512 test systems in blocks of 128. With every system at once
+    (the control) the call's peak holds all four blocks' eight (128, d) CG arrays
+    (819 MB; 1,076 MB measured). By default (a 256 MiB budget: 167 systems' CG
+    vectors) one block runs at a time: the peak is below the control by at least half
+    of the three other blocks' arrays (614 MB; 470 MB less measured: 606 MB)."""
+    d = 5_000 * 10 + 10
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_ENABLE_X64="0",
+               XLA_FLAGS=os.environ.get("JATTRI_TEST_FAST_XLA", ""))
+    proc = subprocess.run([sys.executable, "-c", _CG_MEMORY], capture_output=True,
+                          text=True, timeout=300, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, proc.stderr[-2000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    for run in out.values():
+        assert run["shape"] == [640, 512] and run["finite"], out
+    assert out["all at once"]["peak"] > 8 * 512 * d * 4, out
+    assert out["default"]["peak"] < out["all at once"]["peak"] - 0.5 * 8 * 384 * d * 4, out

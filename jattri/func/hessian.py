@@ -164,10 +164,14 @@ def _cg_jit(flat_f, theta, b, damping, maxiter, tol):
     return cg_solve(lambda x: hvp(flat_f, theta, x) + damping * x, b, maxiter=maxiter, tol=tol)
 
 
-def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: float) -> jax.Array:
+def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: float,
+             at_once: Optional[int] = None) -> jax.Array:
     """Solve ``A x = b`` by conjugate gradients (Hestenes & Stiefel, 1952) from x₀ = 0,
     stopping when ‖r‖ ≤ ``tol``·‖b‖ or after ``maxiter`` steps (default 10·d), as
-    ``jax.scipy.sparse.linalg.cg`` does; ``b`` is ``(d,)`` or ``(k, d)`` (vmapped).
+    ``jax.scipy.sparse.linalg.cg`` does; ``b`` is ``(d,)`` or ``(k, d)``: the k systems
+    are vmapped, ``at_once`` of them together (default all; the groups one after
+    another, :func:`in_groups`), so the solve holds about four ``(at_once, d)``
+    arrays. The grouping changes no system's result (up to rounding).
 
     A must be positive definite. A search direction p with pᵀAp ≤ 0 (A indefinite or
     singular along p) stops the solve and makes that right-hand side's result NaN,
@@ -201,11 +205,27 @@ def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: flo
         x, _, _, _, _, bad = jax.lax.while_loop(cond, body, state)
         return jnp.where(bad, jnp.nan, x)
 
-    return jax.vmap(solve)(b) if b.ndim == 2 else solve(b)
+    return in_groups(solve, b, at_once) if b.ndim == 2 else solve(b)
+
+
+def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int]) -> jax.Array:
+    """``jax.vmap(solve)(rows)``, ``at_once`` rows at a time: the k rows split into
+    ⌈k / at_once⌉ groups of equal size (zero rows padding the last), vmapped within a
+    group and run one group after another (``lax.map``), so memory follows the group,
+    not k. ``solve`` must map a zero row to zero (a solve from x₀ = 0 stops there at
+    once). ``at_once=None`` (or ≥ k): all rows together."""
+    k = rows.shape[0]
+    if at_once is None or int(at_once) >= k:
+        return jax.vmap(solve)(rows)
+    groups = -(-k // max(1, int(at_once)))
+    size = -(-k // groups)  # balanced: 500 rows at 153 go as 4 × 125, not 4 × 153
+    padded = jnp.pad(rows, ((0, groups * size - k),) + ((0, 0),) * (rows.ndim - 1))
+    out = jax.lax.map(jax.vmap(solve), padded.reshape((groups, size) + rows.shape[1:]))
+    return out.reshape((groups * size,) + out.shape[2:])[:k]
 
 
 def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], tol: float,
-                   block: Optional[int] = None) -> jax.Array:
+                   block: Optional[int] = None, at_once: Optional[int] = None) -> jax.Array:
     """Solve ``A X = B`` for the rows of ``b`` ``(k, d)`` by block conjugate gradients
     (O'Leary, 1980, "The block conjugate gradient algorithm and related methods"),
     ``block`` rows at a time (default all ``k``); ``matmat`` maps ``(s, d)`` rows to
@@ -244,8 +264,10 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
 
     Memory: about eight ``(s, d)`` arrays per block (solutions, residuals and the last
     directions and their products, carried; the new directions and their products,
-    before and after each pass) and a few ``(s, s)``; the blocks of
-    ``b`` are vmapped. Cost per step and row: one product with A and about 11·s·d
+    before and after each pass) and a few ``(s, s)``. The blocks of ``b`` are vmapped,
+    as many together as hold ``at_once`` rows (default all; at least one block), the
+    groups one after another (:func:`in_groups`); the grouping changes no block's
+    result (up to rounding). Cost per step and row: one product with A and about 11·s·d
     multiply-adds.
     """
     if b.ndim != 2:
@@ -255,7 +277,8 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
     s = k if block is None else max(1, min(int(block), k))
     pad = (-k) % s
     blocks = jnp.pad(b, ((0, pad), (0, 0))).reshape(-1, s, d)
-    out = jax.vmap(lambda rhs: _block_cg(matmat, rhs, maxiter, tol))(blocks)
+    out = in_groups(lambda rhs: _block_cg(matmat, rhs, maxiter, tol), blocks,
+                    None if at_once is None else max(1, int(at_once) // s))
     return out.reshape(-1, d)[:k]
 
 
