@@ -294,3 +294,28 @@ def test_cg_holds_one_block_of_vectors_at_a_time_on_a_large_model():
         assert run["shape"] == [640, 512] and run["finite"], out
     assert out["all at once"]["peak"] > 8 * 512 * d * 4, out
     assert out["default"]["peak"] < out["all at once"]["peak"] - 0.5 * 8 * 384 * d * 4, out
+
+
+def test_cg_runs_past_convergence_without_reading_it_as_singular():
+    """A linear softmax model at zero weights: its damped Hessian has 52 distinct
+    eigenvalues, so CG converges exactly well before 50 steps. With ``tol=0`` the
+    residual used to shrink on into underflow, pᵀAp read 0, and both solvers returned
+    NaN (``influence_cg`` raised, calling H + λI singular). Now they stop at eps and
+    give explicit influence's scores (float32, 1e-4 relative)."""
+    jax.config.update("jax_enable_x64", False)
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(400, 50)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 400), jnp.int32)
+    params = {"w": jnp.zeros((50, 10), jnp.float32), "b": jnp.zeros(10, jnp.float32)}
+
+    def loss(p, z):
+        return -jax.nn.log_softmax(z[0] @ p["w"] + p["b"])[z[1]]
+
+    test = (x[:40], y[:40])
+    exact = jattri.influence_explicit(loss, damping=0.1)
+    want = np.asarray(exact.attribute(exact.cache(params, (x, y)), test))
+    for block in (1, 128):
+        attr = jattri.influence_cg(loss, damping=0.1, maxiter=50, tol=0.0, block=block)
+        got = np.asarray(attr.attribute(attr.cache(params, (x, y)), test))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                   err_msg=str(block))

@@ -164,11 +164,21 @@ def _cg_jit(flat_f, theta, b, damping, maxiter, tol):
     return cg_solve(lambda x: hvp(flat_f, theta, x) + damping * x, b, maxiter=maxiter, tol=tol)
 
 
+def _stop(tol: float, dtype) -> jax.Array:
+    """The relative residual at which a CG solve stops: ``tol``, but never below the
+    dtype's eps. A residual below eps·‖b‖ is rounding: further steps change nothing
+    but, once it underflows, read pᵀAp = 0 as singular curvature: ``tol=0`` with
+    ``maxiter=20`` on a linear softmax model at zero weights (its damped Hessian has 52
+    distinct eigenvalues, so CG converges exactly) came back NaN, and
+    ``influence_cg`` raised."""
+    return jnp.maximum(tol, jnp.finfo(dtype).eps)
+
+
 def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: float,
              at_once: Optional[int] = None) -> jax.Array:
     """Solve ``A x = b`` by conjugate gradients (Hestenes & Stiefel, 1952) from x₀ = 0,
-    stopping when ‖r‖ ≤ ``tol``·‖b‖ or after ``maxiter`` steps (default 10·d), as
-    ``jax.scipy.sparse.linalg.cg`` does; ``b`` is ``(d,)`` or ``(k, d)``: the k systems
+    stopping when ‖r‖ ≤ ``tol``·‖b‖ (``tol`` at least the dtype's eps) or after
+    ``maxiter`` steps (default 10·d), as ``jax.scipy.sparse.linalg.cg`` does; ``b`` is ``(d,)`` or ``(k, d)``: the k systems
     are vmapped, ``at_once`` of them together (default all; the groups one after
     another, :func:`in_groups`), so the solve holds about four ``(at_once, d)``
     arrays. The grouping changes no system's result (up to rounding).
@@ -182,7 +192,7 @@ def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: flo
     maxiter = 10 * b.shape[-1] if maxiter is None else int(maxiter)
 
     def solve(rhs):
-        stop = tol ** 2 * jnp.vdot(rhs, rhs)
+        stop = _stop(tol, rhs.dtype) ** 2 * jnp.vdot(rhs, rhs)
 
         def cond(state):
             _, _, _, gamma, k, bad = state
@@ -245,8 +255,9 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
     (``(s, s)``) is diagonalised and its eigenvectors above ``10·eps`` of the largest
     eigenvalue give A-orthonormal directions P (nearly dependent ones, such as the rows
     of systems already solved, are dropped, so a rank-deficient block does not break
-    down); X += R Pᵀ P, R −= R Pᵀ (A P). It stops when every row has ‖r‖ ≤ ``tol``·‖b‖,
-    after ``maxiter`` steps (default 10·d), when no direction is left, or once the
+    down); X += R Pᵀ P, R −= R Pᵀ (A P). It stops when every row has
+    ‖r‖ ≤ ``tol``·‖b‖ (``tol`` at least the dtype's eps), after ``maxiter`` steps
+    (default 10·d), when no direction is left, or once the
     directions searched number 2·d: in exact arithmetic the block ends within d of them
     (⌈d/s⌉ steps), and beyond twice that only rounding would be reworked (float32 on an
     ill-conditioned A, where ``tol`` is out of reach, would otherwise run ``maxiter``
@@ -297,7 +308,7 @@ def _a_orthonormal(z, az, cut):
 def _block_cg(matmat, b, maxiter, tol):
     dtype = b.dtype
     eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
-    stop = tol ** 2 * jnp.sum(b * b, axis=1)
+    stop = _stop(tol, dtype) ** 2 * jnp.sum(b * b, axis=1)
 
     # the dimensions searched so far: in exact arithmetic the block ends once they reach
     # d; at twice that, further steps would only rework rounding (float32 on an

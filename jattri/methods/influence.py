@@ -1113,10 +1113,10 @@ def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 1
         (λ/2)‖θ‖² is H + λI, so this is the damping that makes influence Koh &
         Liang's; recorded in ``state.damping`` (as ``influence_explicit``).
       maxiter: CG iterations (steps of the block: one product per system each).
-        tol: relative residual, every system's. block: systems solved together
-        (default ``CG_BLOCK`` = 128). They share one Krylov space, so each is
-        solved in fewer products: on the 7,850-parameter LR with 500 test gradients
-        (``benchmarks/block_cg.py``, float32) 5 steps reach ``tol=1e-6`` (true
+        tol: relative residual, every system's (at least the dtype's eps). block:
+        systems solved together (default ``CG_BLOCK`` = 128). They share one Krylov
+        space, so each is solved in fewer products: on the 7,850-parameter LR with
+        500 test gradients (``benchmarks/block_cg.py``, float32) 5 steps reach ``tol=1e-6`` (true
         residual 1.2·10⁻⁵) where one CG per system (``block=1``, Koh & Liang's) is at
         1.3·10⁻³ after 20; its call is 3.75 s instead of 10.15 s. Where ``maxiter``
         binds (an ill-conditioned system) a block step costs more than a plain one
