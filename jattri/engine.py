@@ -643,6 +643,53 @@ def _tick(done) -> None:
         _STAGES[-1].update(int(done))
 
 
+def _tick_add(count) -> None:
+    """Called from inside a compiled solve (``jax.debug.callback``) after each group of
+    systems: ``count`` more examples' systems solved."""
+    if _STAGES:
+        _STAGES[-1].update(_STAGES[-1].done + int(count))
+
+
+class solve_stage(_stage):
+    """The stage of an iterative solve (CG, LiSSA) whose compiled program reports
+    each group of systems it finishes (:func:`solved`): ``done`` counts the examples
+    whose systems are solved, of ``total``. ``None`` unless :func:`progress` is on."""
+
+    def __init__(self, name: str, total: int, *traced: Any):
+        super().__init__(lambda: None, total, *traced)
+        if self.stage is not None:
+            self.stage.name = name
+
+
+_SOLVES_REPORT: list = []  # trace time: whether the solve being traced reports
+
+
+class reporting_solves:
+    """Trace-time context: :func:`solved` inside it compiles a host callback (for a
+    program traced under a :class:`solve_stage`; the caller makes the flag a static
+    argument of its jit, so programs traced without it carry no callback)."""
+
+    def __init__(self, on: bool):
+        self.on = bool(on)
+
+    def __enter__(self):
+        _SOLVES_REPORT.append(self.on)
+
+    def __exit__(self, *exc):
+        _SOLVES_REPORT.pop()
+        return False
+
+
+def solved(count: int, after: Any) -> None:
+    """In a solve traced inside ``reporting_solves(True)``: report ``count`` more
+    examples' systems solved to the current stage once ``after`` (the group's
+    solutions) is computed (a ``jax.debug.callback`` reading one of its entries);
+    elsewhere nothing."""
+    if _SOLVES_REPORT and _SOLVES_REPORT[-1]:
+        first = jnp.ravel(after)[:1]
+        jax.debug.callback(lambda c, _: _tick_add(c), count, first)
+
+
 class progress:
     """Report the progress of jattri's stages inside the block (silent otherwise)::
 

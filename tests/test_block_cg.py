@@ -319,3 +319,27 @@ def test_cg_runs_past_convergence_without_reading_it_as_singular():
         got = np.asarray(attr.attribute(attr.cache(params, (x, y)), test))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
                                    err_msg=str(block))
+
+
+def test_progress_reports_the_solve_group_by_group():
+    """Under ``jattri.progress`` CG's and LiSSA's solves are stages of their own,
+    counting the test examples whose systems are solved, a group at a time: 7 test
+    examples (padded to 7) with ``chunk_size=2`` go as 4 groups of 2 rows, or 3
+    blocks of 3; the scores equal those computed without reporting."""
+    loss, params, train, test = _problem(seed=7)
+    cases = (("cg solve", [2, 4, 6, 7], dict(block=1)),
+             ("cg solve", [3, 6, 7], dict(block=3)),
+             ("lissa solve", [2, 4, 6, 7], None))
+    for stage, want, kw in cases:
+        attr = (jattri.influence_lissa(loss, damping=0.05, depth=30, chunk_size=2)
+                if kw is None else
+                jattri.influence_cg(loss, damping=0.05, maxiter=50, chunk_size=2, **kw))
+        state = attr.cache(params, train)
+        quiet = np.asarray(attr.attribute(state, test))
+        seen = []
+        with jattri.progress(lambda p: seen.append((p.stage, p.done, p.total))):
+            loud = np.asarray(attr.attribute(state, test))
+        solves = [(done, total) for name, done, total in seen if name == stage]
+        assert [done for done, _ in solves] == want, (stage, seen)
+        assert all(total == 7 for _, total in solves), seen
+        np.testing.assert_array_equal(loud, quiet)

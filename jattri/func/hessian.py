@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from jattri import _checks
+from jattri import _checks, engine
 from jattri._jit import jit
 from jattri.func.grads import as_partial, flat_fn, unravel_fn
 from jattri.func.projection import derive_key, seeded_normal
@@ -218,19 +218,30 @@ def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: flo
     return in_groups(solve, b, at_once) if b.ndim == 2 else solve(b)
 
 
-def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int]) -> jax.Array:
+def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
+              per_row: int = 1) -> jax.Array:
     """``jax.vmap(solve)(rows)``, ``at_once`` rows at a time: the k rows split into
     ⌈k / at_once⌉ groups of equal size (zero rows padding the last), vmapped within a
     group and run one group after another (``lax.map``), so memory follows the group,
     not k. ``solve`` must map a zero row to zero (a solve from x₀ = 0 stops there at
-    once). ``at_once=None`` (or ≥ k): all rows together."""
+    once). ``at_once=None`` (or ≥ k): all rows together. Traced for a reporting
+    :class:`jattri.engine.solve_stage`, each finished group reports its
+    ``per_row`` × rows systems (:func:`jattri.engine.solved`)."""
     k = rows.shape[0]
     if at_once is None or int(at_once) >= k:
-        return jax.vmap(solve)(rows)
+        out = jax.vmap(solve)(rows)
+        engine.solved(per_row * k, out)
+        return out
     groups = -(-k // max(1, int(at_once)))
     size = -(-k // groups)  # balanced: 500 rows at 153 go as 4 × 125, not 4 × 153
     padded = jnp.pad(rows, ((0, groups * size - k),) + ((0, 0),) * (rows.ndim - 1))
-    out = jax.lax.map(jax.vmap(solve), padded.reshape((groups, size) + rows.shape[1:]))
+
+    def group(g):
+        out = jax.vmap(solve)(g)
+        engine.solved(per_row * size, out)
+        return out
+
+    out = jax.lax.map(group, padded.reshape((groups, size) + rows.shape[1:]))
     return out.reshape((groups * size,) + out.shape[2:])[:k]
 
 
@@ -289,7 +300,7 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
     pad = (-k) % s
     blocks = jnp.pad(b, ((0, pad), (0, 0))).reshape(-1, s, d)
     out = in_groups(lambda rhs: _block_cg(matmat, rhs, maxiter, tol), blocks,
-                    None if at_once is None else max(1, int(at_once) // s))
+                    None if at_once is None else max(1, int(at_once) // s), per_row=s)
     return out.reshape(-1, d)[:k]
 
 

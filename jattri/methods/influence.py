@@ -492,18 +492,32 @@ def _coord_tile(config, u, chunk):
     return jnp.mean(s, axis=1)
 
 
-_apply_jit = jit(
-    lambda apply, config, args, v, layout: engine.traced_with_layout(
-        layout, args[-1], lambda: apply(config, args, v)), static_argnums=(0, 1, 4))
+def _apply_traced(apply, config, args, v, layout, report):
+    with engine.reporting_solves(report):
+        return engine.traced_with_layout(layout, args[-1], lambda: apply(config, args, v))
+
+
+_apply_jit = jit(_apply_traced, static_argnums=(0, 1, 4, 5))
 
 
 def _apply(spec, config, args, v):
     """``spec.apply`` compiled once per (method, config, layout of the training set
     over devices), or run eagerly when it streams the training set (DataInf on a
-    Stream)."""
+    Stream). Under :func:`jattri.progress` a solve over the training set (CG, LiSSA:
+    ``spec.reads_train``) is a stage of its own, "<method> solve", counting the
+    examples whose systems are solved, a group at a time (its own program, with the
+    callbacks)."""
     if engine.is_stream(args[-1]):
         return spec.apply(config, args, v)
-    return _apply_jit(spec.apply, config, args, v, engine.layout_of(args[-1]))
+    layout = engine.layout_of(args[-1])
+    if not spec.reads_train:
+        return _apply_jit(spec.apply, config, args, v, layout, False)
+    name = spec.name.replace("influence_", "") + " solve"
+    with engine.solve_stage(name, v.shape[0] * v.shape[1], args, v) as stage:
+        out = _apply_jit(spec.apply, config, args, v, layout, stage is not None)
+        if stage is not None:
+            jax.block_until_ready(out)
+    return out
 
 
 def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
