@@ -548,13 +548,15 @@ def first_example(data: Any) -> PyTree:
 
 class Progress(NamedTuple):
     """One progress report: ``stage`` (the step's name, e.g. ``"ekfac covariance"``),
-    examples ``done`` of ``total`` (``None`` for a stream), ``seconds`` since the stage
-    began (compilation included)."""
+    ``done`` of ``total`` (``None`` for a stream), ``seconds`` since the stage began
+    (compilation included), counted in ``unit``: ``"examples"`` for every stage but
+    Arnoldi's fit (``"Krylov steps"``) and LiSSA's solve (``"LiSSA steps"``)."""
 
     stage: str
     done: int
     total: Optional[int]
     seconds: float
+    unit: str = "examples"
 
     @property
     def per_second(self) -> float:
@@ -580,8 +582,8 @@ class _Printer:
         else:
             self.last[key] = p.seconds
         total = "" if p.total is None else f"/{p.total}"
-        print(f"[jattri] {p.stage}: {p.done}{total} examples, {p.seconds:.1f} s, "
-              f"{p.per_second:.1f} examples/s{' (done)' if final else ''}",
+        print(f"[jattri] {p.stage}: {p.done}{total} {p.unit}, {p.seconds:.1f} s, "
+              f"{p.per_second:.1f} {p.unit}/s{' (done)' if final else ''}",
               file=sys.stderr, flush=True)
 
 
@@ -594,13 +596,15 @@ class _Stage:
         import time
         self.name, self.total, self.report = name, total, report
         self.start, self.done, self.clock = time.perf_counter(), 0, time.perf_counter
+        self.unit = "examples"
 
     def update(self, done: int) -> None:
         self.done = done if self.total is None else min(int(done), self.total)
-        self.report(Progress(self.name, self.done, self.total, self.clock() - self.start))
+        self.report(Progress(self.name, self.done, self.total, self.clock() - self.start,
+                             self.unit))
 
     def finish(self) -> None:
-        p = Progress(self.name, self.done, self.total, self.clock() - self.start)
+        p = Progress(self.name, self.done, self.total, self.clock() - self.start, self.unit)
         try:
             self.report(p, final=True)
         except TypeError:  # a user callback of one argument
@@ -645,20 +649,21 @@ def _tick(done) -> None:
 
 def _tick_add(count) -> None:
     """Called from inside a compiled solve (``jax.debug.callback``) after each group of
-    systems: ``count`` more examples' systems solved."""
+    systems (or each step): ``count`` more done."""
     if _STAGES:
         _STAGES[-1].update(_STAGES[-1].done + int(count))
 
 
 class solve_stage(_stage):
-    """The stage of an iterative solve (CG, LiSSA) whose compiled program reports
-    each group of systems it finishes (:func:`solved`): ``done`` counts the examples
-    whose systems are solved, of ``total``. ``None`` unless :func:`progress` is on."""
+    """The stage of an iterative solve whose compiled program reports as it goes
+    (:func:`solved`): CG's counts the examples whose systems are solved, a group of
+    systems at a time; LiSSA's its recursion steps and Arnoldi's fit its Krylov steps
+    (``unit``). ``None`` unless :func:`progress` is on."""
 
-    def __init__(self, name: str, total: int, *traced: Any):
+    def __init__(self, name: str, total: int, *traced: Any, unit: str = "examples"):
         super().__init__(lambda: None, total, *traced)
         if self.stage is not None:
-            self.stage.name = name
+            self.stage.name, self.stage.unit = name, unit
 
 
 _SOLVES_REPORT: list = []  # trace time: whether the solve being traced reports
@@ -680,12 +685,17 @@ class reporting_solves:
         return False
 
 
+def solves_report() -> bool:
+    """Whether the solve being traced reports (inside ``reporting_solves(True)``)."""
+    return bool(_SOLVES_REPORT and _SOLVES_REPORT[-1])
+
+
 def solved(count: int, after: Any) -> None:
     """In a solve traced inside ``reporting_solves(True)``: report ``count`` more
-    examples' systems solved to the current stage once ``after`` (the group's
-    solutions) is computed (a ``jax.debug.callback`` reading one of its entries);
-    elsewhere nothing."""
-    if _SOLVES_REPORT and _SOLVES_REPORT[-1]:
+    systems solved (or steps taken) to the current stage once ``after`` (the group's
+    solutions, the step's vector) is computed (a ``jax.debug.callback`` reading one of
+    its entries); elsewhere nothing."""
+    if solves_report():
         first = jnp.ravel(after)[:1]
         jax.debug.callback(lambda c, _: _tick_add(c), count, first)
 

@@ -322,24 +322,28 @@ def test_cg_runs_past_convergence_without_reading_it_as_singular():
 
 
 def test_progress_reports_the_solve_group_by_group():
-    """Under ``jattri.progress`` CG's and LiSSA's solves are stages of their own,
-    counting the test examples whose systems are solved, a group at a time: 7 test
-    examples (padded to 7) with ``chunk_size=2`` go as 4 groups of 2 rows, or 3
-    blocks of 3; the scores equal those computed without reporting."""
+    """Under ``jattri.progress`` CG's and LiSSA's solves are stages of their own. CG's
+    counts the test examples whose systems are solved, a group at a time: 7 test
+    examples with ``chunk_size=2`` go as 4 groups of 2 rows, or 3 blocks of 3.
+    LiSSA's counts its recursion steps (``unit="LiSSA steps"``), depth per group of
+    systems: every step at depth 30, every third at depth 250 (about 100 reports a
+    recursion) and the last. The scores equal those computed without reporting."""
     loss, params, train, test = _problem(seed=7)
-    cases = (("cg solve", [2, 4, 6, 7], dict(block=1)),
-             ("cg solve", [3, 6, 7], dict(block=3)),
-             ("lissa solve", [2, 4, 6, 7], None))
-    for stage, want, kw in cases:
-        attr = (jattri.influence_lissa(loss, damping=0.05, depth=30, chunk_size=2)
-                if kw is None else
+    every_third = [g * 250 + i for g in range(4) for i in list(range(3, 250, 3)) + [250]]
+    cases = (("cg solve", [2, 4, 6, 7], 7, "examples", dict(block=1)),
+             ("cg solve", [3, 6, 7], 7, "examples", dict(block=3)),
+             ("lissa solve", list(range(1, 121)), 120, "LiSSA steps", dict(depth=30)),
+             ("lissa solve", every_third, 1000, "LiSSA steps", dict(depth=250)))
+    for stage, want, total, unit, kw in cases:
+        attr = (jattri.influence_lissa(loss, damping=0.05, chunk_size=2, **kw)
+                if "depth" in kw else
                 jattri.influence_cg(loss, damping=0.05, maxiter=50, chunk_size=2, **kw))
         state = attr.cache(params, train)
         quiet = np.asarray(attr.attribute(state, test))
         seen = []
-        with jattri.progress(lambda p: seen.append((p.stage, p.done, p.total))):
+        with jattri.progress(lambda p: seen.append((p.stage, p.done, p.total, p.unit))):
             loud = np.asarray(attr.attribute(state, test))
-        solves = [(done, total) for name, done, total in seen if name == stage]
-        assert [done for done, _ in solves] == want, (stage, seen)
-        assert all(total == 7 for _, total in solves), seen
+        solves = [(done, t, u) for name, done, t, u in seen if name == stage]
+        assert [done for done, _, _ in solves] == want, (stage, seen)
+        assert all((t, u) == (total, unit) for _, t, u in solves), seen
         np.testing.assert_array_equal(loud, quiet)

@@ -702,6 +702,46 @@ def test_arnoldi_factored_coordinates_equal_formed_ones(monkeypatch):
     assert taken  # the test side from the layers too
 
 
+def test_progress_reports_arnoldis_fit_step_by_step(monkeypatch, capsys):
+    """Under ``jattri.progress`` Arnoldi's fit is a stage of its own, ``"arnoldi
+    fit"``, reporting each Krylov step of each member (``unit="Krylov steps"``): one
+    Dense layer's output-space products (one member) and the generic products (two
+    checkpoints, 2 × 12 steps). The fitted state equals a quiet fit's bitwise, and the
+    default printer names the unit."""
+    import flax.linen as nn
+
+    class Softmax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="head")(x)
+
+    model = Softmax()
+    train = _classification_data(40, 4, 3, seed=6)
+    params = _f64(model.init(jax.random.PRNGKey(1), train[0][:1])["params"])
+    taken = []
+    real = influence._layer_product
+    monkeypatch.setattr(influence, "_layer_product", lambda *a: taken.append(1) or real(*a))
+    half = jax.tree_util.tree_map(lambda a: 0.5 * a, params)
+    for members, total in ((params, 12), (jattri.checkpoints([params, half]), 24)):
+        attr = influence_arnoldi(_flax_loss(model), rank=5, num_iters=12, damping=0.1)
+        quiet = attr.cache(members, train)
+        seen = []
+        with jattri.progress(lambda p, final=False: seen.append((p, final))):
+            loud = attr.cache(members, train)
+        fit = [(p.done, p.total, p.unit, final) for p, final in seen
+               if p.stage == "arnoldi fit"]
+        assert fit == ([(i, total, "Krylov steps", False) for i in range(1, total + 1)]
+                       + [(total, total, "Krylov steps", True)]), fit
+        for a, b in zip(jax.tree_util.tree_leaves(quiet), jax.tree_util.tree_leaves(loud)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if total == 12:
+            assert taken  # the one-layer route
+    capsys.readouterr()
+    with jattri.progress(every=0.0):
+        attr.cache(jattri.checkpoints([params, half]), train)
+    assert "arnoldi fit: 24/24 Krylov steps" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bias,classes", [(True, 3), (False, 3), (True, 6)])
 def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias, classes):
     """A softmax regression (one Dense layer, with and without a bias): Arnoldi's

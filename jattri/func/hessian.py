@@ -219,26 +219,30 @@ def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: flo
 
 
 def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
-              per_row: int = 1) -> jax.Array:
+              per_row: int = 1, batched: bool = False) -> jax.Array:
     """``jax.vmap(solve)(rows)``, ``at_once`` rows at a time: the k rows split into
     ⌈k / at_once⌉ groups of equal size (zero rows padding the last), vmapped within a
     group and run one group after another (``lax.map``), so memory follows the group,
     not k. ``solve`` must map a zero row to zero (a solve from x₀ = 0 stops there at
     once). ``at_once=None`` (or ≥ k): all rows together. Traced for a reporting
     :class:`jattri.engine.solve_stage`, each finished group reports its
-    ``per_row`` × rows systems (:func:`jattri.engine.solved`)."""
+    ``per_row`` × rows systems (:func:`jattri.engine.solved`). ``batched=True``:
+    ``solve`` takes a whole group ``(rows, ...)`` itself (not vmapped) and reports its
+    own progress."""
     k = rows.shape[0]
+    run = solve if batched else jax.vmap(solve)
+    report = (lambda count, out: None) if batched else engine.solved
     if at_once is None or int(at_once) >= k:
-        out = jax.vmap(solve)(rows)
-        engine.solved(per_row * k, out)
+        out = run(rows)
+        report(per_row * k, out)
         return out
     groups = -(-k // max(1, int(at_once)))
     size = -(-k // groups)  # balanced: 500 rows at 153 go as 4 × 125, not 4 × 153
     padded = jnp.pad(rows, ((0, groups * size - k),) + ((0, 0),) * (rows.ndim - 1))
 
     def group(g):
-        out = jax.vmap(solve)(g)
-        engine.solved(per_row * size, out)
+        out = run(g)
+        report(per_row * size, out)
         return out
 
     out = jax.lax.map(group, padded.reshape((groups, size) + rows.shape[1:]))
@@ -603,6 +607,7 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
         restarted = rounds > 1
         coef = coef.at[j + 1].set(jnp.where(restarted, 0.0, beta))
         nxt = w / jnp.maximum(beta, tiny)
+        engine.solved(1, nxt)  # a step, for a reporting solve_stage (else nothing)
         return (basis.at[j + 1].set(nxt), hess.at[:, j].set(coef)), None
 
     (basis, hess), _ = jax.lax.scan(step, (basis, hess), jnp.arange(num_iters))

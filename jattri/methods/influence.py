@@ -336,6 +336,9 @@ class _Spec(NamedTuple):
     # that makes the test side's preconditioned coordinates without forming gradients
     # (Arnoldi's factored coordinates); None: ``_test_side``
     test_side: Optional[Callable] = None
+    # solve_progress(config, v) -> (total, unit) of a reporting solve's stage (only
+    # with ``reads_train``); None: the examples whose systems are solved, M·b
+    solve_progress: Optional[Callable] = None
 
 
 def _check_damping(damping, positive=False, none=False):
@@ -504,16 +507,18 @@ def _apply(spec, config, args, v):
     """``spec.apply`` compiled once per (method, config, layout of the training set
     over devices), or run eagerly when it streams the training set (DataInf on a
     Stream). Under :func:`jattri.progress` a solve over the training set (CG, LiSSA:
-    ``spec.reads_train``) is a stage of its own, "<method> solve", counting the
-    examples whose systems are solved, a group at a time (its own program, with the
-    callbacks)."""
+    ``spec.reads_train``) is a stage of its own, "<method> solve" (its own program,
+    with the callbacks): CG's counts the examples whose systems are solved, a group at
+    a time; LiSSA's counts its recursion steps (``spec.solve_progress``)."""
     if engine.is_stream(args[-1]):
         return spec.apply(config, args, v)
     layout = engine.layout_of(args[-1])
     if not spec.reads_train:
         return _apply_jit(spec.apply, config, args, v, layout, False)
     name = spec.name.replace("influence_", "") + " solve"
-    with engine.solve_stage(name, v.shape[0] * v.shape[1], args, v) as stage:
+    total, unit = ((v.shape[0] * v.shape[1], "examples") if spec.solve_progress is None
+                   else spec.solve_progress(config, v))
+    with engine.solve_stage(name, total, args, v, unit=unit) as stage:
         out = _apply_jit(spec.apply, config, args, v, layout, stage is not None)
         if stage is not None:
             jax.block_until_ready(out)
@@ -1214,6 +1219,21 @@ def _lissa_scale(scale, top, damping):
 _LISSA_ROW_FLOATS = 3
 
 
+def _lissa_progress(config, v) -> tuple:
+    """``(total, unit)`` of a reporting LiSSA solve: its recursion steps, depth ×
+    repeats for each group of systems (``in_groups``) of each member."""
+    depth, repeats, rows = config[0], config[1], config[5]
+    m, k = v.shape[0], v.shape[1]
+    groups = 1 if rows is None or rows >= k else -(-k // max(1, rows))
+    return m * groups * repeats * depth, "LiSSA steps"
+
+
+def _lissa_report_every(depth: int) -> int:
+    """Recursion steps between two progress reports of a reporting LiSSA solve: every
+    step up to a depth of 100, else about 100 reports per recursion."""
+    return max(1, -(-int(depth) // 100))
+
+
 def _lissa_apply(config, args, v):
     depth, repeats, batch_size, scale, size, rows = config
     fns, members, (top, keys), damping, train = args
@@ -1230,19 +1250,29 @@ def _lissa_apply(config, args, v):
             batch = (jax.tree_util.tree_map(lambda z: z[idx], train), idx.astype(jnp.int32))
             return _mean_cvp(fns, p, a, batch, x, min(size, bs), indexed=True)
 
-        def solve(rhs):  # one system, vmapped over a group of them: every group draws
-            def one_repeat(rkey):  # the same minibatches, so grouping changes nothing
-                def step(h, skey):
+        every = _lissa_report_every(depth)
+
+        def solve(rhs):  # a group of systems (g, d): every group draws the same
+            def one_repeat(rkey):  # minibatches, so grouping changes nothing
+                def step(h, step_in):
+                    skey, j = step_in
                     # h <- v + h - (H_S + λI) h / scale: the fixed point is
                     # scale (H + λI)⁻¹ v.
-                    return rhs + h - (hvp_batch(skey, h[None])[0] + damping * h) / s, None
+                    h = rhs + h - (hvp_batch(skey, h) + damping * h) / s
+                    if engine.solves_report():  # every ``every`` steps
+                        jax.lax.cond((j + 1) % every == 0,
+                                     lambda: engine.solved(every, h), lambda: None)
+                    return h, None
 
-                h, _ = jax.lax.scan(step, rhs, jax.random.split(rkey, depth))
+                h, _ = jax.lax.scan(step, rhs, (jax.random.split(rkey, depth),
+                                                jnp.arange(depth)))
+                if depth % every:
+                    engine.solved(depth % every, h)
                 return h / s
 
             return jnp.mean(jax.lax.map(one_repeat, jax.random.split(key, repeats)), axis=0)
 
-        return in_groups(solve, vj, rows)
+        return in_groups(solve, vj, rows, batched=True)
 
     return _common.member_map(one, members, top, keys, v)
 
@@ -1342,6 +1372,7 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
                                _LISSA_ROW_FLOATS * _common.num_params(members)))
     spec = _Spec("influence_lissa", damping, fit, _lissa_apply, config, check=check,
                  in_memory=True, reads_train=True, ggn=curvature == "ggn",
+                 solve_progress=_lissa_progress,
                  hyper=(("depth", depth), ("repeats", repeats), ("batch_size", batch_size),
                         ("scale", scale), ("key", key)) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
@@ -1552,12 +1583,26 @@ def _output_space_product(a: jax.Array, at: jax.Array, h: jax.Array,
 
 
 def _arnoldi_fit(config, args):
-    return _arnoldi_fit_jit(config, args, engine.layout_of(args[3]))
+    """The fit's program. Under :func:`jattri.progress` it is a stage of its own,
+    ``"arnoldi fit"``, counting Krylov steps (``num_iters`` per member; the
+    coordinates' pass over the training set follows the last step inside the stage):
+    its own program, with a callback per step, read to the end before the stage
+    closes. Otherwise it is dispatched and runs while the caller goes on."""
+    members, train = args[2], args[3]
+    layout = engine.layout_of(train)
+    total = config[1] * members.num
+    with engine.solve_stage("arnoldi fit", total, members, train,
+                            unit="Krylov steps") as stage:
+        out = _arnoldi_fit_jit(config, args, layout, stage is not None)
+        if stage is not None:
+            jax.block_until_ready(out)
+    return out
 
 
-@partial(jit, static_argnums=(0, 2))
-def _arnoldi_fit_jit(config, args, layout):
-    return engine.traced_with_layout(layout, args[3], lambda: _arnoldi_fits(config, args))
+@partial(jit, static_argnums=(0, 2, 3))
+def _arnoldi_fit_jit(config, args, layout, report):
+    with engine.reporting_solves(report):
+        return engine.traced_with_layout(layout, args[3], lambda: _arnoldi_fits(config, args))
 
 
 def _arnoldi_fits(config, args):
