@@ -550,7 +550,8 @@ class Progress(NamedTuple):
     """One progress report: ``stage`` (the step's name, e.g. ``"ekfac covariance"``),
     ``done`` of ``total`` (``None`` for a stream), ``seconds`` since the stage began
     (compilation included), counted in ``unit``: ``"examples"`` for every stage but
-    Arnoldi's fit (``"Krylov steps"``) and LiSSA's solve (``"LiSSA steps"``)."""
+    Arnoldi's fit (``"Krylov steps"``), LiSSA's solve (``"LiSSA steps"``) and RPS's
+    refit (``"L-BFGS steps"``, no total)."""
 
     stage: str
     done: int
@@ -657,8 +658,9 @@ def _tick_add(count) -> None:
 class solve_stage(_stage):
     """The stage of an iterative solve whose compiled program reports as it goes
     (:func:`solved`): CG's counts the examples whose systems are solved, a group of
-    systems at a time; LiSSA's its recursion steps and Arnoldi's fit its Krylov steps
-    (``unit``). ``None`` unless :func:`progress` is on."""
+    systems at a time; LiSSA's its recursion steps, Arnoldi's fit its Krylov steps and
+    RPS's refit its L-BFGS steps (``unit``). ``None`` unless :func:`progress` is on.
+    Programs with the callbacks are not stored by the persistent compilation cache."""
 
     def __init__(self, name: str, total: int, *traced: Any, unit: str = "examples"):
         super().__init__(lambda: None, total, *traced)

@@ -282,6 +282,32 @@ def test_rps_features_of_a_deep_model_and_member_average(setup):
                                rtol=1e-10)
 
 
+def test_progress_reports_the_rps_refit(setup):
+    """Under ``jattri.progress`` RPS's refit is a stage of its own, ``"rps refit"``,
+    counting L-BFGS steps (no total), every 10 steps and at each refit's end: with
+    ``tol=0`` each refit runs all ``maxiter`` steps, so two members at ``maxiter=25``
+    report 10, 20, 25, 35, 45, 50, and the fidelity rule's 27 refits per member at
+    ``maxiter=7`` report every 7 steps, up to 2 × 27 × 7. The state equals a quiet
+    cache's to rounding (the callback's operand may change how XLA fuses the step)."""
+    checkpoints, train, _ = setup
+    members = jattri.checkpoints(checkpoints[:2])
+    cases = ((dict(l2=1e-2, maxiter=25), [10, 20, 25, 35, 45, 50]),
+             (dict(l2=None, maxiter=7), list(range(7, 2 * 27 * 7 + 1, 7))))
+    for kw, want in cases:
+        attr = jattri.rps(features_fn=features, logits_fn=logits, tol=0.0, **kw)
+        quiet = attr.cache(members, train)
+        seen = []
+        with jattri.progress(lambda p, final=False: seen.append((p, final))):
+            loud = attr.cache(members, train)
+        refit = [(p.done, p.total, p.unit, final) for p, final in seen
+                 if p.stage == "rps refit"]
+        assert refit == ([(d, None, "L-BFGS steps", False) for d in want]
+                         + [(want[-1], None, "L-BFGS steps", True)]), refit
+        for a, b in zip(jax.tree_util.tree_leaves(quiet), jax.tree_util.tree_leaves(loud)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12,
+                                       err_msg=str(kw))
+
+
 def test_rps_bad_arguments(setup):
     checkpoints, train, _ = setup
     members = jattri.checkpoints(checkpoints)

@@ -113,6 +113,10 @@ def _compact_direction(g, pairs, sy, yy, stored, gamma):
     return -(gamma * g + (coef @ pairs).reshape(g.shape))
 
 
+#: L-BFGS steps between two progress reports of a refit under ``jattri.progress``.
+REFIT_REPORT_EVERY = 10
+
+
 def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
                      maxiter: int = 1000, tol: float = 1e-6):
     """L2-regularised soft-label refit of a softmax layer by L-BFGS (Nocedal & Wright,
@@ -218,6 +222,9 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
         yy_new = yy.at[slot, :].set(prods[m:, 1]).at[:, slot].set(prods[m:, 1])
         sy, yy = jnp.where(keep, sy_new, sy), jnp.where(keep, yy_new, yy)
         gamma = jnp.where(keep, sty / (y_ @ y_), gamma)
+        if engine.solves_report():  # every REFIT_REPORT_EVERY steps, while reporting
+            jax.lax.cond((k + 1) % REFIT_REPORT_EVERY == 0,
+                         lambda: engine.solved(REFIT_REPORT_EVERY, g_new), lambda: None)
         return (k + 1, w_new, f_new, g_new, jnp.where(ok, t, 0.0).astype(dtype), pairs,
                 sy, yy, stored + keep.astype(jnp.int32), gamma)
 
@@ -228,6 +235,10 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     init = (0, w0, f0, g0, jnp.asarray(1.0, dtype), jnp.zeros((2 * m, p * c), dtype),
             jnp.zeros((m, m), dtype), jnp.zeros((m, m), dtype), 0, gamma0)
     out = jax.lax.while_loop(running, step, init)
+    if engine.solves_report():  # the steps since the last report
+        jax.lax.cond(out[0] % REFIT_REPORT_EVERY > 0,
+                     lambda: engine.solved(out[0] % REFIT_REPORT_EVERY, out[3]),
+                     lambda: None)
     return out[1], jnp.linalg.norm(out[3])
 
 
@@ -316,12 +327,31 @@ def fidelity_l2(features: jax.Array, logits: jax.Array, targets: jax.Array, *,
     return _fidelity_refit(features, logits, targets, maxiter, tol)[0]
 
 
-@partial(jit, static_argnames=("maxiter", "labels"), closed=True)
 def _refit_members(features, logits, y, l2, tol, *, maxiter, labels):
+    """:func:`_refit_members_jit`. Under :func:`jattri.progress` the refit is a stage of
+    its own, ``"rps refit"``, counting L-BFGS steps (no total: each refit stops at its
+    tolerance; the fidelity rule makes 27 refits per member), reported every
+    :data:`REFIT_REPORT_EVERY` steps and at each refit's end: its own program, read to
+    the end before the stage closes."""
+    with engine.solve_stage("rps refit", None, features, unit="L-BFGS steps") as stage:
+        out = _refit_members_jit(features, logits, y, l2, tol, maxiter=maxiter,
+                                 labels=labels, report=stage is not None)
+        if stage is not None:
+            jax.block_until_ready(out)
+    return out
+
+
+@partial(jit, static_argnames=("maxiter", "labels", "report"), closed=True)
+def _refit_members_jit(features, logits, y, l2, tol, *, maxiter, labels, report):
     """Every member's refit: features ``(n, M, p)``, logits ``(n, M, C)``, classes
     ``(n, M)``, one λ or ``None`` (each member's :func:`fidelity_l2`) -> ``(alpha (n, M,
     C), weights (M, p, C), grad_norm (M,), l2 (M,))``, one member at a time; targets
     the one-hot classes (``labels``) or the softmax of the logits."""
+    with engine.reporting_solves(report):
+        return _refit_members_traced(features, logits, y, l2, tol, maxiter, labels)
+
+
+def _refit_members_traced(features, logits, y, l2, tol, maxiter, labels):
     def one(fly):
         f, lg, yj = fly
         probs = _targets(yj, lg, labels)
