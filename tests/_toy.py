@@ -80,3 +80,15 @@ def assert_top_k_matches_dense(top, dense, k, atol=0.0, rtol=1e-12):
         np.testing.assert_array_equal(indices, order)
         np.testing.assert_allclose(scores, np.take_along_axis(dense.T, order, 1),
                                    rtol=rtol, atol=atol)
+
+
+def cache_quiet_and_reported(attr, members, train, stage):
+    """``(quiet, loud, reports)``: ``attr.cache`` without and under ``jattri.progress``,
+    and the reports of ``stage`` as ``(done, total, unit, final)``."""
+    import jattri
+    quiet = attr.cache(members, train)
+    seen = []
+    with jattri.progress(lambda p, final=False: seen.append((p, final))):
+        loud = attr.cache(members, train)
+    return quiet, loud, [(p.done, p.total, p.unit, final) for p, final in seen
+                         if p.stage == stage]

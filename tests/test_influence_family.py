@@ -28,6 +28,7 @@ from _toy import classification_data as _classification_data  # noqa: E402
 from _toy import f64 as _f64  # noqa: E402
 from _toy import eigenbasis_scores, kronecker_eigenbasis  # noqa: E402
 from _toy import assert_top_k_matches_dense, manual_mlp  # noqa: E402
+from _toy import cache_quiet_and_reported  # noqa: E402
 
 
 def _flax_loss(model, l2=0.0):
@@ -724,12 +725,7 @@ def test_progress_reports_arnoldis_fit_step_by_step(monkeypatch, capsys):
     half = jax.tree_util.tree_map(lambda a: 0.5 * a, params)
     for members, total in ((params, 12), (jattri.checkpoints([params, half]), 24)):
         attr = influence_arnoldi(_flax_loss(model), rank=5, num_iters=12, damping=0.1)
-        quiet = attr.cache(members, train)
-        seen = []
-        with jattri.progress(lambda p, final=False: seen.append((p, final))):
-            loud = attr.cache(members, train)
-        fit = [(p.done, p.total, p.unit, final) for p, final in seen
-               if p.stage == "arnoldi fit"]
+        quiet, loud, fit = cache_quiet_and_reported(attr, members, train, "arnoldi fit")
         assert fit == ([(i, total, "Krylov steps", False) for i in range(1, total + 1)]
                        + [(total, total, "Krylov steps", True)]), fit
         for a, b in zip(jax.tree_util.tree_leaves(quiet), jax.tree_util.tree_leaves(loud)):

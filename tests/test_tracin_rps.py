@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jattri
-from _toy import assert_top_k_matches_dense
+from _toy import assert_top_k_matches_dense, cache_quiet_and_reported
 
 
 # float64 throughout (the conftest fixture restores the setting afterwards)
@@ -295,12 +295,7 @@ def test_progress_reports_the_rps_refit(setup):
              (dict(l2=None, maxiter=7), list(range(7, 2 * 27 * 7 + 1, 7))))
     for kw, want in cases:
         attr = jattri.rps(features_fn=features, logits_fn=logits, tol=0.0, **kw)
-        quiet = attr.cache(members, train)
-        seen = []
-        with jattri.progress(lambda p, final=False: seen.append((p, final))):
-            loud = attr.cache(members, train)
-        refit = [(p.done, p.total, p.unit, final) for p, final in seen
-                 if p.stage == "rps refit"]
+        quiet, loud, refit = cache_quiet_and_reported(attr, members, train, "rps refit")
         assert refit == ([(d, None, "L-BFGS steps", False) for d in want]
                          + [(want[-1], None, "L-BFGS steps", True)]), refit
         for a, b in zip(jax.tree_util.tree_leaves(quiet), jax.tree_util.tree_leaves(loud)):
