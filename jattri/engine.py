@@ -662,7 +662,8 @@ class solve_stage(_stage):
     RPS's refit its L-BFGS steps (``unit``). ``None`` unless :func:`progress` is on.
     Programs with the callbacks are not stored by the persistent compilation cache."""
 
-    def __init__(self, name: str, total: int, *traced: Any, unit: str = "examples"):
+    def __init__(self, name: str, total: Optional[int], *traced: Any,
+                 unit: str = "examples"):
         super().__init__(lambda: None, total, *traced)
         if self.stage is not None:
             self.stage.name, self.stage.unit = name, unit
