@@ -703,6 +703,35 @@ def solved(count: int, after: Any) -> None:
         jax.debug.callback(lambda c, _: _tick_add(c), count, first)
 
 
+def solved_every(every: int, steps: Any, after: Any) -> None:
+    """In a loop step of a reporting solve that brings its count to ``steps``
+    (traced): report ``every`` more steps whenever ``steps`` is a multiple of
+    ``every``; elsewhere nothing (the quiet program has no branch)."""
+    if solves_report():
+        jax.lax.cond(steps % every == 0, lambda: solved(every, after), lambda: None)
+
+
+def solved_rest(every: int, steps: Any, after: Any) -> None:
+    """After a loop of ``steps`` steps reported by :func:`solved_every`: the steps
+    since its last report; elsewhere nothing."""
+    if solves_report():
+        rest = steps % every
+        jax.lax.cond(rest > 0, lambda: solved(rest, after), lambda: None)
+
+
+def reported(name: str, total: Optional[int], run: Callable, *traced: Any,
+             unit: str = "examples") -> Any:
+    """``run(report)``, a compiled solve taking ``report`` as a static flag, as a
+    :class:`solve_stage`: with :func:`progress` on, the program with the callbacks,
+    read to its end before the stage closes; otherwise the quiet program, dispatched
+    and left running while the caller goes on."""
+    with solve_stage(name, total, *traced, unit=unit) as stage:
+        out = run(stage is not None)
+        if stage is not None:
+            jax.block_until_ready(out)
+    return out
+
+
 class progress:
     """Report the progress of jattri's stages inside the block (silent otherwise)::
 

@@ -218,6 +218,11 @@ def cg_solve(matvec: Callable, b: jax.Array, *, maxiter: Optional[int], tol: flo
     return in_groups(solve, b, at_once) if b.ndim == 2 else solve(b)
 
 
+def group_count(k: int, at_once: Optional[int]) -> int:
+    """How many groups :func:`in_groups` splits ``k`` rows into, ``at_once`` at a time."""
+    return 1 if at_once is None or int(at_once) >= k else -(-k // max(1, int(at_once)))
+
+
 def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
               per_row: int = 1, batched: bool = False) -> jax.Array:
     """``jax.vmap(solve)(rows)``, ``at_once`` rows at a time: the k rows split into
@@ -232,11 +237,11 @@ def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
     k = rows.shape[0]
     run = solve if batched else jax.vmap(solve)
     report = (lambda count, out: None) if batched else engine.solved
-    if at_once is None or int(at_once) >= k:
+    groups = group_count(k, at_once)
+    if groups == 1:
         out = run(rows)
         report(per_row * k, out)
         return out
-    groups = -(-k // max(1, int(at_once)))
     size = -(-k // groups)  # balanced: 500 rows at 153 go as 4 × 125, not 4 × 153
     padded = jnp.pad(rows, ((0, groups * size - k),) + ((0, 0),) * (rows.ndim - 1))
 

@@ -69,7 +69,8 @@ from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, leaf_k
 from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, block_cg_solve, cg_solve, check_cg,
-                                 dense_block, hvp, in_groups, top_eigenvalue)
+                                 dense_block, group_count, hvp, in_groups,
+                                 top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.tracin import _chunk_factors, _concrete, _plan_key, rebuilt_layers
@@ -518,11 +519,10 @@ def _apply(spec, config, args, v):
     name = spec.name.replace("influence_", "") + " solve"
     total, unit = ((v.shape[0] * v.shape[1], "examples") if spec.solve_progress is None
                    else spec.solve_progress(config, v))
-    with engine.solve_stage(name, total, args, v, unit=unit) as stage:
-        out = _apply_jit(spec.apply, config, args, v, layout, stage is not None)
-        if stage is not None:
-            jax.block_until_ready(out)
-    return out
+    return engine.reported(name, total,
+                           lambda report: _apply_jit(spec.apply, config, args, v, layout,
+                                                     report),
+                           args, v, unit=unit)
 
 
 def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
@@ -1223,9 +1223,7 @@ def _lissa_progress(config, v) -> tuple:
     """``(total, unit)`` of a reporting LiSSA solve: its recursion steps, depth ×
     repeats for each group of systems (``in_groups``) of each member."""
     depth, repeats, rows = config[0], config[1], config[5]
-    m, k = v.shape[0], v.shape[1]
-    groups = 1 if rows is None or rows >= k else -(-k // max(1, rows))
-    return m * groups * repeats * depth, "LiSSA steps"
+    return v.shape[0] * group_count(v.shape[1], rows) * repeats * depth, "LiSSA steps"
 
 
 def _lissa_report_every(depth: int) -> int:
@@ -1259,15 +1257,12 @@ def _lissa_apply(config, args, v):
                     # h <- v + h - (H_S + λI) h / scale: the fixed point is
                     # scale (H + λI)⁻¹ v.
                     h = rhs + h - (hvp_batch(skey, h) + damping * h) / s
-                    if engine.solves_report():  # every ``every`` steps
-                        jax.lax.cond((j + 1) % every == 0,
-                                     lambda: engine.solved(every, h), lambda: None)
+                    engine.solved_every(every, j + 1, h)
                     return h, None
 
                 h, _ = jax.lax.scan(step, rhs, (jax.random.split(rkey, depth),
                                                 jnp.arange(depth)))
-                if depth % every:
-                    engine.solved(depth % every, h)
+                engine.solved_rest(every, depth, h)
                 return h / s
 
             return jnp.mean(jax.lax.map(one_repeat, jax.random.split(key, repeats)), axis=0)
@@ -1588,15 +1583,12 @@ def _arnoldi_fit(config, args):
     coordinates' pass over the training set follows the last step inside the stage):
     its own program, with a callback per step, read to the end before the stage
     closes. Otherwise it is dispatched and runs while the caller goes on."""
+    _, iters, _, _, _ = config
     members, train = args[2], args[3]
     layout = engine.layout_of(train)
-    total = config[1] * members.num
-    with engine.solve_stage("arnoldi fit", total, members, train,
-                            unit="Krylov steps") as stage:
-        out = _arnoldi_fit_jit(config, args, layout, stage is not None)
-        if stage is not None:
-            jax.block_until_ready(out)
-    return out
+    return engine.reported("arnoldi fit", iters * members.num,
+                           lambda report: _arnoldi_fit_jit(config, args, layout, report),
+                           members, train, unit="Krylov steps")
 
 
 @partial(jit, static_argnums=(0, 2, 3))

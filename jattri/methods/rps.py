@@ -222,9 +222,7 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
         yy_new = yy.at[slot, :].set(prods[m:, 1]).at[:, slot].set(prods[m:, 1])
         sy, yy = jnp.where(keep, sy_new, sy), jnp.where(keep, yy_new, yy)
         gamma = jnp.where(keep, sty / (y_ @ y_), gamma)
-        if engine.solves_report():  # every REFIT_REPORT_EVERY steps, while reporting
-            jax.lax.cond((k + 1) % REFIT_REPORT_EVERY == 0,
-                         lambda: engine.solved(REFIT_REPORT_EVERY, g_new), lambda: None)
+        engine.solved_every(REFIT_REPORT_EVERY, k + 1, g_new)  # while reporting
         return (k + 1, w_new, f_new, g_new, jnp.where(ok, t, 0.0).astype(dtype), pairs,
                 sy, yy, stored + keep.astype(jnp.int32), gamma)
 
@@ -235,10 +233,7 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     init = (0, w0, f0, g0, jnp.asarray(1.0, dtype), jnp.zeros((2 * m, p * c), dtype),
             jnp.zeros((m, m), dtype), jnp.zeros((m, m), dtype), 0, gamma0)
     out = jax.lax.while_loop(running, step, init)
-    if engine.solves_report():  # the steps since the last report
-        jax.lax.cond(out[0] % REFIT_REPORT_EVERY > 0,
-                     lambda: engine.solved(out[0] % REFIT_REPORT_EVERY, out[3]),
-                     lambda: None)
+    engine.solved_rest(REFIT_REPORT_EVERY, out[0], out[3])
     return out[1], jnp.linalg.norm(out[3])
 
 
@@ -333,12 +328,11 @@ def _refit_members(features, logits, y, l2, tol, *, maxiter, labels):
     tolerance; the fidelity rule makes 27 refits per member), reported every
     :data:`REFIT_REPORT_EVERY` steps and at each refit's end: its own program, read to
     the end before the stage closes."""
-    with engine.solve_stage("rps refit", None, features, unit="L-BFGS steps") as stage:
-        out = _refit_members_jit(features, logits, y, l2, tol, maxiter=maxiter,
-                                 labels=labels, report=stage is not None)
-        if stage is not None:
-            jax.block_until_ready(out)
-    return out
+    return engine.reported(
+        "rps refit", None,
+        lambda report: _refit_members_jit(features, logits, y, l2, tol, maxiter=maxiter,
+                                          labels=labels, report=report),
+        features, unit="L-BFGS steps")
 
 
 @partial(jit, static_argnames=("maxiter", "labels", "report"), closed=True)
