@@ -165,10 +165,7 @@ def _prepare(work: str, model_name: str, n_train: int, n_test: int,
     model.eval()
     with torch.no_grad():
         acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
-    settings = _settings(model_name, ckpts[-1], xtr, ytr)
-    if damping is not None:
-        settings["damping"] = float(damping)
-        settings["lissa"]["scale"] = float(f"{2.0 * settings['top_eigenvalue'] + damping:.3g}")
+    settings = _settings(model_name, ckpts[-1], xtr, ytr, damping)
     settings.update(ckpts=ckpts, test_accuracy=acc, n_train=n_train, n_test=n_test,
                     model=model_name, jattri_model=jattri_model)
     with open(os.path.join(work, "settings.json"), "w") as f:
@@ -176,9 +173,10 @@ def _prepare(work: str, model_name: str, n_train: int, n_test: int,
     return settings
 
 
-def _settings(model_name: str, ckpt: str, xtr, ytr) -> dict:
+def _settings(model_name: str, ckpt: str, xtr, ytr, damping: float | None = None) -> dict:
     """Hyperparameters of both libraries, from curvature statistics of the scored
-    checkpoint (computed once here, outside every timed process)."""
+    checkpoint (computed once here, outside every timed process); ``damping`` replaces
+    the rule's λ (everything made from λ follows it)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -223,7 +221,9 @@ def _settings(model_name: str, ckpt: str, xtr, ytr) -> dict:
     layer_stat = {k: sums[k] / (n * sizes[k]) for k in sums}
     overall_stat = sum(sums.values()) / (n * sum(sizes.values()))
     # λ = 1% of the top eigenvalue (LR), 10% (MLP: its Hessian is indefinite)
-    damping = float(f"{(0.01 if model_name == 'lr' else 0.1) * top:.3g}")
+    if damping is None:
+        damping = float(f"{(0.01 if model_name == 'lr' else 0.1) * top:.3g}")
+    damping = float(damping)
     datainf = 0.1
     return dict(
         top_eigenvalue=top, damping=damping,
