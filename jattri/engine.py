@@ -642,12 +642,6 @@ class _stage:
         return False
 
 
-def _tick(done) -> None:
-    """Called from inside a compiled scan (``jax.debug.callback``) after each chunk."""
-    if _STAGES:
-        _STAGES[-1].update(int(done))
-
-
 def _tick_add(count) -> None:
     """Called from inside a compiled solve (``jax.debug.callback``) after each group of
     systems (or each step): ``count`` more done."""
@@ -740,11 +734,17 @@ class progress:
         with jattri.progress(lambda p: log(p.stage, p.done, p.per_second)):
             ...
 
-    ``report(p: Progress)`` is called after each chunk of every stage (a compiled scan
-    reports through ``jax.debug.callback``, compiled in only while reporting is on, so
-    programs traced outside the block carry no callback); a reporter that also accepts
-    ``final=True`` gets one last call per stage. Default: a line on stderr at most
-    every ``every`` seconds, with examples per second. The CLI turns it on.
+    ``report(p: Progress)`` is called after each chunk of every stage; a reporter that
+    also accepts ``final=True`` gets one last call per stage. Default: a line on stderr
+    at most every ``every`` seconds, with examples per second. The CLI turns it on.
+
+    Inside the block an in-memory stage of more than one chunk runs one compiled
+    program per chunk, reported from the host between them (outside it, one program
+    for all chunks): neither carries a host callback, so both are stored by the
+    persistent compilation cache and a second process starts warm. The iterative
+    solves (:class:`solve_stage`) report from inside their compiled loops through
+    ``jax.debug.callback``, compiled in only while reporting; those programs are
+    compiled again in every process.
     """
 
     def __init__(self, report: Optional[Callable] = None, *, every: float = 2.0):
@@ -784,10 +784,34 @@ def _join_zeros(leaves, spec) -> PyTree:
 _zeros_jit = jit(_join_zeros, static_argnums=1)
 
 
-@partial(jit, static_argnames=("step", "config", "size", "report", "layout", "sums",
-                               "zeros"))
-def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, sums=False,
-              zeros=None):
+def _partial_start(carry, layout):
+    """Zero partial sums of ``carry``'s shapes, one per device (a leading sharded axis)."""
+    return layout.constrain(jax.tree_util.tree_map(
+        lambda x: jnp.zeros((layout.devices,) + jnp.shape(x), jnp.result_type(x)), carry))
+
+
+def _partial_end(start, carry):
+    """``start`` plus the devices' partial sums ``carry``."""
+    return jax.tree_util.tree_map(
+        lambda c0, c: c0 + jnp.sum(c, axis=0).astype(jnp.result_type(c0)), start, carry)
+
+
+def _scan_one(step, config, args, carry, chunk, layout, partial_sums):
+    """One chunk's ``step`` (``chunk`` of ``devices · size`` examples); with
+    ``partial_sums`` every device adds its own rows into its own partial carry."""
+    if layout is not None:
+        chunk = layout.constrain(chunk)
+    if not partial_sums:
+        return step(config, args, carry, chunk)
+    d = layout.devices
+    per_device = layout.constrain(jax.tree_util.tree_map(
+        lambda y: y.reshape((d, y.shape[0] // d) + y.shape[1:]), chunk))
+    carry, out = jax.vmap(lambda cj, chunk_j: step(config, args, cj, chunk_j))(carry, per_device)
+    return carry, jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:]), out)
+
+
+@partial(jit, static_argnames=("step", "config", "size", "layout", "sums", "zeros"))
+def _scan_jit(step, config, args, carry, data, size, layout=None, sums=False, zeros=None):
     # Chunked, scanned and trimmed inside one program: outside it, the padding,
     # reshapes and slices would each be an eager op (a compilation of its own on first
     # use) and leave a full copy (2.56 GiB of test gradients on a 10.7M-parameter
@@ -804,27 +828,14 @@ def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, 
     partial_sums = sums and layout is not None
     start = carry
     if partial_sums:
-        carry = layout.constrain(jax.tree_util.tree_map(
-            lambda x: jnp.zeros((d,) + jnp.shape(x), jnp.result_type(x)), carry))
+        carry = _partial_start(carry, layout)
 
-    def body(c, x):
-        chunk, i = x
-        if report:  # compiled in only while jattri.progress() is active
-            jax.debug.callback(_tick, (i + 1) * size * d)
-        if layout is not None:
-            chunk = layout.constrain(chunk)
-        if not partial_sums:
-            return step(config, args, c, chunk)
-        per_device = layout.constrain(jax.tree_util.tree_map(
-            lambda y: y.reshape((d, size) + y.shape[1:]), chunk))
-        c, out = jax.vmap(lambda cj, chunk_j: step(config, args, cj, chunk_j))(c, per_device)
-        return c, jax.tree_util.tree_map(lambda y: y.reshape((d * size,) + y.shape[2:]), out)
+    def body(c, chunk):
+        return _scan_one(step, config, args, c, chunk, layout, partial_sums)
 
-    n_chunks = jax.tree_util.tree_leaves(chunks)[0].shape[0]
-    carry, outs = jax.lax.scan(body, carry, (chunks, jnp.arange(n_chunks)))
+    carry, outs = jax.lax.scan(body, carry, chunks)
     if partial_sums:
-        carry = jax.tree_util.tree_map(
-            lambda c0, c: c0 + jnp.sum(c, axis=0).astype(jnp.result_type(c0)), start, carry)
+        carry = _partial_end(start, carry)
     outs = jax.tree_util.tree_map(lambda y: _unlaid(y, d, n, size), outs)
     return carry, (outs if layout is None else layout.constrain(outs))
 
@@ -832,6 +843,146 @@ def _scan_jit(step, config, args, carry, data, size, report=False, layout=None, 
 @partial(jit, static_argnames=("step", "config"))
 def _step_jit(step, config, args, carry, chunk):
     return step(config, args, carry, chunk)
+
+
+# ------------------------------------------------- chunk by chunk, for progress
+#
+# Inside `progress` an in-memory stage runs one compiled program per chunk, driven and
+# reported from here, instead of one scan whose host callback reports each chunk: JAX's
+# persistent compilation cache never stores a program with a host callback, so those
+# were compiled again in every process (the benchmark CLI, which reports, never started
+# warm). The chunk programs have no callback; each is compiled once per stage shape and
+# stored like the quiet programs. The rows of a chunk are sliced from the dataset in
+# place (the last chunk overlaps the one before it), and its outputs are written into
+# buffers donated from call to call: no stacked or padded copy of the dataset or of the
+# outputs.
+
+def _blocks(data: PyTree, d: int, n_local: int, layout: Optional[Layout]) -> PyTree:
+    """``data`` ``(n, ...)`` viewed as ``(d, n_local, ...)``, a block per device (local
+    under a sharded layout: a reshape, no copy)."""
+    blocks = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x).reshape((d, n_local) + x.shape[1:]), data)
+    return blocks if layout is None else layout.constrain(blocks)
+
+
+def _chunk_at(blocks: PyTree, start, size: int, layout: Optional[Layout],
+              first=None) -> Chunk:
+    """Rows ``start ... start + size`` of every device's block, as one chunk of
+    ``d · size`` examples; rows before ``first`` (traced; the overlap of a last chunk
+    with the one before it) are marked not valid."""
+    leaf = jax.tree_util.tree_leaves(blocks)[0]
+    d, n_local = leaf.shape[0], leaf.shape[1]
+    rows = jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(
+            (d * size,) + x.shape[2:]), blocks)
+    local = start + jnp.arange(size, dtype=jnp.int32)
+    index = (n_local * jnp.arange(d, dtype=jnp.int32)[:, None] + local[None]).reshape(-1)
+    valid = (jnp.ones((d * size,), bool) if first is None
+             else jnp.broadcast_to(local >= first, (d, size)).reshape(-1))
+    chunk = Chunk(rows, index, valid)
+    return chunk if layout is None else layout.constrain(chunk)
+
+
+def _split_at(y, axis: int, d: int):
+    """``(..., d·size, ...)`` at ``axis`` -> ``(..., d, size, ...)``."""
+    return y.reshape(y.shape[:axis] + (d, y.shape[axis] // d) + y.shape[axis + 1:])
+
+
+def _write_rows(out, y, start, axis: int, d: int, valid=None):
+    """Write a chunk's outputs ``y`` (``d · size`` rows at ``axis``) into ``out``
+    (``d, n_local`` there) at row ``start`` of every block; rows not ``valid`` keep
+    ``out``'s values."""
+    y = _split_at(y, axis, d).astype(out.dtype)
+    if valid is not None:
+        old = jax.lax.dynamic_slice_in_dim(out, start, y.shape[axis + 1], axis + 1)
+        keep = valid.reshape((1,) * axis + (d, -1) + (1,) * (y.ndim - axis - 2))
+        y = jnp.where(keep, y, old)
+    return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis + 1)
+
+
+def _starts(n_local: int, size: int) -> np.ndarray:
+    """Chunk starts covering ``n_local`` rows ``size`` at a time, every chunk full: the
+    last one overlaps the one before it (``size ≤ n_local``)."""
+    return np.minimum(np.arange(-(-n_local // size)) * size, n_local - size).astype(np.int32)
+
+
+def _output_zeros(spec, layout, axis):
+    """Zero buffers of ``spec`` (:func:`_buffer_spec`), laid out as the dataset."""
+    tree, leaves = spec
+    out = jax.tree_util.tree_unflatten(tree, [jnp.zeros(*s) for s in leaves])
+    return out if layout is None else layout.constrain(out, axis)
+
+
+_zero_outputs = jit(_output_zeros, static_argnames=("spec", "layout", "axis"))
+
+
+def _buffer_spec(shapes: PyTree, axis: int, d: int, n_local: int) -> tuple:
+    """A hashable spec of output buffers for per-chunk outputs of ``shapes``
+    (``jax.ShapeDtypeStruct`` leaves with the chunk's ``d · size`` rows at ``axis``): the
+    same with ``(d, n_local)`` there."""
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    return tree, tuple((tuple(s.shape[:axis]) + (d, n_local) + tuple(s.shape[axis + 1:]),
+                        np.dtype(s.dtype)) for s in leaves)
+
+
+def _merged(out, n, layout, axis):
+    """Output buffers ``(d, n_local)`` at ``axis`` as ``(n,)`` there."""
+    out = jax.tree_util.tree_map(
+        lambda o: o.reshape(o.shape[:axis] + (n,) + o.shape[axis + 2:]), out)
+    return out if layout is None else layout.constrain(out, axis)
+
+
+_merged_outputs = jit(_merged, static_argnames=("n", "layout", "axis"))
+
+
+_partial_zeros = jit(_partial_start, static_argnames=("layout",))
+
+
+@partial(jit, static_argnames=("step", "config", "size", "n", "layout", "partial_sums"),
+         donate_argnames=("outs",))
+def _scan_chunk_jit(step, config, args, carry, outs, data, start, first, size, n, layout,
+                    partial_sums):
+    d = _spread(layout)
+    chunk = _chunk_at(_blocks(data, d, n // d, layout), start, size, layout, first)
+    carry, out = _scan_one(step, config, args, carry, chunk, layout, partial_sums)
+    if outs is not None:
+        outs = jax.tree_util.tree_map(
+            lambda o, y: _write_rows(o, y, start, 0, d, chunk.valid), outs, out)
+    return carry, outs
+
+
+@partial(jit, static_argnames=("n", "layout", "partial_sums"))
+def _scan_end_jit(start, carry, outs, n, layout, partial_sums):
+    if partial_sums:
+        carry = _partial_end(start, carry)
+    if outs is not None:
+        outs = _merged(outs, n, layout, 0)
+    return carry, outs
+
+
+def _scan_reported(stage, step, config, args, carry, data, size, layout, sums):
+    """:func:`scan` over an in-memory set, one chunk program at a time, each chunk
+    reported to ``stage``; ``carry`` concrete, ``size`` ≤ the rows per device."""
+    n = num_examples(data)
+    d = _spread(layout)
+    n_local = n // d
+    partial_sums = bool(sums) and layout is not None
+    shapes = jax.eval_shape(
+        lambda a, c, x: _scan_one(step, config, a, c, _chunk_at(
+            _blocks(x, d, n_local, layout), 0, size, layout, 0), layout, False)[1],
+        args, carry, data)
+    outs = (None if shapes is None else
+            _zero_outputs(_buffer_spec(shapes, 0, d, n_local), layout, 0))
+    start = carry
+    if partial_sums:
+        carry = _partial_zeros(carry, layout)
+    for k, at in enumerate(_starts(n_local, size)):
+        carry, outs = _scan_chunk_jit(step, config, args, carry, outs, data, at,
+                                      np.int32(k * size), size=size, n=n, layout=layout,
+                                      partial_sums=partial_sums)
+        jax.block_until_ready(carry if outs is None else outs)
+        stage.update(min(n, (k + 1) * size * d))
+    return _scan_end_jit(start, carry, outs, n, layout, partial_sums)
 
 
 def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
@@ -860,12 +1011,20 @@ def scan(step: Callable, config: Any, args: PyTree, carry: PyTree, data: Any,
             layout = layout_of(data)
             size = int(size) if layout is None else min(
                 int(size), num_examples(data) // layout.devices)
+            n = num_examples(data)
+            if stage is not None and n // _spread(layout) > size:
+                if zeros is not None:
+                    carry, zeros = _zeros_jit(leaves, zeros), None
+                carry, outs = _scan_reported(stage, step, config, args, carry, data, size,
+                                             layout, sums)
+                return carry, outs, n
             carry, outs = _scan_jit(step, config, args, carry if zeros is None else leaves,
-                                    data, size, report=stage is not None, layout=layout,
+                                    data, size, layout=layout,
                                     sums=bool(sums) and layout is not None, zeros=zeros)
-            if stage is not None:
+            if stage is not None:  # one chunk: reported when it is done
                 jax.block_until_ready((carry, outs))
-            return carry, outs, num_examples(data)
+                stage.update(n)
+            return carry, outs, n
         outs, n = [], 0
         layout = as_stream(data).layout
         for chunk, count in stream_chunks(as_stream(data), size * _spread(layout)):
@@ -963,52 +1122,52 @@ def _self_step(config, args, carry, chunk):
     return carry, fn(fn_config, args, chunk)
 
 
-@partial(jit, static_argnames=("fn", "config", "size", "axis", "n", "report", "layout"))
-def _fill_jit(fn, config, args, data, starts, size, axis, n, report=False, layout=None):
+@partial(jit, static_argnames=("fn", "config", "size", "axis", "n", "layout"))
+def _fill_jit(fn, config, args, data, starts, size, axis, n, layout=None):
     # Rows are viewed as (devices, n_local, ...) blocks (one block on one device; under
     # a sharded layout each device's own examples): a chunk takes rows start ...
     # start + size of every block, so no example leaves its device.
     d = _spread(layout)
-    n_local = n // d
-    blocks = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x).reshape((d, n_local) + x.shape[1:]), data)
-    if layout is not None:
-        blocks = layout.constrain(blocks)
-
-    def chunk_at(start):
-        rows = jax.tree_util.tree_map(
-            lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(
-                (d * size,) + x.shape[2:]), blocks)
-        index = (n_local * jnp.arange(d, dtype=jnp.int32)[:, None] + start
-                 + jnp.arange(size, dtype=jnp.int32)[None]).reshape(-1)
-        chunk = Chunk(rows, index, jnp.ones((d * size,), bool))
-        return chunk if layout is None else layout.constrain(chunk)
-
-    def split(y):  # (..., d·size, ...) at `axis` -> (..., d, size, ...)
-        return y.reshape(y.shape[:axis] + (d, y.shape[axis] // d) + y.shape[axis + 1:])
-
-    shapes = jax.eval_shape(lambda: fn(config, args, chunk_at(jnp.int32(0))))
+    blocks = _blocks(data, d, n // d, layout)
+    shapes = jax.eval_shape(lambda: fn(config, args, _chunk_at(blocks, jnp.int32(0), size,
+                                                                layout)))
     # The output is created inside the program and written in place chunk by chunk:
     # no stacked (n_chunks, size, ...) copy, no trimming copy, no transpose.
-    out = jax.tree_util.tree_map(
-        lambda s: jnp.zeros(s.shape[:axis] + (d, n_local) + s.shape[axis + 1:], s.dtype),
-        shapes)
-    if layout is not None:
-        out = layout.constrain(out, axis)
+    out = _output_zeros(_buffer_spec(shapes, axis, d, n // d), layout, axis)
 
     def body(out, start):
-        if report:  # compiled in only while jattri.progress() is active
-            jax.debug.callback(_tick, (start + size) * d)
-        new = fn(config, args, chunk_at(start))
-        return jax.tree_util.tree_map(
-            lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, split(y).astype(o.dtype),
-                                                             start, axis + 1),
-            out, new), None
+        new = fn(config, args, _chunk_at(blocks, start, size, layout))
+        return jax.tree_util.tree_map(lambda o, y: _write_rows(o, y, start, axis, d),
+                                      out, new), None
 
     out, _ = jax.lax.scan(body, out, starts)
-    out = jax.tree_util.tree_map(
-        lambda o: o.reshape(o.shape[:axis] + (n,) + o.shape[axis + 2:]), out)
-    return out if layout is None else layout.constrain(out, axis)
+    return _merged(out, n, layout, axis)
+
+
+@partial(jit, static_argnames=("fn", "config", "size", "axis", "n", "layout"),
+         donate_argnames=("out",))
+def _fill_chunk_jit(fn, config, args, data, out, start, size, axis, n, layout=None):
+    # _fill_jit's step, one chunk per program (inside `progress`): ``out`` is donated,
+    # so the rows are written in place
+    d = _spread(layout)
+    new = fn(config, args, _chunk_at(_blocks(data, d, n // d, layout), start, size, layout))
+    return jax.tree_util.tree_map(lambda o, y: _write_rows(o, y, start, axis, d), out, new)
+
+
+def _fill_reported(stage, fn, config, args, data, size, axis, n, layout):
+    """:func:`per_example` over an in-memory set, one chunk program at a time, each
+    chunk reported to ``stage``."""
+    d = _spread(layout)
+    n_local = n // d
+    shapes = jax.eval_shape(lambda a, x: fn(config, a, _chunk_at(
+        _blocks(x, d, n_local, layout), 0, size, layout)), args, data)
+    out = _zero_outputs(_buffer_spec(shapes, axis, d, n_local), layout, axis)
+    for k, at in enumerate(_starts(n_local, size)):
+        out = _fill_chunk_jit(fn, config, args, data, out, at, size=size, axis=axis, n=n,
+                              layout=layout)
+        jax.block_until_ready(out)
+        stage.update(min(n, (k + 1) * size * d))
+    return _merged_outputs(out, n, layout, axis)
 
 
 def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int, *,
@@ -1044,12 +1203,13 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
         layout = layout_of(rows)
         n_local = n // _spread(layout)
         size = min(int(size), n_local)
-        starts = np.minimum(np.arange(-(-n_local // size)) * size,
-                            n_local - size).astype(np.int32)
-        out = _fill_jit(fn, fn_config, args, rows, starts, size, axis, n,
-                        report=stage is not None, layout=layout)
+        if stage is not None and n_local > size:
+            return _fill_reported(stage, fn, fn_config, args, rows, size, axis, n, layout)
+        out = _fill_jit(fn, fn_config, args, rows, _starts(n_local, size), size, axis, n,
+                        layout=layout)
         if stage is not None:
             jax.block_until_ready(out)
+            stage.update(n)
         return out
 
 
