@@ -142,7 +142,12 @@ def main(names):
         seen = []
 
         rows = engine.per_example(grad_probe(seen), None, params, sharded, 4)
+        # inside progress: the stages run one program per chunk, driven from the host
+        with jattri.progress(lambda p, final=False: None):
+            reported = attr.attribute(attr.cache(params, sharded), test)
         print(json.dumps({
+            "progress_rel": relative(reported, one),
+            "progress_scores_devices": len(reported.sharding.device_set),
             "method": name,
             "rel": relative(many, one),
             "shape": list(np.shape(many)),

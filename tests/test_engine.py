@@ -267,3 +267,81 @@ def test_progress_reports_each_stage_and_is_silent_otherwise():
     with jattri.progress(report):
         jax.jit(attr.attribute)(state, test)
     assert seen == []
+
+
+@pytest.mark.parametrize("n", [23, 25, 4])
+def test_progress_gives_the_quiet_results(n):
+    """Inside ``progress`` an in-memory stage of several chunks runs one program per
+    chunk, the last overlapping the one before it (n = 23 in chunks of 5: rows 18-22,
+    of which 18 and 19 are marked not valid), its outputs written into donated buffers;
+    the carry sums (TRAK's Gram), the per-example rows (its features), the dense scores
+    and the tiled top-k all equal the quiet run's. One chunk (n = 4) runs the quiet
+    program and reports once."""
+    train, test = data(1, n), data(2, 4)
+    attr = jattri.trak(loss, proj_dim=4, chunk_size=5)
+    quiet = attr.cache(params(0), train)
+    seen = []
+    with jattri.progress(lambda p, final=False: seen.append((p.stage, p.done, final))):
+        state = attr.cache(params(0), train)
+        scores = attr.attribute(state, test)
+        top = attr.attribute(state, test, top_k=3, lowest=True)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(quiet)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(scores, attr.attribute(quiet, test), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(top.indices, attr.attribute(quiet, test, top_k=3).indices)
+    assert_top_k_matches_dense(top, scores, 3)
+    cache = [done for stage, done, final in seen if stage == "cache" and not final]
+    assert cache == ([4] if n == 4 else list(range(5, n, 5)) + [n])
+
+
+_REPORTED = """
+import contextlib, json, sys
+import jax, jax.numpy as jnp, numpy as np
+import jattri
+from jattri import _program_cache
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(1)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+def loss(p, z):
+    return -jax.nn.log_softmax(z[0] @ p["w"])[z[1]]
+rng = np.random.default_rng(0)
+train = (rng.standard_normal((40, 6)).astype(np.float32), rng.integers(0, 3, 40))
+test = (rng.standard_normal((7, 6)).astype(np.float32), rng.integers(0, 3, 7))
+p = {"w": jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)}
+reports = []
+with (jattri.progress(lambda r, final=False: reports.append(r.done))
+      if sys.argv[1] == "progress" else contextlib.nullcontext()):
+    for attr in (jattri.trak(loss, proj_dim=8, chunk_size=8),
+                 jattri.grad_dot(loss, chunk_size=8)):
+        scores = attr.attribute(attr.cache(p, train), test, top_k=2)
+print("RESULT" + json.dumps({"compiles": len(compiles), "reports": len(reports),
+                             "compiled": _program_cache.stats["compiled"]}))
+"""
+
+
+def test_programs_run_inside_progress_are_stored(tmp_path):
+    """Programs run inside ``progress`` carry no host callback, so the persistent
+    caches store them: a second process, reporting as the first did, compiles no more
+    than a second quiet process does. (A scan reporting through ``jax.debug.callback``
+    was compiled again in every process: the benchmark CLI, which reports, never
+    started warm.) JAX counts a program read back from its cache as a compilation too,
+    and two small programs of this script are compiled in every process, reporting or
+    not: hence the comparison with the quiet process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "reported.py"
+    script.write_text(_REPORTED)
+    env = dict(os.environ, JATTRI_COMPILE_CACHE=str(tmp_path / "xla"))
+    runs = []
+    for mode in ("quiet", "quiet", "progress", "progress"):
+        done = subprocess.run([sys.executable, str(script), mode], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (line,) = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
+        runs.append(json.loads(line[len("RESULT"):]))
+    quiet, loud, loud_again = runs[1], runs[2], runs[3]
+    assert loud["compiles"] > quiet["compiles"] and loud["reports"] >= 10
+    assert loud_again == dict(quiet, reports=loud["reports"])

@@ -58,6 +58,8 @@ def test_sharded_equals_one_device(runs, name):
     # per-example gradients inside a stage, per-example outputs and score rows: on 8
     assert r["grads_devices"] == [8] and r["grads_spec"] == ["P('data',)"], r
     assert r["probe_devices"] == 8 and r["scores_devices"] == 8, r
+    # the same inside jattri.progress (its stages run chunk by chunk from the host)
+    assert r["progress_rel"] <= 1e-5 and r["progress_scores_devices"] == 8, r
 
 
 @pytest.mark.parametrize("name", ["trak", "trak_kron", "logra"])
