@@ -39,9 +39,9 @@ the digest; jattri's functions replaced at run time are not (set
 A program is not stored, only compiled as usual, when its printed jaxpr cannot stand for
 it: a parameter printed as a Python object (``<... at 0x...>``) or with elided values
 (``...``), effects (callbacks, prints), a primitive whose lowering rule is defined
-outside JAX, a custom call other than jaxlib's LAPACK kernels (:data:`_KNOWN_TARGETS`),
-constants the executable cannot carry, several processes, or arguments not on the
-default device. The cache is used on the CPU backend only, where it was measured,
+outside JAX, a custom call other than jaxlib's LAPACK kernels and XLA's TopK
+(:data:`_KNOWN_TARGETS`), constants the executable cannot carry, several processes, or
+arguments not on the default device. The cache is used on the CPU backend only, where it was measured,
 and only when JAX's persistent cache has a directory (jattri's default; entries go to
 ``<that directory>/jattri-programs``). The environment variable
 ``JATTRI_PROGRAM_CACHE=0`` turns it off (``jax.jit``'s own dispatch everywhere); any
@@ -72,10 +72,13 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 #: Custom calls a stored program may make: jaxlib's LAPACK kernels, whose pointers
 #: :func:`jattri._jit.ensure_lapack` hands over before a program read back runs (jaxlib
-#: otherwise does it while lowering). A program calling anything else (a host callback,
-#: a kernel initialised at its lowering) is compiled in every process instead. Every
-#: program of ``python -m jattri.bench`` calls only ``lapack_{spotrf,ssyevd,sgetrf,strsm}_ffi``.
-_KNOWN_TARGETS = ("lapack_",)
+#: otherwise does it while lowering), and ``TopK`` (``jax.lax.top_k``: XLA's CPU
+#: runtime sorts it itself; every ``top_k=`` scoring scan calls it, and left out of
+#: this list those scans were compiled again in every process). A program calling
+#: anything else (a host callback, a kernel initialised at its lowering) is compiled in
+#: every process instead. Every program of ``python -m jattri.bench`` calls only
+#: ``lapack_{spotrf,ssyevd,sgetrf,strsm}_ffi``.
+_KNOWN_TARGETS = ("lapack_", "TopK")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 #: Held while one compilation sets JAX's persistent cache aside (:func:`_compile_afresh`).

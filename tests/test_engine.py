@@ -323,7 +323,7 @@ print("RESULT" + json.dumps({"compiles": len(compiles), "reports": len(reports),
 def test_programs_run_inside_progress_are_stored(tmp_path):
     """Programs run inside ``progress`` carry no host callback, so the persistent
     caches store them: a second process, reporting as the first did, compiles no more
-    than a second quiet process does. (A scan reporting through ``jax.debug.callback``
+    than a second quiet process does (here fewer). (A scan reporting through ``jax.debug.callback``
     was compiled again in every process: the benchmark CLI, which reports, never
     started warm.) JAX counts a program read back from its cache as a compilation too,
     and two small programs of this script are compiled in every process, reporting or
@@ -344,4 +344,6 @@ def test_programs_run_inside_progress_are_stored(tmp_path):
         runs.append(json.loads(line[len("RESULT"):]))
     quiet, loud, loud_again = runs[1], runs[2], runs[3]
     assert loud["compiles"] > quiet["compiles"] and loud["reports"] >= 10
-    assert loud_again == dict(quiet, reports=loud["reports"])
+    assert loud_again["reports"] == loud["reports"]
+    assert loud_again["compiles"] <= quiet["compiles"], (quiet, loud_again)
+    assert loud_again["compiled"] <= quiet["compiled"], (quiet, loud_again)

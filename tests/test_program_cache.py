@@ -235,6 +235,9 @@ _SCRIPT = textwrap.dedent("""
                        ("arnoldi", jattri.influence_arnoldi(loss)), ("rps", rps)]:
         state = attr.cache(params, data(12, 1))
         out[name] = np.asarray(attr.attribute(state, data(4, 2))).tolist()
+        if name == "trak":  # the tiled top-k scan (XLA's TopK custom call)
+            out["trak_top"] = np.asarray(attr.attribute(state, data(4, 2), top_k=3,
+                                                        lowest=True).indices).tolist()
     out["stats"] = _program_cache.stats
     print("RESULT" + json.dumps(out))
 """)
@@ -253,7 +256,8 @@ def _run(tmp_path, scale, **env):
 
 
 def test_a_second_process_reads_every_program_back(tmp_path):
-    """TRAK, Arnoldi and RPS (whose refit is a ``closed`` program).
+    """TRAK (its dense scores and its tiled top-k, whose ``TopK`` custom call is
+    stored too), Arnoldi and RPS (whose refit is a ``closed`` program).
     JAX's own cache filled first (the program cache off), then the program cache on:
     an executable JAX read back from its cache serializes without its CPU kernels, so
     those are compiled afresh before they are stored; the third process reads
@@ -271,7 +275,7 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     second = _run(tmp_path, 1.0)
     assert second["stats"] == {"loaded": first["stats"]["compiled"], "compiled": 0,
                                "stored": 0}
-    for name in ("trak", "arnoldi", "rps"):
+    for name in ("trak", "trak_top", "arnoldi", "rps"):
         np.testing.assert_array_equal(second[name], jax_only[name])
         np.testing.assert_array_equal(first[name], jax_only[name])
     changed = _run(tmp_path, 2.0)
