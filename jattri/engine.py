@@ -961,10 +961,11 @@ def _scan_end_jit(start, carry, outs, n, layout, partial_sums):
 
 
 def _token(tree) -> jax.Array:
-    """A scalar that is ready once ``tree`` is computed: what the host waits on
-    before reporting a chunk (its outputs are donated to the next chunk's program)."""
+    """One entry of ``tree``, an output of the chunk's program of its own: what the
+    host waits on before reporting the chunk (the program's other outputs are donated
+    to the next chunk's)."""
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.size(x)]
-    return jnp.zeros((), jnp.float32) if not leaves else jnp.ravel(leaves[0])[0] * 0
+    return jnp.zeros((1,), jnp.float32) if not leaves else jnp.ravel(leaves[0])[:1]
 
 
 def _abstract(tree) -> Optional[tuple]:
