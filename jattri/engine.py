@@ -650,11 +650,12 @@ def _tick_add(count) -> None:
 
 
 class solve_stage(_stage):
-    """The stage of an iterative solve whose compiled program reports as it goes
-    (:func:`solved`): CG's counts the examples whose systems are solved, a group of
-    systems at a time; LiSSA's its recursion steps, Arnoldi's fit its Krylov steps and
-    RPS's refit its L-BFGS steps (``unit``). ``None`` unless :func:`progress` is on.
-    Programs with the callbacks are not stored by the persistent compilation cache."""
+    """The stage of an iterative solve: CG's counts the examples whose systems are
+    solved, a group of systems (one program call) at a time, reported from the host;
+    LiSSA's its recursion steps, Arnoldi's fit its Krylov steps and RPS's refit its
+    L-BFGS steps (``unit``), reported from inside their compiled programs
+    (:func:`solved`). ``None`` unless :func:`progress` is on. Programs with the
+    callbacks are not stored by the persistent compilation cache."""
 
     def __init__(self, name: str, total: Optional[int], *traced: Any,
                  unit: str = "examples"):
@@ -741,8 +742,9 @@ class progress:
     Inside the block an in-memory stage of more than one chunk runs one compiled
     program per chunk, reported from the host between them (outside it, one program
     for all chunks): neither carries a host callback, so both are stored by the
-    persistent compilation cache and a second process starts warm. The iterative
-    solves (:class:`solve_stage`) report from inside their compiled loops through
+    persistent compilation cache and a second process starts warm. So are CG's
+    solves, one call per group of systems. LiSSA's recursion, Arnoldi's fit and
+    RPS's refit (:class:`solve_stage`) report from inside their compiled loops through
     ``jax.debug.callback``, compiled in only while reporting; those programs are
     compiled again in every process.
     """
@@ -1025,7 +1027,7 @@ def _output_shapes(fn, config, size, layout, axis, n, trees) -> PyTree:
     return _remembered_outputs(fn, config, size, layout, axis, n, abstract)
 
 
-def _reported_chunks(stage, run, starts, per_chunk: int, n: int) -> None:
+def reported_chunks(stage, run, starts, per_chunk: int, n: int) -> None:
     """Run ``run(k, start) -> token`` for every chunk start, reporting to ``stage`` as
     each chunk is done: the next chunk is dispatched before the host waits on the
     last one's token, so the device does not wait for the host between chunks."""
@@ -1059,7 +1061,7 @@ def _scan_reported(stage, step, config, args, carry, data, size, layout, sums):
             size=size, n=n, layout=layout, partial_sums=partial_sums)
         return token
 
-    _reported_chunks(stage, run, _starts(n_local, size), size * d, n)
+    reported_chunks(stage, run, _starts(n_local, size), size * d, n)
     return _scan_end_jit(carry, state["carry"], state["outs"], n, layout, partial_sums)
 
 
@@ -1246,7 +1248,7 @@ def _fill_reported(stage, fn, config, args, data, size, axis, n, layout):
                                               size=size, axis=axis, n=n, layout=layout)
         return token
 
-    _reported_chunks(stage, run, _starts(n_local, size), size * d, n)
+    reported_chunks(stage, run, _starts(n_local, size), size * d, n)
     return _merged_outputs(state["out"], n, layout, axis)
 
 

@@ -347,3 +347,27 @@ def test_progress_reports_the_solve_group_by_group():
         assert [done for done, _, _ in solves] == want, (stage, seen)
         assert all((t, u) == (total, unit) for _, t, u in solves), seen
         np.testing.assert_array_equal(loud, quiet)
+
+
+def test_progress_solves_cgs_groups_one_call_each():
+    """Inside ``progress`` CG's groups of systems are solved one program call each,
+    driven from the host (no host callback, so the program is cached): two members,
+    7 test examples in groups of 4 and 3 blocks of 3 (the last group padded with zero
+    rows), and the training set's own systems (``self_attribute``), equal the quiet
+    results bitwise; the stage counts members × examples."""
+    loss, params, train, test = _problem(seed=3)
+    members = jattri.checkpoints([params, jax.tree_util.tree_map(lambda x: 0.8 * x, params)])
+    for block, chunk in ((1, 4), (3, 2)):
+        attr = jattri.influence_cg(loss, damping=0.05, maxiter=50, block=block,
+                                   chunk_size=chunk)
+        state = attr.cache(members, train)
+        quiet = np.asarray(attr.attribute(state, test))
+        quiet_self = np.asarray(attr.self_attribute(state))
+        seen = []
+        with jattri.progress(lambda p: seen.append((p.stage, p.done, p.total))):
+            loud = np.asarray(attr.attribute(state, test))
+            loud_self = np.asarray(attr.self_attribute(state))
+        np.testing.assert_array_equal(loud, quiet)
+        np.testing.assert_array_equal(loud_self, quiet_self)
+        solves = [(done, total) for name, done, total in seen if name == "cg solve"]
+        assert solves[-1] == (14, 14) and solves[0][0] < 14, solves

@@ -224,33 +224,23 @@ def group_count(k: int, at_once: Optional[int]) -> int:
 
 
 def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
-              per_row: int = 1, batched: bool = False) -> jax.Array:
+              batched: bool = False) -> jax.Array:
     """``jax.vmap(solve)(rows)``, ``at_once`` rows at a time: the k rows split into
     ⌈k / at_once⌉ groups of equal size (zero rows padding the last), vmapped within a
     group and run one group after another (``lax.map``), so memory follows the group,
     not k. ``solve`` must map a zero row to zero (a solve from x₀ = 0 stops there at
-    once). ``at_once=None`` (or ≥ k): all rows together. Traced for a reporting
-    :class:`jattri.engine.solve_stage`, each finished group reports its
-    ``per_row`` × rows systems (:func:`jattri.engine.solved`). ``batched=True``:
-    ``solve`` takes a whole group ``(rows, ...)`` itself (not vmapped) and reports its
-    own progress."""
+    once). ``at_once=None`` (or ≥ k): all rows together. ``batched=True``: ``solve``
+    takes a whole group ``(rows, ...)`` itself (not vmapped). Inside
+    :func:`jattri.progress`, CG's groups are solved one program call each instead
+    (``jattri.methods.influence._apply_in_groups``), with the same groups."""
     k = rows.shape[0]
     run = solve if batched else jax.vmap(solve)
-    report = (lambda count, out: None) if batched else engine.solved
     groups = group_count(k, at_once)
     if groups == 1:
-        out = run(rows)
-        report(per_row * k, out)
-        return out
+        return run(rows)
     size = -(-k // groups)  # balanced: 500 rows at 153 go as 4 × 125, not 4 × 153
     padded = jnp.pad(rows, ((0, groups * size - k),) + ((0, 0),) * (rows.ndim - 1))
-
-    def group(g):
-        out = run(g)
-        report(per_row * size, out)
-        return out
-
-    out = jax.lax.map(group, padded.reshape((groups, size) + rows.shape[1:]))
+    out = jax.lax.map(run, padded.reshape((groups, size) + rows.shape[1:]))
     return out.reshape((groups * size,) + out.shape[2:])[:k]
 
 
@@ -309,7 +299,7 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
     pad = (-k) % s
     blocks = jnp.pad(b, ((0, pad), (0, 0))).reshape(-1, s, d)
     out = in_groups(lambda rhs: _block_cg(matmat, rhs, maxiter, tol), blocks,
-                    None if at_once is None else max(1, int(at_once) // s), per_row=s)
+                    None if at_once is None else max(1, int(at_once) // s))
     return out.reshape(-1, d)[:k]
 
 

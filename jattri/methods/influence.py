@@ -340,6 +340,12 @@ class _Spec(NamedTuple):
     # solve_progress(config, v) -> (total, unit) of a reporting solve's stage (only
     # with ``reads_train``); None: the examples whose systems are solved, M·b
     solve_progress: Optional[Callable] = None
+    # solve_group(config, b) -> rows: the solve takes its b systems this many at a
+    # time, each group's result independent of the others (CG's ``in_groups``), and
+    # ``apply``'s result has ``v``'s shape; inside ``progress`` the groups are then
+    # solved one program call each, reported from the host (no callback, so the
+    # program is cached); None: the solve reports from inside its compiled loop
+    solve_group: Optional[Callable] = None
 
 
 def _check_damping(damping, positive=False, none=False):
@@ -508,9 +514,11 @@ def _apply(spec, config, args, v):
     """``spec.apply`` compiled once per (method, config, layout of the training set
     over devices), or run eagerly when it streams the training set (DataInf on a
     Stream). Under :func:`jattri.progress` a solve over the training set (CG, LiSSA:
-    ``spec.reads_train``) is a stage of its own, "<method> solve" (its own program,
-    with the callbacks): CG's counts the examples whose systems are solved, a group at
-    a time; LiSSA's counts its recursion steps (``spec.solve_progress``)."""
+    ``spec.reads_train``) is a stage of its own, "<method> solve". CG's counts the
+    examples whose systems are solved, its groups solved one call each of the quiet
+    program (``spec.solve_group``; cached like any other); LiSSA's counts its
+    recursion steps (``spec.solve_progress``) from inside its own program, whose
+    callbacks are compiled again in every process."""
     if engine.is_stream(args[-1]):
         return spec.apply(config, args, v)
     layout = engine.layout_of(args[-1])
@@ -519,10 +527,50 @@ def _apply(spec, config, args, v):
     name = spec.name.replace("influence_", "") + " solve"
     total, unit = ((v.shape[0] * v.shape[1], "examples") if spec.solve_progress is None
                    else spec.solve_progress(config, v))
+    if spec.solve_group is not None:
+        with engine.solve_stage(name, total, args, v, unit=unit) as stage:
+            if stage is None:
+                return _apply_jit(spec.apply, config, args, v, layout, False)
+            return _apply_in_groups(spec, config, args, v, layout, stage)
     return engine.reported(name, total,
                            lambda report: _apply_jit(spec.apply, config, args, v, layout,
                                                      report),
                            args, v, unit=unit)
+
+
+@partial(jit, static_argnames=("apply", "config", "rows", "layout"),
+         donate_argnames=("out",))
+def _apply_group_jit(apply, config, args, v, out, start, rows, layout):
+    # rows start ... start + rows of every member's systems (zero rows past the end,
+    # as in_groups pads its last group), solved and written into ``out`` in place
+    b = v.shape[1]
+    at = start + jnp.arange(rows)
+    group = jnp.where((at < b)[None, :, None], jnp.take(v, jnp.minimum(at, b - 1), axis=1),
+                      0).astype(v.dtype)
+    solved = _apply_traced(apply, config, args, group, layout, False)
+    out = out.at[:, jnp.where(at < b, at, b)].set(solved.astype(out.dtype), mode="drop")
+    return out, jnp.ravel(solved)[:1]
+
+
+_zeros_like_jit = jit(jnp.zeros_like)
+
+
+def _apply_in_groups(spec, config, args, v, layout, stage):
+    """``apply``'s solve of ``v`` ``(M, b, d)``, one call per group of systems (the
+    groups the quiet program runs in turn: the same results), each reported to
+    ``stage`` as it is done; the solutions are written in place into one buffer."""
+    b = v.shape[1]
+    rows = spec.solve_group(config, b)
+    state = {"out": _zeros_like_jit(v)}
+
+    def run(k, start):
+        state["out"], token = _apply_group_jit(spec.apply, config, args, v, state["out"],
+                                               np.int32(start), rows=rows, layout=layout)
+        return token
+
+    engine.reported_chunks(stage, run, range(0, b, rows), rows * v.shape[0],
+                           b * v.shape[0])
+    return state["out"]
 
 
 def _influence(task: Any, spec: _Spec, *, relatif: Optional[str],
@@ -1075,6 +1123,16 @@ def _cg_rows(chunk_size, members, block) -> int:
     return _common.chunk_size_for(chunk_size, members, None, _CG_ROW_FLOATS[block > 1] * d)
 
 
+def _cg_group(config, b: int) -> int:
+    """Rows per group of ``_cg_apply``'s ``b`` systems: those of
+    :func:`jattri.func.hessian.in_groups` over its blocks (or single systems)."""
+    _, _, block, _, rows = config
+    s = max(1, min(int(block), b)) if block > 1 else 1
+    units = -(-b // s)
+    per = units if rows is None else max(1, int(rows) // s)
+    return s * -(-units // group_count(units, per))
+
+
 def _cg_apply(config, args, v):
     maxiter, tol, block, size, rows = config
     fns, members, _, damping, train = args
@@ -1171,7 +1229,7 @@ def influence_cg(task: Any, *, damping: Optional[float] = None, maxiter: int = 1
                  _cg_apply, lambda members, size: (maxiter, tol, block, size,
                                                    _cg_rows(chunk_size, members, block)),
                  check=_cg_check(advice), in_memory=True, reads_train=True,
-                 ggn=curvature == "ggn",
+                 ggn=curvature == "ggn", solve_group=_cg_group,
                  hyper=(("maxiter", maxiter), ("tol", tol), ("block", block))
                  + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
