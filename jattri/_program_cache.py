@@ -41,8 +41,8 @@ it: a parameter printed as a Python object (``<... at 0x...>``) or with elided v
 (``...``), effects (callbacks, prints), a primitive whose lowering rule is defined
 outside JAX, a custom call other than jaxlib's LAPACK kernels and XLA's TopK
 (:data:`_KNOWN_TARGETS`), constants the executable cannot carry, several processes, or
-arguments not on the default device. The cache is used on the CPU backend only, where it was measured,
-and only when JAX's persistent cache has a directory (jattri's default; entries go to
+arguments not on the default device. The cache is used on the CPU backend only, where
+it was measured, and only when JAX's persistent cache has a directory (jattri's default; entries go to
 ``<that directory>/jattri-programs``). The environment variable
 ``JATTRI_PROGRAM_CACHE=0`` turns it off (``jax.jit``'s own dispatch everywhere); any
 failure to read an entry removes it and compiles the program instead.

@@ -223,6 +223,27 @@ def group_count(k: int, at_once: Optional[int]) -> int:
     return 1 if at_once is None or int(at_once) >= k else -(-k // max(1, int(at_once)))
 
 
+def group_size(k: int, at_once: Optional[int]) -> int:
+    """Rows in each of :func:`in_groups`' groups (balanced: 500 rows at 153 go as
+    4 × 125, not 4 × 153)."""
+    return -(-k // group_count(k, at_once))
+
+
+def _block_rows(k: int, block: Optional[int]) -> int:
+    """Rows of each of :func:`block_cg_solve`'s blocks."""
+    return k if block is None else max(1, min(int(block), k))
+
+
+def cg_group_rows(k: int, at_once: Optional[int], block: Optional[int] = 1) -> int:
+    """Right-hand sides per group of :func:`cg_solve` (``block=1``) or
+    :func:`block_cg_solve` on ``k`` of them: each group is solved on its own, so a
+    caller may solve the groups one call each (``jattri.progress``'s CG)."""
+    if block == 1:
+        return group_size(k, at_once)
+    s = _block_rows(k, block)
+    return s * group_size(-(-k // s), None if at_once is None else max(1, int(at_once) // s))
+
+
 def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
               batched: bool = False) -> jax.Array:
     """``jax.vmap(solve)(rows)``, ``at_once`` rows at a time: the k rows split into
@@ -238,7 +259,7 @@ def in_groups(solve: Callable, rows: jax.Array, at_once: Optional[int], *,
     groups = group_count(k, at_once)
     if groups == 1:
         return run(rows)
-    size = -(-k // groups)  # balanced: 500 rows at 153 go as 4 × 125, not 4 × 153
+    size = group_size(k, at_once)
     padded = jnp.pad(rows, ((0, groups * size - k),) + ((0, 0),) * (rows.ndim - 1))
     out = jax.lax.map(run, padded.reshape((groups, size) + rows.shape[1:]))
     return out.reshape((groups * size,) + out.shape[2:])[:k]
@@ -295,7 +316,7 @@ def block_cg_solve(matmat: Callable, b: jax.Array, *, maxiter: Optional[int], to
         raise ValueError(f"b must be (k, d), got shape {b.shape}")
     k, d = b.shape
     maxiter = 10 * d if maxiter is None else int(maxiter)
-    s = k if block is None else max(1, min(int(block), k))
+    s = _block_rows(k, block)
     pad = (-k) % s
     blocks = jnp.pad(b, ((0, pad), (0, 0))).reshape(-1, s, d)
     out = in_groups(lambda rhs: _block_cg(matmat, rhs, maxiter, tol), blocks,

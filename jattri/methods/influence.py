@@ -68,8 +68,8 @@ from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, leaf_k
                                 same_layers)
 from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
-                                 arnoldi_sizes, block_cg_solve, cg_solve, check_cg,
-                                 dense_block, group_count, hvp, in_groups,
+                                 arnoldi_sizes, block_cg_solve, cg_group_rows, cg_solve,
+                                 check_cg, dense_block, group_count, hvp, in_groups,
                                  top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -1128,13 +1128,10 @@ def _cg_rows(chunk_size, members, block) -> int:
 
 
 def _cg_group(config, b: int) -> int:
-    """Rows per group of ``_cg_apply``'s ``b`` systems: those of
-    :func:`jattri.func.hessian.in_groups` over its blocks (or single systems)."""
+    """Rows per group of ``_cg_apply``'s ``b`` systems (block CG's groups of blocks,
+    or plain CG's groups of systems)."""
     _, _, block, _, rows = config
-    s = max(1, min(int(block), b)) if block > 1 else 1
-    units = -(-b // s)
-    per = units if rows is None else max(1, int(rows) // s)
-    return s * -(-units // group_count(units, per))
+    return cg_group_rows(b, rows, block if block > 1 else 1)
 
 
 def _cg_apply(config, args, v):
