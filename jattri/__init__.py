@@ -27,6 +27,9 @@ from jattri.methods import (influence_arnoldi, influence_datainf, influence_ekfa
 from jattri import ensemble  # noqa: E402  (after methods: ensembles build on them)
 from jattri import interop  # noqa: E402
 from jattri import plot  # noqa: E402  (imports matplotlib only when a function is called)
+from jattri import _gc  # noqa: E402
+
+_gc.settle()  # what the imports made, frozen out of later collections (JATTRI_GC_FREEZE=0: not)
 
 __version__ = "0.1.0"
 

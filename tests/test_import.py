@@ -30,3 +30,30 @@ def test_lazy_pieces_load_when_used():
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split()[-2:] == ["True", "True"]
+
+
+def _after_import(code: str, **env) -> list:
+    import os
+    run = subprocess.run([sys.executable, "-c", "import gc, jattri\n" + code],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env}, check=True)
+    return run.stdout.split()
+
+
+def test_import_freezes_what_it_made_and_later_objects_are_collected():
+    """`import jattri` moves the objects tracked then out of later collections
+    (jattri._gc), and a reference cycle made afterwards is still reclaimed."""
+    code = ("import weakref\n"
+            "class Node: pass\n"
+            "a = Node(); a.self = a; alive = weakref.ref(a); del a\n"
+            "found = gc.collect()\n"
+            "print(gc.get_freeze_count(), gc.isenabled(), alive() is None, found > 0)")
+    frozen, enabled, freed, found = _after_import(code)
+    assert int(frozen) > 10_000  # jax's and jattri's objects
+    assert (enabled, freed, found) == ("True", "True", "True")
+
+
+def test_gc_freeze_can_be_turned_off():
+    frozen, enabled = _after_import("print(gc.get_freeze_count(), gc.isenabled())",
+                                    JATTRI_GC_FREEZE="0")
+    assert (frozen, enabled) == ("0", "True")
