@@ -1012,15 +1012,23 @@ def _on_device(data: PyTree) -> PyTree:
 
 def reported_chunks(stage, run, starts, per_chunk: int, n: int) -> None:
     """Run ``run(k, start) -> token`` for every chunk start, reporting to ``stage`` as
-    each chunk is done: the next chunk is dispatched before the host waits on the
-    last one's token, so the device does not wait for the host between chunks."""
+    each chunk is done (:func:`reported_calls`)."""
+    reported_calls(stage, ((partial(run, k, at), min(n, (k + 1) * per_chunk))
+                           for k, at in enumerate(starts)))
+
+
+def reported_calls(stage, calls) -> None:
+    """Run ``call() -> token`` for every ``(call, done)`` of ``calls``, reporting
+    ``done`` to ``stage`` once the call's token is ready: the next call is dispatched
+    before the host waits on the last one's token, so the device does not wait for the
+    host between calls."""
     waiting = None
-    for k, at in enumerate(starts):
-        token = run(k, at)
+    for call, done in calls:
+        token = call()
         if waiting is not None:
             jax.block_until_ready(waiting[0])
             stage.update(waiting[1])
-        waiting = token, min(n, (k + 1) * per_chunk)
+        waiting = token, done
     if waiting is not None:
         jax.block_until_ready(waiting[0])
         stage.update(waiting[1])

@@ -69,7 +69,8 @@ from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, leaf_k
 from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, block_cg_solve, cg_group_rows, cg_solve,
-                                 check_cg, dense_block, group_count, hvp, in_groups,
+                                 check_cg, dense_block, group_count, group_size, hvp,
+                                 in_groups,
                                  top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -346,6 +347,10 @@ class _Spec(NamedTuple):
     # solved one program call each, reported from the host (no callback, so the
     # program is cached); None: the solve reports from inside its compiled loop
     solve_group: Optional[Callable] = None
+    # solve_driven(config, args, v, layout, stage) -> apply's result: inside
+    # ``progress``, the solve driven from the host in calls of programs without
+    # callbacks (cached), each reported to ``stage`` (LiSSA's recursion in segments)
+    solve_driven: Optional[Callable] = None
 
 
 def _check_damping(damping, positive=False, none=False):
@@ -502,40 +507,41 @@ def _coord_tile(config, u, chunk):
     return jnp.mean(s, axis=1)
 
 
-def _apply_traced(apply, config, args, v, layout, report):
-    with engine.reporting_solves(report):
-        return engine.traced_with_layout(layout, args[-1], lambda: apply(config, args, v))
+def _apply_traced(apply, config, args, v, layout):
+    return engine.traced_with_layout(layout, args[-1], lambda: apply(config, args, v))
 
 
-_apply_jit = jit(_apply_traced, static_argnums=(0, 1, 4, 5))
+_apply_jit = jit(_apply_traced, static_argnums=(0, 1, 4))
 
 
 def _apply(spec, config, args, v):
     """``spec.apply`` compiled once per (method, config, layout of the training set
     over devices), or run eagerly when it streams the training set (DataInf on a
-    Stream). Under :func:`jattri.progress` a solve over the training set (CG, LiSSA:
-    ``spec.reads_train``) is a stage of its own, "<method> solve". CG's counts the
-    examples whose systems are solved, its groups solved one call each of the quiet
-    program (``spec.solve_group``; cached like any other); LiSSA's counts its
-    recursion steps (``spec.solve_progress``) from inside its own program, whose
-    callbacks are compiled again in every process."""
+    Stream). Under :func:`jattri.progress` a solve over the training set (CG, LiSSA,
+    DataInf: ``spec.reads_train``) is a stage of its own, "<method> solve", run in
+    programs without callbacks (cached like any other). CG's counts the examples whose
+    systems are solved, its groups solved one call each of the quiet program
+    (``spec.solve_group``); LiSSA's counts its recursion steps
+    (``spec.solve_progress``), run in segments (``spec.solve_driven``); DataInf's
+    reports once, when its one program is done."""
     if engine.is_stream(args[-1]):
         return spec.apply(config, args, v)
     layout = engine.layout_of(args[-1])
     if not spec.reads_train:
-        return _apply_jit(spec.apply, config, args, v, layout, False)
+        return _apply_jit(spec.apply, config, args, v, layout)
     name = spec.name.replace("influence_", "") + " solve"
     total, unit = ((v.shape[0] * v.shape[1], "examples") if spec.solve_progress is None
                    else spec.solve_progress(config, v))
-    if spec.solve_group is not None:
-        with engine.solve_stage(name, total, args, v, unit=unit) as stage:
-            if stage is None:
-                return _apply_jit(spec.apply, config, args, v, layout, False)
-            return _apply_in_groups(spec, config, args, v, layout, stage)
-    return engine.reported(name, total,
-                           lambda report: _apply_jit(spec.apply, config, args, v, layout,
-                                                     report),
-                           args, v, unit=unit)
+    driven = (spec.solve_driven if spec.solve_driven is not None else
+              None if spec.solve_group is None else partial(_apply_in_groups, spec))
+    with engine.solve_stage(name, total, args, v, unit=unit) as stage:
+        if stage is None:
+            return _apply_jit(spec.apply, config, args, v, layout)
+        if driven is not None:
+            return driven(config, args, v, layout, stage)
+        out = jax.block_until_ready(_apply_jit(spec.apply, config, args, v, layout))
+        stage.update(total)
+        return out
 
 
 @partial(jit, static_argnames=("apply", "config", "rows", "layout"),
@@ -547,7 +553,7 @@ def _apply_group_jit(apply, config, args, v, out, start, rows, layout):
     at = start + jnp.arange(rows)
     group = jnp.where((at < b)[None, :, None], jnp.take(v, jnp.minimum(at, b - 1), axis=1),
                       0).astype(v.dtype)
-    solved = _apply_traced(apply, config, args, group, layout, False)
+    solved = _apply_traced(apply, config, args, group, layout)
     out = out.at[:, jnp.where(at < b, at, b)].set(solved.astype(out.dtype), mode="drop")
     return out, jnp.ravel(solved)[:1]
 
@@ -562,7 +568,7 @@ def _apply_in_groups(spec, config, args, v, layout, stage):
     b = v.shape[1]
     rows = spec.solve_group(config, b)
     if rows >= b:  # one group: the quiet program itself, reported when it is done
-        out = jax.block_until_ready(_apply_jit(spec.apply, config, args, v, layout, False))
+        out = jax.block_until_ready(_apply_jit(spec.apply, config, args, v, layout))
         stage.update(b * v.shape[0])
         return out
     state = {"out": _zeros_like_jit(v)}
@@ -1279,56 +1285,170 @@ _LISSA_ROW_FLOATS = 3
 
 
 def _lissa_progress(config, v) -> tuple:
-    """``(total, unit)`` of a reporting LiSSA solve: its recursion steps, depth ×
-    repeats for each group of systems (``in_groups``) of each member."""
+    """``(total, unit)`` of LiSSA's solve inside ``progress``: its recursion steps,
+    depth × repeats for each group of systems (``in_groups``) of each member."""
     depth, repeats, rows = config[0], config[1], config[5]
     return v.shape[0] * group_count(v.shape[1], rows) * repeats * depth, "LiSSA steps"
 
 
 def _lissa_report_every(depth: int) -> int:
-    """Recursion steps between two progress reports of a reporting LiSSA solve: every
-    step up to a depth of 100, else about 100 reports per recursion."""
+    """Recursion steps between two progress reports of LiSSA's solve (one program call
+    each, :func:`_lissa_driven`): every step up to a depth of 100, else about 100
+    reports per recursion."""
     return max(1, -(-int(depth) // 100))
 
 
-def _lissa_apply(config, args, v):
+def _lissa_recursion(config, fns, params, aux, top, damping, train) -> tuple:
+    """``(s, step)`` of one member: its scale s and one recursion step
+    ``step(rhs, h, skey) = rhs + h − (C_S h + λh) / s`` on a group of systems
+    ``(g, d)``, S the minibatch ``skey`` draws (every system of the group the same)."""
     depth, repeats, batch_size, scale, size, rows = config
-    fns, members, (top, keys), damping, train = args
     n = engine.num_examples(train)
     bs = n if batch_size is None else min(int(batch_size), n)
+    s = _lissa_scale(scale, top, damping)
+
+    def hvp_batch(skey, x):
+        if bs >= n:
+            return _mean_cvp(fns, params, aux, train, x, size)
+        idx = jax.random.choice(skey, n, (bs,), replace=False)
+        batch = (jax.tree_util.tree_map(lambda z: z[idx], train), idx.astype(jnp.int32))
+        return _mean_cvp(fns, params, aux, batch, x, min(size, bs), indexed=True)
+
+    def step(rhs, h, skey):
+        # the fixed point of h <- v + h - (H_S + λI) h / scale is scale (H + λI)⁻¹ v
+        return rhs + h - (hvp_batch(skey, h) + damping * h) / s
+
+    return s, step
+
+
+def _lissa_step_keys(key, repeat, config) -> jax.Array:
+    """``(depth,)`` minibatch keys of recursion ``repeat`` of the member keyed ``key``."""
+    depth, repeats = config[0], config[1]
+    return jax.random.split(jax.random.split(key, repeats)[repeat], depth)
+
+
+def _lissa_apply(config, args, v):
+    depth, repeats, rows = config[0], config[1], config[5]
+    fns, members, (top, keys), damping, train = args
 
     def one(p, a, t, key, vj):
-        s = _lissa_scale(scale, t, damping)
-
-        def hvp_batch(skey, x):
-            if bs >= n:
-                return _mean_cvp(fns, p, a, train, x, size)
-            idx = jax.random.choice(skey, n, (bs,), replace=False)
-            batch = (jax.tree_util.tree_map(lambda z: z[idx], train), idx.astype(jnp.int32))
-            return _mean_cvp(fns, p, a, batch, x, min(size, bs), indexed=True)
-
-        every = _lissa_report_every(depth)
+        s, step = _lissa_recursion(config, fns, p, a, t, damping, train)
 
         def solve(rhs):  # a group of systems (g, d): every group draws the same
-            def one_repeat(rkey):  # minibatches, so grouping changes nothing
-                def step(h, step_in):
-                    skey, j = step_in
-                    # h <- v + h - (H_S + λI) h / scale: the fixed point is
-                    # scale (H + λI)⁻¹ v.
-                    h = rhs + h - (hvp_batch(skey, h) + damping * h) / s
-                    engine.solved_every(every, j + 1, h)
-                    return h, None
-
-                h, _ = jax.lax.scan(step, rhs, (jax.random.split(rkey, depth),
-                                                jnp.arange(depth)))
-                engine.solved_rest(every, depth, h)
+            def one_repeat(r):  # minibatches, so grouping changes nothing
+                h, _ = jax.lax.scan(lambda h, skey: (step(rhs, h, skey), None), rhs,
+                                    _lissa_step_keys(key, r, config))
                 return h / s
 
-            return jnp.mean(jax.lax.map(one_repeat, jax.random.split(key, repeats)), axis=0)
+            return jnp.mean(jax.lax.map(one_repeat, jnp.arange(repeats)), axis=0)
 
         return in_groups(solve, vj, rows, batched=True)
 
     return _common.member_map(one, members, top, keys, v)
+
+
+# LiSSA inside ``progress``: the recursion driven from the host in segments of steps,
+# each one call of a program without callbacks (cached like any other program; a
+# ``jax.debug.callback`` per step was compiled again in every process). Per member,
+# per group of systems (as ``in_groups``' groups in the quiet program), per repeat:
+# ``_lissa_rhs`` takes the group's right-hand sides, ``_lissa_segment`` runs the steps,
+# ``_lissa_repeat_end`` adds the recursion's h / s to the sum over repeats, and
+# ``_lissa_group_end`` writes the mean into the solutions. Only the steps run once per
+# segment: on dattri's LR (5,000 × 500, depth 100, one step a segment) reading and
+# writing the group's rows in every segment's program made the solve 1.8× as long.
+
+@partial(jit, static_argnums=3)
+def _lissa_rhs(v, m, start, g):
+    """``(g, d)``: member ``m``'s systems ``start ... start + g`` of ``v`` ``(M, b, d)``,
+    zero rows past the last (as ``in_groups`` pads its last group)."""
+    b = v.shape[1]
+    at = start + jnp.arange(g)
+    return jnp.where((at < b)[:, None], v[m, jnp.minimum(at, b - 1)], 0).astype(v.dtype)
+
+
+def _lissa_segment(config, args, rhs, h, m, repeat, j0):
+    """Steps ``j0 ... j0 + every`` (:func:`_lissa_report_every`; none past ``depth``)
+    of recursion ``repeat`` of member ``m`` on its group of systems ``rhs`` ``(g, d)``,
+    from ``h`` (from ``rhs`` at ``j0 == 0``): :func:`_lissa_apply`'s steps."""
+    depth = config[0]
+    fns, members, (top, keys), damping, train = args
+    p, a = member(members, m)
+    _, step = _lissa_recursion(config, fns, p, a, top[m], damping, train)
+    skeys = _lissa_step_keys(keys[m], repeat, config)
+
+    def body(h, i):
+        j = j0 + i
+        return jnp.where(j < depth, step(rhs, h, skeys[jnp.minimum(j, depth - 1)]), h), None
+
+    h, _ = jax.lax.scan(body, jnp.where(j0 == 0, rhs, h),
+                        jnp.arange(_lissa_report_every(depth)))
+    return h
+
+
+@partial(jit, static_argnames=("config", "layout"), donate_argnames=("h",))
+def _lissa_segment_jit(config, args, rhs, h, m, repeat, j0, layout):
+    h = engine.traced_with_layout(
+        layout, args[-1], lambda: _lissa_segment(config, args, rhs, h, m, repeat, j0))
+    return h, jnp.ravel(h)[:1]
+
+
+@partial(jit, static_argnums=0, donate_argnums=3)
+def _lissa_repeat_end(config, args, h, acc, m, repeat):
+    """The sum over repeats ``acc`` plus recursion ``repeat``'s ``h / s`` (``acc``
+    restarts at repeat 0)."""
+    top, damping = args[2][0], args[3]
+    s = _lissa_scale(config[3], top[m], damping)
+    return jnp.where(repeat == 0, 0, acc) + h / s
+
+
+@partial(jit, static_argnums=0, donate_argnums=1)
+def _lissa_group_end(repeats, out, acc, m, start):
+    """``out`` ``(M, b, d)`` with member ``m``'s rows ``start ...`` set to the mean
+    over repeats ``acc / repeats`` (rows past the last system dropped)."""
+    b = out.shape[1]
+    at = start + jnp.arange(acc.shape[0])
+    return out.at[m, jnp.where(at < b, at, b)].set((acc / repeats).astype(out.dtype),
+                                                   mode="drop")
+
+
+def _lissa_driven(config, args, v, layout, stage):
+    """LiSSA's solve of ``v`` ``(M, b, d)`` inside :func:`jattri.progress`: every
+    recursion in segments of :func:`_lissa_report_every` steps, one call each of a
+    program without callbacks, member by member and group by group as
+    :func:`_lissa_apply`, each segment reported to ``stage`` as it is done."""
+    depth, repeats, rows = config[0], config[1], config[5]
+    num, b = v.shape[:2]
+    g, every = group_size(b, rows), _lissa_report_every(depth)
+    at = lambda x: np.int32(x)
+    state = {"out": _zeros_like_jit(v), "h": None, "acc": None, "rhs": None}
+
+    def segment(m, start, r, j0):
+        if j0 == 0 and r == 0:
+            state["rhs"] = _lissa_rhs(v, at(m), at(start), g)
+        if state["h"] is None:
+            state["h"] = _zeros_like_jit(state["rhs"])
+            state["acc"] = _zeros_like_jit(state["rhs"])
+        state["h"], token = _lissa_segment_jit(config, args, state["rhs"], state["h"],
+                                               at(m), at(r), at(j0), layout=layout)
+        if j0 + every >= depth:
+            state["acc"] = _lissa_repeat_end(config, args, state["h"], state["acc"], at(m),
+                                             at(r))
+            if r == repeats - 1:
+                state["out"] = _lissa_group_end(repeats, state["out"], state["acc"],
+                                                at(m), at(start))
+        return token
+
+    def calls():
+        done = 0
+        for m in range(num):
+            for start in range(0, b, g):
+                for r in range(repeats):
+                    for j0 in range(0, depth, every):
+                        done += min(every, depth - j0)
+                        yield partial(segment, m, start, r, j0), done
+
+    engine.reported_calls(stage, calls())
+    return state["out"]
 
 
 def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 1000,
@@ -1426,7 +1546,7 @@ def influence_lissa(task: Any, *, damping: Optional[float] = None, depth: int = 
                                _LISSA_ROW_FLOATS * _common.num_params(members)))
     spec = _Spec("influence_lissa", damping, fit, _lissa_apply, config, check=check,
                  in_memory=True, reads_train=True, ggn=curvature == "ggn",
-                 solve_progress=_lissa_progress,
+                 solve_progress=_lissa_progress, solve_driven=_lissa_driven,
                  hyper=(("depth", depth), ("repeats", repeats), ("batch_size", batch_size),
                         ("scale", scale), ("key", key)) + _curvature_hyper(task, curvature))
     return _influence(task, spec, relatif=relatif, chunk_size=chunk_size)
