@@ -70,8 +70,7 @@ from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
                                  arnoldi_sizes, block_cg_solve, cg_group_rows, cg_solve,
                                  check_cg, dense_block, group_count, group_size, hvp,
-                                 in_groups,
-                                 top_eigenvalue)
+                                 in_groups, top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.tracin import _chunk_factors, _concrete, _plan_key, rebuilt_layers
@@ -1392,13 +1391,11 @@ def _lissa_segment_jit(config, args, rhs, h, m, repeat, j0, layout):
     return h, jnp.ravel(h)[:1]
 
 
-@partial(jit, static_argnums=0, donate_argnums=3)
-def _lissa_repeat_end(config, args, h, acc, m, repeat):
-    """The sum over repeats ``acc`` plus recursion ``repeat``'s ``h / s`` (``acc``
-    restarts at repeat 0)."""
-    top, damping = args[2][0], args[3]
-    s = _lissa_scale(config[3], top[m], damping)
-    return jnp.where(repeat == 0, 0, acc) + h / s
+@partial(jit, static_argnums=0, donate_argnums=4)
+def _lissa_repeat_end(scale, top, damping, h, acc, m, repeat):
+    """The sum over repeats ``acc`` plus recursion ``repeat``'s ``h / s``, s member
+    ``m``'s scale (``acc`` restarts at repeat 0)."""
+    return jnp.where(repeat == 0, 0, acc) + h / _lissa_scale(scale, top[m], damping)
 
 
 @partial(jit, static_argnums=0, donate_argnums=1)
@@ -1431,8 +1428,8 @@ def _lissa_driven(config, args, v, layout, stage):
         state["h"], token = _lissa_segment_jit(config, args, state["rhs"], state["h"],
                                                at(m), at(r), at(j0), layout=layout)
         if j0 + every >= depth:
-            state["acc"] = _lissa_repeat_end(config, args, state["h"], state["acc"], at(m),
-                                             at(r))
+            state["acc"] = _lissa_repeat_end(config[3], args[2][0], args[3], state["h"],
+                                             state["acc"], at(m), at(r))
             if r == repeats - 1:
                 state["out"] = _lissa_group_end(repeats, state["out"], state["acc"],
                                                 at(m), at(start))
