@@ -303,9 +303,11 @@ def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Opti
                       digest)
 
 
-def _load(path: Optional[Path], in_tree):
+def _load(path: Optional[Path], in_tree, out_tree=None):
     """The executable stored at ``path``, loaded onto the devices it was compiled for,
-    or ``None`` (no such entry; a broken entry is removed)."""
+    or ``None`` (no such entry; a broken entry is removed). An entry stored without its
+    output tree (:func:`_store`) takes ``out_tree``, this process's trace of the
+    program; without one (a ``closed`` lookup, before tracing) it is not used."""
     import pickle
 
     from jax.experimental import serialize_executable
@@ -321,6 +323,10 @@ def _load(path: Optional[Path], in_tree):
     _jit.ensure_lapack()  # (no lowering hands jaxlib its LAPACK pointers here)
     try:
         stored_tree, device_ids, payload = pickle.loads(entry)
+        if stored_tree is None:
+            if out_tree is None:
+                return None
+            stored_tree = out_tree
         by_id = {d.id: d for d in jax.devices()}
         # its own devices: by default the executable would be loaded onto every device
         # and expect as many shards of each argument
@@ -339,7 +345,11 @@ def _load(path: Optional[Path], in_tree):
 def _store(path: Path, compiled, out_tree) -> bool:
     """Writes the executable, its devices and its output tree to ``path``
     (atomically); ``False`` when they cannot be serialized or written, which leaves
-    nothing behind."""
+    nothing behind. An output tree that cannot be pickled (a
+    ``jax.tree_util.Partial`` of ``jax.linearize``'s linear function keeps its jaxpr in
+    the tree: Arnoldi's fit inside ``progress`` returns one) is left out: the key of a
+    traced program holds the tree's text, and a later process has the tree from its own
+    trace (:func:`_load`)."""
     import pickle
 
     from jax.experimental import serialize_executable
@@ -350,8 +360,12 @@ def _store(path: Path, compiled, out_tree) -> bool:
             return False
         device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
         payload, _, _ = serialize_executable.serialize(compiled)
-        entry = pickle.dumps((out_tree, device_ids, payload),
-                             protocol=pickle.HIGHEST_PROTOCOL)
+        tree = out_tree
+        try:
+            pickle.dumps(out_tree, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - a tree holding functions or jaxprs
+            tree = None
+        entry = pickle.dumps((tree, device_ids, payload), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - not serializable (host callbacks)
         return False
     tmp = None
@@ -441,7 +455,7 @@ class Programs:
                 digest = key(traced, leaves, options, self._jit_kwargs)
             except Exception:  # noqa: BLE001 - e.g. a constant numpy cannot read
                 digest = None
-            compiled = _load(digest and where / digest, traced.in_tree)
+            compiled = _load(digest and where / digest, traced.in_tree, traced.out_tree)
             if compiled is not None:
                 return compiled
         stats["compiled"] += 1

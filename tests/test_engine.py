@@ -315,8 +315,14 @@ with (jattri.progress(lambda r, final=False: reports.append(r.done))
     for attr in (jattri.trak(loss, proj_dim=8, chunk_size=8),
                  jattri.grad_dot(loss, chunk_size=8),
                  jattri.influence_lissa(loss, damping=0.1, depth=12, batch_size=10,
-                                        chunk_size=4)):
+                                        chunk_size=4),
+                 jattri.influence_arnoldi(loss, rank=3, num_iters=8, damping=0.1)):
         scores = attr.attribute(attr.cache(p, train), test, top_k=2)
+    # Arnoldi's generic route: the mean gradient linearized once, passed to each segment
+    q = {"w": p["w"], "v": jnp.eye(3, dtype=jnp.float32)}
+    two = lambda q, z: -jax.nn.log_softmax(jnp.tanh(z[0] @ q["w"]) @ q["v"])[z[1]]
+    attr = jattri.influence_arnoldi(two, rank=3, num_iters=8, damping=0.1)
+    scores = attr.attribute(attr.cache(q, train), test, top_k=2)
 print("RESULT" + json.dumps({"compiles": len(compiles), "reports": len(reports),
                              "compiled": _program_cache.stats["compiled"]}))
 """
@@ -327,7 +333,8 @@ def test_programs_run_inside_progress_are_stored(tmp_path):
     caches store them: a second process, reporting as the first did, compiles no more
     than a second quiet process does (here fewer). (A scan reporting through ``jax.debug.callback``
     was compiled again in every process: the benchmark CLI, which reports, never
-    started warm; so was LiSSA's recursion, reporting its steps, until 2026-12-07.) JAX counts a program read back from its cache as a compilation too,
+    started warm; so were LiSSA's recursion and Arnoldi's fit, reporting their steps,
+    until 2026-12-07.) JAX counts a program read back from its cache as a compilation too,
     and two small programs of this script are compiled in every process, reporting or
     not: hence the comparison with the quiet process."""
     import json

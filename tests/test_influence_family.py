@@ -602,6 +602,29 @@ def test_arnoldi_linearized_products_equal_recomputed_ones(monkeypatch):
     np.testing.assert_allclose(again, scores, rtol=1e-7, atol=1e-10 * np.abs(scores).max())
 
 
+def _arnoldi_run(matvec, dim, iters, key, cuts=()):
+    """``(Q, T)`` of an Arnoldi run of ``iters`` steps, taken in slices of steps split
+    at ``cuts`` (one call of ``arnoldi_steps`` per slice)."""
+    from jattri.func import hessian
+    carry = hessian.arnoldi_start(dim, iters, key, jnp.float64)
+    for js in np.split(np.arange(iters, dtype=np.int32), list(cuts)):
+        carry = hessian.arnoldi_steps(matvec, carry, jnp.asarray(js), key)
+    return hessian.arnoldi_basis(carry)
+
+
+def test_arnoldi_in_slices_of_steps_is_one_run():
+    """A run taken in several calls of ``arnoldi_steps`` (as Arnoldi's fit inside
+    ``progress``) is the run taken in one, breakdown restarts included."""
+    q = jnp.asarray(np.linalg.qr(np.random.default_rng(1).normal(size=(12, 12)))[0])
+    a = q @ jnp.diag(jnp.asarray([4.0] * 5 + [1.0] * 4 + [0.3] * 3)) @ q.T
+    whole = _arnoldi_run(lambda v: a @ v, 12, 10, jax.random.PRNGKey(5))
+    for cuts in ((1,), (3, 4, 9), tuple(range(1, 10))):
+        parts = _arnoldi_run(lambda v: a @ v, 12, 10, jax.random.PRNGKey(5), cuts)
+        for x, y in zip(whole, parts):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-13)
+    assert np.sum(np.abs(np.diag(np.asarray(whole[1]), -1)) < 1e-12) >= 2  # restarted
+
+
 def test_arnoldi_restarts_after_breakdown():
     """On an operator with 3 distinct eigenvalues in 12 dimensions the Krylov space is
     invariant after 3 steps: the run restarts with a fresh orthogonal vector (drawn
@@ -611,8 +634,7 @@ def test_arnoldi_restarts_after_breakdown():
     q = jnp.asarray(np.linalg.qr(np.random.default_rng(0).normal(size=(12, 12)))[0])
     want = np.array([5.0] * 4 + [2.0] * 4 + [0.5] * 4)
     a = q @ jnp.diag(jnp.asarray(want)) @ q.T
-    basis, t = hessian._arnoldi_iterations(lambda v: a @ v, 12, 12, jax.random.PRNGKey(3),
-                                           jnp.float64)
+    basis, t = _arnoldi_run(lambda v: a @ v, 12, 12, jax.random.PRNGKey(3))
     assert np.sum(np.abs(np.diag(np.asarray(t), -1)) < 1e-12) >= 3  # it broke down
     np.testing.assert_allclose(np.asarray(basis) @ np.asarray(basis).T, np.eye(12), atol=1e-12)
     np.testing.assert_allclose(np.asarray(basis) @ np.asarray(a) @ np.asarray(basis).T, t,
@@ -622,8 +644,7 @@ def test_arnoldi_restarts_after_breakdown():
     np.testing.assert_allclose(np.sort(np.asarray(vals))[::-1], want, rtol=1e-10)
     # the zero operator breaks down exactly (w = 0) at every step: only the restart
     # vectors make the basis
-    basis, t = hessian._arnoldi_iterations(lambda v: 0.0 * v, 6, 6, jax.random.PRNGKey(3),
-                                           jnp.float64)
+    basis, t = _arnoldi_run(lambda v: 0.0 * v, 6, 6, jax.random.PRNGKey(3))
     np.testing.assert_allclose(np.asarray(basis) @ np.asarray(basis).T, np.eye(6), atol=1e-12)
     np.testing.assert_array_equal(t, np.zeros((6, 6)))
 

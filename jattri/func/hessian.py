@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from jattri import _checks, engine
+from jattri import _checks
 from jattri._jit import jit
 from jattri.func.grads import as_partial, flat_fn, unravel_fn
 from jattri.func.projection import derive_key, seeded_normal
@@ -568,14 +568,33 @@ def ihvp_lissa(f_batch: Callable, params: PyTree, v: PyTree, *, data: PyTree,
 
 # ------------------------------------------------------------------------- Arnoldi
 
-def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
-    """Arnoldi with full (twice-repeated) reorthogonalisation.
+def arnoldi_start(dim: int, num_iters: int, key, dtype):
+    """The state ``(basis (num_iters + 1, dim), T (num_iters + 1, num_iters))`` of an
+    Arnoldi run before its first step: the start vector (hashed from ``key``,
+    counter 0), normalised, in row 0; zeros elsewhere."""
+    q0 = seeded_normal(derive_key(key, 0), dim, dtype)
+    basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
+    return basis, jnp.zeros((num_iters + 1, num_iters), dtype)
 
-    Returns the orthonormal basis ``Q`` ``(num_iters, dim)`` and the projected matrix
-    ``T = Q A Qᵀ`` ``(num_iters, num_iters)``. On breakdown (the Krylov space is
-    invariant) a fresh random vector orthogonal to the basis continues the run, with a
-    zero sub-diagonal entry, so the decomposition stays exact. The start vector (counter
-    0) and the restart of step j (counter j + 1) are hashed from the key
+
+def arnoldi_basis(carry):
+    """``(Q (num_iters, dim), T (num_iters, num_iters))`` of a finished run's state."""
+    basis, hess = carry
+    return basis[:-1], hess[:-1]
+
+
+def arnoldi_steps(matvec, carry, js, key):
+    """The state of an Arnoldi run (:func:`arnoldi_start`) after its steps ``js``
+    (``(s,)`` int32, in order, each below ``num_iters``): a run may be taken in several
+    calls, ``js`` a slice of ``arange(num_iters)`` each, with the results of one.
+
+    Arnoldi with full (twice-repeated) reorthogonalisation: after ``num_iters`` steps
+    the basis ``Q`` ``(num_iters, dim)`` and the projected matrix
+    ``T = Q A Qᵀ`` ``(num_iters, num_iters)`` (:func:`arnoldi_basis`). On breakdown
+    (the Krylov space is invariant) a fresh random vector orthogonal to the basis
+    continues the run, with a zero sub-diagonal entry, so the decomposition stays
+    exact. The start vector (counter 0) and the restart of step j (counter j + 1) are
+    hashed from the key
     (:func:`jattri.func.projection.seeded_normal`), not drawn by threefry, whose three
     call sites here were a large part of the program's compilation.
 
@@ -589,11 +608,11 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
     second round (a ``lax.cond`` around its generation alone): hashed in every step, 100
     steps at d = 109,386 with a diagonal product took 0.49-0.63 s instead of 0.45-0.48 s.
     """
+    basis, hess = carry
+    num_iters, dim = hess.shape[1], basis.shape[1]
+    dtype = basis.dtype
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny
-    q0 = seeded_normal(derive_key(key, 0), dim, dtype)
-    basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
-    hess = jnp.zeros((num_iters + 1, num_iters), dtype)
 
     def step(carry, j):
         basis, hess = carry
@@ -623,11 +642,9 @@ def _arnoldi_iterations(matvec, dim, num_iters, key, dtype):
         restarted = rounds > 1
         coef = coef.at[j + 1].set(jnp.where(restarted, 0.0, beta))
         nxt = w / jnp.maximum(beta, tiny)
-        engine.solved(1, nxt)  # a step, for a reporting solve_stage (else nothing)
         return (basis.at[j + 1].set(nxt), hess.at[:, j].set(coef)), None
 
-    (basis, hess), _ = jax.lax.scan(step, (basis, hess), jnp.arange(num_iters))
-    return basis[:num_iters], hess[:num_iters]
+    return jax.lax.scan(step, (basis, hess), js)[0]
 
 
 def arnoldi_sizes(rank: int, num_iters: Optional[int], dim: int, *, who: str,
@@ -674,7 +691,15 @@ def arnoldi_eigenpairs(matvec: Callable, dim: int, *, rank: int, num_iters: Opti
     dim = int(dim)
     rank, num_iters = arnoldi_sizes(rank, num_iters, dim, who="Arnoldi", stacklevel=3)
     key = jax.random.PRNGKey(0) if key is None else key
-    basis, proj = _arnoldi_iterations(matvec, dim, num_iters, key, dtype)
+    return arnoldi_top(arnoldi_steps(matvec, arnoldi_start(dim, num_iters, key, dtype),
+                                     jnp.arange(num_iters), key), rank)
+
+
+def arnoldi_top(carry, rank: int):
+    """``(eigvals (rank,), eigvecs (dim, rank))`` of a finished Arnoldi run's state
+    (:func:`arnoldi_steps`): the eigendecomposition of its projected matrix, distilled
+    to the ``rank`` largest eigenvalues (decreasing), the eigenvectors as columns."""
+    basis, proj = arnoldi_basis(carry)
     proj = 0.5 * (proj + proj.T)  # A is symmetric; T is tridiagonal up to round-off
     w, u = jnp.linalg.eigh(proj)
     w, u = w[::-1][:rank], u[:, ::-1][:, :rank]

@@ -68,9 +68,10 @@ from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, leaf_k
                                 same_layers)
 from jattri.func.projection import derive_key, seeded_normal
 from jattri.func.hessian import (add_dense, arnoldi_eigenpairs, arnoldi_inverse_weights,
-                                 arnoldi_sizes, block_cg_solve, cg_group_rows, cg_solve,
-                                 check_cg, dense_block, group_count, group_size, hvp,
-                                 in_groups, top_eigenvalue)
+                                 arnoldi_sizes, arnoldi_start, arnoldi_steps, arnoldi_top,
+                                 block_cg_solve, cg_group_rows, cg_solve, check_cg,
+                                 dense_block, group_count, group_size, hvp, in_groups,
+                                 top_eigenvalue)
 from jattri.methods import _common
 from jattri.methods._common import Attributor
 from jattri.methods.tracin import _chunk_factors, _concrete, _plan_key, rebuilt_layers
@@ -1290,11 +1291,11 @@ def _lissa_progress(config, v) -> tuple:
     return v.shape[0] * group_count(v.shape[1], rows) * repeats * depth, "LiSSA steps"
 
 
-def _lissa_report_every(depth: int) -> int:
-    """Recursion steps between two progress reports of LiSSA's solve (one program call
-    each, :func:`_lissa_driven`): every step up to a depth of 100, else about 100
-    reports per recursion."""
-    return max(1, -(-int(depth) // 100))
+def _report_every(steps: int) -> int:
+    """Steps between two progress reports of a solve driven from the host (one program
+    call each: LiSSA's recursion, Arnoldi's run): every step up to 100 steps, else
+    about 100 reports per run."""
+    return max(1, -(-int(steps) // 100))
 
 
 def _lissa_recursion(config, fns, params, aux, top, damping, train) -> tuple:
@@ -1366,7 +1367,7 @@ def _lissa_rhs(v, m, start, g):
 
 
 def _lissa_segment(config, args, rhs, h, m, repeat, j0):
-    """Steps ``j0 ... j0 + every`` (:func:`_lissa_report_every`; none past ``depth``)
+    """Steps ``j0 ... j0 + every`` (:func:`_report_every`; none past ``depth``)
     of recursion ``repeat`` of member ``m`` on its group of systems ``rhs`` ``(g, d)``,
     from ``h`` (from ``rhs`` at ``j0 == 0``): :func:`_lissa_apply`'s steps."""
     depth = config[0]
@@ -1380,7 +1381,7 @@ def _lissa_segment(config, args, rhs, h, m, repeat, j0):
         return jnp.where(j < depth, step(rhs, h, skeys[jnp.minimum(j, depth - 1)]), h), None
 
     h, _ = jax.lax.scan(body, jnp.where(j0 == 0, rhs, h),
-                        jnp.arange(_lissa_report_every(depth)))
+                        jnp.arange(_report_every(depth)))
     return h
 
 
@@ -1410,12 +1411,12 @@ def _lissa_group_end(repeats, out, acc, m, start):
 
 def _lissa_driven(config, args, v, layout, stage):
     """LiSSA's solve of ``v`` ``(M, b, d)`` inside :func:`jattri.progress`: every
-    recursion in segments of :func:`_lissa_report_every` steps, one call each of a
+    recursion in segments of :func:`_report_every` steps, one call each of a
     program without callbacks, member by member and group by group as
     :func:`_lissa_apply`, each segment reported to ``stage`` as it is done."""
     depth, repeats, rows = config[0], config[1], config[5]
     num, b = v.shape[:2]
-    g, every = group_size(b, rows), _lissa_report_every(depth)
+    g, every = group_size(b, rows), _report_every(depth)
     at = lambda x: np.int32(x)
     state = {"out": _zeros_like_jit(v), "h": None, "acc": None, "rhs": None}
 
@@ -1723,15 +1724,25 @@ def _layer_product(layer, loss, params, aux, train, order) -> Callable:
     small ones. dattri's LR, 5,000 examples: 100 products through ``jax.linearize`` of the mean gradient took
     0.38-0.44 s; the compiled fit went from 0.58-0.62 s to 0.30-0.34 s with these
     (``benchmarks/RESULTS.md``)."""
+    return _layer_apply(_layer_operands(layer, loss, params, aux, train), order)
+
+
+def _layer_operands(layer, loss, params, aux, train) -> tuple:
+    """``(Ã (n, i), Ãᵀ, output Hessians (n, o, o))`` of :func:`_layer_product`."""
     n = engine.num_examples(train)
     chunk = engine.Chunk(train, jnp.arange(n, dtype=jnp.int32), jnp.ones((n,), bool))
     a, h = fisher._chunk_io(loss, params, aux, chunk, (layer,), "ggn")[layer.name]
     a, h = a[:, 0], h[:, 0, :, 0, :]  # (n, i), (n, o, o)
     # Ãᵀ as an array of its own, made once: with ``a.T`` inside the product the
     # compiled fit on dattri's LR took 0.42-0.45 s instead of 0.24-0.26 s
-    at = jnp.transpose(a)
+    return a, jnp.transpose(a), h
+
+
+def _layer_apply(operands, order) -> Callable:
+    """:func:`_layer_product`'s product from its operands (:func:`_layer_operands`)."""
+    a, at, h = operands
+    n, i, o = a.shape[0], a.shape[1], h.shape[1]
     inverse = jnp.argsort(order)  # block coordinate -> raveled coordinate
-    i, o = a.shape[1], h.shape[1]
     wide = _product_width(o)
 
     def product(v):
@@ -1754,23 +1765,47 @@ def _output_space_product(a: jax.Array, at: jax.Array, h: jax.Array,
 
 
 def _arnoldi_fit(config, args):
-    """The fit's program. Under :func:`jattri.progress` it is a stage of its own,
-    ``"arnoldi fit"``, counting Krylov steps (``num_iters`` per member; the
-    coordinates' pass over the training set follows the last step inside the stage):
-    its own program, with a callback per step, read to the end before the stage
-    closes. Otherwise it is dispatched and runs while the caller goes on."""
+    """The fit: one program, dispatched and left running while the caller goes on.
+    Under :func:`jattri.progress` it is a stage of its own, ``"arnoldi fit"``,
+    counting Krylov steps (``num_iters`` per member), driven from the host in segments
+    of steps (:func:`_arnoldi_driven`), each a call of a program without callbacks
+    (cached like any other); the coordinates' pass over the training set follows the
+    last step inside the stage, read to its end before the stage closes."""
     _, iters, _, _, _ = config
     members, train = args[2], args[3]
     layout = engine.layout_of(train)
-    return engine.reported("arnoldi fit", iters * members.num,
-                           lambda report: _arnoldi_fit_jit(config, args, layout, report),
-                           members, train, unit="Krylov steps")
+    with engine.solve_stage("arnoldi fit", iters * members.num, members, train,
+                            unit="Krylov steps") as stage:
+        if stage is None:
+            return _arnoldi_fit_jit(config, args, layout)
+        return jax.block_until_ready(_arnoldi_driven(config, args, layout, stage))
 
 
-@partial(jit, static_argnums=(0, 2, 3))
-def _arnoldi_fit_jit(config, args, layout, report):
-    with engine.reporting_solves(report):
-        return engine.traced_with_layout(layout, args[3], lambda: _arnoldi_fits(config, args))
+@partial(jit, static_argnums=(0, 2))
+def _arnoldi_fit_jit(config, args, layout):
+    return engine.traced_with_layout(layout, args[3], lambda: _arnoldi_fits(config, args))
+
+
+def _arnoldi_operands(config, args, p, a):
+    """What member ``(p, a)``'s curvature-vector product needs besides the vector, made
+    once per fit: the layer's inputs, their transpose and its output Hessians (a
+    one-layer plan, :func:`_layer_operands`); else the mean gradient linearized at θ
+    (:func:`_linearized_cvp`, a ``jax.tree_util.Partial`` holding its residuals), or
+    ``None`` where each product is recomputed from the data."""
+    size, layer = config[2], config[4]
+    fns, loss, _, train, _, _ = args
+    if layer is not None:
+        return _layer_operands(layer, loss, p, a, train)
+    return _linearized_cvp(fns, p, a, train, size)
+
+
+def _arnoldi_product(config, args, p, a, operands) -> Callable:
+    """``v (d,) -> C v`` of member ``(p, a)`` from its :func:`_arnoldi_operands`."""
+    size, layer = config[2], config[4]
+    fns, _, _, train, _, order = args
+    if layer is not None:
+        return _layer_apply(operands, order)
+    return operands or (lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0])
 
 
 def _arnoldi_fits(config, args):
@@ -1783,19 +1818,96 @@ def _arnoldi_fits(config, args):
     # fold_in would be one more call site to compile)
     keys = jax.vmap(lambda m: derive_key(key, m))(jnp.arange(members.num))
     d, dtype = _common.num_params(members), _common.param_dtype(members)
+
     def one(p, a, k):
-        if layer is not None:
+        if layer is not None:  # (the one-layer route, as tests see it)
             product = _layer_product(layer, loss, p, a, train, order)
         else:
-            product = _linearized_cvp(fns, p, a, train, size) or (
-                lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0])
+            product = _arnoldi_product(config, args, p, a,
+                                       _arnoldi_operands(config, args, p, a))
         return arnoldi_eigenpairs(product, d, rank=rank, num_iters=iters, key=k, dtype=dtype)
 
-    eigvals, eigvecs = _common.member_map(one, members, keys)
+    return _arnoldi_coords_of(config, args, *_common.member_map(one, members, keys))
+
+
+def _arnoldi_coords_of(config, args, eigvals, eigvecs):
+    """``((eigvals, eigvecs), coords (n, M, r))``: the training coordinates Vᵀg_i."""
+    size, layers = config[2], config[3]
+    loss, members, train = args[1], args[2], args[3]
     blocks = _common.row_blocks(_common.row_spec(members.params), eigvecs, axis=1)
     coords = engine.per_example(_arnoldi_coords, layers, (loss, members, blocks), train,
                                  size)
     return (eigvals, eigvecs), coords
+
+
+# Arnoldi's fit inside ``progress``: each member's run driven from the host in
+# segments of Krylov steps (``_report_every``), each one call of a program without
+# callbacks (a ``jax.debug.callback`` per step was compiled again in every process).
+# The product's operands are made once per member (``_arnoldi_begin_jit``) and passed
+# to every segment; the steps are ``arnoldi_steps``, the quiet run's.
+
+@partial(jit, static_argnames=("config", "layout"))
+def _arnoldi_begin_jit(config, args, m, layout):
+    """Member ``m``'s product operands and its run's start state."""
+    iters = config[1]
+    members, key = args[2], args[4]
+
+    def run():
+        p, a = member(members, m)
+        return (_arnoldi_operands(config, args, p, a),
+                arnoldi_start(_common.num_params(members), iters, derive_key(key, m),
+                              _common.param_dtype(members)))
+
+    return engine.traced_with_layout(layout, args[3], run)
+
+
+@partial(jit, static_argnames=("config", "count", "layout"), donate_argnames=("carry",))
+def _arnoldi_segment_jit(config, args, operands, carry, m, j0, count, layout):
+    """Member ``m``'s run after its steps ``j0 ... j0 + count``, and a one-entry token."""
+    members, key = args[2], args[4]
+
+    def run():
+        p, a = member(members, m)
+        return arnoldi_steps(_arnoldi_product(config, args, p, a, operands), carry,
+                             j0 + jnp.arange(count, dtype=jnp.int32), derive_key(key, m))
+
+    carry = engine.traced_with_layout(layout, args[3], run)
+    return carry, carry[1][:1, 0]
+
+
+@partial(jit, static_argnames=("config", "layout"))
+def _arnoldi_end_jit(config, args, carries, layout):
+    """The members' finished runs -> :func:`_arnoldi_fits`' result."""
+    tops = [arnoldi_top(c, config[0]) for c in carries]
+    eigvals, eigvecs = (jnp.stack([t[i] for t in tops]) for i in (0, 1))
+    return engine.traced_with_layout(
+        layout, args[3], lambda: _arnoldi_coords_of(config, args, eigvals, eigvecs))
+
+
+def _arnoldi_driven(config, args, layout, stage):
+    """:func:`_arnoldi_fits`' result, each member's run in segments of steps driven
+    from the host, each segment reported to ``stage`` as it is done."""
+    iters = config[1]
+    every = _report_every(iters)
+    state, finished = {}, []
+
+    def segment(m, j0):
+        if j0 == 0:
+            state["operands"], state["carry"] = _arnoldi_begin_jit(config, args, np.int32(m),
+                                                                   layout=layout)
+        count = min(every, iters - j0)
+        state["carry"], token = _arnoldi_segment_jit(
+            config, args, state["operands"], state["carry"], np.int32(m), np.int32(j0),
+            count=count, layout=layout)
+        if j0 + count >= iters:
+            finished.append(state["carry"])
+            state.clear()
+        return token
+
+    engine.reported_calls(stage, ((partial(segment, m, j0), m * iters + min(iters, j0 + every))
+                                  for m in range(args[2].num)
+                                  for j0 in range(0, iters, every)))
+    return _arnoldi_end_jit(config, args, tuple(finished), layout=layout)
 
 
 def influence_arnoldi(task: Any, *, rank: int = 100, num_iters: Optional[int] = None,
