@@ -30,7 +30,10 @@ versions of the libraries it may trace through (JAX, jaxlib, NumPy, optax, SciPy
 ml_dtypes; Python's), the static arguments' values (numbers, strings, booleans, ``None``
 and tuples of them; anything else falls back to tracing), the arguments' tree, types and
 memory kinds, and the same versions, devices, configuration and options as above; the
-entry carries the output tree. Constants set on jattri's modules at run time are part of
+entry carries the output tree. (An output tree that cannot be pickled, such as a
+``jax.tree_util.Partial`` of ``jax.linearize``'s linear function, is left out of the
+entry; a traced program's key holds the tree's text, and a later process takes the tree
+from its own trace.) Constants set on jattri's modules at run time are part of
 the digest; jattri's functions replaced at run time are not (set
 ``JATTRI_PROGRAM_CACHE=0`` then). RPS's refit (then optax's L-BFGS) traced in 0.3 s of a warm
 0.6 s first call on dattri's MLP; found without tracing, the whole first call took

@@ -651,12 +651,12 @@ def _tick_add(count) -> None:
 
 class solve_stage(_stage):
     """The stage of an iterative solve: CG's counts the examples whose systems are
-    solved, a group of systems (one program call) at a time, and LiSSA's its recursion
-    steps, a segment of steps (one program call) at a time, both reported from the
-    host (:func:`reported_calls`); Arnoldi's fit its Krylov steps and RPS's refit its
-    L-BFGS steps (``unit``), reported from inside their compiled programs
-    (:func:`solved`). ``None`` unless :func:`progress` is on. Programs with the
-    callbacks are not stored by the persistent compilation cache."""
+    solved, a group of systems (one program call) at a time; LiSSA's its recursion
+    steps and Arnoldi's fit its Krylov steps, a segment of steps (one program call) at
+    a time, all reported from the host (:func:`reported_calls`); RPS's refit its
+    L-BFGS steps (``unit``), reported from inside its compiled program
+    (:func:`solved`). ``None`` unless :func:`progress` is on. A program with the
+    callbacks is not stored by the persistent compilation cache."""
 
     def __init__(self, name: str, total: Optional[int], *traced: Any,
                  unit: str = "examples"):
@@ -744,10 +744,10 @@ class progress:
     program per chunk, reported from the host between them (outside it, one program
     for all chunks): neither carries a host callback, so both are stored by the
     persistent compilation cache and a second process starts warm. So are CG's
-    solves, one call per group of systems, and LiSSA's recursion, one call per
-    segment of steps. Arnoldi's fit and RPS's refit (:class:`solve_stage`) report from
-    inside their compiled loops through ``jax.debug.callback``, compiled in only while
-    reporting; those programs are compiled again in every process.
+    solves, one call per group of systems, and LiSSA's recursion and Arnoldi's fit,
+    one call per segment of steps. RPS's refit (:class:`solve_stage`) reports from
+    inside its compiled loops through ``jax.debug.callback``, compiled in only while
+    reporting; that program is compiled again in every process.
     """
 
     def __init__(self, report: Optional[Callable] = None, *, every: float = 2.0):
