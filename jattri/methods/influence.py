@@ -1875,10 +1875,14 @@ def _arnoldi_segment_jit(config, args, operands, carry, m, j0, count, layout):
     return carry, carry[1][:1, 0]
 
 
+_arnoldi_top_jit = jit(arnoldi_top, static_argnums=1)
+
+
 @partial(jit, static_argnames=("config", "layout"))
-def _arnoldi_end_jit(config, args, carries, layout):
-    """The members' finished runs -> :func:`_arnoldi_fits`' result."""
-    tops = [arnoldi_top(c, config[0]) for c in carries]
+def _arnoldi_end_jit(config, args, tops, layout):
+    """The members' eigenpairs (one ``arnoldi_top`` each, taken as its run ends: one
+    member's basis held at a time, as in the quiet program) -> :func:`_arnoldi_fits`'
+    result."""
     eigvals, eigvecs = (jnp.stack([t[i] for t in tops]) for i in (0, 1))
     return engine.traced_with_layout(
         layout, args[3], lambda: _arnoldi_coords_of(config, args, eigvals, eigvecs))
@@ -1900,7 +1904,7 @@ def _arnoldi_driven(config, args, layout, stage):
             config, args, state["operands"], state["carry"], np.int32(m), np.int32(j0),
             count=count, layout=layout)
         if j0 + count >= iters:
-            finished.append(state["carry"])
+            finished.append(_arnoldi_top_jit(state.pop("carry"), config[0]))
             state.clear()
         return token
 
