@@ -2,10 +2,10 @@
 
 After JAX and jattri are imported a process holds about 100,000 objects the collector
 tracks (modules, functions, JAX's rules and caches) that live until it ends. Each full
-(oldest-generation) collection walks all of them: 0.05-0.07 s on a 2-core box, and the
-many objects a method's first call makes while tracing set one off. On dattri's LR
-(5,000 examples) a warm first call of Arnoldi or EK-FAC spent 0.053-0.067 s in one
-such collection (``benchmarks/RESULTS.md``, "The collector's pause in a first call").
+(oldest-generation) collection walks all of them (``gc.collect()`` right after the
+import: 0.047-0.066 s on a 2-core box), and the many objects a method's first call
+makes while tracing set one off. On dattri's LR (5,000 examples) a first call of
+Arnoldi or EK-FAC spent 0.052-0.067 s in one such collection (``benchmarks/RESULTS.md``, "The collector's pause in a first call").
 
 So ``import jattri`` ends with :func:`gc.freeze`: every object tracked at that moment
 moves to the collector's permanent generation, which later collections skip (a full

@@ -950,7 +950,7 @@ def _scan_chunk_jit(step, config, args, carry, outs, data, start, first, size, n
     if outs is not None:
         outs = jax.tree_util.tree_map(
             lambda o, y: _write_rows(o, y, start, 0, d, chunk.valid), outs, out)
-    return carry, outs, _token((carry, out))
+    return carry, outs, token((carry, out))
 
 
 @partial(jit, static_argnames=("n", "layout", "partial_sums"))
@@ -962,10 +962,11 @@ def _scan_end_jit(start, carry, outs, n, layout, partial_sums):
     return carry, outs
 
 
-def _token(tree) -> jax.Array:
-    """One entry of ``tree``, an output of the chunk's program of its own: what the
-    host waits on before reporting the chunk (the program's other outputs are donated
-    to the next chunk's)."""
+def token(tree) -> jax.Array:
+    """One entry of ``tree``, an output of a host-driven call's program of its own
+    (a chunk's, a group's, a segment's): what the host waits on before reporting the
+    call (:func:`reported_calls`; the program's other outputs are donated to the next
+    call's)."""
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.size(x)]
     return jnp.zeros((1,), jnp.float32) if not leaves else jnp.ravel(leaves[0])[:1]
 
@@ -1225,7 +1226,7 @@ def _fill_chunk_jit(fn, config, args, data, out, start, size, axis, n, layout=No
     d = _spread(layout)
     new = fn(config, args, _chunk_at(_blocks(data, d, n // d, layout), start, size, layout))
     return (jax.tree_util.tree_map(lambda o, y: _write_rows(o, y, start, axis, d), out, new),
-            _token(new))
+            token(new))
 
 
 def _fill_reported(stage, fn, config, args, data, size, axis, n, layout):

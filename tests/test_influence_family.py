@@ -741,8 +741,8 @@ def test_progress_reports_arnoldis_fit_step_by_step(monkeypatch, capsys):
     train = _classification_data(40, 4, 3, seed=6)
     params = _f64(model.init(jax.random.PRNGKey(1), train[0][:1])["params"])
     taken = []
-    real = influence._layer_product
-    monkeypatch.setattr(influence, "_layer_product", lambda *a: taken.append(1) or real(*a))
+    real = influence._layer_operands
+    monkeypatch.setattr(influence, "_layer_operands", lambda *a: taken.append(1) or real(*a))
     half = jax.tree_util.tree_map(lambda a: 0.5 * a, params)
     for members, total in ((params, 12), (jattri.checkpoints([params, half]), 24)):
         attr = influence_arnoldi(_flax_loss(model), rank=5, num_iters=12, damping=0.1)
@@ -784,8 +784,8 @@ def test_arnoldi_one_layer_products_in_output_space(monkeypatch, bias, classes):
     theta, unravel = ravel_pytree(params)
     d = len(theta)
     taken = []
-    real = influence._layer_product
-    monkeypatch.setattr(influence, "_layer_product", lambda *a: taken.append(1) or real(*a))
+    real = influence._layer_operands
+    monkeypatch.setattr(influence, "_layer_operands", lambda *a: taken.append(1) or real(*a))
     factored = []
     real_coords = influence._factored_grads_times
     monkeypatch.setattr(influence, "_factored_grads_times",

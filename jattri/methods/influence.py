@@ -343,9 +343,10 @@ class _Spec(NamedTuple):
     solve_progress: Optional[Callable] = None
     # solve_group(config, b) -> rows: the solve takes its b systems this many at a
     # time, each group's result independent of the others (CG's ``in_groups``), and
-    # ``apply``'s result has ``v``'s shape; inside ``progress`` the groups are then
-    # solved one program call each, reported from the host (no callback, so the
-    # program is cached); None: the solve reports from inside its compiled loop
+    # ``apply``'s result has ``v``'s shape; inside ``progress`` several groups are
+    # then solved one program call each, reported from the host (no callback, so the
+    # program is cached); None (and no ``solve_driven``), or a single group: the quiet
+    # program, reported once it is done
     solve_group: Optional[Callable] = None
     # solve_driven(config, args, v, layout, stage) -> apply's result: inside
     # ``progress``, the solve driven from the host in calls of programs without
@@ -532,45 +533,58 @@ def _apply(spec, config, args, v):
     name = spec.name.replace("influence_", "") + " solve"
     total, unit = ((v.shape[0] * v.shape[1], "examples") if spec.solve_progress is None
                    else spec.solve_progress(config, v))
-    driven = (spec.solve_driven if spec.solve_driven is not None else
-              None if spec.solve_group is None else partial(_apply_in_groups, spec))
+    driven = spec.solve_driven
+    if spec.solve_group is not None and spec.solve_group(config, v.shape[1]) < v.shape[1]:
+        driven = partial(_apply_in_groups, spec)
     with engine.solve_stage(name, total, args, v, unit=unit) as stage:
         if stage is None:
             return _apply_jit(spec.apply, config, args, v, layout)
         if driven is not None:
             return driven(config, args, v, layout, stage)
+        # one group, or a solve with no steps to count: the quiet program, reported
+        # once it is done
         out = jax.block_until_ready(_apply_jit(spec.apply, config, args, v, layout))
         stage.update(total)
         return out
 
 
+def _group_rows(v, start, rows):
+    """Systems ``start ... start + rows`` of ``v`` ``(..., b, d)``, zero rows past the
+    last (as ``in_groups`` pads its last group)."""
+    b = v.shape[-2]
+    at = start + jnp.arange(rows)
+    return jnp.where((at < b)[:, None], jnp.take(v, jnp.minimum(at, b - 1), axis=-2),
+                     0).astype(v.dtype)
+
+
+def _group_index(b: int, start, rows):
+    """Where a group's ``rows`` solutions go among ``b``: past the last, index ``b``
+    (dropped by ``.at[...].set(..., mode="drop")``)."""
+    at = start + jnp.arange(rows)
+    return jnp.where(at < b, at, b)
+
+
 @partial(jit, static_argnames=("apply", "config", "rows", "layout"),
          donate_argnames=("out",))
 def _apply_group_jit(apply, config, args, v, out, start, rows, layout):
-    # rows start ... start + rows of every member's systems (zero rows past the end,
-    # as in_groups pads its last group), solved and written into ``out`` in place
-    b = v.shape[1]
-    at = start + jnp.arange(rows)
-    group = jnp.where((at < b)[None, :, None], jnp.take(v, jnp.minimum(at, b - 1), axis=1),
-                      0).astype(v.dtype)
-    solved = _apply_traced(apply, config, args, group, layout)
-    out = out.at[:, jnp.where(at < b, at, b)].set(solved.astype(out.dtype), mode="drop")
-    return out, jnp.ravel(solved)[:1]
+    # rows start ... start + rows of every member's systems, solved and written into
+    # ``out`` in place
+    solved = _apply_traced(apply, config, args, _group_rows(v, start, rows), layout)
+    out = out.at[:, _group_index(v.shape[1], start, rows)].set(solved.astype(out.dtype),
+                                                               mode="drop")
+    return out, engine.token(solved)
 
 
 _zeros_like_jit = jit(jnp.zeros_like)
 
 
 def _apply_in_groups(spec, config, args, v, layout, stage):
-    """``apply``'s solve of ``v`` ``(M, b, d)``, one call per group of systems (the
-    groups the quiet program runs in turn: the same results), each reported to
-    ``stage`` as it is done; the solutions are written in place into one buffer."""
+    """``apply``'s solve of ``v`` ``(M, b, d)`` in several groups of systems, one call
+    per group (the groups the quiet program runs in turn: the same results), each
+    reported to ``stage`` as it is done; the solutions are written in place into one
+    buffer."""
     b = v.shape[1]
     rows = spec.solve_group(config, b)
-    if rows >= b:  # one group: the quiet program itself, reported when it is done
-        out = jax.block_until_ready(_apply_jit(spec.apply, config, args, v, layout))
-        stage.update(b * v.shape[0])
-        return out
     state = {"out": _zeros_like_jit(v)}
 
     def run(k, start):
@@ -1359,11 +1373,8 @@ def _lissa_apply(config, args, v):
 
 @partial(jit, static_argnums=3)
 def _lissa_rhs(v, m, start, g):
-    """``(g, d)``: member ``m``'s systems ``start ... start + g`` of ``v`` ``(M, b, d)``,
-    zero rows past the last (as ``in_groups`` pads its last group)."""
-    b = v.shape[1]
-    at = start + jnp.arange(g)
-    return jnp.where((at < b)[:, None], v[m, jnp.minimum(at, b - 1)], 0).astype(v.dtype)
+    """``(g, d)``: member ``m``'s systems ``start ... start + g`` of ``v`` ``(M, b, d)``."""
+    return _group_rows(v[m], start, g)
 
 
 def _lissa_segment(config, args, rhs, h, m, repeat, j0):
@@ -1389,7 +1400,7 @@ def _lissa_segment(config, args, rhs, h, m, repeat, j0):
 def _lissa_segment_jit(config, args, rhs, h, m, repeat, j0, layout):
     h = engine.traced_with_layout(
         layout, args[-1], lambda: _lissa_segment(config, args, rhs, h, m, repeat, j0))
-    return h, jnp.ravel(h)[:1]
+    return h, engine.token(h)
 
 
 @partial(jit, static_argnums=0, donate_argnums=4)
@@ -1403,10 +1414,8 @@ def _lissa_repeat_end(scale, top, damping, h, acc, m, repeat):
 def _lissa_group_end(repeats, out, acc, m, start):
     """``out`` ``(M, b, d)`` with member ``m``'s rows ``start ...`` set to the mean
     over repeats ``acc / repeats`` (rows past the last system dropped)."""
-    b = out.shape[1]
-    at = start + jnp.arange(acc.shape[0])
-    return out.at[m, jnp.where(at < b, at, b)].set((acc / repeats).astype(out.dtype),
-                                                   mode="drop")
+    return out.at[m, _group_index(out.shape[1], start, acc.shape[0])].set(
+        (acc / repeats).astype(out.dtype), mode="drop")
 
 
 def _lissa_driven(config, args, v, layout, stage):
@@ -1715,31 +1724,27 @@ def _product_width(o: int) -> int:
     return -(-o // 8) * 8 if 4 < o < 16 else o
 
 
-def _layer_product(layer, loss, params, aux, train, order) -> Callable:
-    """``v (d,) -> H v`` for a model that is one linear layer at one position
-    (:func:`_arnoldi_one_layer`): H = (1/n) Σ_i ã_iã_iᵀ ⊗ ∂²loss_i/∂y², so
-    H v = vec((1/n) Ãᵀ Z) with z_i = ∂²loss_i/∂y² (ã_iᵀ V), V = v in the layer's block
-    order. The inputs Ã ``(n, d_in + b)``, their transpose and the output Hessians
-    ``(n, d_out, d_out)`` are made once; a product is two thin matrix products and n
-    small ones. dattri's LR, 5,000 examples: 100 products through ``jax.linearize`` of the mean gradient took
-    0.38-0.44 s; the compiled fit went from 0.58-0.62 s to 0.30-0.34 s with these
-    (``benchmarks/RESULTS.md``)."""
-    return _layer_apply(_layer_operands(layer, loss, params, aux, train), order)
-
-
 def _layer_operands(layer, loss, params, aux, train) -> tuple:
-    """``(Ã (n, i), Ãᵀ, output Hessians (n, o, o))`` of :func:`_layer_product`."""
+    """``(Ã (n, i), Ãᵀ, output Hessians (n, o, o))`` of :func:`_layer_product`, made
+    once per fit (Ãᵀ as an array of its own: with ``a.T`` inside the product the
+    compiled fit on dattri's LR took 0.42-0.45 s instead of 0.24-0.26 s)."""
     n = engine.num_examples(train)
     chunk = engine.Chunk(train, jnp.arange(n, dtype=jnp.int32), jnp.ones((n,), bool))
     a, h = fisher._chunk_io(loss, params, aux, chunk, (layer,), "ggn")[layer.name]
     a, h = a[:, 0], h[:, 0, :, 0, :]  # (n, i), (n, o, o)
-    # Ãᵀ as an array of its own, made once: with ``a.T`` inside the product the
-    # compiled fit on dattri's LR took 0.42-0.45 s instead of 0.24-0.26 s
     return a, jnp.transpose(a), h
 
 
-def _layer_apply(operands, order) -> Callable:
-    """:func:`_layer_product`'s product from its operands (:func:`_layer_operands`)."""
+def _layer_product(operands, order) -> Callable:
+    """``v (d,) -> H v`` for a model that is one linear layer at one position
+    (:func:`_arnoldi_one_layer`): H = (1/n) Σ_i ã_iã_iᵀ ⊗ ∂²loss_i/∂y², so
+    H v = vec((1/n) Ãᵀ Z) with z_i = ∂²loss_i/∂y² (ã_iᵀ V), V = v in the layer's block
+    order. The inputs Ã ``(n, d_in + b)``, their transpose and the output Hessians
+    ``(n, d_out, d_out)`` are the ``operands`` (:func:`_layer_operands`); a product is
+    two thin matrix products and n small ones. dattri's LR, 5,000 examples: 100
+    products through ``jax.linearize`` of the mean gradient took 0.38-0.44 s; the
+    compiled fit went from 0.58-0.62 s to 0.30-0.34 s with these
+    (``benchmarks/RESULTS.md``)."""
     a, at, h = operands
     n, i, o = a.shape[0], a.shape[1], h.shape[1]
     inverse = jnp.argsort(order)  # block coordinate -> raveled coordinate
@@ -1804,7 +1809,7 @@ def _arnoldi_product(config, args, p, a, operands) -> Callable:
     size, layer = config[2], config[4]
     fns, _, _, train, _, order = args
     if layer is not None:
-        return _layer_apply(operands, order)
+        return _layer_product(operands, order)
     return operands or (lambda x: _mean_cvp(fns, p, a, train, x[None], size)[0])
 
 
@@ -1812,19 +1817,15 @@ def _arnoldi_fits(config, args):
     """``((eigvals (M, r), eigvecs (M, d, r)), coords (n, M, r))`` of every member;
     with a one-layer plan ``layer`` (:func:`_arnoldi_one_layer`), its products from
     the layer's inputs and output Hessians."""
-    rank, iters, size, layers, layer = config
-    fns, loss, members, train, key, order = args
+    rank, iters = config[0], config[1]
+    members, key = args[2], args[4]
     # member m's start key derive_key(key, m), hashed inside this program (threefry's
     # fold_in would be one more call site to compile)
     keys = jax.vmap(lambda m: derive_key(key, m))(jnp.arange(members.num))
     d, dtype = _common.num_params(members), _common.param_dtype(members)
 
     def one(p, a, k):
-        if layer is not None:  # (the one-layer route, as tests see it)
-            product = _layer_product(layer, loss, p, a, train, order)
-        else:
-            product = _arnoldi_product(config, args, p, a,
-                                       _arnoldi_operands(config, args, p, a))
+        product = _arnoldi_product(config, args, p, a, _arnoldi_operands(config, args, p, a))
         return arnoldi_eigenpairs(product, d, rank=rank, num_iters=iters, key=k, dtype=dtype)
 
     return _arnoldi_coords_of(config, args, *_common.member_map(one, members, keys))
@@ -1872,7 +1873,7 @@ def _arnoldi_segment_jit(config, args, operands, carry, m, j0, count, layout):
                              j0 + jnp.arange(count, dtype=jnp.int32), derive_key(key, m))
 
     carry = engine.traced_with_layout(layout, args[3], run)
-    return carry, carry[1][:1, 0]
+    return carry, engine.token(carry)
 
 
 _arnoldi_top_jit = jit(arnoldi_top, static_argnums=1)
