@@ -52,6 +52,7 @@ failure to read an entry removes it and compiles the program instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -59,6 +60,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,6 +69,10 @@ import numpy as np
 
 ENV = "JATTRI_PROGRAM_CACHE"
 SUBDIR = "jattri-programs"
+#: ``0`` turns off finding programs by their user functions (:func:`open_key`): every
+#: program that is not ``closed`` is then traced in every process, as before.
+OPEN_ENV = "JATTRI_PROGRAM_INDEX"
+_OPEN = os.environ.get(OPEN_ENV, "").strip().lower() not in ("0", "off", "false", "no")
 #: Bump when the key's contents or the entry's format change.
 FORMAT = "jattri-program-2"
 #: Object addresses in a tree structure's text (a ``jax.tree_util.Partial``'s function):
@@ -88,7 +94,7 @@ _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 _AFRESH = threading.Lock()
 
 #: Programs read from disk, compiled (and of those, stored) in this process.
-stats = {"loaded": 0, "compiled": 0, "stored": 0}
+stats = {"loaded": 0, "compiled": 0, "stored": 0, "opened": 0, "indexed": 0}
 
 
 def directory() -> Optional[Path]:
@@ -371,6 +377,11 @@ def _store(path: Path, compiled, out_tree) -> bool:
         entry = pickle.dumps((tree, device_ids, payload), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - not serializable (host callbacks)
         return False
+    return _write(path, entry)
+
+
+def _write(path: Path, entry: bytes) -> bool:
+    """Writes ``entry`` to ``path`` atomically; ``False`` when it cannot."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -451,7 +462,19 @@ class Programs:
         compiled = _load(closed and where / closed, tree)  # found without tracing
         if compiled is not None:
             return compiled
-        traced = jitted.trace(*args, **kwargs)
+        opened = None
+        if not self._closed and _OPEN:
+            try:
+                opened = open_key(self._fun, static, tree, leaves, options, self._jit_kwargs)
+            except Exception:  # noqa: BLE001 - what cannot be keyed is traced
+                opened = None
+            if opened is not None:
+                compiled = _load_open(where, *opened, tree)  # found by its user functions
+                if compiled is not None:
+                    stats["opened"] += 1
+                    return compiled
+        with _watching() as called:
+            traced = jitted.trace(*args, **kwargs)
         digest = closed if traced.in_tree == tree else None  # (else jit flattened
         if digest is None:                                   # the arguments otherwise)
             try:
@@ -460,6 +483,7 @@ class Programs:
                 digest = None
             compiled = _load(digest and where / digest, traced.in_tree, traced.out_tree)
             if compiled is not None:
+                self._index(where, opened, called, digest, traced, tree)
                 return compiled
         stats["compiled"] += 1
         if digest is None:
@@ -467,7 +491,19 @@ class Programs:
         compiled, fresh = _compile_afresh(traced)
         if fresh and _store(where / digest, compiled, traced.out_tree):
             stats["stored"] += 1
+            self._index(where, opened, called, digest, traced, tree)
         return compiled
+
+    @staticmethod
+    def _index(where: Path, opened, called: set, digest: str, traced, tree) -> None:
+        """Indexes the stored program ``digest`` by its user functions (``opened``, from
+        :func:`open_key`) where every user function the trace called is among them and
+        the program takes its arguments' tree as they came."""
+        if opened is None or traced.in_tree != tree:
+            return
+        okey, slots = opened
+        if called <= {id(fn) for fn in slots} and _store_open(where, okey, slots, digest):
+            stats["indexed"] += 1
 
 
 def _compile_afresh(traced):
@@ -494,3 +530,413 @@ def _compile_afresh(traced):
             return traced.lower().compile(), True
         finally:
             cc._cache_checked, cc._cache_used = saved
+
+
+# ------------------------------------------------ programs found by their user functions
+
+#: Modules whose functions are rendered by name (their code is in the digest: jattri's
+#: source, the libraries' versions); a function from anywhere else reaches a program
+#: only wrapped in :class:`UserFn`, or the program is traced in every process.
+_LIBRARIES = ("jax", "jaxlib", "numpy", "optax", "scipy", "ml_dtypes")
+
+
+def _ours(module: Optional[str]) -> bool:
+    return bool(module) and (module == "jattri" or module.startswith("jattri."))
+
+
+def _library(module: Optional[str]) -> bool:
+    return bool(module) and module.split(".", 1)[0] in _LIBRARIES
+
+
+class UserFn:
+    """A function of the user's (anything not jattri's own code), as jattri's programs
+    call it: the function itself, and the abstract arguments it has been traced with in
+    this process.
+
+    Every call made inside a trace records its arguments' tree, shapes and dtypes (and
+    the values of plain Python scalars among them) before calling the function. A
+    program whose arguments hold user functions only through ``UserFn`` can then be
+    found again in a later process from those functions' own jaxprs at the recorded
+    arguments (:func:`open_key`), without tracing jattri's code around them: the
+    program's jaxpr is jattri's code (in the digest) applied to what the user functions
+    compute, and a function traced alone at the same arguments gives the same
+    equations. Equal when the functions are equal, so jit's caches keyed on a user's
+    function keep hitting; ``inspect.signature`` and ``__name__`` are the function's."""
+
+    def __init__(self, fn: Callable):
+        try:
+            functools.update_wrapper(self, fn)
+        except (AttributeError, TypeError):  # a callable object without those names
+            self.__wrapped__ = fn
+        self._fn = fn
+        self._calls: dict = {}   # signature text -> arguments (ShapeDtypeStruct leaves)
+        self._fingerprints: dict = {}
+        self._tainted = False    # called inside a trace with concrete arrays
+        _ALL_USER_FNS.add(self)
+
+    def _forget(self) -> None:
+        """Drops what this process recorded (``jax.clear_caches()``: JAX traces its
+        functions again, so a function whose globals changed is traced anew here too)."""
+        self._calls, self._fingerprints, self._tainted = {}, {}, False
+
+    def __call__(self, *args, **kwargs):
+        if not _trace_state_clean():
+            called = getattr(_WATCH, "called", None)
+            if called is not None:
+                called.add(id(self))
+            self._record(args, kwargs)
+        return self._fn(*args, **kwargs)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, UserFn) and (other._fn is self._fn or other._fn == self._fn)
+
+    def __hash__(self) -> int:
+        return hash(self._fn)
+
+    def __repr__(self) -> str:
+        return f"UserFn({self._fn!r})"
+
+    def _record(self, args: tuple, kwargs: dict) -> None:
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        spec = []
+        for x in leaves:
+            if isinstance(x, jax.core.Tracer):
+                aval = x.aval
+                spec.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype,
+                                                 weak_type=getattr(aval, "weak_type", False)))
+            elif type(x) in _PLAIN:
+                spec.append(x)
+            else:  # a concrete array inside a trace: a constant of the program
+                self._tainted = True
+                return
+        text = str(tree)
+        if _ADDRESS.search(text):  # functions among the arguments
+            self._tainted = True
+            return
+        text += repr([(x.shape, str(x.dtype), x.weak_type)
+                      if isinstance(x, jax.ShapeDtypeStruct) else (type(x).__name__, x)
+                      for x in spec])
+        if text not in self._calls:
+            self._calls[text] = jax.tree_util.tree_unflatten(tree, spec)
+
+    def fingerprint(self, text: str, spec: Any) -> Optional[str]:
+        """The digest of this function's jaxpr at the arguments ``spec`` (recorded under
+        ``text``), or ``None`` when its jaxpr cannot stand for it; memoised."""
+        if text not in self._fingerprints:
+            self._fingerprints[text] = _fingerprint(self._fn, spec)
+        return self._fingerprints[text]
+
+
+def user_fn(fn: Callable) -> Callable:
+    """``fn`` as jattri's programs should hold it: unchanged if it is jattri's own code
+    or already a :class:`UserFn`, else one ``UserFn`` per function."""
+    if isinstance(fn, UserFn):
+        return fn
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    if _ours(module):
+        return fn
+    try:
+        found = _USER_FNS.get(fn)
+        if found is None:
+            found = _USER_FNS[fn] = UserFn(fn)
+        return found
+    except TypeError:  # unhashable (a callable dataclass holding arrays)
+        return UserFn(fn)
+
+
+_USER_FNS: dict = {}
+_ALL_USER_FNS: "weakref.WeakSet[UserFn]" = weakref.WeakSet()
+_WATCH = threading.local()
+
+
+class _UserRecords:
+    """Registered with JAX's caches: ``jax.clear_caches()`` forgets every
+    :class:`UserFn`'s records."""
+
+    def cache_clear(self) -> None:
+        for fn in list(_ALL_USER_FNS):
+            fn._forget()
+
+    def cache_info(self) -> dict:
+        return {"functions": len(_ALL_USER_FNS)}
+
+    def cache_keys(self) -> list:
+        return []
+
+
+_USER_RECORDS = _UserRecords()  # (JAX holds its caches weakly)
+try:
+    from jax._src import util as _jax_util
+
+    _jax_util.register_cache(_USER_RECORDS, "jattri._program_cache.UserFn")
+except Exception:  # noqa: BLE001 - a JAX without it: kept until exit
+    pass
+
+
+@contextlib.contextmanager
+def _watching():
+    """The ids of the :class:`UserFn` called inside the block (a set, filled as they
+    are)."""
+    outer = getattr(_WATCH, "called", None)
+    called: set = set()
+    _WATCH.called = called
+    try:
+        yield called
+    finally:
+        _WATCH.called = outer
+        if outer is not None:
+            outer |= called
+
+try:
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # a JAX that does not say: every call recorded
+    def _trace_state_clean() -> bool:
+        return False
+
+
+def _fingerprint(fn: Callable, spec: Any) -> Optional[str]:
+    """SHA-256 of ``fn``'s jaxpr at ``spec`` (``(args, kwargs)``, arrays as
+    ``ShapeDtypeStruct``, plain scalars as themselves), its constants and output tree;
+    ``None`` where the printed jaxpr cannot stand for the function (see :func:`key`),
+    or it calls a custom derivative rule or a primitive defined outside JAX."""
+    try:
+        leaves, tree = jax.tree_util.tree_flatten(spec)
+        at = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct)]
+
+        def call(*xs):
+            full = list(leaves)
+            for i, x in zip(at, xs):
+                full[i] = x
+            args, kwargs = jax.tree_util.tree_unflatten(tree, full)
+            return fn(*args, **kwargs)
+
+        closed, out = jax.make_jaxpr(call, return_shape=True)(*[leaves[i] for i in at])
+    except Exception:  # noqa: BLE001 - what cannot be traced alone is traced in place
+        return None
+    if closed.effects:
+        return None
+    text = closed.pretty_print(source_info=False, name_stack=False,
+                               custom_pp_eqn_rules=False, print_effects=True)
+    if " at 0x" in text or "..." in text:
+        return None
+    digest = hashlib.sha256()
+    prims: set = set()
+    try:
+        _digest_consts(closed.consts, digest)
+        _walk(closed.jaxpr, digest, prims)
+        if _foreign_rules(closed.jaxpr) or not _transformed_by_jax(prims):
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    return _hexdigest([text, _ADDRESS.sub("", str(jax.tree_util.tree_structure(out)))],
+                      digest)
+
+
+def _foreign_rules(jaxpr) -> bool:
+    """Some equation of ``jaxpr`` (nested ones included) holds a function defined
+    outside JAX and jattri: a user's custom derivative rule, which its printed form
+    does not show (``custom_jvp_call``'s rule prints as "Wrapped function")."""
+    from jax._src import core as jcore
+
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    if _foreign_rules(sub.jaxpr):
+                        return True
+                elif isinstance(sub, jcore.Jaxpr):
+                    if _foreign_rules(sub):
+                        return True
+                elif _foreign(sub, set(), 0):
+                    return True
+    return False
+
+
+def _foreign(obj: Any, seen: set, depth: int) -> bool:
+    """``obj`` is, or reaches through closures, partials and JAX's wrapped functions,
+    a function defined outside JAX, jaxlib and jattri (deep or cyclic: assumed so)."""
+    import types
+
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        return False
+    if depth > 40:
+        return True
+    seen.add(id(obj))
+    step = lambda x: _foreign(x, seen, depth + 1)
+    if isinstance(obj, (tuple, list)):
+        return any(step(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(step(x) for x in obj.values())
+    if type(obj).__name__ == "WrappedFun" and _library(type(obj).__module__):
+        return step(obj.f) or step(obj.transforms) or step(getattr(obj, "params", ()))
+    if isinstance(obj, functools.partial):
+        return step(obj.func) or step(obj.args) or step(obj.keywords or {})
+    if isinstance(obj, types.FunctionType):
+        module = obj.__module__
+        if not (_library(module) or _ours(module)):
+            return True
+        cells = []
+        for cell in obj.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        return step(cells) or step(obj.__defaults__ or ())
+    if callable(obj) and not isinstance(obj, type):
+        return not (_library(type(obj).__module__) or _ours(type(obj).__module__))
+    return False
+
+
+def _transformed_by_jax(prims: set) -> bool:
+    """Every primitive's lowering, differentiation and batching rules are JAX's own."""
+    if not _lowered_by_jax(prims):
+        return False
+    from jax._src.interpreters import ad, batching
+
+    tables = [getattr(ad, "primitive_jvps", None), getattr(ad, "primitive_transposes", None),
+              getattr(batching, "fancy_primitive_batchers", None)]
+    for table in (t for t in tables if isinstance(t, dict)):
+        for p in prims:
+            rule = table.get(p)
+            if rule is not None and not _defined_in_jax(rule):
+                return False
+    return True
+
+
+class _Unrenderable(Exception):
+    """A static value or tree node the open key cannot name: the program is traced."""
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _render(value: Any, slots: list, depth: int = 0) -> str:
+    """A text that determines ``value`` as a jattri program can see it, user functions
+    as numbered slots (appended to ``slots``); raises :class:`_Unrenderable` for
+    anything else (arrays, objects of unknown classes, a user's function not wrapped in
+    :class:`UserFn`)."""
+    import dataclasses
+    import enum
+    import types
+
+    if depth > 64:
+        raise _Unrenderable("too deep")
+    r = lambda v: _render(v, slots, depth + 1)
+    t = type(value)
+    if t in _PLAIN:
+        return repr(value)
+    if t is UserFn:
+        for i, s in enumerate(slots):
+            if s is value:
+                return f"user#{i}"
+        slots.append(value)
+        return f"user#{len(slots) - 1}"
+    if t in (tuple, list):
+        return t.__name__ + "(" + ",".join(r(v) for v in value) + ")"
+    if t is dict:
+        return "dict(" + ",".join(f"{r(k)}:{r(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, tuple) and hasattr(t, "_fields"):  # a NamedTuple
+        return _type_name(t) + "(" + ",".join(r(v) for v in value) + ")"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _type_name(t) + "(" + ",".join(
+            f"{f.name}={r(getattr(value, f.name))}" for f in dataclasses.fields(value)) + ")"
+    if isinstance(value, np.dtype):
+        return f"dtype({value})"
+    if isinstance(value, np.generic):
+        return f"{value.dtype}({value!r})"
+    if isinstance(value, jax.tree_util.PyTreeDef):
+        return _render_tree(value, slots, depth + 1)
+    if isinstance(value, functools.partial):
+        return (_type_name(t) + "(" + r(value.func) + ";" + r(value.args) + ";"
+                + r(dict(value.keywords or {})) + ")")
+    if isinstance(value, type):
+        return "class " + _type_name(value)
+    if isinstance(value, enum.Enum):
+        return _type_name(t) + "." + value.name
+    if isinstance(value, types.FunctionType):
+        module = value.__module__
+        if not (_ours(module) or _library(module)):
+            raise _Unrenderable(f"a function of {module}")
+        code = value.__code__
+        parts = [module, value.__qualname__, str(code.co_firstlineno),
+                 hashlib.sha256(code.co_code).hexdigest()[:16]]
+        if value.__defaults__:
+            parts.append(r(value.__defaults__))
+        if value.__kwdefaults__:
+            parts.append(r(value.__kwdefaults__))
+        for cell in value.__closure__ or ():
+            try:
+                parts.append(r(cell.cell_contents))
+            except ValueError:  # an empty cell
+                parts.append("<empty>")
+        return "fn(" + ";".join(parts) + ")"
+    if isinstance(value, types.BuiltinFunctionType) and _library(
+            getattr(value, "__module__", None) or ""):
+        return f"builtin {value.__module__}.{value.__qualname__}"
+    raise _Unrenderable(_type_name(t))
+
+
+def _render_tree(tree, slots: list, depth: int) -> str:
+    """A tree structure with its nodes' types and data rendered (a
+    ``jax.tree_util.Partial``'s function among them)."""
+    node = tree.node_data()
+    if node is None:
+        return "*"
+    kind, data = node
+    return (_type_name(kind) + "[" + _render(data, slots, depth + 1) + "]("
+            + ",".join(_render_tree(c, slots, depth + 1) for c in tree.children()) + ")")
+
+
+def open_key(fun: Callable, static: Any, tree, leaves: list, options: Optional[dict],
+             jit_kwargs: dict) -> Optional[tuple[str, list]]:
+    """``(digest, user functions)`` under which a program that is not ``closed`` is
+    indexed by its user functions (:func:`_load_open`), without tracing it; ``None``
+    when an argument cannot be rendered (:func:`_render`)."""
+    if not _ours(getattr(fun, "__module__", None)) or not _on_default_device(leaves):
+        return None
+    slots: list = []
+    try:  # the program's own function too: a jitted closure's captured values
+        parts = [_render(fun, slots), _render(static, slots), _render_tree(tree, slots, 0)]
+    except _Unrenderable:
+        return None
+    return _hexdigest(["open", _code_digest(), _module_constants()] + parts
+                      + [_leaf_types(leaves)] + _environment(options, jit_kwargs)), slots
+
+
+def _load_open(where: Path, okey: str, slots: list, tree):
+    """The program the index entry ``okey`` names, if every user function it records
+    gives the same jaxpr now at every recorded argument; else ``None``."""
+    import pickle
+
+    try:
+        digest, records = pickle.loads((where / f"u-{okey}").read_bytes())
+    except Exception:  # noqa: BLE001 - none, or unreadable: traced as usual
+        return None
+    for slot, text, spec, expected in records:
+        if slot >= len(slots) or slots[slot].fingerprint(text, spec) != expected:
+            return None
+    return _load(where / digest, tree)
+
+
+def _store_open(where: Path, okey: str, slots: list, digest: str) -> bool:
+    """Writes the index entry ``okey`` -> ``digest`` with every call of every user
+    function recorded in this process and its fingerprint; ``False`` (nothing written)
+    when a function was called with constants, or a call cannot be fingerprinted or
+    pickled."""
+    import pickle
+
+    records = []
+    for i, fn in enumerate(slots):
+        if fn._tainted:
+            return False
+        for text, spec in list(fn._calls.items()):
+            fp = fn.fingerprint(text, spec)
+            if fp is None:
+                return False
+            records.append((i, text, spec, fp))
+    try:
+        entry = pickle.dumps((digest, records), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - a user's container that does not pickle
+        return False
+    return _write(where / f"u-{okey}", entry)

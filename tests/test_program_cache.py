@@ -23,7 +23,8 @@ def store(tmp_path, monkeypatch):
     where = tmp_path / "programs"
     monkeypatch.setattr(_program_cache, "directory", lambda: where)
     before = dict(_program_cache.stats)
-    counts = lambda: {k: v - before[k] for k, v in _program_cache.stats.items()}
+    counts = lambda keys=("loaded", "compiled", "stored"): {
+        k: _program_cache.stats[k] - before[k] for k in keys}
     return where, counts
 
 
@@ -261,8 +262,10 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     JAX's own cache filled first (the program cache off), then the program cache on:
     an executable JAX read back from its cache serializes without its CPU kernels, so
     those are compiled afresh before they are stored; the third process reads
-    everything back and gets the same scores. A changed loss (same names, shapes and
-    trees) is not a hit. scipy.linalg is imported first, as scikit-learn does: the
+    everything back and gets the same scores. Programs that call the user's functions
+    are found there from those functions' own jaxprs (``opened``), without tracing
+    jattri's code; with ``JATTRI_PROGRAM_INDEX=0`` they are traced and found by their
+    whole jaxpr. A changed loss (same names, shapes and trees) is not a hit. scipy.linalg is imported first, as scikit-learn does: the
     programs read back run LAPACK (TRAK's solve) without any lowering having handed
     jaxlib its pointers (a segmentation fault before ``_jit.ensure_lapack``). A plain
     ``jax.jit`` program runs first in each process, so JAX has switched its cache on for
@@ -272,14 +275,22 @@ def test_a_second_process_reads_every_program_back(tmp_path):
     first = _run(tmp_path, 1.0)
     assert first["stats"]["loaded"] == 0
     assert first["stats"]["stored"] == first["stats"]["compiled"] > 0
+    assert first["stats"]["indexed"] > 0  # the programs that call the user's functions
     second = _run(tmp_path, 1.0)
     assert second["stats"] == {"loaded": first["stats"]["compiled"], "compiled": 0,
-                               "stored": 0}
+                               "stored": 0, "opened": first["stats"]["indexed"],
+                               "indexed": 0}
+    traced = _run(tmp_path, 1.0, JATTRI_PROGRAM_INDEX="0")  # every open program traced
+    assert traced["stats"] == dict(second["stats"], opened=0)
     for name in ("trak", "trak_top", "arnoldi", "rps"):
         np.testing.assert_array_equal(second[name], jax_only[name])
         np.testing.assert_array_equal(first[name], jax_only[name])
+        np.testing.assert_array_equal(traced[name], jax_only[name])
     changed = _run(tmp_path, 2.0)
     assert changed["stats"]["compiled"] > 0
+    # only programs that call none of the changed functions (RPS's features_fn) are
+    # found by their user functions
+    assert changed["stats"]["opened"] < second["stats"]["opened"]
     reference = _run(tmp_path, 2.0, JATTRI_COMPILE_CACHE="0")
     for name in ("trak", "arnoldi", "rps"):
         np.testing.assert_allclose(changed[name], reference[name], rtol=1e-6, atol=1e-7)

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks
+from jattri._program_cache import user_fn
 
 PyTree = Any
 
@@ -17,10 +18,15 @@ def as_partial(fn: Callable) -> Partial:
     """``fn`` as a ``jax.tree_util.Partial`` pytree (unchanged if it is one), so it can
     be passed to ``jax.jit`` as a traced argument: its code is static (the treedef),
     its bound arrays are traced, and functions that differ only in those arrays share
-    one compilation."""
+    one compilation. A function that is not jattri's own is held as a
+    :class:`jattri._program_cache.UserFn` (the function, and the arguments it is traced
+    with), so a later process finds the programs that call it from its own jaxpr."""
     if not callable(fn):
         raise TypeError(f"expected a callable, got {type(fn).__name__}")
-    return fn if isinstance(fn, Partial) else Partial(fn)
+    if isinstance(fn, Partial):
+        func = user_fn(fn.func)
+        return fn if func is fn.func else Partial(func, *fn.args, **(fn.keywords or {}))
+    return Partial(user_fn(fn))
 
 
 def shared(cache: dict, key: Any, make: Callable) -> Any:
