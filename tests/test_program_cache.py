@@ -321,3 +321,192 @@ def test_a_program_is_loaded_onto_its_own_devices(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         stats.append([l for l in done.stdout.splitlines() if l.startswith("STATS")][0])
     assert "'stored': 1" in stats[0] and "'loaded': 1" in stats[1]
+
+
+# ------------------------------------------- programs found by their user functions
+
+def _linear_data():
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)}
+    data = lambda n, s: (jnp.asarray(np.random.default_rng(s).standard_normal((n, 4)),
+                                     jnp.float32),
+                         jnp.asarray(np.random.default_rng(s).standard_normal((n, 2)),
+                                     jnp.float32))
+    return params, data(10, 1), data(3, 2)
+
+
+def _squared(k):
+    def loss(params, example):
+        x, y = example
+        return k * jnp.sum((x @ params["w"] - y) ** 2)
+    return loss
+
+
+def _grad_dot_scores(loss):
+    import jattri
+
+    params, train, test = _linear_data()
+    attr = jattri.grad_dot(loss)
+    return np.asarray(attr.attribute(attr.cache(params, train), test))
+
+
+_ALL = ("loaded", "compiled", "stored", "opened", "indexed")
+
+
+def test_a_user_functions_programs_are_found_by_its_jaxpr(store, monkeypatch):
+    """Grad-Dot's programs call the user's loss: stored and indexed at the first call;
+    after ``jax.clear_caches()`` (a new process, as far as programs go) each is found
+    from the loss's own jaxpr, without tracing the program, with the same scores."""
+    where, counts = store
+    loss = _squared(1.0)
+    first = _grad_dot_scores(loss)
+    made = counts(_ALL)
+    assert made["compiled"] == made["stored"] > 0 and made["indexed"] > 0
+    assert len(list(where.glob("u-*"))) == made["indexed"]
+
+    jax.clear_caches()
+    traces = []
+    watching = _program_cache._watching
+
+    def counted():
+        traces.append(1)
+        return watching()
+    monkeypatch.setattr(_program_cache, "_watching", counted)  # (around each trace)
+    again = _grad_dot_scores(loss)
+    now = {k: v - made[k] for k, v in counts(_ALL).items()}
+    assert now == {"loaded": made["stored"], "compiled": 0, "stored": 0,
+                   "opened": made["indexed"], "indexed": 0}
+    assert len(traces) == made["stored"] - made["indexed"]  # only the closed ones
+    np.testing.assert_array_equal(again, first)
+
+
+def test_a_changed_user_function_is_traced_again(store):
+    """The same program under another loss (same name, shapes and trees; one literal
+    changed) renders to the same index entry, but the loss's jaxpr differs at the
+    recorded arguments: nothing is found by the index, the programs are compiled anew
+    and the scores are the new loss's (4 × the old for Grad-Dot of 2 × the loss)."""
+    where, counts = store
+    first = _grad_dot_scores(_squared(1.0))
+    made = counts(_ALL)
+    jax.clear_caches()
+    changed = _grad_dot_scores(_squared(2.0))
+    now = {k: v - made[k] for k, v in counts(_ALL).items()}
+    assert now["opened"] == 0 and now["compiled"] == made["indexed"]
+    np.testing.assert_allclose(changed, 4 * first, rtol=1e-5)
+
+
+@jax.custom_jvp
+def _doubled(x):
+    return 2 * x
+
+
+@_doubled.defjvp
+def _doubled_jvp(primals, tangents):
+    return _doubled(primals[0]), 3 * tangents[0]  # a rule the jaxpr does not show
+
+
+def test_what_a_jaxpr_cannot_stand_for_is_not_fingerprinted():
+    """A user's custom derivative rule prints as "Wrapped function" in a jaxpr, so a
+    function calling one has no fingerprint (its programs are traced in every process);
+    JAX's own rules (``jax.nn.relu``'s) are part of JAX's version and keep it."""
+    spec = ((jax.ShapeDtypeStruct((3,), jnp.float32),), {})
+    own = _program_cache._fingerprint(lambda x: jnp.sum(jax.nn.relu(x)), spec)
+    assert own is not None and own == _program_cache._fingerprint(
+        lambda x: jnp.sum(jax.nn.relu(x)), spec)
+    assert _program_cache._fingerprint(lambda x: jnp.sum(jax.nn.relu(x) * 2), spec) != own
+    assert _program_cache._fingerprint(lambda x: jnp.sum(_doubled(x)), spec) is None
+    # a host callback (an effect), and a function that does not trace alone
+    assert _program_cache._fingerprint(
+        lambda x: jax.pure_callback(np.sin, jax.ShapeDtypeStruct((3,), jnp.float32), x)
+        .sum() + jax.debug.print("{}", x), spec) is None
+    assert _program_cache._fingerprint(lambda x: float(x[0]), spec) is None
+    # a plain scalar among the arguments is passed as itself, not traced
+    scalar = ((jax.ShapeDtypeStruct((3,), jnp.float32), 2), {})
+    assert _program_cache._fingerprint(lambda x, k: x[:k].sum(), scalar) is not None
+
+
+def _raw_loss(params, example):
+    return jnp.sum(params * example)
+
+
+def test_only_renderable_arguments_are_indexed():
+    """A user's function reaches an indexed program only as a ``UserFn`` (a numbered
+    slot); a bare one, an array or an object of an unknown class among the static
+    arguments, or a program that is not jattri's own, is not rendered (traced as
+    before). jattri's functions are rendered with what they close over."""
+    from jax.tree_util import Partial
+
+    from jattri import engine
+    from jattri.func.grads import as_partial
+
+    slots = []
+    wrapped = as_partial(_raw_loss)
+    tree = jax.tree_util.tree_structure((Partial(engine.token), wrapped))
+    text = _program_cache._render_tree(tree, slots, 0)
+    assert slots == [wrapped.func] and "user#0" in text and "_raw_loss" not in text
+    for bad in (_raw_loss, np.ones(2), object(), (1, partial(_raw_loss, 1)),
+                jax.tree_util.tree_structure(Partial(_raw_loss))):
+        with pytest.raises(_program_cache._Unrenderable):
+            _program_cache._render(bad, [])
+
+    def closing(k):
+        return lambda x: x * k
+    closing.__module__ = closing(1).__module__  # (a test's closure: not jattri's)
+    with pytest.raises(_program_cache._Unrenderable):
+        _program_cache._render(closing(2), [])
+
+    leaves = [jnp.ones(2)]
+    tree = jax.tree_util.tree_structure(leaves)
+    assert _program_cache.open_key(_scaled, None, tree, leaves, None, {}) is None
+    key = lambda static: _program_cache.open_key(engine.token, static, tree, leaves,
+                                                 None, {})
+    assert key(((0, 3),)) is not None and key(((0, 3),)) != key(((0, 4),))
+    assert key(((0, partial(engine.token)),)) is not None
+    assert key(((0, _raw_loss),)) is None
+
+
+def test_a_user_function_traced_with_constants_is_not_indexed(tmp_path):
+    """A call inside a trace with a concrete array (a constant of the program) taints
+    the function: programs calling it are not indexed. Calls outside any trace are not
+    recorded at all."""
+    from jattri.func.grads import as_partial
+
+    fn = as_partial(lambda x: jnp.sin(x) * 2).func
+    fn(jnp.ones(3))  # eager
+    assert fn._calls == {} and not fn._tainted
+    jax.make_jaxpr(lambda x: fn(x) + 1)(jnp.ones(3))
+    assert len(fn._calls) == 1 and not fn._tainted
+    assert _program_cache._store_open(tmp_path, "k", [fn], "digest")
+    constant = jnp.ones(3)  # (made outside the trace: concrete inside it)
+    jax.make_jaxpr(lambda x: fn(x) + fn(constant))(jnp.ones(3))
+    assert fn._tainted
+    assert not _program_cache._store_open(tmp_path, "k2", [fn], "digest")
+    jax.clear_caches()  # forgets the records, as JAX forgets its traces
+    assert fn._calls == {} and not fn._tainted
+
+
+def test_as_partial_holds_a_users_function_as_user_fn():
+    """``as_partial`` wraps functions that are not jattri's in one ``UserFn`` each,
+    equal and hashing as the function (jit's caches keyed on it keep hitting), with its
+    name and signature; jattri's own functions, and a ``UserFn``, are kept as they are;
+    a user's ``Partial`` keeps its bound arguments."""
+    import inspect
+
+    from jax.tree_util import Partial
+
+    from jattri import _resume, engine
+    from jattri.func.grads import as_partial
+
+    p = as_partial(_raw_loss)
+    assert isinstance(p.func, _program_cache.UserFn) and p.func._fn is _raw_loss
+    assert p.func == _program_cache.UserFn(_raw_loss)  # (a fresh wrapper of it)
+    assert hash(p.func) == hash(_raw_loss) and as_partial(_raw_loss).func is p.func
+    assert str(inspect.signature(p.func)) == "(params, example)"
+    assert p.func.__name__ == "_raw_loss"
+    assert _resume._describe(p) == _resume._describe(Partial(_raw_loss))
+    assert as_partial(engine.token).func is engine.token
+    bound = as_partial(Partial(_raw_loss, jnp.ones(2)))
+    assert bound.func is p.func and len(bound.args) == 1
+    np.testing.assert_array_equal(bound(jnp.ones(2) * 3), 6.0)
+    assert jax.tree_util.tree_structure(as_partial(_raw_loss)) == \
+        jax.tree_util.tree_structure(as_partial(_raw_loss))
