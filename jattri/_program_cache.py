@@ -39,6 +39,29 @@ the digest; jattri's functions replaced at run time are not (set
 0.6 s first call on dattri's MLP; found without tracing, the whole first call took
 0.27-0.28 s.
 
+A program that is not ``closed`` but calls the user's functions only as
+:class:`UserFn` (:func:`jattri.func.grads.as_partial` wraps every function that is not
+jattri's own) is also indexed by them. Its index key (:func:`open_key`) is made like a
+``closed`` digest, with the program's own function, its static arguments and its
+arguments' tree rendered in full (:func:`_render`: plain values, containers, NamedTuples,
+dataclasses, partials, dtypes, tree structures, jattri's and the libraries' functions
+with what they close over; each user function a numbered slot; anything else, an array
+or a bare user function among them, and the program is traced as before). The entry
+names the stored program and, for every call of every slot's function recorded in this
+process (the arguments' tree, shapes and dtypes, plain scalars by value), the digest of
+that function's jaxpr traced alone at those arguments (:func:`_fingerprint`). A later
+process renders the same key, traces each function alone at the recorded arguments, and
+loads the program when every digest matches, without tracing the program: the
+program's jaxpr is jattri's code (in the digest) around equations the user's functions
+contribute, and a function's equations at given arguments are what its trace alone
+gives. The records are a superset of the calls inside any program (JAX's trace caches
+hold only traces made in this process, each recorded); an entry is not written when the
+trace called a ``UserFn`` outside the slots, when a function was called inside a trace
+with concrete arrays (constants), or when a function's jaxpr cannot stand for it (as
+below, or a custom derivative rule or primitive rule defined outside JAX, jaxlib and
+jattri: a ``custom_jvp`` rule prints as "Wrapped function"). ``jax.clear_caches()``
+forgets the records. ``JATTRI_PROGRAM_INDEX=0`` turns the index off.
+
 A program is not stored, only compiled as usual, when its printed jaxpr cannot stand for
 it: a parameter printed as a Python object (``<... at 0x...>``) or with elided values
 (``...``), effects (callbacks, prints), a primitive whose lowering rule is defined
