@@ -595,7 +595,7 @@ class UserFn:
         self._calls: dict = {}   # signature text -> arguments (ShapeDtypeStruct leaves)
         self._fingerprints: dict = {}
         self._tainted = False    # called inside a trace with concrete arrays
-        _ALL_USER_FNS.add(self)
+        _ALL_USER_FNS[id(self)] = self
 
     def _forget(self) -> None:
         """Drops what this process recorded (``jax.clear_caches()``: JAX traces its
@@ -668,7 +668,8 @@ def user_fn(fn: Callable) -> Callable:
 
 
 _USER_FNS: dict = {}
-_ALL_USER_FNS: "weakref.WeakSet[UserFn]" = weakref.WeakSet()
+#: Every live UserFn by id (an unhashable function's wrapper cannot sit in a WeakSet).
+_ALL_USER_FNS: "weakref.WeakValueDictionary[int, UserFn]" = weakref.WeakValueDictionary()
 _WATCH = threading.local()
 
 
@@ -677,7 +678,7 @@ class _UserRecords:
     :class:`UserFn`'s records."""
 
     def cache_clear(self) -> None:
-        for fn in list(_ALL_USER_FNS):
+        for fn in list(_ALL_USER_FNS.values()):
             fn._forget()
 
     def cache_info(self) -> dict:
