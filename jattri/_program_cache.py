@@ -860,9 +860,13 @@ def _render(value: Any, slots: list, depth: int = 0) -> str:
         return t.__name__ + "(" + ",".join(r(v) for v in value) + ")"
     if t is dict:
         return "dict(" + ",".join(f"{r(k)}:{r(v)}" for k, v in value.items()) + ")"
-    if isinstance(value, tuple) and hasattr(t, "_fields"):  # a NamedTuple
+    # a class's methods may run inside the program: only jattri's own and the versioned
+    # libraries' classes are rendered by their fields (a Flax module is not: Flax's
+    # version is not in the digest)
+    known = _ours(t.__module__) or _library(t.__module__)
+    if isinstance(value, tuple) and hasattr(t, "_fields") and known:  # a NamedTuple
         return _type_name(t) + "(" + ",".join(r(v) for v in value) + ")"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and known:
         return _type_name(t) + "(" + ",".join(
             f"{f.name}={r(getattr(value, f.name))}" for f in dataclasses.fields(value)) + ")"
     if isinstance(value, np.dtype):
@@ -874,9 +878,10 @@ def _render(value: Any, slots: list, depth: int = 0) -> str:
     if isinstance(value, functools.partial):
         return (_type_name(t) + "(" + r(value.func) + ";" + r(value.args) + ";"
                 + r(dict(value.keywords or {})) + ")")
-    if isinstance(value, type):
+    if isinstance(value, type) and (_ours(value.__module__) or _library(value.__module__)
+                                    or value.__module__ == "builtins"):
         return "class " + _type_name(value)
-    if isinstance(value, enum.Enum):
+    if isinstance(value, enum.Enum) and known:
         return _type_name(t) + "." + value.name
     if isinstance(value, types.FunctionType):
         module = value.__module__

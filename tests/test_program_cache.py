@@ -444,8 +444,18 @@ def test_only_renderable_arguments_are_indexed():
     tree = jax.tree_util.tree_structure((Partial(engine.token), wrapped))
     text = _program_cache._render_tree(tree, slots, 0)
     assert slots == [wrapped.func] and "user#0" in text and "_raw_loss" not in text
+    import dataclasses
+    import typing
+
+    Config = dataclasses.make_dataclass("Config", ["k"], frozen=True)  # (this module's)
+    Pair = typing.NamedTuple("Pair", [("a", int), ("b", int)])
+    from jattri.func.layers import Layer
+    assert "Layer(" in _program_cache._render(
+        Layer("fc", "dense", 3, 2, True, 1, (3, 2), (((2,), np.dtype("float32")),), None,
+              "fc/w", "fc/b"), [])
     for bad in (_raw_loss, np.ones(2), object(), (1, partial(_raw_loss, 1)),
-                jax.tree_util.tree_structure(Partial(_raw_loss))):
+                jax.tree_util.tree_structure(Partial(_raw_loss)), Config(1), Pair(1, 2),
+                Config):
         with pytest.raises(_program_cache._Unrenderable):
             _program_cache._render(bad, [])
 
