@@ -54,7 +54,8 @@ process renders the same key, traces each function alone at the recorded argumen
 loads the program when every digest matches, without tracing the program: the
 program's jaxpr is jattri's code (in the digest) around equations the user's functions
 contribute, and a function's equations at given arguments are what its trace alone
-gives. The records are a superset of the calls inside any program (JAX's trace caches
+gives (JAX's configuration, context managers included, is in the key; a function that
+reads how it is being traced, a tracer's type, is assumed not to). The records are a superset of the calls inside any program (JAX's trace caches
 hold only traces made in this process, each recorded); an entry is not written when the
 trace called a ``UserFn`` outside the slots, when a function was called inside a trace
 with concrete arrays (constants), or when a function's jaxpr cannot stand for it (as
@@ -116,7 +117,8 @@ _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 #: Held while one compilation sets JAX's persistent cache aside (:func:`_compile_afresh`).
 _AFRESH = threading.Lock()
 
-#: Programs read from disk, compiled (and of those, stored) in this process.
+#: Programs read from disk, compiled (and of those, stored) in this process; of those
+#: read, found by their user functions (``opened``); index entries written (``indexed``).
 stats = {"loaded": 0, "compiled": 0, "stored": 0, "opened": 0, "indexed": 0}
 
 
