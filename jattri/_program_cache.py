@@ -161,9 +161,9 @@ def _leaf_type(x: Any) -> Any:
     return jax.typeof(x), None
 
 
-def _walk(jaxpr, digest, prims: set) -> None:
+def _walk(jaxpr, digest, prims: set, others: Optional[list] = None) -> None:
     """Adds every constant of every nested closed jaxpr to ``digest``, and collects
-    the primitives."""
+    the primitives (and in ``others`` the equations' parameters that are not jaxprs)."""
     from jax._src import core as jcore  # jax.extend.core would import Pallas
 
     for eqn in jaxpr.eqns:
@@ -172,9 +172,38 @@ def _walk(jaxpr, digest, prims: set) -> None:
             for sub in (value if isinstance(value, (tuple, list)) else (value,)):
                 if isinstance(sub, jcore.ClosedJaxpr):
                     _digest_consts(sub.consts, digest)
-                    _walk(sub.jaxpr, digest, prims)
+                    _walk(sub.jaxpr, digest, prims, others)
                 elif isinstance(sub, jcore.Jaxpr):
-                    _walk(sub, digest, prims)
+                    _walk(sub, digest, prims, others)
+                elif others is not None:
+                    others.append(sub)
+
+
+def _printed(closed) -> Optional[str]:
+    """A closed jaxpr's full text, every equation's parameters and nested jaxprs
+    included, or ``None`` where the text cannot stand for it: effects, a parameter
+    printed as a Python object (``<... at 0x...>``: JAX prints addresses masked,
+    0xXXXX) or with elided values (``...``)."""
+    if closed.effects:
+        return None
+    text = closed.pretty_print(source_info=False, name_stack=False,
+                               custom_pp_eqn_rules=False, print_effects=True)
+    return None if " at 0x" in text or "..." in text else text
+
+
+_NO_VALUE = object()
+
+
+def _cells(fn, empty: Any = _NO_VALUE) -> list:
+    """What a function closes over, an empty cell as ``empty`` (left out by default)."""
+    found = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            found.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            if empty is not _NO_VALUE:
+                found.append(empty)
+    return found
 
 
 def _digest_consts(consts, digest) -> None:
@@ -195,11 +224,7 @@ def _defined_in_jax(fn: Any) -> bool:
         module = getattr(fn, "__module__", None) or ""
         if not module.startswith(("jax.", "jaxlib.")):
             return False
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                inner = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
+        for inner in _cells(fn):
             if inspect.isfunction(inner) and not (inner.__module__ or "").startswith(
                     ("jax.", "jaxlib.")):
                 return False
@@ -324,11 +349,8 @@ def key(traced, leaves: list, options: Optional[dict], jit_kwargs: dict) -> Opti
     if not _on_default_device(leaves):
         return None
     closed = traced.jaxpr
-    if closed.effects or traced._num_consts:  # constants passed as arguments
-        return None
-    text = closed.pretty_print(source_info=False, name_stack=False,
-                               custom_pp_eqn_rules=False, print_effects=True)
-    if " at 0x" in text or "..." in text:  # (JAX prints addresses masked: 0xXXXX)
+    text = _printed(closed)
+    if text is None or traced._num_consts:  # (constants passed as arguments)
         return None
     digest = hashlib.sha256()
     prims: set = set()
@@ -744,18 +766,16 @@ def _fingerprint(fn: Callable, spec: Any) -> Optional[str]:
         closed, out = jax.make_jaxpr(call, return_shape=True)(*[leaves[i] for i in at])
     except Exception:  # noqa: BLE001 - what cannot be traced alone is traced in place
         return None
-    if closed.effects:
-        return None
-    text = closed.pretty_print(source_info=False, name_stack=False,
-                               custom_pp_eqn_rules=False, print_effects=True)
-    if " at 0x" in text or "..." in text:
+    text = _printed(closed)
+    if text is None:
         return None
     digest = hashlib.sha256()
     prims: set = set()
+    others: list = []  # a user's custom derivative rule sits here, unprinted
     try:
         _digest_consts(closed.consts, digest)
-        _walk(closed.jaxpr, digest, prims)
-        if _foreign_rules(closed.jaxpr) or not _transformed_by_jax(prims):
+        _walk(closed.jaxpr, digest, prims, others)
+        if _foreign(others, set(), 0) or not _transformed_by_jax(prims):
             return None
     except Exception:  # noqa: BLE001
         return None
@@ -763,29 +783,11 @@ def _fingerprint(fn: Callable, spec: Any) -> Optional[str]:
                       digest)
 
 
-def _foreign_rules(jaxpr) -> bool:
-    """Some equation of ``jaxpr`` (nested ones included) holds a function defined
-    outside JAX and jattri: a user's custom derivative rule, which its printed form
-    does not show (``custom_jvp_call``'s rule prints as "Wrapped function")."""
-    from jax._src import core as jcore
-
-    for eqn in jaxpr.eqns:
-        for value in eqn.params.values():
-            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-                if isinstance(sub, jcore.ClosedJaxpr):
-                    if _foreign_rules(sub.jaxpr):
-                        return True
-                elif isinstance(sub, jcore.Jaxpr):
-                    if _foreign_rules(sub):
-                        return True
-                elif _foreign(sub, set(), 0):
-                    return True
-    return False
-
-
 def _foreign(obj: Any, seen: set, depth: int) -> bool:
     """``obj`` is, or reaches through closures, partials and JAX's wrapped functions,
-    a function defined outside JAX, jaxlib and jattri (deep or cyclic: assumed so)."""
+    a function defined outside JAX, jaxlib and jattri (deep: assumed so): a user's
+    custom derivative rule, which a jaxpr's text does not show (``custom_jvp_call``'s
+    rule prints as "Wrapped function")."""
     import types
 
     if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
@@ -806,13 +808,7 @@ def _foreign(obj: Any, seen: set, depth: int) -> bool:
         module = obj.__module__
         if not (_library(module) or _ours(module)):
             return True
-        cells = []
-        for cell in obj.__closure__ or ():
-            try:
-                cells.append(cell.cell_contents)
-            except ValueError:  # an empty cell
-                pass
-        return step(cells) or step(obj.__defaults__ or ())
+        return step(_cells(obj)) or step(obj.__defaults__ or ())
     if callable(obj) and not isinstance(obj, type):
         return not (_library(type(obj).__module__) or _ours(type(obj).__module__))
     return False
@@ -901,11 +897,8 @@ def _render(value: Any, slots: list, depth: int = 0) -> str:
             parts.append(r(value.__defaults__))
         if value.__kwdefaults__:
             parts.append(r(value.__kwdefaults__))
-        for cell in value.__closure__ or ():
-            try:
-                parts.append(r(cell.cell_contents))
-            except ValueError:  # an empty cell
-                parts.append("<empty>")
+        if value.__closure__:
+            parts.append(r(_cells(value, empty="<empty cell>")))
         return "fn(" + ";".join(parts) + ")"
     if isinstance(value, types.BuiltinFunctionType) and _library(
             getattr(value, "__module__", None) or ""):
