@@ -621,7 +621,7 @@ class UserFn:
         except (AttributeError, TypeError):  # a callable object without those names
             self.__wrapped__ = fn
         self._fn = fn
-        self._calls: dict = {}   # signature text -> arguments (ShapeDtypeStruct leaves)
+        self._calls: dict = {}   # signature text -> arguments (_Aval leaves)
         self._fingerprints: dict = {}
         self._tainted = False    # called inside a trace with concrete arrays
         _ALL_USER_FNS[id(self)] = self
@@ -654,8 +654,8 @@ class UserFn:
         for x in leaves:
             if isinstance(x, jax.core.Tracer):
                 aval = x.aval
-                spec.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype,
-                                                 weak_type=getattr(aval, "weak_type", False)))
+                spec.append(_Aval(tuple(aval.shape), str(aval.dtype),
+                                  bool(getattr(aval, "weak_type", False))))
             elif type(x) in _PLAIN:
                 spec.append(x)
             else:  # a concrete array inside a trace: a constant of the program
@@ -665,9 +665,8 @@ class UserFn:
         if _ADDRESS.search(text):  # functions among the arguments
             self._tainted = True
             return
-        text += repr([(x.shape, str(x.dtype), x.weak_type)
-                      if isinstance(x, jax.ShapeDtypeStruct) else (type(x).__name__, x)
-                      for x in spec])
+        text += repr([(x.shape, x.dtype, x.weak_type) if isinstance(x, _Aval)
+                      else (type(x).__name__, x) for x in spec])
         if text not in self._calls:
             self._calls[text] = jax.tree_util.tree_unflatten(tree, spec)
 
@@ -696,6 +695,31 @@ def user_fn(fn: Callable) -> Callable:
         return found
     except TypeError:  # unhashable (a callable dataclass holding arrays)
         return UserFn(fn)
+
+
+class _Aval:
+    """A traced argument's shape, dtype (by name) and weak type, as an index entry keeps
+    it. Not a ``jax.ShapeDtypeStruct``: a numpy dtype read back by ``pickle`` is a copy
+    of the builtin one (``isbuiltin`` 0), and once JAX's caches held avals made from
+    one, later ``eval_shape`` results carried it (an ``.npy`` written by ``jattri.resumable``
+    took float32 outputs for raw bits)."""
+
+    __slots__ = ("shape", "dtype", "weak_type")
+
+    def __init__(self, shape: tuple, dtype: str, weak_type: bool):
+        self.shape, self.dtype, self.weak_type = shape, dtype, weak_type
+
+    def __getstate__(self):
+        return self.shape, self.dtype, self.weak_type
+
+    def __setstate__(self, state):
+        self.shape, self.dtype, self.weak_type = state
+
+    def struct(self) -> jax.ShapeDtypeStruct:
+        from jax import numpy as jnp
+
+        return jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.dtype),
+                                    weak_type=self.weak_type)
 
 
 _USER_FNS: dict = {}
@@ -751,12 +775,12 @@ except ImportError:  # a JAX that does not say: every call recorded
 
 def _fingerprint(fn: Callable, spec: Any) -> Optional[str]:
     """SHA-256 of ``fn``'s jaxpr at ``spec`` (``(args, kwargs)``, arrays as
-    ``ShapeDtypeStruct``, plain scalars as themselves), its constants and output tree;
+    :class:`_Aval`, plain scalars as themselves), its constants and output tree;
     ``None`` where the printed jaxpr cannot stand for the function (see :func:`key`),
     or it calls a custom derivative rule or a primitive defined outside JAX."""
     try:
         leaves, tree = jax.tree_util.tree_flatten(spec)
-        at = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct)]
+        at = [i for i, x in enumerate(leaves) if isinstance(x, _Aval)]
 
         def call(*xs):
             full = list(leaves)
@@ -765,7 +789,8 @@ def _fingerprint(fn: Callable, spec: Any) -> Optional[str]:
             args, kwargs = jax.tree_util.tree_unflatten(tree, full)
             return fn(*args, **kwargs)
 
-        closed, out = jax.make_jaxpr(call, return_shape=True)(*[leaves[i] for i in at])
+        closed, out = jax.make_jaxpr(call, return_shape=True)(
+            *[leaves[i].struct() for i in at])
     except Exception:  # noqa: BLE001 - what cannot be traced alone is traced in place
         return None
     text = _printed(closed)

@@ -409,7 +409,7 @@ def test_what_a_jaxpr_cannot_stand_for_is_not_fingerprinted():
     """A user's custom derivative rule prints as "Wrapped function" in a jaxpr, so a
     function calling one has no fingerprint (its programs are traced in every process);
     JAX's own rules (``jax.nn.relu``'s) are part of JAX's version and keep it."""
-    spec = ((jax.ShapeDtypeStruct((3,), jnp.float32),), {})
+    spec = ((_program_cache._Aval((3,), "float32", False),), {})
     own = _program_cache._fingerprint(lambda x: jnp.sum(jax.nn.relu(x)), spec)
     assert own is not None and own == _program_cache._fingerprint(
         lambda x: jnp.sum(jax.nn.relu(x)), spec)
@@ -421,7 +421,7 @@ def test_what_a_jaxpr_cannot_stand_for_is_not_fingerprinted():
         .sum() + jax.debug.print("{}", x), spec) is None
     assert _program_cache._fingerprint(lambda x: float(x[0]), spec) is None
     # a plain scalar among the arguments is passed as itself, not traced
-    scalar = ((jax.ShapeDtypeStruct((3,), jnp.float32), 2), {})
+    scalar = ((_program_cache._Aval((3,), "float32", False), 2), {})
     assert _program_cache._fingerprint(lambda x, k: x[:k].sum(), scalar) is not None
 
 
@@ -487,6 +487,14 @@ def test_a_user_function_traced_with_constants_is_not_indexed(tmp_path):
     jax.make_jaxpr(lambda x: fn(x) + 1)(jnp.ones(3))
     assert len(fn._calls) == 1 and not fn._tainted
     assert _program_cache._store_open(tmp_path, "k", [fn], "digest")
+    # read back, the entry holds dtypes by name: a numpy dtype read back by pickle is a
+    # copy of the builtin one, which JAX's caches would then hand to later traces
+    import pickle
+    _, [(_, text, spec, fp)] = pickle.loads((tmp_path / "u-k").read_bytes())
+    (arg,), _ = spec
+    assert isinstance(arg, _program_cache._Aval) and arg.dtype == "float32"
+    assert arg.struct().dtype is np.dtype("float32")
+    assert _program_cache._fingerprint(fn._fn, spec) == fp == fn.fingerprint(text, spec)
     constant = jnp.ones(3)  # (made outside the trace: concrete inside it)
     jax.make_jaxpr(lambda x: fn(x) + fn(constant))(jnp.ones(3))
     assert fn._tainted
