@@ -362,7 +362,12 @@ class _Outputs:
 
     @staticmethod
     def _storage(dtype: np.dtype) -> np.dtype:
-        # .npy headers know numpy's own dtypes only: bfloat16 & co are stored as raw bits
+        # .npy headers know numpy's own dtypes only: bfloat16 & co are stored as raw bits.
+        # numpy's own kinds by their kind, not ``isbuiltin``: a float32 read back by
+        # pickle (an executable's avals) is a copy with ``isbuiltin`` 0, and its outputs
+        # were stored as raw bits (seen with the program index, whole suite, warm cache)
+        if dtype.kind in "biufc":
+            return np.dtype(dtype.str)
         return dtype if dtype.isbuiltin else np.dtype(f"u{dtype.itemsize}")
 
     def create(self, n: Optional[int]) -> None:

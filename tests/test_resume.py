@@ -268,3 +268,16 @@ def test_ekfac_stages_each_resume_and_other_damping_is_refused(tmp_path):
     with jattri.resumable(tmp_path), pytest.raises(ValueError, match=refused):
         other.attribute(other.cache(params, train), test)
     assert _files(tmp_path) == before
+
+
+def test_a_copied_numpy_dtype_is_stored_as_itself():
+    """A float32 read back by pickle (as JAX's deserialized executables hold their avals)
+    is a non-builtin copy; the outputs' files still hold float32, not raw bits."""
+    import pickle
+
+    from jattri._resume import _Outputs
+
+    copy = pickle.loads(pickle.dumps(np.dtype("float32")))
+    assert copy == np.float32 and not copy.isbuiltin
+    assert _Outputs._storage(copy) is np.dtype("float32")
+    assert _Outputs._storage(np.dtype(jnp.bfloat16)) == np.dtype("uint16")
