@@ -280,4 +280,3 @@ def test_a_copied_numpy_dtype_is_stored_as_itself():
     copy = pickle.loads(pickle.dumps(np.dtype("float32")))
     assert copy == np.float32 and not copy.isbuiltin
     assert _Outputs._storage(copy) is np.dtype("float32")
-    assert _Outputs._storage(np.dtype(jnp.bfloat16)) == np.dtype("uint16")
