@@ -61,7 +61,9 @@ trace called a ``UserFn`` outside the slots, when a function was called inside a
 with concrete arrays (constants), or when a function's jaxpr cannot stand for it (as
 below, or a custom derivative rule or primitive rule defined outside JAX, jaxlib and
 jattri: a ``custom_jvp`` rule prints as "Wrapped function"). ``jax.clear_caches()``
-forgets the records. ``JATTRI_PROGRAM_INDEX=0`` turns the index off.
+forgets the records. ``JATTRI_PROGRAM_INDEX=0`` turns the index off. As for ``closed``
+programs, jattri's own functions replaced at run time are not seen (tests that patch
+them run with the caches off).
 
 A program is not stored, only compiled as usual, when its printed jaxpr cannot stand for
 it: a parameter printed as a Python object (``<... at 0x...>``) or with elided values
