@@ -711,12 +711,6 @@ class _Aval:
     def __init__(self, shape: tuple, dtype: str, weak_type: bool):
         self.shape, self.dtype, self.weak_type = shape, dtype, weak_type
 
-    def __getstate__(self):
-        return self.shape, self.dtype, self.weak_type
-
-    def __setstate__(self, state):
-        self.shape, self.dtype, self.weak_type = state
-
     def struct(self) -> jax.ShapeDtypeStruct:
         from jax import numpy as jnp
 
