@@ -681,17 +681,15 @@ class UserFn:
 
 
 def user_fn(fn: Callable) -> Callable:
-    """``fn`` as jattri's programs should hold it: unchanged if it is a :class:`UserFn`
-    or jattri's own code that :func:`_render` can name, else one ``UserFn`` per
-    function (its programs then found by its jaxpr)."""
+    """``fn`` as jattri's programs should hold it: unchanged if it is jattri's own code
+    (``jattri.benchmark``'s excepted) or already a :class:`UserFn`, else one
+    ``UserFn`` per function."""
     if isinstance(fn, UserFn):
         return fn
-    if _ours(getattr(fn, "__module__", None) or type(fn).__module__):
-        try:  # named by its code and what it closes over
-            _render(fn, [])
-            return fn
-        except _Unrenderable:  # closes over arrays, or over a bare function of the
-            pass               # user's (jattri.benchmark's setting, a func-level solve)
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    # jattri.benchmark plays the user: its functions close over a setting's arrays
+    if _ours(module) and not module.startswith("jattri.benchmark"):
+        return fn
     try:
         found = _USER_FNS.get(fn)
         if found is None:

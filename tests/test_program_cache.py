@@ -523,14 +523,6 @@ def test_as_partial_holds_a_users_function_as_user_fn():
     assert p.func.__name__ == "_raw_loss"
     assert _resume._describe(p) == _resume._describe(Partial(_raw_loss))
     assert as_partial(engine.token).func is engine.token
-    # jattri's own function that cannot be named (it closes over an array, as the
-    # benchmark registry's closures over a setting do) is held as the user's
-    import types
-
-    weights = jnp.ones(2)
-    over = types.FunctionType((lambda x: x * weights).__code__, engine.__dict__,  # (its
-                              "over", None, (lambda: weights).__closure__)  # module: jattri's)
-    assert isinstance(as_partial(over).func, _program_cache.UserFn)
     bound = as_partial(Partial(_raw_loss, jnp.ones(2)))
     assert bound.func is p.func and len(bound.args) == 1
     np.testing.assert_array_equal(bound(jnp.ones(2) * 3), 6.0)
