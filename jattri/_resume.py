@@ -530,9 +530,15 @@ def _describe_tree(tree: Any) -> dict:
 
 
 def _host(x: Any) -> np.ndarray:
+    """``x`` on the host; numpy's own kinds with numpy's own dtype object (a float32
+    read back by pickle, as an executable's avals are, is a copy with ``isbuiltin``
+    0, which :func:`_array` would describe as raw bits without the small values)."""
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
-    return np.asarray(x)
+    a = np.asarray(x)
+    if a.dtype.kind in "biufc" and not a.dtype.isbuiltin:
+        a = a.view(np.dtype(a.dtype.str))
+    return a
 
 
 def _array(x: Any) -> dict:

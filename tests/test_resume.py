@@ -280,3 +280,21 @@ def test_a_copied_numpy_dtype_is_stored_as_itself():
     copy = pickle.loads(pickle.dumps(np.dtype("float32")))
     assert copy == np.float32 and not copy.isbuiltin
     assert _Outputs._storage(copy) is np.dtype("float32")
+
+
+def test_a_copied_numpy_dtype_is_described_as_itself():
+    """A saved stage's inputs are described alike whether an array's float32 is numpy's
+    own or a copy read back by pickle (a carry made by an executable from the
+    persistent cache): else a resumed run would find its own inputs changed."""
+    import pickle
+
+    from jattri._resume import _array, _data_hash
+
+    copy = pickle.loads(pickle.dumps(np.dtype("float32")))
+    for values in ([0.5, 2.0], np.arange(12.0).reshape(3, 4)):
+        own = np.asarray(values, np.float32)
+        copied = np.asarray(values, copy)
+        assert not copied.dtype.isbuiltin
+        assert _array(copied) == _array(own)
+        assert _data_hash(copied) == _data_hash(own)
+    assert "value" in _array(np.asarray([0.5, 2.0], copy))  # a hyperparameter, by value
