@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks, engine
+from jattri._products import tmatmul
 from jattri.func.grads import as_partial, map_examples
 from jattri.func.hessian import damped_inverse
 from jattri.func.layers import (Layer, find_layers, input_rows, layer_io, layer_keys,
@@ -428,7 +429,7 @@ def ekfac_eigenvalue_sums(loss: Callable, params: PyTree, aux: PyTree, chunk, la
             out[name] = jnp.einsum("n,ntj,nuj,ntuk->jk", w, u, u, hq)
         elif a.shape[1] == 1:  # Σ_n w_n (ã_nj s̃_nk)² = ((w ⊙ ã²)ᵀ s̃²)_jk, nothing (n, i, o)
             u, v = a[:, 0] @ qa[name], s[:, 0] @ qs[name]
-            out[name] = (u * u * w[:, None]).T @ (v * v)
+            out[name] = tmatmul(u * u * w[:, None], v * v)
         else:
             out[name] = jnp.einsum("n,njk->jk", w, _rotated_grads(a, s, qa[name], qs[name]) ** 2)
     return out
@@ -643,7 +644,9 @@ def _rank_one_scores(left: jax.Array, right: jax.Array, u3: jax.Array) -> jax.Ar
         return acc + (left @ u) * column[:, None], None
 
     zero = jnp.zeros((left.shape[0], u3.shape[0]), jnp.result_type(left, u3))
-    return jax.lax.scan(add, zero, (stacked, right.T))[0]
+    # (right held before its transpose: folded into right's product, the transpose made
+    # that product one XLA gives to oneDNN; see jattri._products)
+    return jax.lax.scan(add, zero, (stacked, jax.lax.optimization_barrier(right).T))[0]
 
 
 def ekfac_inverse_weights(factors: EKFACFactors, layers: tuple, damping) -> jax.Array:

@@ -16,6 +16,7 @@ from jax.tree_util import Partial
 
 from jattri import _checks
 from jattri._jit import jit
+from jattri._products import tmatmul
 from jattri.func.grads import as_partial, flat_fn, unravel_fn
 from jattri.func.projection import derive_key, seeded_normal
 
@@ -332,8 +333,8 @@ def _a_orthonormal(z, az, cut):
     gram = z @ az.T
     w, v = jnp.linalg.eigh((gram + gram.T) / 2)
     keep = w > cut * w[-1]
-    scale = (v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)).T
-    return scale @ z, scale @ az, keep, w
+    scale = v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)
+    return tmatmul(scale, z), tmatmul(scale, az), keep, w
 
 
 def _block_cg(matmat, b, maxiter, tol):
@@ -703,7 +704,7 @@ def arnoldi_top(carry, rank: int):
     proj = 0.5 * (proj + proj.T)  # A is symmetric; T is tridiagonal up to round-off
     w, u = jnp.linalg.eigh(proj)
     w, u = w[::-1][:rank], u[:, ::-1][:, :rank]
-    return w, basis.T @ u
+    return w, tmatmul(basis, u)
 
 
 def arnoldi_inverse_weights(eigvals: jax.Array, damping: float, tol: float) -> jax.Array:

@@ -62,6 +62,7 @@ from jax.flatten_util import ravel_pytree
 
 from jattri import _checks, engine
 from jattri._jit import jit
+from jattri._products import tmatmul
 from jattri.func import fisher
 from jattri.func.grads import unravel_fn
 from jattri.func.layers import (find_layers, layer_io, layer_io_and_grad, leaf_key, leaf_keys,
@@ -2279,7 +2280,7 @@ def _datainf_step(groups, args, acc, chunk):
         for l, runs in enumerate(groups):
             gl, vl = _take(g, runs), _take(vj, runs)
             coef = (gl @ vl.T) / (lam_j[l] + jnp.sum(gl ** 2, -1))[:, None]  # (size, b)
-            parts.append(coef.T @ gl)
+            parts.append(tmatmul(coef, gl))
         return _put(parts, groups)
 
     return _add(acc, _common.member_map(one, members, lam, v)), None

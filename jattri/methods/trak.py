@@ -34,6 +34,7 @@ from jax.tree_util import Partial
 
 from jattri import _checks, engine
 from jattri._jit import jit
+from jattri._products import tmatmul
 from jattri.func.grads import as_partial
 from jattri.func.projection import (DEFAULT_CHUNK, check_projection_args,
                                      check_projection_dtype, random_projection)
@@ -150,7 +151,7 @@ def _cache_step(config, args, carry, chunk):
 
     phi, q, r, gsum = _common.member_map(one, members, keys)  # (M, size, k), (M, size)
     out = (jnp.swapaxes(phi, 0, 1), jnp.mean(q, axis=0))
-    kernel = carry[0] + jnp.einsum("mbk,mbl->mkl", phi, phi)
+    kernel = carry[0] + tmatmul(phi, phi)
     if stats == 0:
         return (kernel,), out
     if stats == 1:

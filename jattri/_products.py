@@ -1,0 +1,32 @@
+"""xᵀy, written so that XLA's CPU backend runs it with YNNPACK.
+
+jaxlib 0.10's CPU backend hands a matrix product to YNNPACK only when its left operand
+is contracted along its last axis (and neither side is a vector). A product xᵀy as
+written, a sum over the rows of two tall matrices (TRAK's kernel ΦᵀΦ, EK-FAC's
+eigenvalue sums, block CG's rotations), contracts the left operand along its first
+axis: XLA runs it with Eigen on oneDNN's kernels instead. On the 2-core machine those
+took 2-4× YNNPACK's time on such shapes (TRAK's 512 × 512 kernel over 5,000 rows:
+36 ms a call), and the first oneDNN product of a process JIT-generates its kernels,
+25-45 ms of every first call (``benchmarks/RESULTS.md``, "Products that XLA gave to
+oneDNN"). The smaller operand is therefore transposed in memory first, behind an
+optimisation barrier (XLA folds a bare transpose back into the product, whether it
+feeds the product or is taken of its result).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def tmatmul(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``(..., a, b)`` xᵀy = Σ_n x[..., n, :]ᵀ y[..., n, :] for x ``(..., n, a)`` and y
+    ``(..., n, b)`` (leading axes batched). On the CPU, the operand with fewer columns
+    is copied transposed first (n·min(a, b) floats per batch entry), so that the
+    product is (a, n)·(n, b), or its transpose; elsewhere the product as written."""
+    if jax.default_backend() != "cpu":
+        return jnp.swapaxes(x, -1, -2) @ y
+    hold = jax.lax.optimization_barrier
+    if x.shape[-1] <= y.shape[-1]:
+        return hold(jnp.swapaxes(x, -1, -2)) @ y
+    # (yᵀx)ᵀ: the product held too, or XLA folds the last transpose back into it
+    return jnp.swapaxes(hold(hold(jnp.swapaxes(y, -1, -2)) @ x), -1, -2)
