@@ -4,11 +4,13 @@ jaxlib 0.10's CPU backend hands a matrix product to YNNPACK only when its left o
 is contracted along its last axis (and neither side is a vector). A product xᵀy as
 written, a sum over the rows of two tall matrices (TRAK's kernel ΦᵀΦ, EK-FAC's
 eigenvalue sums, block CG's rotations), contracts the left operand along its first
-axis: XLA runs it with Eigen on oneDNN's kernels instead. On the 2-core machine those
-took 2-4× YNNPACK's time on such shapes (TRAK's 512 × 512 kernel over 5,000 rows:
-36 ms a call), and the first oneDNN product of a process JIT-generates its kernels,
-25-45 ms of every first call (``benchmarks/RESULTS.md``, "Products that XLA gave to
-oneDNN"). The smaller operand is therefore transposed in memory first, behind an
+axis: XLA runs it with Eigen on oneDNN's kernels instead. The first oneDNN product
+of a process JIT-generates its kernels, 25-48 ms on the 2-core machine whatever the
+product's size, and on narrow products oneDNN is the slower (EK-FAC's (5,000 × 785)ᵀ ·
+(5,000 × 10): 2.45 ms against 0.65 ms with YNNPACK and the copy); on TRAK's 512 × 512
+kernel over 5,000 rows it is the faster in the steady state (20.0 against 22.6 ms),
+a few ms a call against the generator's once (``benchmarks/RESULTS.md``, "Products
+that XLA gave to oneDNN"). The smaller operand is therefore transposed in memory first, behind an
 optimisation barrier (XLA folds a bare transpose back into the product, whether it
 feeds the product or is taken of its result).
 """
