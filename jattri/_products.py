@@ -20,15 +20,26 @@ import jax
 import jax.numpy as jnp
 
 
+def transposed_copy(x: jax.Array) -> jax.Array:
+    """``(..., b, a)``: x ``(..., a, b)`` with its last two axes swapped, in memory, for a
+    product to read (a bare transpose feeding a product is folded into it)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def transposed_result(p: jax.Array) -> jax.Array:
+    """``(..., b, a)``: the product p ``(..., a, b)`` transposed after it is made (a bare
+    transpose of a product's result is folded into the product)."""
+    return jnp.swapaxes(jax.lax.optimization_barrier(p), -1, -2)
+
+
 def tmatmul(x: jax.Array, y: jax.Array) -> jax.Array:
     """``(..., a, b)`` xᵀy = Σ_n x[..., n, :]ᵀ y[..., n, :] for x ``(..., n, a)`` and y
     ``(..., n, b)`` (leading axes batched). On the CPU, the operand with fewer columns
     is copied transposed first (n·min(a, b) floats per batch entry), so that the
-    product is (a, n)·(n, b), or its transpose; elsewhere the product as written."""
+    product is (a, n)·(n, b), or (b, n)·(n, a) transposed after; elsewhere the product
+    as written."""
     if jax.default_backend() != "cpu":
         return jnp.swapaxes(x, -1, -2) @ y
-    hold = jax.lax.optimization_barrier
     if x.shape[-1] <= y.shape[-1]:
-        return hold(jnp.swapaxes(x, -1, -2)) @ y
-    # (yᵀx)ᵀ: the product held too, or XLA folds the last transpose back into it
-    return jnp.swapaxes(hold(hold(jnp.swapaxes(y, -1, -2)) @ x), -1, -2)
+        return transposed_copy(x) @ y
+    return transposed_result(transposed_copy(y) @ x)

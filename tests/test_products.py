@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jattri import _jit
-from jattri._products import tmatmul
+from jattri._products import tmatmul, transposed_result
 
 
 @pytest.mark.parametrize("a,b", [(3, 17), (17, 3), (9, 9)])
@@ -43,3 +43,14 @@ def test_tmatmul_contracts_the_left_operand_along_its_last_axis(a, b):
     assert "0" in _left_contractions(lambda u, v: u.T @ v, x, y)
     found = _left_contractions(tmatmul, x, y)
     assert found and all(d == "1" for d in found), found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's products")
+def test_a_product_transposed_after_it_is_made_keeps_its_form():
+    """(s q)ᵀ written bare compiles to qᵀ sᵀ, a product contracted along the left
+    operand's first axis; ``transposed_result`` keeps s q, then copies."""
+    s, q = jnp.ones((600, 10), jnp.float32), jnp.ones((10, 10), jnp.float32)
+    assert "0" in _left_contractions(lambda u, v: (u @ v).T, s, q)
+    found = _left_contractions(lambda u, v: transposed_result(u @ v), s, q)
+    assert found and all(d == "1" for d in found), found
+    np.testing.assert_allclose(transposed_result(s @ q), (s @ q).T)

@@ -33,7 +33,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from jattri import _checks, engine
-from jattri._products import tmatmul
+from jattri._products import tmatmul, transposed_copy, transposed_result
 from jattri.func.grads import as_partial, map_examples
 from jattri.func.hessian import damped_inverse
 from jattri.func.layers import (Layer, find_layers, input_rows, layer_io, layer_keys,
@@ -260,7 +260,7 @@ def _one_position_block(a, h, w):
     hw = h[:, rows, cols] * w[:, None]  # (b, P)
     groups = max(1, min(4, k // 128))
     edges = np.linspace(0, k, groups + 1).astype(int)
-    a_t = jax.lax.optimization_barrier(a.T)  # (k, b), made once
+    a_t = transposed_copy(a)  # (k, b), made once
     # upper[i] (P, k_i, k - e_i): rows of group i against the columns of groups i, i+1, …
     upper = [jnp.transpose((a_t[e0:] @ (hw[:, :, None] * a[:, None, e0:e1]).reshape(
                  a.shape[0], -1)).reshape(k - e0, len(rows), e1 - e0), (1, 2, 0))
@@ -644,9 +644,8 @@ def _rank_one_scores(left: jax.Array, right: jax.Array, u3: jax.Array) -> jax.Ar
         return acc + (left @ u) * column[:, None], None
 
     zero = jnp.zeros((left.shape[0], u3.shape[0]), jnp.result_type(left, u3))
-    # (right held before its transpose: folded into right's product, the transpose made
-    # that product one XLA gives to oneDNN; see jattri._products)
-    return jax.lax.scan(add, zero, (stacked, jax.lax.optimization_barrier(right).T))[0]
+    # (a bare right.T is folded into right's product, which XLA then gives to oneDNN)
+    return jax.lax.scan(add, zero, (stacked, transposed_result(right)))[0]
 
 
 def ekfac_inverse_weights(factors: EKFACFactors, layers: tuple, damping) -> jax.Array:

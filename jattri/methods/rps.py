@@ -42,6 +42,7 @@ from jax.tree_util import Partial
 
 from jattri import _checks, engine
 from jattri._jit import jit
+from jattri._products import transposed_copy
 from jattri.func.grads import as_partial
 from jattri.methods import _common
 from jattri.methods._common import Attributor
@@ -156,7 +157,7 @@ def refit_last_layer(features: jax.Array, probs: jax.Array, l2: float, *,
     if features.size * features.dtype.itemsize <= engine.DEFAULT_CHUNK_BYTES:
         # the gradient's Fᵀ(softmax − P) reads a transposed copy made once: XLA would
         # otherwise transpose F inside every iteration (MNIST LR refit 0.43 -> 0.33 s)
-        transposed = jax.lax.optimization_barrier(features.T)
+        transposed = transposed_copy(features)
     else:
         transposed = None
 
