@@ -71,6 +71,9 @@ VARIANTS = {"tracin_kron": "tracin", "trak_kron": "trak", "tracin_bf16": "tracin
 #: default) only when named.
 DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("_bf16"))
 MODELS = ("lr", "mlp")
+#: The environment's OpenBLAS thread timeout before this process imports jattri (which
+#: sets one, jattri._blas): dattri's workers get the environment as the user left it.
+_USER_BLAS_TIMEOUT = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
 #: Deterministic methods whose scores must agree (Pearson >= 0.99, issue 15).
 DETERMINISTIC = ("grad_dot", "grad_cos", "if_explicit", "if_cg")
 LR_EPOCHS = (1, 2, 3)     # checkpoints saved after these epochs; the last one is scored
@@ -492,6 +495,10 @@ def _spawn(lib: str, method: str, work: str, cache_dir: str | None, save: str | 
            timeout: float, calls: int = 2, max_rss_gib: float = float("inf")) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    if lib == "dattri":
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+        if _USER_BLAS_TIMEOUT is not None:
+            env["OPENBLAS_THREAD_TIMEOUT"] = _USER_BLAS_TIMEOUT
     if cache_dir is not None:
         env["JATTRI_COMPILE_CACHE"] = cache_dir
     start = time.time()

@@ -11,7 +11,11 @@ checkpoints are :class:`Members`, passed with the data::
     state = attr.cache(params, train)          # or jattri.checkpoints([...]), a Stream
     scores = attr.attribute(state, test)       # (n_train, n_test), or top_k=10
 """
-from jattri import _compile_cache
+from jattri import _blas
+
+_blas.settle()  # OpenBLAS's idle threads: 20 µs of spinning, not 0.09 s (if unset)
+
+from jattri import _compile_cache  # noqa: E402
 
 _compile_cache.enable()  # JAX's persistent compilation cache (JATTRI_COMPILE_CACHE=0: off)
 

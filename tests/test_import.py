@@ -57,3 +57,40 @@ def test_gc_freeze_can_be_turned_off():
     frozen, enabled = _after_import("print(gc.get_freeze_count(), gc.isenabled())",
                                     JATTRI_GC_FREEZE="0")
     assert (frozen, enabled) == ("0", "True")
+
+
+_SPIN = """
+import os, time
+import jattri, jax.numpy as jnp, numpy as np
+a = jnp.asarray(np.random.default_rng(0).standard_normal((1000, 1000)), jnp.float32)
+a = a @ a.T + 1000 * jnp.eye(1000)
+for _ in range(3):  # LAPACK's LU and triangular solves, on OpenBLAS's threads
+    jnp.linalg.solve(a, a).block_until_ready()
+cpu = time.process_time(); time.sleep(0.3)
+print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), time.process_time() - cpu)
+"""
+
+
+def _spin(**env) -> tuple:
+    import os
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = subprocess.run([sys.executable, "-c", _SPIN], capture_output=True, text=True,
+                         timeout=120, env={**base, **env})
+    assert run.returncode == 0, run.stderr[-2000:]
+    setting, cpu = run.stdout.split()[-2:]
+    return setting, float(cpu)
+
+
+def test_openblas_threads_sleep_after_a_lapack_call():
+    """jattri._blas: after `import jattri`, OpenBLAS's idle threads (jaxlib's LAPACK)
+    stop spinning within microseconds, instead of burning a core for ~0.09 s while XLA
+    runs the next program. A user's own OPENBLAS_THREAD_TIMEOUT is kept; with
+    OpenBLAS's default (28) the same process spins, which shows the check can fail."""
+    import os
+    setting, cpu = _spin()
+    assert setting == "16"
+    assert cpu < 0.02, f"{cpu:.3f} s of CPU while the process slept"
+    kept, spun = _spin(OPENBLAS_THREAD_TIMEOUT="28")
+    assert kept == "28"
+    if len(os.sched_getaffinity(0)) >= 2:  # one core: OpenBLAS starts no worker threads
+        assert spun > 0.03, f"OpenBLAS's default spun {spun:.3f} s only"
