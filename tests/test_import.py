@@ -89,8 +89,9 @@ def test_openblas_threads_sleep_after_a_lapack_call():
     import os
     setting, cpu = _spin()
     assert setting == "16"
-    assert cpu < 0.02, f"{cpu:.3f} s of CPU while the process slept"
+    assert cpu < 0.005, f"{cpu:.4f} s of CPU while the process slept"
     kept, spun = _spin(OPENBLAS_THREAD_TIMEOUT="28")
     assert kept == "28"
     if len(os.sched_getaffinity(0)) >= 2:  # one core: OpenBLAS starts no worker threads
-        assert spun > 0.03, f"OpenBLAS's default spun {spun:.3f} s only"
+        # alone, 0.054-0.065 s; beside another busy process the spinner gets less
+        assert spun > 0.01, f"OpenBLAS's default spun {spun:.4f} s only"
