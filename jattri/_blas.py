@@ -6,9 +6,9 @@ keeps them busy-waiting for 2**28 cycles (its default thread timeout, about 0.09
 3 GHz) before they sleep. XLA's own thread pool runs the next programs meanwhile, one
 thread a core, and a spinning OpenBLAS thread takes a core from them. On a 2-core box,
 TRAK's score product right after its kernel solve took 28-31 ms against 13-14 ms alone,
-and a whole compiled TRAK-Kronecker call on dattri's LR (5,000 × 500) 0.078-0.096 s
-against 0.052-0.064 s with the threads sleeping at once (``benchmarks/RESULTS.md``,
-"OpenBLAS's spinning threads").
+and compiled TRAK-Kronecker calls on dattri's LR (5,000 × 500) took 0.077-0.136 s
+(median 0.094) against 0.052-0.090 s (median 0.070) with this module's timeout
+(``benchmarks/RESULTS.md``, "OpenBLAS's spinning threads").
 
 So ``import jattri`` sets the environment variable ``OPENBLAS_THREAD_TIMEOUT`` (the
 log2 of the cycles OpenBLAS's threads spin, clamped by OpenBLAS to 4-30) to
