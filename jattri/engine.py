@@ -169,6 +169,12 @@ def default_chunk_size(bytes_per_example: int, n: Optional[int] = None) -> int:
     most one row per chunk: 5,000 examples at a cap of 1,024 went in 5 chunks padded
     to 5,120)."""
     size = max(1, min(MAX_DEFAULT_CHUNK, DEFAULT_CHUNK_BYTES // max(int(bytes_per_example), 1)))
+    return balanced_chunk(size, n)
+
+
+def balanced_chunk(size: int, n: Optional[int] = None) -> int:
+    """``size``, or with ``n`` known the size of the fewest chunks of at most ``size``
+    that hold n examples, as equal as they can be."""
     if n is None:
         return size
     n = max(1, int(n))
@@ -1292,7 +1298,7 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
 
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Layout", "Progress", "Stream", "TopK", "bucket_size",
-           "bucketed", "check_chunk_size", "check_top_k", "default_chunk_size", "first_example",
+           "balanced_chunk", "bucketed", "check_chunk_size", "check_top_k", "default_chunk_size", "first_example",
            "is_stream", "layout_of", "leading_examples", "num_examples", "pad_examples",
            "padded_count", "per_example", "progress", "scan", "score", "shard", "stream",
            "stream_chunks"]

@@ -211,6 +211,37 @@ def test_default_chunks_are_balanced(n, floats):
     assert chunks * size - n < chunks
 
 
+@pytest.mark.parametrize("d, n, blocked", [
+    (7_850, 5_000, 1_000),      # dattri's LR: 5 chunks of 1,000 (31 MB each)
+    (7_850, 800, None),         # fewer examples than a cache-sized block
+    (650, 5_000, None),         # the whole set fits the cache already
+    (109_386, 5_000, None)])    # a block of 1,024 would not fit: the budget's chunks
+def test_dense_projection_chunks_are_cache_sized_on_cpu(d, n, blocked):
+    """A step that forms and densely projects a chunk's gradients keeps the block
+    within CACHE_BLOCK_BYTES where that holds CACHE_BLOCK_MIN_ROWS examples or more
+    (jattri.methods._common.chunk_size_for); elsewhere (None) the memory budget's
+    chunks stay; a chunk_size the user gives is kept."""
+    from jattri.methods import _common
+    members = _common.as_members({"w": jnp.zeros(d, jnp.float32)})
+    x = jnp.zeros((n, 1))
+    plain = engine.default_chunk_size(4 * d // _common.PROJECTED_CHUNK_FACTOR, n)
+    assert _common.chunk_size_for(None, members, x, projected=True) == plain
+    assert _common.chunk_size_for(None, members, x, projected=True, blocked=True) == (
+        plain if blocked is None else blocked)
+    assert _common.chunk_size_for(300, members, x, projected=True, blocked=True) == 300
+
+
+def test_cache_sized_chunks_give_the_scores_of_one_chunk():
+    """Dense TRAK on a 7,850-parameter LR, 2,200 examples: 3 cache-sized chunks by
+    default, the same scores as one chunk of 2,200."""
+    train, test = data(3, 2_200, d=784, c=10), data(4, 6, d=784, c=10)
+    p = params(3, d=784, c=10)
+    attr = jattri.trak(loss, proj_dim=16, projection="gaussian", damping=0.1)
+    one = jattri.trak(loss, proj_dim=16, projection="gaussian", damping=0.1, chunk_size=2_200)
+    np.testing.assert_allclose(attr.attribute(attr.cache(p, train), test),
+                               one.attribute(one.cache(p, train), test), rtol=1e-9, atol=1e-12)
+
+
 def test_jit_attribute_compiles_once_across_checkpoints():
     """One compiled ``attribute`` serves any checkpoint of the architecture."""
     train, test = data(1, 16), data(2, 3)

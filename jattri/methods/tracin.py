@@ -579,9 +579,12 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         return (projection, _common.num_params(members), k, proj_chunk_size, projection_dtype,
                 bool(normalize), kron)
 
-    def size(members, data, floats=None):
+    def size(members, data, floats=None, dense=False):
+        """Examples per chunk; ``dense``: a step that projects the chunk's gradients
+        densely (not Kronecker-factored), whose block is kept cache-sized on the CPU."""
         projected = floats is None and proj_dim is not None  # gradient steps that project
-        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected)
+        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected,
+                                      blocked=projected and dense)
 
     def features(members, fn, data):
         kron = None if k is None else kronecker_plan(
@@ -591,7 +594,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
                 kronecker_factors(*kron, "gaussian", key, members.num, memo=factors))
         args = (fn, members, keys)
         return engine.per_example(_feature_step, config(members, kron), args, data,
-                                  size(members, data))
+                                  size(members, data, dense=kron is None))
 
     def plan(members, left, right):
         """``(left_layers, right_layers)`` for factored inner products of ∇loss on

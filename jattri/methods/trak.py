@@ -304,9 +304,12 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
             data, k, method="TRAK", memo=memo)
         return (projection, d, k, proj_chunk_size, projection_dtype, kron)
 
-    def size(members, data, floats=None):
+    def size(members, data, floats=None, dense=False):
+        """Examples per chunk; ``dense``: a step that projects the chunk's gradients
+        densely (not Kronecker-factored), whose block is kept cache-sized on the CPU."""
         projected = floats is None and proj_dim is not None  # gradient steps that project
-        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected)
+        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected,
+                                      blocked=projected and dense)
 
     def cache(members, train) -> TrakState:
         members = _common.setup(task, members, train)
@@ -322,7 +325,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
                   + ((zero(cfg[1]),) if stats == 2 else ()))
         carry, (phi, q), n = engine.scan(_cache_step, (cfg, stats),
                                          (fns, members, keys(members, cfg)), carry0, train,
-                                         size(members, train), sums=True)
+                                         size(members, train, dense=cfg[-1] is None), sums=True)
         default = None
         if stats:
             if stats == 2:
@@ -339,7 +342,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
         cfg = config(state.members, data, target)
         return engine.per_example(_test_phi, cfg,
                                   (fns, state.members, keys(state.members, cfg)), data,
-                                  size(state.members, data))
+                                  size(state.members, data, dense=cfg[-1] is None))
 
     def damping_of(damping, state):
         """The relative damping: ``damping``, else the factory's, else the state's rule."""
