@@ -234,10 +234,12 @@ PROJECTED_CHUNK_FACTOR = 4
 #: On the CPU, a step that forms a chunk's ``(size, d)`` per-example gradients and
 #: projects them densely at once (TRAK's and TracIn's Gaussian, Rademacher or SJLT
 #: features) keeps that block within a last-level cache of this size when a block of at
-#: least :data:`CACHE_BLOCK_MIN_ROWS` examples fits there: the product then reads the
-#: block from the cache, not from memory. On dattri's 7,850-parameter LR (5,000
-#: examples, k = 512, a 32 MiB L3) TRAK's compiled call took 0.32-0.42 s in 5 chunks of
-#: 1,000 against 0.38-0.48 s in one of 5,000 (``benchmarks/RESULTS.md``, "Dense
+#: least :data:`CACHE_BLOCK_MIN_ROWS` examples fits there, so that the product can
+#: read the block from the cache (the likely reason; no cache counters were read). The
+#: projection's rows are then drawn once per chunk, a cost included in the figures. On
+#: dattri's 7,850-parameter LR (5,000
+#: examples, k = 512, a 32 MiB L3) TRAK's compiled call took 0.313-0.366 s in 5 chunks
+#: of 1,000 against 0.384-0.438 s in one of 5,000 (``benchmarks/RESULTS.md``, "Dense
 #: projections in cache-sized chunks"). Larger gradients keep the memory budget's
 #: chunks: on dattri's 109,386-parameter MLP smaller chunks were slower (TRAK 4.40 s in
 #: chunks of 556 against 4.01 s).
