@@ -30,10 +30,8 @@ ENV = "OPENBLAS_THREAD_TIMEOUT"
 TIMEOUT = 16
 
 
-def settle() -> bool:
+def settle() -> None:
     """At the start of ``import jattri``: ``OPENBLAS_THREAD_TIMEOUT`` set to
-    :data:`TIMEOUT` unless the environment has it. True when jattri set it."""
-    if os.environ.get(ENV, "").strip():
-        return False
-    os.environ[ENV] = str(TIMEOUT)
-    return True
+    :data:`TIMEOUT` unless the environment has it."""
+    if not os.environ.get(ENV, "").strip():
+        os.environ[ENV] = str(TIMEOUT)

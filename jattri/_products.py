@@ -10,9 +10,9 @@ product's size, and on narrow products oneDNN is the slower (EK-FAC's (5,000 × 
 (5,000 × 10): 2.45 ms against 0.65 ms with YNNPACK and the copy); on TRAK's 512 × 512
 kernel over 5,000 rows it is the faster in the steady state (20.0 against 22.6 ms),
 a few ms a call against the generator's once (``benchmarks/RESULTS.md``, "Products
-that XLA gave to oneDNN"). The smaller operand is therefore transposed in memory first, behind an
-optimisation barrier (XLA folds a bare transpose back into the product, whether it
-feeds the product or is taken of its result).
+that XLA gave to oneDNN"). The smaller operand is therefore transposed in memory
+first, behind an optimisation barrier (XLA folds a bare transpose back into the
+product, whether it feeds the product or is taken of its result).
 """
 from __future__ import annotations
 

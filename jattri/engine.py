@@ -1298,7 +1298,8 @@ def per_example(fn: Callable, fn_config: Any, args: PyTree, rows: Any, size: int
 
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "Layout", "Progress", "Stream", "TopK", "bucket_size",
-           "balanced_chunk", "bucketed", "check_chunk_size", "check_top_k", "default_chunk_size", "first_example",
+           "balanced_chunk", "bucketed", "check_chunk_size", "check_top_k",
+           "default_chunk_size", "first_example",
            "is_stream", "layout_of", "leading_examples", "num_examples", "pad_examples",
            "padded_count", "per_example", "progress", "scan", "score", "shard", "stream",
            "stream_chunks"]

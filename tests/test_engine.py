@@ -231,15 +231,21 @@ def test_dense_projection_chunks_are_cache_sized_on_cpu(d, n, blocked):
     assert _common.chunk_size_for(300, members, x, projected=True, blocked=True) == 300
 
 
-def test_cache_sized_chunks_give_the_scores_of_one_chunk():
-    """Dense TRAK on a 7,850-parameter LR, 2,200 examples: 3 cache-sized chunks by
-    default, the same scores as one chunk of 2,200."""
+def test_cache_sized_chunks_give_the_scores_of_one_chunk(monkeypatch):
+    """Dense TRAK on a 7,850-parameter LR, 2,200 examples: its training scan runs in 3
+    cache-sized chunks (of 734) by default, with the scores of one chunk of 2,200."""
     train, test = data(3, 2_200, d=784, c=10), data(4, 6, d=784, c=10)
     p = params(3, d=784, c=10)
+    sizes = []
+    scan = engine.scan
+    monkeypatch.setattr(engine, "scan", lambda *a, **k: sizes.append(a[5]) or scan(*a, **k))
     attr = jattri.trak(loss, proj_dim=16, projection="gaussian", damping=0.1)
+    state = attr.cache(p, train)
+    assert sizes == [734]  # the training scan
+    blocked = attr.attribute(state, test)
     one = jattri.trak(loss, proj_dim=16, projection="gaussian", damping=0.1, chunk_size=2_200)
-    np.testing.assert_allclose(attr.attribute(attr.cache(p, train), test),
-                               one.attribute(one.cache(p, train), test), rtol=1e-9, atol=1e-12)
+    whole = one.attribute(one.cache(p, train), test)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-9, atol=1e-12)
 
 
 def test_jit_attribute_compiles_once_across_checkpoints():

@@ -3,6 +3,7 @@
 Every script pays the import on each run (issue 15's end-to-end times start at the
 process's launch); Flax, SciPy's stats, optax and orbax together took ~3 s of it.
 """
+import os
 import subprocess
 import sys
 
@@ -33,7 +34,6 @@ def test_lazy_pieces_load_when_used():
 
 
 def _after_import(code: str, **env) -> list:
-    import os
     run = subprocess.run([sys.executable, "-c", "import gc, jattri\n" + code],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, **env}, check=True)
@@ -72,7 +72,6 @@ print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), time.process_time() - cpu)
 
 
 def _spin(**env) -> tuple:
-    import os
     base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     run = subprocess.run([sys.executable, "-c", _SPIN], capture_output=True, text=True,
                          timeout=120, env={**base, **env})
@@ -86,7 +85,6 @@ def test_openblas_threads_sleep_after_a_lapack_call():
     stop spinning within microseconds, instead of burning a core for ~0.09 s while XLA
     runs the next program. A user's own OPENBLAS_THREAD_TIMEOUT is kept; with
     OpenBLAS's default (28) the same process spins, which shows the check can fail."""
-    import os
     setting, cpu = _spin()
     assert setting == "16"
     assert cpu < 0.005, f"{cpu:.4f} s of CPU while the process slept"

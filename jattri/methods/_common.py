@@ -234,15 +234,14 @@ PROJECTED_CHUNK_FACTOR = 4
 #: On the CPU, a step that forms a chunk's ``(size, d)`` per-example gradients and
 #: projects them densely at once (TRAK's and TracIn's Gaussian, Rademacher or SJLT
 #: features) keeps that block within a last-level cache of this size when a block of at
-#: least :data:`CACHE_BLOCK_MIN_ROWS` examples fits there, so that the product can
-#: read the block from the cache (the likely reason; no cache counters were read). The
+#: least :data:`CACHE_BLOCK_MIN_ROWS` examples fits there, so that the product can read
+#: the block from the cache (the likely reason; no cache counters were read). The
 #: projection's rows are then drawn once per chunk, a cost included in the figures. On
-#: dattri's 7,850-parameter LR (5,000
-#: examples, k = 512, a 32 MiB L3) TRAK's compiled call took 0.313-0.366 s in 5 chunks
-#: of 1,000 against 0.384-0.438 s in one of 5,000 (``benchmarks/RESULTS.md``, "Dense
-#: projections in cache-sized chunks"). Larger gradients keep the memory budget's
-#: chunks: on dattri's 109,386-parameter MLP smaller chunks were slower (TRAK 4.40 s in
-#: chunks of 556 against 4.01 s).
+#: dattri's 7,850-parameter LR (5,000 examples, k = 512, a 32 MiB L3) TRAK's compiled
+#: call took 0.313-0.366 s in 5 chunks of 1,000 against 0.384-0.438 s in one of 5,000
+#: (``benchmarks/RESULTS.md``, "Dense projections in cache-sized chunks"). Larger
+#: gradients keep the memory budget's chunks: on dattri's 109,386-parameter MLP smaller
+#: chunks were slower (TRAK 4.40 s in chunks of 556 against 4.01 s).
 CACHE_BLOCK_BYTES = 32 * 2**20
 CACHE_BLOCK_MIN_ROWS = 1024
 
@@ -268,6 +267,18 @@ def chunk_size_for(chunk_size: Optional[int], members: Members, data: Any = None
     if blocked and CACHE_BLOCK_MIN_ROWS <= rows < size and jax.default_backend() == "cpu":
         size = engine.balanced_chunk(rows, n)
     return size
+
+
+def step_chunk_size(chunk_size: Optional[int], proj_dim: Optional[int], members: Members,
+                    data: Any = None, per_example_floats: Optional[int] = None,
+                    dense: bool = False) -> int:
+    """Examples per chunk of a TRAK or TracIn step (:func:`chunk_size_for`): a step
+    given no ``per_example_floats`` forms gradients, ``projected`` when ``proj_dim`` is
+    given, and ``blocked`` when it also projects them densely (``dense``: not
+    Kronecker-factored)."""
+    projected = per_example_floats is None and proj_dim is not None
+    return chunk_size_for(chunk_size, members, data, per_example_floats,
+                          projected=projected, blocked=projected and dense)
 
 
 def check_fits(nbytes: int, what: str, argument: str) -> None:

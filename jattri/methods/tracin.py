@@ -579,12 +579,7 @@ def _tracin(name: str, task: Any, *, weights: Optional[Sequence[float]] = None,
         return (projection, _common.num_params(members), k, proj_chunk_size, projection_dtype,
                 bool(normalize), kron)
 
-    def size(members, data, floats=None, dense=False):
-        """Examples per chunk; ``dense``: a step that projects the chunk's gradients
-        densely (not Kronecker-factored), whose block is kept cache-sized on the CPU."""
-        projected = floats is None and proj_dim is not None  # gradient steps that project
-        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected,
-                                      blocked=projected and dense)
+    size = partial(_common.step_chunk_size, chunk_size, proj_dim)
 
     def features(members, fn, data):
         kron = None if k is None else kronecker_plan(

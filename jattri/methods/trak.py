@@ -304,12 +304,7 @@ def trak(task: Any, *, proj_dim: Optional[int] = 512, damping: Optional[float] =
             data, k, method="TRAK", memo=memo)
         return (projection, d, k, proj_chunk_size, projection_dtype, kron)
 
-    def size(members, data, floats=None, dense=False):
-        """Examples per chunk; ``dense``: a step that projects the chunk's gradients
-        densely (not Kronecker-factored), whose block is kept cache-sized on the CPU."""
-        projected = floats is None and proj_dim is not None  # gradient steps that project
-        return _common.chunk_size_for(chunk_size, members, data, floats, projected=projected,
-                                      blocked=projected and dense)
+    size = partial(_common.step_chunk_size, chunk_size, proj_dim)
 
     def cache(members, train) -> TrakState:
         members = _common.setup(task, members, train)
