@@ -346,8 +346,9 @@ def ekfac_zero_covariances(layers: tuple, params: PyTree, dtype) -> EKFACCovaria
                                                    params))
 
 
-def _chunk_io(loss, params, aux, chunk, layers, curvature):
-    """``{name: (a' (size, T, d_in + b), s (size, T, d_out) | H (size, T, d_out, T, d_out))}``."""
+def _chunk_io(loss, params, aux, chunk, layers, curvature, bias_column: bool = True):
+    """``{name: (a' (size, T, d_in + b), s (size, T, d_out) | H (size, T, d_out, T, d_out))}``;
+    ``bias_column=False``: the inputs a as they are, ``(size, T, d_in)``."""
     by_name = {layer.name: layer for layer in layers}
 
     def one(z, i):
@@ -355,7 +356,8 @@ def _chunk_io(loss, params, aux, chunk, layers, curvature):
             io = _layer_output_hessians(loss, params, z, by_name, i, aux)
         else:
             io = layer_io(loss, params, z, i, aux, layers=by_name)
-        return {k: (augment(a, by_name[k].use_bias), s) for k, (a, s) in io.items()}
+        return {k: (augment(a, by_name[k].use_bias and bias_column), s)
+                for k, (a, s) in io.items()}
 
     return jax.vmap(one)(chunk.data, chunk.index)
 
