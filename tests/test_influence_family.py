@@ -649,6 +649,37 @@ def test_arnoldi_restarts_after_breakdown():
     np.testing.assert_array_equal(t, np.zeros((6, 6)))
 
 
+@pytest.mark.parametrize("cuts", [(), (3, 4, 9)])
+def test_arnoldi_basis_in_row_blocks_is_the_same_run(monkeypatch, cuts):
+    """A basis above ``PASS_BLOCK_BYTES`` is held in ``PASS_BLOCKS`` row blocks, and
+    step j's passes read only the blocks that hold rows 0..j. The run equals the run on
+    one block (restarts after breakdown included, whole or in slices of steps), and on
+    an operator of 40 distinct eigenvalues its basis is orthonormal with T = QAQᵀ. A
+    step reading one block too few, or a row written into the wrong block, fails it."""
+    from jattri.func import hessian
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(np.linalg.qr(rng.normal(size=(12, 12)))[0])
+    clustered = q @ jnp.diag(jnp.asarray([5.0] * 4 + [2.0] * 4 + [0.5] * 4)) @ q.T
+    q40 = jnp.asarray(np.linalg.qr(rng.normal(size=(40, 40)))[0])
+    spread = q40 @ jnp.diag(jnp.asarray(np.linspace(0.1, 5.0, 40))) @ q40.T
+    key = jax.random.PRNGKey(3)
+    whole = [_arnoldi_run(lambda v: clustered @ v, 12, 12, key),
+             _arnoldi_run(lambda v: spread @ v, 40, 30, key)]
+    assert len(hessian.arnoldi_start(40, 30, key, jnp.float64)[0]) == 1
+    monkeypatch.setattr(hessian, "PASS_BLOCK_BYTES", 0)
+    assert [b.shape[0] for b in hessian.arnoldi_start(12, 12, key, jnp.float64)[0]] == [4, 4, 4, 1]
+    blocked = [_arnoldi_run(lambda v: clustered @ v, 12, 12, key, cuts),
+               _arnoldi_run(lambda v: spread @ v, 40, 30, key, cuts)]
+    assert np.sum(np.abs(np.diag(np.asarray(blocked[0][1]), -1)) < 1e-12) >= 3  # restarted
+    for (qa, ta), (qb, tb) in zip(whole, blocked):
+        np.testing.assert_allclose(np.asarray(qb), np.asarray(qa), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(tb), np.asarray(ta), rtol=0, atol=1e-12)
+    basis, t = blocked[1]
+    np.testing.assert_allclose(np.asarray(basis) @ np.asarray(basis).T, np.eye(30), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(basis) @ np.asarray(spread) @ np.asarray(basis).T,
+                               t[:30], atol=1e-12)
+
+
 def test_chunk_grads_times_equals_raveled_product():
     """``chunk_grads_times`` multiplies leaf by leaf; it equals the raveled per-example
     gradients times the whole matrix, padding rows zero, for a pytree of mixed shapes."""
