@@ -20,7 +20,7 @@ from jax.tree_util import Partial
 
 from jattri import _checks
 from jattri._jit import jit
-from jattri.func.grads import as_partial, shared
+from jattri.func.grads import FunctionTable, as_partial, shared
 
 PyTree = Any
 
@@ -35,8 +35,8 @@ def _call_user_output_loss(fn, outputs, example, index, aux):
     return fn(outputs, example)
 
 
-_USER: dict = {}
-_USER_OUTPUT_LOSS: dict = {}
+_USER = FunctionTable()  # one member function per user function, held weakly
+_USER_OUTPUT_LOSS = FunctionTable()
 
 
 def _member_signature(fn: Callable) -> Partial:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 from jattri import _jit, _program_cache
 
@@ -481,7 +482,8 @@ def test_a_user_function_traced_with_constants_is_not_indexed(tmp_path):
     recorded at all."""
     from jattri.func.grads import as_partial
 
-    fn = as_partial(lambda x: jnp.sin(x) * 2).func
+    held = as_partial(lambda x: jnp.sin(x) * 2)  # (its UserFn refers to the lambda weakly)
+    fn = held.func
     fn(jnp.ones(3))  # eager
     assert fn._calls == {} and not fn._tainted
     jax.make_jaxpr(lambda x: fn(x) + 1)(jnp.ones(3))
@@ -528,3 +530,150 @@ def test_as_partial_holds_a_users_function_as_user_fn():
     np.testing.assert_array_equal(bound(jnp.ones(2) * 3), 6.0)
     assert jax.tree_util.tree_structure(as_partial(_raw_loss)) == \
         jax.tree_util.tree_structure(as_partial(_raw_loss))
+
+
+class _Held:
+    """What a user's closure holds: a model object, a dataset, frozen weights."""
+
+
+def _closure_over(held):
+    def loss_fn(params, example, held=held):
+        x, y = example
+        return -jax.nn.log_softmax(x @ params["w"])[y]
+    return loss_fn
+
+
+def _lr_data():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((24, 5)), jnp.float32)
+    y = jnp.asarray(np.arange(24) % 3, jnp.int32)
+    return {"w": jnp.asarray(rng.standard_normal((5, 3)) * 0.3, jnp.float32)}, (x, y)
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "trak"])
+def test_a_users_function_goes_with_its_attributor(method):
+    """JAX's caches keep the tree structures of every program's arguments for the life
+    of the process, and a ``UserFn`` sits in them: it holds the function weakly, so the
+    function, and what its closure holds, go once its attributor and state are gone
+    (they stayed, 200 MB each time, for a loss closing over 200 MB). While they live,
+    the attributor keeps it."""
+    import gc
+    import weakref
+
+    import jattri
+
+    params, (x, y) = _lr_data()
+    held = _Held()
+    gone = weakref.ref(held)
+    loss_fn = _closure_over(held)
+    attr = jattri.grad_dot(loss_fn) if method == "grad_dot" else jattri.trak(loss_fn, proj_dim=4)
+    del held, loss_fn
+    gc.collect()
+    assert gone() is not None  # the attributor's
+    state = attr.cache(params, (x, y))
+    scores = attr.attribute(state, (x[:3], y[:3]))
+    assert scores.shape == (24, 3) and bool(jnp.all(jnp.isfinite(scores)))
+    del attr, state, scores
+    gc.collect()
+    assert gone() is None
+
+
+def test_an_inline_function_lives_as_long_as_its_attributor():
+    """A lambda no one else holds stays alive with the attributor (the ``Partial`` that
+    ``as_partial`` returns keeps it), through collections between the stages, and the
+    scores are those of the same function held by the caller."""
+    import gc
+
+    import jattri
+
+    params, (x, y) = _lr_data()
+
+    def named(p, z):
+        return -jax.nn.log_softmax(z[0] @ p["w"])[z[1]]
+
+    def prob(p, z):
+        return jax.nn.softmax(z[0] @ p["w"])[z[1]]
+
+    expected = jattri.trak(named, proj_dim=6, prob_fn=prob)
+    expected = expected.attribute(expected.cache(params, (x, y)), (x[:4], y[:4]))
+    attr = jattri.trak(lambda p, z: -jax.nn.log_softmax(z[0] @ p["w"])[z[1]], proj_dim=6,
+                       prob_fn=lambda p, z: jax.nn.softmax(z[0] @ p["w"])[z[1]])
+    gc.collect()
+    state = attr.cache(params, (x, y))
+    gc.collect()
+    np.testing.assert_allclose(attr.attribute(state, (x[:4], y[:4])), expected, rtol=1e-6)
+
+
+def test_as_partial_keeps_the_function_it_wraps():
+    """The ``UserFn`` holds the function weakly; the ``Partial`` that ``as_partial``
+    returns holds it, so a lambda given only to it stays callable, also through jit."""
+    import gc
+
+    from jattri.func.grads import as_partial
+
+    p = as_partial(lambda v: v * 2.0)
+    gc.collect()
+    np.testing.assert_allclose(p(3.0), 6.0)
+    np.testing.assert_allclose(jax.jit(lambda q, v: q(v))(p, 4.0), 8.0)
+    bound = as_partial(Partial(lambda a, v: a * v, jnp.asarray(5.0)))
+    gc.collect()
+    np.testing.assert_allclose(bound(2.0), 10.0)
+
+
+def test_a_user_fn_whose_function_is_gone():
+    """Equal only to itself, its hash kept, its name in its repr, and a call says what
+    happened (a program of it is never called again: no one holds it)."""
+    import gc
+
+    held = _Held()
+    fn = _program_cache.UserFn(_closure_over(held))
+    other = _program_cache.UserFn(_closure_over(held))
+    h = hash(fn)
+    gc.collect()
+    assert fn == fn and fn != other and hash(fn) == h and "loss_fn" in repr(fn)
+    with pytest.raises(RuntimeError, match="garbage-collected"):
+        fn({"w": jnp.ones((5, 3))}, (jnp.ones(5), 0))
+
+
+class _NoWeakRef:
+    __slots__ = ()
+
+    def __call__(self, params, example):
+        return jnp.sum(params["w"]) * example
+
+
+def test_a_function_without_weak_references_is_held():
+    """A callable that takes no weak reference is held by its ``UserFn``, as before,
+    and one ``UserFn`` stands for it."""
+    from jattri.func.grads import as_partial
+
+    fn = _NoWeakRef()
+    p = as_partial(fn)
+    assert isinstance(p.func, _program_cache.UserFn) and p.func._fn is fn
+    assert as_partial(fn).func is p.func
+    np.testing.assert_allclose(p({"w": jnp.ones(2)}, 3.0), 6.0)
+
+
+def test_constants_a_closure_uses_go_with_jax_clear_caches():
+    """Arrays a function's closure uses inside the trace are constants of the programs,
+    which JAX's caches keep; ``jax.clear_caches()`` lets them go (passed as arguments,
+    ``Partial(fn, arrays)``, they are never constants)."""
+    import gc
+    import weakref
+
+    import jattri
+
+    params, (x, y) = _lr_data()
+    shift = jnp.arange(3.0, dtype=jnp.float32)
+    gone = weakref.ref(shift)
+
+    def loss_fn(p, z):
+        return -jax.nn.log_softmax(z[0] @ p["w"] + shift)[z[1]]
+
+    attr = jattri.grad_dot(loss_fn)
+    attr.attribute(attr.cache(params, (x, y)), (x[:2], y[:2])).block_until_ready()
+    del attr, loss_fn, shift
+    jax.clear_caches()
+    gc.collect()
+    assert gone() is None
+

@@ -1,6 +1,7 @@
 """Per-example gradients, computed in chunks so memory stays bounded."""
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,25 +21,68 @@ def as_partial(fn: Callable) -> Partial:
     its bound arrays are traced, and functions that differ only in those arrays share
     one compilation. A function that is not jattri's own is held as a
     :class:`jattri._program_cache.UserFn` (the function, and the arguments it is traced
-    with), so a later process finds the programs that call it from its own jaxpr."""
+    with), so a later process finds the programs that call it from its own jaxpr. The
+    ``UserFn`` refers to the function weakly (JAX's caches keep it for the life of the
+    process); the returned ``Partial`` holds it, so keep the ``Partial`` (or the
+    function) while it is called."""
     if not callable(fn):
         raise TypeError(f"expected a callable, got {type(fn).__name__}")
-    if isinstance(fn, Partial):
-        func = user_fn(fn.func)
-        return fn if func is fn.func else Partial(func, *fn.args, **(fn.keywords or {}))
-    return Partial(user_fn(fn))
+    raw = fn.func if isinstance(fn, Partial) else fn
+    func = user_fn(raw)
+    if func is raw:
+        return fn if isinstance(fn, Partial) else Partial(fn)
+    out = (Partial(func, *fn.args, **(fn.keywords or {})) if isinstance(fn, Partial)
+           else Partial(func))
+    # The UserFn holds the function weakly (JAX's caches keep it); this Partial, which
+    # the caller keeps to call it again, holds what was given (a Partial given: it, so
+    # an id-keyed FunctionTable entry of it lives no longer than it). Not a pytree
+    # child: copies that JAX unflattens inside a trace do not carry it.
+    out._jattri_keep = fn
+    return out
 
 
 def shared(cache: dict, key: Any, make: Callable) -> Any:
     """``cache[key]``, made by ``make()`` on first use: one object per key (e.g. per
     user function), so jit caches keyed on it are reused. An unhashable key (a callable
-    dataclass holding arrays) gets a fresh, uncached object."""
+    dataclass holding arrays) gets a fresh, uncached object.
+
+    A :class:`FunctionTable` ``cache`` holds its objects weakly: a function's object
+    lives while someone uses it (a Task), and with it the function."""
     try:
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+        found = cache.get(key)
+        if found is None:
+            found = make()
+            cache[key] = found
+        return found
     except TypeError:
         return make()
+
+
+class FunctionTable:
+    """A cache for :func:`shared` keyed by functions (or tuples holding them) whose
+    objects keep their key alive (a ``Partial`` of the function): the objects are held
+    weakly, by the key's ``id``s, so the table keeps neither. Entry ``key`` lives while
+    its object does, and the object holds every function of the key, so no id in a live
+    entry is reused by another object."""
+
+    def __init__(self):
+        self._table: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+    @staticmethod
+    def _ids(key: Any) -> Any:
+        hash(key)  # TypeError for an unhashable key, as a dict
+        if isinstance(key, tuple):
+            return tuple(id(k) if callable(k) else k for k in key)
+        return id(key)
+
+    def get(self, key: Any) -> Any:
+        return self._table.get(self._ids(key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._table[self._ids(key)] = value
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 _UNRAVEL: dict = {}
