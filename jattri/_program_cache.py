@@ -622,8 +622,9 @@ class UserFn:
     those structures for the life of the process; holding the function itself there
     kept it, and whatever its closure holds (a model's frozen weights, a dataset), alive
     after every attributor of it was gone: 200 MB a time for a loss closing over 200 MB
-    (``tests/test_program_cache.py``). Whoever calls it later holds the function as well:
-    :func:`jattri.func.grads.as_partial` keeps it on the ``Partial`` it returns."""
+    (``benchmarks/closure_memory.py``; ``tests/test_program_cache.py``). Whoever calls it
+    later holds the function as well: :func:`jattri.func.grads.as_partial` keeps it on
+    the ``Partial`` it returns."""
 
     def __init__(self, fn: Callable):
         for name in functools.WRAPPER_ASSIGNMENTS:  # not __wrapped__: a property
