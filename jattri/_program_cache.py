@@ -648,7 +648,7 @@ class UserFn:
 
     @property
     def _fn(self) -> Callable:
-        fn = self._strong if self._ref is None else self._ref()
+        fn = self._alive()
         if fn is None:
             raise RuntimeError(
                 f"jattri: the function {self._name} was garbage-collected while a "

@@ -579,9 +579,9 @@ def test_a_users_function_goes_with_its_attributor(method):
 
 
 def test_an_inline_function_lives_as_long_as_its_attributor():
-    """A lambda no one else holds stays alive with the attributor (the ``Partial`` that
-    ``as_partial`` returns keeps it), through collections between the stages, and the
-    scores are those of the same function held by the caller."""
+    """A lambda no one else holds stays alive with the attributor (the Task keeps the
+    loss, TRAK's closures its ``prob_fn``), through collections between the stages, and
+    the scores are those of the same function held by the caller."""
     import gc
 
     import jattri

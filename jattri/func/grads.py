@@ -59,30 +59,20 @@ def shared(cache: dict, key: Any, make: Callable) -> Any:
 
 
 class FunctionTable:
-    """A cache for :func:`shared` keyed by functions (or tuples holding them) whose
-    objects keep their key alive (a ``Partial`` of the function): the objects are held
-    weakly, by the key's ``id``s, so the table keeps neither. Entry ``key`` lives while
-    its object does, and the object holds every function of the key, so no id in a live
-    entry is reused by another object."""
+    """A cache for :func:`shared` keyed by functions whose objects keep their key alive
+    (a ``Partial`` of the function): the objects are held weakly, by the key's ``id``,
+    so the table keeps neither. An entry lives while its object does, and the object
+    holds the function, so no id in a live entry is reused by another object."""
 
     def __init__(self):
         self._table: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
-    @staticmethod
-    def _ids(key: Any) -> Any:
-        hash(key)  # TypeError for an unhashable key, as a dict
-        if isinstance(key, tuple):
-            return tuple(id(k) if callable(k) else k for k in key)
-        return id(key)
-
     def get(self, key: Any) -> Any:
-        return self._table.get(self._ids(key))
+        hash(key)  # TypeError for an unhashable key, as a dict
+        return self._table.get(id(key))
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._table[self._ids(key)] = value
-
-    def __len__(self) -> int:
-        return len(self._table)
+        self._table[id(key)] = value
 
 
 _UNRAVEL: dict = {}
