@@ -241,6 +241,34 @@ def test_state_with_other_hyperparameters_is_refused(problem, make_a, make_b, te
         make_b().attribute(state, train)
 
 
+def _frozen_loss(table, params, z):
+    """``loss`` plus a term from a frozen array the ``Partial`` holds."""
+    return loss(params, z) + 1e-3 * jnp.sum(table[:4] * z[0])
+
+
+def test_a_partial_holding_a_large_array_stands_by_a_digest(problem):
+    """A ``Partial`` loss holding a frozen array (as the README advises over a closure)
+    enters a state's hyperparameters as its shape, dtype and a digest, not as a tuple
+    of every value (which took seconds and gigabytes at backbone sizes and was hashed
+    again at every call); a changed array is still refused, an equal copy accepted."""
+    params, train = problem
+    table = np.random.default_rng(0).normal(size=(4 * 1024,)).astype(np.float32)
+    table = table.reshape(1024, 4)
+    a = jattri.grad_dot(jax.tree_util.Partial(_frozen_loss, jnp.asarray(table)))
+    state = a.cache(params, train)
+    _, name, (held,) = dict(state.made.hyper)["loss_fn"]
+    assert name.endswith("_frozen_loss")
+    assert held[:3] == ("array", (1024, 4), "float32") and len(held) == 4
+    same = jattri.grad_dot(jax.tree_util.Partial(_frozen_loss, jnp.asarray(table.copy())))
+    np.testing.assert_array_equal(np.asarray(same.attribute(state, train)),
+                                  np.asarray(a.attribute(state, train)))
+    other = jattri.grad_dot(jax.tree_util.Partial(_frozen_loss, jnp.asarray(table * 2)))
+    with pytest.raises(ValueError, match="cached with loss_fn="):
+        other.attribute(state, train)
+    small = jattri.grad_dot(jax.tree_util.Partial(_frozen_loss, jnp.ones((2, 4))))
+    assert dict(small.cache(params, train).made.hyper)["loss_fn"][2] == ((1.0,) * 8,)
+
+
 def test_same_hyperparameters_accept_each_others_states(problem):
     """Two attributors built alike (damping only differs where it is applied at
     attribute time) share states, and the answer is the same."""
