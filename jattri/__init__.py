@@ -22,6 +22,7 @@ _compile_cache.enable()  # JAX's persistent compilation cache (JATTRI_COMPILE_CA
 from jattri import func, metrics  # noqa: E402
 from jattri.engine import Progress, Stream, TopK, progress, shard, stream
 from jattri._resume import resumable
+from jattri._checks import ClosureWarning
 from jattri.task import Members, Task, checkpoints
 from jattri.methods import (Attributor, grad_cos, grad_dot, influence_cg,
                             influence_explicit, trak)
@@ -47,7 +48,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'jattri' has no attribute {name!r}")
 
 __all__ = [
-    "Attributor", "Members", "Progress", "Stream", "Task", "TopK", "checkpoints", "ensemble",
+    "Attributor", "ClosureWarning", "Members", "Progress", "Stream", "Task", "TopK", "checkpoints", "ensemble",
     "func", "progress", "shard", "resumable",
     "interop", "metrics", "models", "plot", "stream",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",

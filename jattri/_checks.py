@@ -6,6 +6,7 @@ are skipped and only static shape checks apply.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -216,15 +217,61 @@ def signature(tree: PyTree) -> tuple:
     return structure, tuple((np.shape(x), str(jax.numpy.result_type(x))) for x in leaves)
 
 
+class ClosureWarning(UserWarning):
+    """A user function computes with large arrays that are not its arguments (closed
+    over, or made from numpy inside it): JAX compiles them into every program as
+    constants. Filter it with ``warnings.simplefilter("ignore", jattri.ClosureWarning)``."""
+
+
+#: Arrays a user function closes over, in bytes, above which :class:`ClosureWarning` is
+#: given. A first Grad-Dot call on a 1,000 × 100 problem whose loss closes over a 784 ×
+#: w float32 matrix, against the same matrix bound by a ``Partial``: w = 2,048 (6.4 MB)
+#: 0.74-0.81 s against 0.72-0.73 s; w = 4,096 (12.8 MB) 1.32-1.35 against 0.87-0.88;
+#: w = 16,384 (51 MB) 3.5 against 1.6-2.0 s, and TRAK stored 99 MB of programs in the
+#: persistent cache against 0.7 MB (``benchmarks/RESULTS.md``, "Arrays a loss closes
+#: over").
+CLOSURE_WARN_BYTES = 4 << 20
+
+
+def _trace_one(fn: Callable, args: tuple):
+    """``fn(*args)``'s closed jaxpr and output shape. A ``Partial`` is passed as an
+    argument, so the arrays it binds are inputs, not constants."""
+    if isinstance(fn, jax.tree_util.Partial):
+        return jax.make_jaxpr(lambda f, *a: f(*a), return_shape=True)(fn, *args)
+    return jax.make_jaxpr(fn, return_shape=True)(*args)
+
+
+def _warn_constants(consts: list, name: str) -> bool:
+    """Give a :class:`ClosureWarning` if ``consts`` hold more than
+    :data:`CLOSURE_WARN_BYTES`; whether it was given."""
+    arrays = [c for c in consts if hasattr(c, "nbytes") and hasattr(c, "shape")]
+    total = sum(int(c.nbytes) for c in arrays)
+    if total < CLOSURE_WARN_BYTES:
+        return False
+    big = max(arrays, key=lambda c: int(c.nbytes))
+    warnings.warn(
+        f"`{name}` computes with {total / 2**20:.1f} MiB of arrays that are not its "
+        f"arguments ({len(arrays)} array{'s' if len(arrays) > 1 else ''}, the largest "
+        f"{tuple(big.shape)} {big.dtype}), closed over or made from numpy inside it. "
+        f"JAX compiles them into every program as constants: slower compilation, a copy "
+        f"in every compiled program and in every entry of the persistent compilation "
+        f"cache. Pass them as arguments instead: `jax.tree_util.Partial(fn, arrays)` "
+        f"with `fn(arrays, params, example)`, or `jattri.Members(params, aux=arrays)`.",
+        ClosureWarning, stacklevel=2)
+    return True
+
+
 def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extra) -> None:
     """``fn(params, example, *extra)`` must return a real scalar (checked abstractly,
-    once per function and argument shapes)."""
+    once per function and argument shapes). A function computing with more than
+    :data:`CLOSURE_WARN_BYTES` of arrays that are not its arguments gets a
+    :class:`ClosureWarning`."""
     example = first_example(data)
     signature_ = (name, signature((params, example, extra)))
     if _CHECKED.get(fn, signature_, False):
         return
     try:
-        out = jax.eval_shape(fn, params, example, *extra)
+        closed, out = _trace_one(fn, (params, example) + extra)
     except Exception as err:  # the user's function failed on one example
         raise TypeError(f"`{name}` failed on one unbatched example: "
                         f"{type(err).__name__}: {err}") from err
@@ -234,6 +281,8 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
                         f"shape {shape}; did you pass a batched loss?")
     if not np.issubdtype(out.dtype, np.floating):
         raise TypeError(f"`{name}` must return a floating scalar, got dtype {out.dtype}")
+    if not _CHECKED.get(fn, "warned", False) and _warn_constants(closed.consts, name):
+        _CHECKED.put(fn, "warned", True)  # once per function (a Task's target may be its loss)
     _CHECKED.put(fn, signature_, True)
 
 

@@ -269,6 +269,42 @@ def test_a_partial_holding_a_large_array_stands_by_a_digest(problem):
     assert dict(small.cache(params, train).made.hyper)["loss_fn"][2] == ((1.0,) * 8,)
 
 
+def test_a_loss_closing_over_large_arrays_is_warned_once(problem):
+    """A loss that closes over more than ``CLOSURE_WARN_BYTES`` of arrays gets one
+    ``jattri.ClosureWarning`` naming the largest array and the remedy; the same array
+    bound by a ``Partial`` (the remedy) and a small closure get none, and every
+    version scores alike."""
+    import warnings
+
+    from jattri import _checks
+    params, train = problem
+    rows = _checks.CLOSURE_WARN_BYTES // 16 + 1
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(rows, 4)).astype(np.float32))
+
+    def closing(params, z):
+        return _frozen_loss(table, params, z)
+
+    with pytest.warns(jattri.ClosureWarning) as caught:
+        attr = jattri.grad_dot(closing)
+        scores = attr.attribute(attr.cache(params, train), train)
+        attr.attribute(attr.cache(params, train), train)
+    texts = [str(w.message) for w in caught if w.category is jattri.ClosureWarning]
+    assert len(texts) == 1, texts
+    assert f"({rows}, 4) float32" in texts[0] and "`loss_fn`" in texts[0]
+    assert "jax.tree_util.Partial" in texts[0]
+    small = table[:8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jattri.ClosureWarning)
+        bound = jattri.grad_dot(jax.tree_util.Partial(_frozen_loss, table))
+        np.testing.assert_allclose(np.asarray(bound.attribute(bound.cache(params, train),
+                                                              train)),
+                                   np.asarray(scores), rtol=1e-5, atol=1e-7)
+        tiny = jattri.grad_dot(lambda p, z: _frozen_loss(small, p, z))
+        np.testing.assert_allclose(np.asarray(tiny.attribute(tiny.cache(params, train),
+                                                             train)),
+                                   np.asarray(scores), rtol=1e-5, atol=1e-7)
+
+
 def test_same_hyperparameters_accept_each_others_states(problem):
     """Two attributors built alike (damping only differs where it is applied at
     attribute time) share states, and the answer is the same."""
