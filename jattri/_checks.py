@@ -267,7 +267,9 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
     :data:`CLOSURE_WARN_BYTES` of arrays that are not its arguments gets a
     :class:`ClosureWarning`."""
     example = first_example(data)
-    signature_ = (name, signature((params, example, extra)))
+    # Not keyed by ``name``: a Task's target is often its loss, the same function at
+    # the same shapes, and a check passed under one name passes under the other.
+    signature_ = signature((params, example, extra))
     if _CHECKED.get(fn, signature_, False):
         return
     try:

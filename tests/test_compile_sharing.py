@@ -418,6 +418,27 @@ def test_second_call_does_not_trace_the_loss(name):
     assert second == 0, f"{name}: the loss was traced {second} times again"
 
 
+def test_a_target_that_is_the_loss_is_checked_once(monkeypatch):
+    """A Task's default target is its loss: the check on one example that ``cache``
+    made for ``loss_fn`` serves ``attribute``'s ``target_fn`` at the same shapes, so a
+    first call traces the loss for its checks once, not twice."""
+    from jattri import _checks
+    checked = []
+    trace_one = _checks._trace_one
+    monkeypatch.setattr(_checks, "_trace_one",
+                        lambda fn, args: checked.append(fn) or trace_one(fn, args))
+    p1 = init_mlp(jax.random.PRNGKey(0), d_in=6)
+    train, test = mlp_data(jax.random.PRNGKey(2), 19, d_in=6), mlp_data(jax.random.PRNGKey(3),
+                                                                         4, d_in=6)
+    attr = jattri.grad_dot(counted_loss)
+    attr.attribute(attr.cache(p1, train), test)
+    assert len(checked) == 1, checked
+    separate = jattri.grad_dot(jattri.Task(counted_loss, target_fn=mlp_loss))
+    separate.attribute(separate.cache(p1, train), test)
+    # its loss was checked at these shapes already; its own target is checked
+    assert len(checked) == 2 and "mlp_loss" in repr(checked[1]), checked
+
+
 def counted_features(params, example):
     TRACES["n"] += 1
     return mlp_features(params, example)
