@@ -225,11 +225,11 @@ class ClosureWarning(UserWarning):
 
 #: Arrays a user function closes over, in bytes, above which :class:`ClosureWarning` is
 #: given. A first Grad-Dot call on a 1,000 × 100 problem whose loss closes over a 784 ×
-#: w float32 matrix, against the same matrix bound by a ``Partial``: w = 2,048 (6.4 MB)
-#: 0.74-0.81 s against 0.72-0.73 s; w = 4,096 (12.8 MB) 1.32-1.35 against 0.87-0.88;
-#: w = 16,384 (51 MB) 3.5 against 1.6-2.0 s, and TRAK stored 99 MB of programs in the
-#: persistent cache against 0.7 MB (``benchmarks/RESULTS.md``, "Arrays a loss closes
-#: over").
+#: w float32 matrix, against the same matrix bound by a ``Partial``
+#: (``benchmarks/closure_constants.py``): w = 2,048 (6.4 MB) 0.96-1.12 s against
+#: 0.73-0.76 s; w = 16,384 (51 MB) 3.79-4.28 s against 1.40-2.08 s, and TRAK wrote 103 MB
+#: to the persistent cache against 0.7 MB (``benchmarks/RESULTS.md``, "Arrays a loss
+#: closes over").
 CLOSURE_WARN_BYTES = 4 << 20
 
 
