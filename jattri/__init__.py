@@ -48,7 +48,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'jattri' has no attribute {name!r}")
 
 __all__ = [
-    "Attributor", "ClosureWarning", "Members", "Progress", "Stream", "Task", "TopK", "checkpoints", "ensemble",
+    "Attributor", "ClosureWarning", "Members", "Progress", "Stream", "Task", "TopK",
+    "checkpoints", "ensemble",
     "func", "progress", "shard", "resumable",
     "interop", "metrics", "models", "plot", "stream",
     "grad_cos", "grad_dot", "influence_cg", "influence_explicit", "trak",

@@ -378,9 +378,10 @@ HYPER_VALUES_MAX = 256
 def _array_digest(value: Any) -> tuple:
     """``("array", shape, dtype, digest)`` of a concrete array: its shape, dtype, sum and
     sum of squares, as :func:`fingerprint` reads members (one pass, in place on the
-    CPU). Before 2026-12-08 such arrays stood as tuples of all their values: a
-    ``Partial`` loss holding a 784 × 16,384 float32 matrix took 2.8 s and about 0.8 GB
-    of Python floats to build an attributor, and every call hashed the tuple again."""
+    CPU). Before 2026-12-07 such arrays stood as tuples of all their values: for a
+    ``Partial`` loss holding a 784 × 16,384 float32 matrix, building the attributor
+    took 1.1-1.4 s and the process peaked 0.9 GB higher
+    (``benchmarks/closure_constants.py``), and every call compared the tuples again."""
     leaf = [value]
     sums = _host_sums(leaf) if _checks.on_cpu(leaf) else np.asarray(_leaf_sums(leaf)).tobytes()
     return ("array", tuple(np.shape(value)), str(value.dtype),
