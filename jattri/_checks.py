@@ -6,6 +6,8 @@ are skipped and only static shape checks apply.
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import warnings
 import weakref
 from typing import Any, Callable
@@ -257,8 +259,18 @@ def _warn_constants(consts: list, name: str) -> bool:
         f"in every compiled program and in every entry of the persistent compilation "
         f"cache. Pass them as arguments instead: `jax.tree_util.Partial(fn, arrays)` "
         f"with `fn(arrays, params, example)`, or `jattri.Members(params, aux=arrays)`.",
-        ClosureWarning, stacklevel=2)
+        ClosureWarning, stacklevel=_outside_jattri())
     return True
+
+
+def _outside_jattri() -> int:
+    """The ``stacklevel`` that points a warning given by this module's caller at the
+    first frame outside the jattri package: the user's line."""
+    root = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extra) -> None:

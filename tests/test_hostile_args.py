@@ -288,8 +288,10 @@ def test_a_loss_closing_over_large_arrays_is_warned_once(problem):
         attr = jattri.grad_dot(closing)
         scores = attr.attribute(attr.cache(params, train), train)
         attr.attribute(attr.cache(params, train), train)
-    texts = [str(w.message) for w in caught if w.category is jattri.ClosureWarning]
+    ours = [w for w in caught if w.category is jattri.ClosureWarning]
+    texts = [str(w.message) for w in ours]
     assert len(texts) == 1, texts
+    assert ours[0].filename == __file__  # the user's line, not jattri's
     assert f"({rows}, 4) float32" in texts[0] and "`loss_fn`" in texts[0]
     assert "jax.tree_util.Partial" in texts[0]
     small = table[:8]
