@@ -210,6 +210,8 @@ class FnMemo:
 
 #: fn -> the argument signatures it has passed :func:`check_scalar_fn` with.
 _CHECKED = FnMemo()
+#: fn -> whether :class:`ClosureWarning` was given for it.
+_WARNED = FnMemo()
 
 
 def signature(tree: PyTree) -> tuple:
@@ -295,8 +297,8 @@ def check_scalar_fn(fn: Callable, params: PyTree, data: PyTree, name: str, *extr
                         f"shape {shape}; did you pass a batched loss?")
     if not np.issubdtype(out.dtype, np.floating):
         raise TypeError(f"`{name}` must return a floating scalar, got dtype {out.dtype}")
-    if not _CHECKED.get(fn, "warned", False) and _warn_constants(closed.consts, name):
-        _CHECKED.put(fn, "warned", True)  # once per function (a Task's target may be its loss)
+    if not _WARNED.get(fn, None, False) and _warn_constants(closed.consts, name):
+        _WARNED.put(fn, None, True)  # once per function, whatever its shapes
     _CHECKED.put(fn, signature_, True)
 
 

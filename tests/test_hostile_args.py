@@ -288,6 +288,8 @@ def test_a_loss_closing_over_large_arrays_is_warned_once(problem):
         attr = jattri.grad_dot(closing)
         scores = attr.attribute(attr.cache(params, train), train)
         attr.attribute(attr.cache(params, train), train)
+        # other shapes (int16 labels): checked again, not warned again
+        attr.attribute(attr.cache(params, train), (train[0], train[1].astype(jnp.int16)))
     ours = [w for w in caught if w.category is jattri.ClosureWarning]
     texts = [str(w.message) for w in ours]
     assert len(texts) == 1, texts

@@ -382,10 +382,8 @@ def _array_digest(value: Any) -> tuple:
     ``Partial`` loss holding a 784 × 16,384 float32 matrix, building the attributor
     took 1.1-1.4 s and the process peaked 0.9 GB higher
     (``benchmarks/closure_constants.py``), and every call compared the tuples again."""
-    leaf = [value]
-    sums = _host_sums(leaf) if _checks.on_cpu(leaf) else np.asarray(_leaf_sums(leaf)).tobytes()
     return ("array", tuple(np.shape(value)), str(value.dtype),
-            hashlib.sha1(sums).hexdigest()[:16])
+            hashlib.sha1(_sums([value])).hexdigest()[:16])
 
 
 def _plain(value: Any) -> Any:
@@ -440,6 +438,13 @@ def _host_sums(leaves) -> bytes:
     return np.asarray(out, np.float64).tobytes()
 
 
+def _sums(leaves) -> bytes:
+    """Every leaf's sum and sum of squares, as bytes: by numpy where the leaves are held
+    on the CPU (:func:`_host_sums`), else by :func:`_leaf_sums` on their devices."""
+    return _host_sums(leaves) if _checks.on_cpu(leaves) else np.asarray(
+        _leaf_sums(leaves)).tobytes()
+
+
 def fingerprint(members: Optional[Members]) -> np.ndarray:
     """``(5,)`` uint32: a flag (1: values hashed, 0: traced members, structure only)
     and 128 bits of a hash of the members' tree structure, shapes, dtypes and, when
@@ -454,7 +459,7 @@ def fingerprint(members: Optional[Members]) -> np.ndarray:
              or jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     concrete = is_concrete(leaves)
     if concrete and reals:
-        h.update(_host_sums(reals) if _checks.on_cpu(reals) else np.asarray(_leaf_sums(reals)).tobytes())
+        h.update(_sums(reals))
     return np.concatenate([np.array([int(concrete)], np.uint32),
                            np.frombuffer(h.digest()[:16], np.uint32)])
 
